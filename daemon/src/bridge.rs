@@ -1,0 +1,170 @@
+//! The bridge: builds the running pieces from a validated [`Config`] (spool, sinks, dispatchers, router),
+//! serves, and shuts down in order. This is the embedding API; `main` is a thin layer over it.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::dispatch::Dispatcher;
+use crate::event::now_ms;
+use crate::ingress::{Shared, router};
+use crate::limits::PRUNE_INTERVAL;
+use crate::metrics::Metrics;
+use crate::route::RouteTable;
+use crate::sinks::{self, BuildError};
+use crate::store::{Store, StoreError};
+
+/// Why the bridge could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BridgeError {
+    /// The spool could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A sink could not be built.
+    #[error(transparent)]
+    Sink(#[from] BuildError),
+    /// Routes did not compile (a config that did not go through validation).
+    #[error("invalid routes: {0}")]
+    Routes(String),
+    /// Metrics registration failed.
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    /// Serving failed.
+    #[error("server: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// A running bridge: spool open, dispatchers running. Mount [`Bridge::router`] in any axum app, or call
+/// [`Bridge::serve`]. Call [`Bridge::shutdown`] at the end so deliveries stop cleanly and the spool closes.
+#[derive(Debug)]
+pub struct Bridge {
+    shared: Arc<Shared>,
+    store: Store,
+    cancel: CancellationToken,
+    tasks: JoinSet<()>,
+    shutdown_timeout: Duration,
+}
+
+impl Bridge {
+    /// Opens the spool, builds sinks and starts one dispatcher per sink. Pending deliveries left by an
+    /// earlier run are picked up at once.
+    pub async fn start(config: Config) -> Result<Bridge, BridgeError> {
+        let routes = RouteTable::compile(&config.routes).map_err(|errors| {
+            BridgeError::Routes(errors.iter().map(|e| format!("routes[{}].{}: {}", e.index, e.field, e.message)).collect::<Vec<_>>().join("; "))
+        })?;
+        let metrics = Metrics::new()?;
+        let mut built = Vec::new();
+        for spec in config.sinks.values() {
+            built.push((spec.clone(), sinks::build(spec)?));
+        }
+        let store = Store::open(&config.storage.data_dir)?;
+        let cancel = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        let mut wake = HashMap::new();
+        for (spec, sink) in built {
+            let notify = Arc::new(Notify::new());
+            wake.insert(spec.id.clone(), Arc::clone(&notify));
+            let d = Dispatcher {
+                sink_id: spec.id.clone(),
+                sink,
+                store: store.clone(),
+                wake: notify,
+                max_in_flight: spec.max_in_flight,
+                retry: spec.retry,
+                metrics: metrics.clone(),
+            };
+            tasks.spawn(d.run(cancel.child_token()));
+        }
+        tasks.spawn(prune_loop(store.clone(), config.storage.retention.0, cancel.child_token()));
+        for source in config.sources.values() {
+            tracing::info!(source = %source.id, kind = source.scheme.kind(), path = %source.path, "source ready");
+        }
+        let shared = Arc::new(Shared {
+            sources: config.sources.values().map(|s| (s.path.clone(), s.clone())).collect(),
+            routes,
+            store: store.clone(),
+            wake,
+            metrics,
+            max_body: config.server.max_body_size.0,
+            request_timeout: config.server.request_timeout.0,
+            max_pending_events: config.storage.max_pending_events,
+            max_pending_bytes: config.storage.max_pending_bytes.0,
+            concurrency: Semaphore::new(config.server.max_concurrency),
+            shutting_down: AtomicBool::new(false),
+        });
+        Ok(Bridge { shared, store, cancel, tasks, shutdown_timeout: config.server.shutdown_timeout.0 })
+    }
+
+    /// The HTTP routes (webhooks, `/healthz`, `/readyz`, `/metrics`), to serve or to mount.
+    pub fn router(&self) -> axum::Router {
+        router(Arc::clone(&self.shared))
+    }
+
+    /// The spool (for inspection in tests and tools).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Serves on `listener` until `signal` completes, then shuts down: stop accepting, let in-flight
+    /// requests finish, stop dispatchers within the shutdown deadline, close the spool.
+    pub async fn serve(self, listener: TcpListener, signal: impl Future<Output = ()> + Send + 'static) -> Result<(), BridgeError> {
+        let app = self.router();
+        let shared = Arc::clone(&self.shared);
+        let graceful = async move {
+            signal.await;
+            shared.shutting_down.store(true, Ordering::Relaxed);
+            tracing::info!("shutting down: no new connections; finishing requests in flight");
+        };
+        let served = axum::serve(listener, app).with_graceful_shutdown(graceful).await;
+        self.shutdown().await;
+        served.map_err(BridgeError::from)
+    }
+
+    /// Stops dispatchers (waiting at most the shutdown deadline for deliveries in progress) and closes the
+    /// spool. Pending deliveries stay in the spool for the next start.
+    pub async fn shutdown(mut self) {
+        self.shared.shutting_down.store(true, Ordering::Relaxed);
+        self.cancel.cancel();
+        let drained = tokio::time::timeout(self.shutdown_timeout, async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("shutdown deadline passed with deliveries in progress; they resume at the next start");
+            self.tasks.abort_all();
+            while self.tasks.join_next().await.is_some() {}
+        }
+        self.store.close().await;
+        tracing::info!("spool closed");
+    }
+}
+
+async fn prune_loop(store: Store, retention: Duration, cancel: CancellationToken) {
+    loop {
+        let before = now_ms() - retention.as_millis() as i64;
+        match store.prune(before).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(events = n, "pruned finished events past retention"),
+            Err(e) => tracing::warn!(error = %e, "pruning failed"),
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(PRUNE_INTERVAL) => {}
+        }
+    }
+}
+
+/// Loads nothing, decides nothing: starts a bridge for `config` and serves it on `listener` until `signal`.
+pub async fn run(config: Config, listener: TcpListener, signal: impl Future<Output = ()> + Send + 'static) -> Result<(), BridgeError> {
+    let bridge = Bridge::start(config).await?;
+    tracing::info!(addr = %listener.local_addr()?, "listening");
+    bridge.serve(listener, signal).await
+}

@@ -1,0 +1,521 @@
+//! Configuration: parse one TOML file, validate all of it, report every problem with file, line and key.
+//!
+//! Loading is two steps, as in Vector: [`types`] is the file's shape (closed, documented, defaults), and
+//! [`Config`] is the validated result (secrets resolved, paths absolute, routes compiled and checked against
+//! sources and sinks). Building running components from a [`Config`] is the bridge's job, not this module's.
+
+mod errors;
+pub mod secret;
+pub mod types;
+pub mod units;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use axum::http::HeaderName;
+use serde::Deserialize;
+use serde::de::IntoDeserializer;
+use toml::Spanned;
+use toml::de::{DeTable, DeValue};
+
+pub use errors::{ConfigError, ConfigErrors};
+pub use secret::{Env, ProcessEnv, SecretSpec, SecretString};
+use types::*;
+
+use crate::route::RouteTable;
+use crate::verify::{HmacScheme, Locator, Scheme};
+
+/// A validated source.
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// The id (`[sources.<id>]`).
+    pub id: String,
+    /// URL path it is served at.
+    pub path: String,
+    /// Verification scheme and settings.
+    pub scheme: Scheme,
+}
+
+/// Retry backoff of a sink.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    /// First backoff.
+    pub initial_backoff: Duration,
+    /// Cap.
+    pub max_backoff: Duration,
+}
+
+/// A validated `http` sink.
+#[derive(Debug, Clone)]
+pub struct HttpSinkSpec {
+    /// Target.
+    pub url: reqwest::Url,
+    /// Per-request timeout.
+    pub timeout: Duration,
+    /// Extra headers (values are secrets).
+    pub headers: Vec<(HeaderName, SecretString)>,
+}
+
+/// A validated `file` sink.
+#[derive(Debug, Clone)]
+pub struct FileSinkSpec {
+    /// Absolute path of the JSON-lines file.
+    pub path: PathBuf,
+}
+
+/// What kind of sink, with its settings.
+#[derive(Debug, Clone)]
+pub enum SinkKind {
+    /// POST to a URL.
+    Http(HttpSinkSpec),
+    /// Append JSON lines to a file.
+    File(FileSinkSpec),
+}
+
+/// A validated sink.
+#[derive(Debug, Clone)]
+pub struct SinkSpec {
+    /// The id (`[sinks.<id>]`).
+    pub id: String,
+    /// Kind and settings.
+    pub kind: SinkKind,
+    /// Deliveries in flight at once.
+    pub max_in_flight: usize,
+    /// Retry backoff.
+    pub retry: RetryPolicy,
+}
+
+/// A whole validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it came from (for messages), if any.
+    pub origin: Option<PathBuf>,
+    /// `[server]`.
+    pub server: ServerConfig,
+    /// `[storage]`, with `data_dir` made absolute.
+    pub storage: StorageConfig,
+    /// `[sources.*]` by id.
+    pub sources: BTreeMap<String, Source>,
+    /// `[sinks.*]` by id.
+    pub sinks: BTreeMap<String, SinkSpec>,
+    /// `[[routes]]`, as written (compiled again by the bridge; validation compiled them once already).
+    pub routes: Vec<RouteConfig>,
+}
+
+/// Paths that webhooks may not use because the daemon serves something else there.
+const RESERVED_PATHS: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
+
+impl Config {
+    /// Reads and validates a config file, with secrets from the process environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        Self::load_with_env(path, &ProcessEnv)
+    }
+
+    /// Reads and validates a config file, with secrets from `env`.
+    pub fn load_with_env(path: &Path, env: &dyn Env) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors::single(path, format!("cannot read config file: {e}"))
+        })?;
+        let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+        let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
+        Self::parse(&text, Some(path), &base, env)
+    }
+
+    /// Parses and validates config text. `origin` names it in messages; relative paths are relative to
+    /// `base`.
+    pub fn parse(text: &str, origin: Option<&Path>, base: &Path, env: &dyn Env) -> Result<Config, ConfigErrors> {
+        let mut errs = ConfigErrors::new(origin, text);
+        let (root, syntax) = DeTable::parse_recoverable(text);
+        if !syntax.is_empty() {
+            for e in syntax {
+                errs.push_span(e.span(), "", e.message().to_owned());
+            }
+            return Err(errs);
+        }
+        let root = root.into_inner();
+        let mut server = None;
+        let mut storage = None;
+        let mut raw_sources = Vec::new();
+        let mut raw_sinks = Vec::new();
+        let mut raw_routes = Vec::new();
+        for (key, value) in root.iter() {
+            let name: &str = key.get_ref();
+            match name {
+                "server" => server = de::<ServerConfig>(&mut errs, "server", value),
+                "storage" => storage = de::<StorageConfig>(&mut errs, "storage", value),
+                "sources" | "sinks" => match value.get_ref() {
+                    DeValue::Table(table) => {
+                        for (id, entry) in table.iter() {
+                            let id: &str = id.get_ref();
+                            let at = format!("{name}.{id}");
+                            if !valid_id(id) {
+                                errs.push_span(Some(entry.span()), &at, "ids use only letters, digits, '-' and '_'".into());
+                            }
+                            if name == "sources" {
+                                raw_sources.push((id.to_owned(), entry.span(), de_source(&mut errs, &at, entry)));
+                            } else {
+                                raw_sinks.push((id.to_owned(), entry.span(), de_sink(&mut errs, &at, entry)));
+                            }
+                        }
+                    }
+                    _ => errs.push_span(Some(value.span()), name, format!("`{name}` must be a table of tables")),
+                },
+                "routes" => match value.get_ref() {
+                    DeValue::Array(items) => {
+                        for (i, item) in items.iter().enumerate() {
+                            let at = format!("routes[{i}]");
+                            raw_routes.push((item.span(), de::<RouteConfig>(&mut errs, &at, item)));
+                        }
+                    }
+                    _ => errs.push_span(Some(value.span()), "routes", "write routes as [[routes]] tables".into()),
+                },
+                other => errs.push_span(
+                    Some(key.span()),
+                    other,
+                    "unknown section (expected server, storage, sources, sinks, routes)".into(),
+                ),
+            }
+        }
+
+        let server = server.unwrap_or_default();
+        let mut storage = storage.unwrap_or_default();
+        storage.data_dir = base.join(&storage.data_dir);
+        if server.max_concurrency == 0 {
+            errs.locate("server.max_concurrency", &root, "must be at least 1");
+        }
+        if server.max_body_size.0 == 0 {
+            errs.locate("server.max_body_size", &root, "must be more than 0");
+        }
+
+        // Sources.
+        let mut sources = BTreeMap::new();
+        let mut paths: BTreeMap<String, String> = BTreeMap::new();
+        for (id, span, raw) in raw_sources {
+            let Some(raw) = raw else { continue };
+            let at = format!("sources.{id}");
+            let path = raw.path().map(str::to_owned).unwrap_or_else(|| format!("/hooks/{id}"));
+            if !path.starts_with('/') || path.contains(['?', '#', ' ']) || path.contains("//") {
+                errs.locate(&format!("{at}.path"), &root, &format!("path {path:?} must start with '/' and be a plain path"));
+            } else if RESERVED_PATHS.contains(&path.as_str()) {
+                errs.locate(&format!("{at}.path"), &root, &format!("path {path} is reserved by the daemon"));
+            } else if let Some(other) = paths.insert(path.clone(), id.clone()) {
+                errs.push_span(Some(span), &at, format!("path {path} is already used by source {other:?}"));
+            }
+            if let Some(scheme) = raw.into_scheme(&at, &root, &mut errs, base, env) {
+                if matches!(scheme, Scheme::None { .. }) {
+                    tracing::warn!(source = %id, "source has kind = \"none\": its webhooks are not verified");
+                }
+                sources.insert(id.clone(), Source { id, path, scheme });
+            }
+        }
+
+        // Sinks.
+        let mut sinks = BTreeMap::new();
+        for (id, _span, raw) in raw_sinks {
+            let Some(raw) = raw else { continue };
+            let at = format!("sinks.{id}");
+            if let Some(spec) = raw.validate(&id, &at, &root, &mut errs, base, env) {
+                sinks.insert(id, spec);
+            }
+        }
+
+        // Routes: names, cross-references, globs and predicates.
+        let mut routes = Vec::new();
+        let mut names = BTreeMap::new();
+        for (i, (span, raw)) in raw_routes.into_iter().enumerate() {
+            let Some(r) = raw else { continue };
+            let at = format!("routes[{i}]");
+            if r.name.trim().is_empty() {
+                errs.locate(&format!("{at}.name"), &root, "a route needs a non-empty name");
+            } else if let Some(first) = names.insert(r.name.clone(), i) {
+                errs.locate(&format!("{at}.name"), &root, &format!("route name {:?} is already used by routes[{first}]", r.name));
+            }
+            for (j, s) in r.sources.iter().enumerate() {
+                if !sources.contains_key(s) && !errs.mentions(&format!("sources.{s}")) {
+                    errs.locate(&format!("{at}.sources[{j}]"), &root, &format!("no source {s:?} is defined"));
+                }
+            }
+            for (j, t) in r.to.iter().enumerate() {
+                if !sinks.contains_key(t) && !errs.mentions(&format!("sinks.{t}")) {
+                    errs.locate(&format!("{at}.to[{j}]"), &root, &format!("no sink {t:?} is defined"));
+                }
+            }
+            let _ = span;
+            routes.push(r);
+        }
+        if let Err(route_errors) = RouteTable::compile(&routes) {
+            for e in route_errors {
+                errs.locate(&format!("routes[{}].{}", e.index, e.field), &root, &e.message);
+            }
+        }
+
+        if errs.is_empty() {
+            Ok(Config { origin: origin.map(Path::to_path_buf), server, storage, sources, sinks, routes })
+        } else {
+            Err(errs)
+        }
+    }
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+/// Deserializes one section, recording an error (with its span and key path) on failure.
+fn de<T: for<'de> Deserialize<'de>>(errs: &mut ConfigErrors, at: &str, value: &Spanned<DeValue<'_>>) -> Option<T> {
+    let span = value.span();
+    let deserializer = value.clone().into_deserializer();
+    match serde_path_to_error::deserialize::<_, T>(deserializer) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            let path = e.path().to_string();
+            let key = if path == "." || path.is_empty() { at.to_owned() } else { format!("{at}.{path}") };
+            let inner = e.into_inner();
+            errs.push_span(inner.span().or(Some(span)), &key, inner.message().to_owned());
+            None
+        }
+    }
+}
+
+/// The `kind` of a source or sink table.
+fn kind_of<'a>(errs: &mut ConfigErrors, at: &str, entry: &'a Spanned<DeValue<'_>>) -> Option<&'a str> {
+    let DeValue::Table(table) = entry.get_ref() else {
+        errs.push_span(Some(entry.span()), at, "must be a table".into());
+        return None;
+    };
+    match table.iter().find(|(k, _)| k.get_ref() == "kind").map(|(_, v)| v) {
+        Some(v) => match v.get_ref() {
+            DeValue::String(s) => Some(s.as_ref()),
+            _ => {
+                errs.push_span(Some(v.span()), &format!("{at}.kind"), "`kind` must be a string".into());
+                None
+            }
+        },
+        None => {
+            errs.push_span(Some(entry.span()), at, "missing `kind`".into());
+            None
+        }
+    }
+}
+
+enum RawSource {
+    Clockify(ClockifySourceConfig),
+    Clockodo(ClockodoSourceConfig),
+    Hmac(HmacSourceConfig),
+    None(NoneSourceConfig),
+}
+
+fn de_source(errs: &mut ConfigErrors, at: &str, entry: &Spanned<DeValue<'_>>) -> Option<RawSource> {
+    match kind_of(errs, at, entry)? {
+        "clockify" => de(errs, at, entry).map(RawSource::Clockify),
+        "clockodo" => de(errs, at, entry).map(RawSource::Clockodo),
+        "hmac" => de(errs, at, entry).map(RawSource::Hmac),
+        "none" => de(errs, at, entry).map(RawSource::None),
+        other => {
+            errs.push_span(
+                Some(entry.span()),
+                &format!("{at}.kind"),
+                format!("unknown source kind {other:?} (expected clockify, clockodo, hmac, none)"),
+            );
+            None
+        }
+    }
+}
+
+impl RawSource {
+    fn path(&self) -> Option<&str> {
+        match self {
+            RawSource::Clockify(c) => c.path.as_deref(),
+            RawSource::Clockodo(c) => c.path.as_deref(),
+            RawSource::Hmac(c) => c.path.as_deref(),
+            RawSource::None(c) => c.path.as_deref(),
+        }
+    }
+
+    fn into_scheme(self, at: &str, root: &DeTable<'_>, errs: &mut ConfigErrors, base: &Path, env: &dyn Env) -> Option<Scheme> {
+        match self {
+            RawSource::Clockify(c) => {
+                let secrets = resolve_secrets(at, &c.secrets, root, errs, base, env)?;
+                Some(Scheme::Clockify { secrets })
+            }
+            RawSource::Clockodo(c) => {
+                let secrets = resolve_secrets(at, &c.secrets, root, errs, base, env)?;
+                Some(Scheme::Clockodo { secrets })
+            }
+            RawSource::Hmac(c) => {
+                let secrets = resolve_secrets(at, &c.secrets, root, errs, base, env);
+                let event = locator(at, "event", c.event_header, c.event_pointer, true, root, errs);
+                let id = locator(at, "id", c.id_header, c.id_pointer, false, root, errs);
+                if HeaderName::from_bytes(c.header.as_bytes()).is_err() {
+                    errs.locate(&format!("{at}.header"), root, &format!("{:?} is not a valid header name", c.header));
+                    return None;
+                }
+                Some(Scheme::Hmac(HmacScheme::new(&c.header, c.prefix, c.encoding, c.algorithm, secrets?, event??, id?)))
+            }
+            RawSource::None(c) => {
+                let event = locator(at, "event", c.event_header, c.event_pointer, true, root, errs);
+                let id = locator(at, "id", c.id_header, c.id_pointer, false, root, errs);
+                Some(Scheme::None { event: event??, id: id? })
+            }
+        }
+    }
+}
+
+fn resolve_secrets(
+    at: &str,
+    specs: &[SecretSpec],
+    root: &DeTable<'_>,
+    errs: &mut ConfigErrors,
+    base: &Path,
+    env: &dyn Env,
+) -> Option<Vec<crate::config::SecretString>> {
+    if specs.is_empty() {
+        errs.locate(&format!("{at}.secrets"), root, "at least one secret is needed");
+        return None;
+    }
+    let mut out = Vec::new();
+    let mut ok = true;
+    for (i, spec) in specs.iter().enumerate() {
+        match spec.resolve(base, env) {
+            Ok(s) => out.push(s),
+            Err(message) => {
+                errs.locate(&format!("{at}.secrets[{i}]"), root, &message);
+                ok = false;
+            }
+        }
+    }
+    ok.then_some(out)
+}
+
+/// `<what>_header` / `<what>_pointer`: at most one (exactly one when `required`).
+/// Returns `None` on error, `Some(None)` when absent and optional.
+fn locator(
+    at: &str,
+    what: &str,
+    header: Option<String>,
+    pointer: Option<String>,
+    required: bool,
+    root: &DeTable<'_>,
+    errs: &mut ConfigErrors,
+) -> Option<Option<Locator>> {
+    match (header, pointer) {
+        (Some(_), Some(_)) => {
+            errs.locate(at, root, &format!("set only one of `{what}_header` and `{what}_pointer`"));
+            None
+        }
+        (Some(h), None) => {
+            if HeaderName::from_bytes(h.as_bytes()).is_err() {
+                errs.locate(&format!("{at}.{what}_header"), root, &format!("{h:?} is not a valid header name"));
+                return None;
+            }
+            Some(Some(Locator::Header(h.to_ascii_lowercase())))
+        }
+        (None, Some(p)) => {
+            if !p.starts_with('/') {
+                errs.locate(&format!("{at}.{what}_pointer"), root, &format!("{p:?} is not a JSON pointer (it starts with '/', e.g. \"/event\")"));
+                return None;
+            }
+            Some(Some(Locator::Pointer(p)))
+        }
+        (None, None) if required => {
+            errs.locate(at, root, &format!("set `{what}_header` or `{what}_pointer`: where the {what} is found"));
+            None
+        }
+        (None, None) => Some(None),
+    }
+}
+
+enum RawSink {
+    Http(HttpSinkConfig),
+    File(FileSinkConfig),
+}
+
+fn de_sink(errs: &mut ConfigErrors, at: &str, entry: &Spanned<DeValue<'_>>) -> Option<RawSink> {
+    match kind_of(errs, at, entry)? {
+        "http" => de(errs, at, entry).map(RawSink::Http),
+        "file" => de(errs, at, entry).map(RawSink::File),
+        other => {
+            errs.push_span(
+                Some(entry.span()),
+                &format!("{at}.kind"),
+                format!("unknown sink kind {other:?} (expected http, file)"),
+            );
+            None
+        }
+    }
+}
+
+impl RawSink {
+    fn validate(
+        self,
+        id: &str,
+        at: &str,
+        root: &DeTable<'_>,
+        errs: &mut ConfigErrors,
+        base: &Path,
+        env: &dyn Env,
+    ) -> Option<SinkSpec> {
+        let (max_in_flight, retry) = match &self {
+            RawSink::Http(c) => (c.max_in_flight, c.retry),
+            RawSink::File(c) => (c.max_in_flight, c.retry),
+        };
+        let mut ok = true;
+        if max_in_flight == 0 {
+            errs.locate(&format!("{at}.max_in_flight"), root, "must be at least 1");
+            ok = false;
+        }
+        if retry.initial_backoff.0.is_zero() || retry.initial_backoff > retry.max_backoff {
+            errs.locate(&format!("{at}.retry"), root, "initial_backoff must be more than 0 and at most max_backoff");
+            ok = false;
+        }
+        let kind = match self {
+            RawSink::Http(c) => {
+                let url = match reqwest::Url::parse(&c.url) {
+                    Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Some(u),
+                    Ok(_) => {
+                        errs.locate(&format!("{at}.url"), root, &format!("{:?} is not an http(s) URL", c.url));
+                        None
+                    }
+                    Err(e) => {
+                        errs.locate(&format!("{at}.url"), root, &format!("invalid URL {:?}: {e}", c.url));
+                        None
+                    }
+                };
+                if c.timeout.0.is_zero() {
+                    errs.locate(&format!("{at}.timeout"), root, "must be more than 0");
+                    ok = false;
+                }
+                let mut headers = Vec::new();
+                for (name, spec) in &c.headers {
+                    let key = format!("{at}.headers.{name}");
+                    match HeaderName::from_bytes(name.as_bytes()) {
+                        Ok(h) => match spec.resolve(base, env) {
+                            Ok(v) if axum::http::HeaderValue::from_str(v.expose()).is_ok() => headers.push((h, v)),
+                            Ok(_) => {
+                                errs.locate(&key, root, "the value is not a valid header value");
+                                ok = false;
+                            }
+                            Err(m) => {
+                                errs.locate(&key, root, &m);
+                                ok = false;
+                            }
+                        },
+                        Err(_) => {
+                            errs.locate(&key, root, &format!("{name:?} is not a valid header name"));
+                            ok = false;
+                        }
+                    }
+                }
+                SinkKind::Http(HttpSinkSpec { url: url?, timeout: c.timeout.0, headers })
+            }
+            RawSink::File(c) => SinkKind::File(FileSinkSpec { path: base.join(&c.path) }),
+        };
+        ok.then(|| SinkSpec {
+            id: id.to_owned(),
+            kind,
+            max_in_flight,
+            retry: RetryPolicy { initial_backoff: retry.initial_backoff.0, max_backoff: retry.max_backoff.0 },
+        })
+    }
+}

@@ -1,0 +1,245 @@
+//! Ingress: the axum router. Webhook paths (one per source), health, readiness and metrics. A webhook is
+//! read with a size bound, verified, classified, routed and committed to the spool before it is answered.
+//!
+//! Status codes: 200 accepted (or unrouted, or a Clockodo handshake); 400 bad JSON or event type; 401
+//! verification failed; 404 unknown path; 405 not POST; 408 body not received in time; 413 body too large;
+//! 503 (with `Retry-After`) spool full, store failure, too many concurrent requests, shutting down.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Limited};
+use serde_json::json;
+use tokio::sync::{Notify, Semaphore};
+
+use crate::classify::classify;
+use crate::config::Source;
+use crate::event::{Event, now_ms};
+use crate::limits::RETRY_AFTER_SECS;
+use crate::metrics::{Metrics, NO_SOURCE};
+use crate::route::{RouteInput, RouteTable};
+use crate::store::Store;
+use crate::verify::{Scheme, handshake_secret, verify};
+
+/// What the handlers share.
+#[derive(Debug)]
+pub struct Shared {
+    /// Sources by URL path.
+    pub sources: HashMap<String, Source>,
+    /// Compiled routes.
+    pub routes: RouteTable,
+    /// The spool.
+    pub store: Store,
+    /// Per sink: the dispatcher's wake-up.
+    pub wake: HashMap<String, Arc<Notify>>,
+    /// Telemetry.
+    pub metrics: Metrics,
+    /// Largest body.
+    pub max_body: u64,
+    /// Per-request time limit.
+    pub request_timeout: Duration,
+    /// Spool bounds.
+    pub max_pending_events: u64,
+    /// Spool bounds.
+    pub max_pending_bytes: u64,
+    /// Webhook requests in progress.
+    pub concurrency: Semaphore,
+    /// Set once shutdown begins (readiness turns 503).
+    pub shutting_down: AtomicBool,
+}
+
+/// The router: `/healthz`, `/readyz`, `/metrics`, and every source's path (everything else is 404).
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(webhook)
+        .with_state(shared)
+}
+
+async fn readyz(State(s): State<Arc<Shared>>) -> Response {
+    if s.shutting_down.load(Ordering::Relaxed) {
+        return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"status": "shutting down"}))).into_response();
+    }
+    let (events, bytes, deliveries) = s.store.gauges().snapshot();
+    match tokio::time::timeout(Duration::from_secs(2), s.store.ping()).await {
+        Ok(Ok(())) => axum::Json(json!({
+            "status": "ready",
+            "spool": {"pending_events": events, "pending_bytes": bytes, "pending_deliveries": deliveries},
+        }))
+        .into_response(),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "readiness: spool not writable");
+            (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"status": "spool not writable"}))).into_response()
+        }
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"status": "spool too slow"}))).into_response(),
+    }
+}
+
+async fn metrics(State(s): State<Arc<Shared>>) -> Response {
+    let body = s.metrics.render(s.store.gauges());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
+}
+
+fn error(status: StatusCode, message: &str) -> Response {
+    (status, axum::Json(json!({"error": message}))).into_response()
+}
+
+fn unavailable(message: &str) -> Response {
+    let mut r = error(StatusCode::SERVICE_UNAVAILABLE, message);
+    r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+    r
+}
+
+async fn webhook(State(s): State<Arc<Shared>>, request: Request) -> Response {
+    let started = Instant::now();
+    let Some(source) = s.sources.get(request.uri().path()) else {
+        s.metrics.request(NO_SOURCE, 404, started.elapsed().as_secs_f64());
+        return error(StatusCode::NOT_FOUND, "no webhook source at this path");
+    };
+    let response = handle(&s, source, request).await;
+    s.metrics.request(&source.id, response.status().as_u16(), started.elapsed().as_secs_f64());
+    response
+}
+
+async fn handle(s: &Shared, source: &Source, request: Request) -> Response {
+    if request.method() != Method::POST {
+        let mut r = error(StatusCode::METHOD_NOT_ALLOWED, "webhooks are POSTed");
+        r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST"));
+        return r;
+    }
+    if s.shutting_down.load(Ordering::Relaxed) {
+        s.metrics.rejected(&source.id, "shutting_down");
+        return unavailable("shutting down");
+    }
+    let Ok(_permit) = s.concurrency.try_acquire() else {
+        s.metrics.rejected(&source.id, "overloaded");
+        return unavailable("too many concurrent requests");
+    };
+    let (parts, body) = request.into_parts();
+    let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > s.max_body) {
+        s.metrics.rejected(&source.id, "body_too_large");
+        return error(StatusCode::PAYLOAD_TOO_LARGE, "body too large");
+    }
+    let body = match tokio::time::timeout(s.request_timeout, read_body(body, s.max_body)).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(BodyError::TooLarge)) => {
+            s.metrics.rejected(&source.id, "body_too_large");
+            return error(StatusCode::PAYLOAD_TOO_LARGE, "body too large");
+        }
+        Ok(Err(BodyError::Io)) => {
+            s.metrics.rejected(&source.id, "body_read_error");
+            return error(StatusCode::BAD_REQUEST, "could not read the body");
+        }
+        Err(_) => {
+            s.metrics.rejected(&source.id, "timeout");
+            return error(StatusCode::REQUEST_TIMEOUT, "body not received in time");
+        }
+    };
+    match tokio::time::timeout(s.request_timeout, accept(s, source, &parts.headers, parts.uri.query(), body)).await {
+        Ok(r) => r,
+        Err(_) => {
+            // The event may still be committed: the provider retries and gets a duplicate, never a loss.
+            s.metrics.rejected(&source.id, "timeout");
+            unavailable("timed out")
+        }
+    }
+}
+
+enum BodyError {
+    TooLarge,
+    Io,
+}
+
+async fn read_body(body: Body, limit: u64) -> Result<Bytes, BodyError> {
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(BodyError::TooLarge),
+        Err(_) => Err(BodyError::Io),
+    }
+}
+
+/// Verify, classify, route, spool. Answers 2xx only after the spool commit.
+async fn accept(s: &Shared, source: &Source, headers: &HeaderMap, query: Option<&str>, body: Bytes) -> Response {
+    if let Scheme::Clockodo { .. } = source.scheme
+        && let Some(secret) = handshake_secret(query, &body)
+    {
+        return match s.store.record_handshake(&source.id, &secret, now_ms()).await {
+            Ok(()) => {
+                s.metrics.handshake(&source.id);
+                axum::Json(json!({"status": "handshake received"})).into_response()
+            }
+            Err(e) => {
+                tracing::error!(source = %source.id, error = %e, "cannot store Clockodo handshake");
+                unavailable("cannot store the handshake")
+            }
+        };
+    }
+    if let Err(e) = verify(&source.scheme, headers, &body) {
+        s.metrics.rejected(&source.id, e.reason());
+        return error(StatusCode::UNAUTHORIZED, "verification failed");
+    }
+    let classified = match classify(&source.scheme, headers, &body) {
+        Ok(c) => c,
+        Err(e) => {
+            s.metrics.rejected(&source.id, e.reason());
+            return error(StatusCode::BAD_REQUEST, &e.to_string());
+        }
+    };
+    let decision = s.routes.route(&RouteInput {
+        source: &source.id,
+        event: &classified.event_type,
+        headers: &classified.headers,
+        body: &classified.body,
+    });
+    for (route, err) in &decision.predicate_errors {
+        s.metrics.predicate_error(route, err);
+    }
+    if !decision.sinks.is_empty() {
+        let (events, bytes, _) = s.store.gauges().snapshot();
+        if events >= s.max_pending_events || bytes.saturating_add(body.len() as u64) > s.max_pending_bytes {
+            s.metrics.rejected(&source.id, "spool_full");
+            return unavailable("spool is full; retry later");
+        }
+    }
+    let event = Event {
+        id: uuid::Uuid::now_v7().to_string(),
+        source: source.id.clone(),
+        event_type: classified.event_type,
+        received_at_ms: now_ms(),
+        headers: classified.kept_headers,
+        body,
+        dedup_key: classified.dedup_key,
+    };
+    let id = event.id.clone();
+    let event_type = event.event_type.clone();
+    match s.store.insert(event, decision.sinks.clone()).await {
+        Ok(_) => {
+            for sink in &decision.sinks {
+                if let Some(wake) = s.wake.get(sink) {
+                    wake.notify_one();
+                }
+            }
+            s.metrics.accepted(&source.id, &event_type, &id, &decision.sinks);
+            let status = if decision.sinks.is_empty() { "unrouted" } else { "accepted" };
+            axum::Json(json!({"status": status, "id": id})).into_response()
+        }
+        Err(e) => {
+            tracing::error!(source = %source.id, error = %e, "cannot commit event to the spool");
+            s.metrics.rejected(&source.id, "store_error");
+            unavailable("cannot store the event; retry later")
+        }
+    }
+}

@@ -1,0 +1,33 @@
+//! hookbridge: receive time-tracking webhooks (Clockify, Clockodo, generic HMAC), verify them, route them by
+//! rules, spool them durably, and deliver them to sinks at least once.
+//!
+//! The library is the product; the `hookbridge` binary is a thin CLI over it. Embed it like this:
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = hookbridge::Config::load("hookbridge.toml".as_ref())?;
+//! let bridge = hookbridge::Bridge::start(config).await?;
+//! let app = axum::Router::new().nest("/bridge", bridge.router());
+//! // ... serve `app`; at the end:
+//! bridge.shutdown().await;
+//! # Ok(()) }
+//! ```
+//!
+//! See `ARCHITECTURE.md` for the map of the modules and the invariants they keep.
+
+pub mod bridge;
+pub mod classify;
+pub mod config;
+pub mod dispatch;
+pub mod event;
+pub mod ingress;
+pub mod limits;
+pub mod metrics;
+pub mod route;
+pub mod send;
+pub mod sinks;
+pub mod store;
+pub mod verify;
+
+pub use bridge::{Bridge, BridgeError, run};
+pub use config::{Config, ConfigErrors};

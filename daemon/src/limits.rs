@@ -1,0 +1,67 @@
+//! Every default and limit in one place, so that the README's config reference and the code agree.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::config::units::{HumanDuration, HumanSize};
+
+pub(crate) fn default_listen() -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, 8080))
+}
+pub(crate) fn default_max_body_size() -> HumanSize {
+    HumanSize(1 << 20)
+}
+pub(crate) fn default_request_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+pub(crate) fn default_max_concurrency() -> usize {
+    512
+}
+pub(crate) fn default_shutdown_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
+}
+pub(crate) fn default_data_dir() -> PathBuf {
+    PathBuf::from("data")
+}
+pub(crate) fn default_max_pending_events() -> u64 {
+    100_000
+}
+pub(crate) fn default_max_pending_bytes() -> HumanSize {
+    HumanSize(1 << 30)
+}
+pub(crate) fn default_retention() -> HumanDuration {
+    HumanDuration(Duration::from_secs(7 * 86_400))
+}
+pub(crate) fn default_initial_backoff() -> HumanDuration {
+    HumanDuration(Duration::from_secs(1))
+}
+pub(crate) fn default_max_backoff() -> HumanDuration {
+    HumanDuration(Duration::from_secs(300))
+}
+pub(crate) fn default_sink_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+pub(crate) fn default_max_in_flight() -> usize {
+    8
+}
+pub(crate) fn default_file_in_flight() -> usize {
+    64
+}
+
+/// Seconds a client is told to wait (`Retry-After`) when the spool is full or the store fails.
+pub const RETRY_AFTER_SECS: u64 = 15;
+/// Operations the spool writer folds into one transaction (one fsync) at most.
+pub const GROUP_COMMIT_MAX: usize = 512;
+/// Capacity of the queue in front of the spool writer.
+pub const WRITER_QUEUE: usize = 8192;
+/// Lines the file sink writes per fsync at most.
+pub const FILE_BATCH_MAX: usize = 512;
+/// Clockodo handshakes kept per source (they are unauthenticated, so the table is bounded).
+pub const HANDSHAKES_KEPT: i64 = 20;
+/// Longest accepted event type name.
+pub const MAX_EVENT_TYPE_LEN: usize = 128;
+/// How often finished events past retention are pruned.
+pub const PRUNE_INTERVAL: Duration = Duration::from_secs(600);
+/// How often a dispatcher looks at the store even when nobody woke it.
+pub const DISPATCH_POLL: Duration = Duration::from_secs(1);

@@ -1,0 +1,171 @@
+//! Telemetry: Prometheus metrics (names as constants, labels bounded to configured ids and fixed reasons)
+//! and the log line that goes with each observable event, in one place.
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+
+use crate::store::SpoolGauges;
+
+/// `hookbridge_requests_total{source,status}`: webhook requests answered, by HTTP status.
+pub const REQUESTS_TOTAL: &str = "hookbridge_requests_total";
+/// `hookbridge_request_duration_seconds{source}`: time to answer a webhook request.
+pub const REQUEST_DURATION: &str = "hookbridge_request_duration_seconds";
+/// `hookbridge_rejections_total{source,reason}`: requests refused, by reason.
+pub const REJECTIONS_TOTAL: &str = "hookbridge_rejections_total";
+/// `hookbridge_events_routed_total{source}`: events accepted with at least one destination.
+pub const ROUTED_TOTAL: &str = "hookbridge_events_routed_total";
+/// `hookbridge_events_unrouted_total{source}`: events accepted that matched no route.
+pub const UNROUTED_TOTAL: &str = "hookbridge_events_unrouted_total";
+/// `hookbridge_handshakes_total{source}`: Clockodo validation handshakes received.
+pub const HANDSHAKES_TOTAL: &str = "hookbridge_handshakes_total";
+/// `hookbridge_route_predicate_errors_total{route}`: `when` predicates that failed to evaluate.
+pub const PREDICATE_ERRORS_TOTAL: &str = "hookbridge_route_predicate_errors_total";
+/// `hookbridge_deliveries_total{sink,outcome}`: delivery attempts by outcome (`delivered`, `retry`, `dead`).
+pub const DELIVERIES_TOTAL: &str = "hookbridge_deliveries_total";
+/// `hookbridge_delivery_duration_seconds{sink}`: time of one delivery attempt.
+pub const DELIVERY_DURATION: &str = "hookbridge_delivery_duration_seconds";
+/// `hookbridge_spool_pending_events`: events with unfinished deliveries.
+pub const SPOOL_EVENTS: &str = "hookbridge_spool_pending_events";
+/// `hookbridge_spool_pending_bytes`: body bytes of those events.
+pub const SPOOL_BYTES: &str = "hookbridge_spool_pending_bytes";
+/// `hookbridge_spool_pending_deliveries`: unfinished deliveries.
+pub const SPOOL_DELIVERIES: &str = "hookbridge_spool_pending_deliveries";
+
+/// Label used for requests that matched no source.
+pub const NO_SOURCE: &str = "-";
+
+/// The daemon's metrics (one registry per bridge, so embedders can run several).
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    request_duration: HistogramVec,
+    rejections: IntCounterVec,
+    routed: IntCounterVec,
+    unrouted: IntCounterVec,
+    handshakes: IntCounterVec,
+    predicate_errors: IntCounterVec,
+    deliveries: IntCounterVec,
+    delivery_duration: HistogramVec,
+    spool_events: IntGauge,
+    spool_bytes: IntGauge,
+    spool_deliveries: IntGauge,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec, prometheus::Error> {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+    registry.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn histogram(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<HistogramVec, prometheus::Error> {
+    let buckets = vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+    let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)?;
+    registry.register(Box::new(h.clone()))?;
+    Ok(h)
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> Result<IntGauge, prometheus::Error> {
+    let g = IntGauge::new(name, help)?;
+    registry.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let r = Registry::new();
+        Ok(Metrics {
+            requests: counter(&r, REQUESTS_TOTAL, "Webhook requests answered, by source and HTTP status.", &["source", "status"])?,
+            request_duration: histogram(&r, REQUEST_DURATION, "Time to answer a webhook request.", &["source"])?,
+            rejections: counter(&r, REJECTIONS_TOTAL, "Webhook requests refused, by source and reason.", &["source", "reason"])?,
+            routed: counter(&r, ROUTED_TOTAL, "Events accepted and routed to at least one sink.", &["source"])?,
+            unrouted: counter(&r, UNROUTED_TOTAL, "Events accepted that matched no route.", &["source"])?,
+            handshakes: counter(&r, HANDSHAKES_TOTAL, "Clockodo validation handshakes received.", &["source"])?,
+            predicate_errors: counter(&r, PREDICATE_ERRORS_TOTAL, "Route predicates that failed to evaluate.", &["route"])?,
+            deliveries: counter(&r, DELIVERIES_TOTAL, "Delivery attempts, by sink and outcome.", &["sink", "outcome"])?,
+            delivery_duration: histogram(&r, DELIVERY_DURATION, "Time of one delivery attempt.", &["sink"])?,
+            spool_events: gauge(&r, SPOOL_EVENTS, "Events with unfinished deliveries.")?,
+            spool_bytes: gauge(&r, SPOOL_BYTES, "Body bytes of events with unfinished deliveries.")?,
+            spool_deliveries: gauge(&r, SPOOL_DELIVERIES, "Unfinished deliveries.")?,
+            registry: r,
+        })
+    }
+
+    /// Prometheus text exposition, with spool gauges read now.
+    pub fn render(&self, spool: &SpoolGauges) -> String {
+        let (events, bytes, deliveries) = spool.snapshot();
+        self.spool_events.set(events as i64);
+        self.spool_bytes.set(bytes as i64);
+        self.spool_deliveries.set(deliveries as i64);
+        let mut buf = Vec::new();
+        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// A webhook request was answered.
+    pub fn request(&self, source: &str, status: u16, seconds: f64) {
+        self.requests.with_label_values(&[source, status_label(status)]).inc();
+        self.request_duration.with_label_values(&[source]).observe(seconds);
+    }
+
+    /// A webhook request was refused.
+    pub fn rejected(&self, source: &str, reason: &str) {
+        tracing::info!(source, reason, "webhook rejected");
+        self.rejections.with_label_values(&[source, reason]).inc();
+    }
+
+    /// An event was accepted.
+    pub fn accepted(&self, source: &str, event_type: &str, id: &str, sinks: &[String]) {
+        if sinks.is_empty() {
+            tracing::info!(source, event_type, id, "event accepted, unrouted");
+            self.unrouted.with_label_values(&[source]).inc();
+        } else {
+            tracing::debug!(source, event_type, id, sinks = ?sinks, "event accepted");
+            self.routed.with_label_values(&[source]).inc();
+        }
+    }
+
+    /// A Clockodo handshake arrived (its secret is stored, never logged).
+    pub fn handshake(&self, source: &str) {
+        tracing::warn!(
+            source,
+            "Clockodo validation handshake received: run `hookbridge handshakes --config <file>` to read the secret and enter it in Clockodo"
+        );
+        self.handshakes.with_label_values(&[source]).inc();
+    }
+
+    /// A route predicate failed to evaluate.
+    pub fn predicate_error(&self, route: &str, error: &str) {
+        tracing::warn!(route, error, "route predicate failed; treated as no match");
+        self.predicate_errors.with_label_values(&[route]).inc();
+    }
+
+    /// A delivery attempt ended.
+    pub fn delivery(&self, sink: &str, outcome: &str, seconds: f64) {
+        self.deliveries.with_label_values(&[sink, outcome]).inc();
+        self.delivery_duration.with_label_values(&[sink]).observe(seconds);
+    }
+}
+
+/// Status codes as static labels (bounded set).
+fn status_label(status: u16) -> &'static str {
+    match status {
+        200 => "200",
+        202 => "202",
+        400 => "400",
+        401 => "401",
+        404 => "404",
+        405 => "405",
+        408 => "408",
+        413 => "413",
+        500 => "500",
+        503 => "503",
+        s if s < 300 => "2xx",
+        s if s < 500 => "4xx",
+        _ => "5xx",
+    }
+}

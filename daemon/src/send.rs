@@ -1,0 +1,141 @@
+//! `hookbridge send`: sign a body exactly as the source's provider would and POST it (the operator's "test
+//! webhook").
+
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::config::{Config, Source};
+use crate::verify::{Locator, Scheme};
+
+/// What `send` did.
+#[derive(Debug)]
+pub struct SendResult {
+    /// Where it was sent.
+    pub url: String,
+    /// HTTP status of the answer.
+    pub status: u16,
+    /// Body of the answer.
+    pub body: String,
+}
+
+/// Why `send` could not send.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// No such source.
+    #[error("no source {0:?} in the config")]
+    UnknownSource(String),
+    /// The body file is unusable.
+    #[error("{0}")]
+    Body(String),
+    /// The event type cannot be placed.
+    #[error("{0}")]
+    Event(String),
+    /// The request failed.
+    #[error("request to {url} failed: {source}")]
+    Http {
+        /// Target.
+        url: String,
+        /// Why.
+        source: reqwest::Error,
+    },
+}
+
+/// A request as the provider would send it.
+#[derive(Debug)]
+pub struct SignedRequest {
+    /// Headers.
+    pub headers: Vec<(String, String)>,
+    /// Body.
+    pub body: Bytes,
+}
+
+/// Signs `body` for `source` with its first secret, placing `event` where the scheme expects it.
+pub fn sign(source: &Source, event: Option<&str>, body: &[u8]) -> Result<SignedRequest, SendError> {
+    let mut headers = vec![("content-type".to_owned(), "application/json".to_owned())];
+    let need_event = || event.ok_or_else(|| SendError::Event(format!("source {} needs --event", source.id)));
+    let body = match &source.scheme {
+        Scheme::Clockify { secrets } => {
+            headers.push(("clockify-signature".into(), first(secrets)?.expose().to_owned()));
+            headers.push(("clockify-webhook-event-type".into(), need_event()?.to_owned()));
+            headers.push(("user-agent".into(), "Vert.x-WebClient/4.2.5 (hookbridge send)".into()));
+            Bytes::copy_from_slice(body)
+        }
+        Scheme::Clockodo { secrets } => {
+            let mut v: serde_json::Value =
+                serde_json::from_slice(body).map_err(|e| SendError::Body(format!("body is not JSON: {e}")))?;
+            let obj = v.as_object_mut().ok_or_else(|| SendError::Body("a Clockodo body is a JSON object".into()))?;
+            obj.insert("token".into(), first(secrets)?.expose().into());
+            if let Some(e) = event {
+                obj.insert("event_name".into(), e.into());
+            } else if !obj.contains_key("event_name") {
+                return Err(SendError::Event("the body has no event_name: pass --event".into()));
+            }
+            Bytes::from(serde_json::to_vec(&v).map_err(|e| SendError::Body(e.to_string()))?)
+        }
+        Scheme::Hmac(h) => {
+            place_event(&h.event, event, body, &mut headers)?;
+            headers.push((h.header.clone(), h.sign(first(&h.secrets)?, body)));
+            Bytes::copy_from_slice(body)
+        }
+        Scheme::None { event: loc, .. } => {
+            place_event(loc, event, body, &mut headers)?;
+            Bytes::copy_from_slice(body)
+        }
+    };
+    Ok(SignedRequest { headers, body })
+}
+
+fn first(secrets: &[crate::config::SecretString]) -> Result<&crate::config::SecretString, SendError> {
+    secrets.first().ok_or_else(|| SendError::Event("the source has no secret".into()))
+}
+
+fn place_event(loc: &Locator, event: Option<&str>, body: &[u8], headers: &mut Vec<(String, String)>) -> Result<(), SendError> {
+    match loc {
+        Locator::Header(h) => {
+            let e = event.ok_or_else(|| SendError::Event(format!("pass --event (sent in header {h})")))?;
+            headers.push((h.clone(), e.to_owned()));
+        }
+        Locator::Pointer(p) => {
+            let v: serde_json::Value =
+                serde_json::from_slice(body).map_err(|e| SendError::Body(format!("body is not JSON: {e}")))?;
+            let found = v.pointer(p).and_then(|x| x.as_str()).map(str::to_owned);
+            match (found, event) {
+                (None, _) => return Err(SendError::Event(format!("the body has no event type at {p}"))),
+                (Some(f), Some(e)) if f != e => {
+                    return Err(SendError::Event(format!("--event {e} differs from the body's {f} at {p}")));
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The URL the daemon in `config` serves `source` at.
+pub fn default_url(config: &Config, source: &Source) -> String {
+    let mut addr = config.server.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    format!("http://{addr}{}", source.path)
+}
+
+/// Signs and sends a body to the daemon.
+pub async fn send(config: &Config, source_id: &str, event: Option<&str>, body: &[u8], url: Option<&str>) -> Result<SendResult, SendError> {
+    let source = config.sources.get(source_id).ok_or_else(|| SendError::UnknownSource(source_id.to_owned()))?;
+    let signed = sign(source, event, body)?;
+    let url = url.map(str::to_owned).unwrap_or_else(|| default_url(config, source));
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .map_err(|e| SendError::Http { url: url.clone(), source: e })?;
+    let mut request = client.post(&url).body(signed.body);
+    for (k, v) in &signed.headers {
+        request = request.header(k, v);
+    }
+    let response = request.send().await.map_err(|e| SendError::Http { url: url.clone(), source: e })?;
+    let status = response.status().as_u16();
+    let body = response.text().await.unwrap_or_default();
+    Ok(SendResult { url, status, body })
+}

@@ -1,0 +1,149 @@
+//! `file` sink: appends one JSON line per event (`id`, `source`, `type`, `time`, `headers`, `body`), written
+//! by one thread that fsyncs once per batch of waiting lines. A delivery counts once its line is on disk.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::PathBuf;
+
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+
+use super::{BoxFuture, Sink, SinkError};
+use crate::config::FileSinkSpec;
+use crate::event::Event;
+use crate::limits::FILE_BATCH_MAX;
+
+type Job = (Vec<u8>, oneshot::Sender<Result<(), String>>);
+
+/// Appends JSON lines.
+#[derive(Debug)]
+pub struct FileSink {
+    tx: mpsc::Sender<Job>,
+    path: PathBuf,
+}
+
+#[derive(Serialize)]
+struct Line<'a> {
+    id: &'a str,
+    source: &'a str,
+    #[serde(rename = "type")]
+    event_type: &'a str,
+    time: String,
+    headers: std::collections::BTreeMap<&'a str, &'a str>,
+    body: &'a serde_json::value::RawValue,
+}
+
+impl FileSink {
+    /// Opens (creating) the file for appending and starts its writer thread.
+    pub fn open(spec: &FileSinkSpec) -> Result<Self, String> {
+        if let Some(parent) = spec.path.parent() {
+            std::fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&spec.path)
+            .map_err(|e| format!("cannot open {}: {e}", spec.path.display()))?;
+        let (tx, rx) = mpsc::channel(FILE_BATCH_MAX * 2);
+        std::thread::Builder::new()
+            .name("hookbridge-file-sink".into())
+            .spawn(move || write_loop(file, rx))
+            .map_err(|e| format!("cannot start writer thread: {e}"))?;
+        Ok(FileSink { tx, path: spec.path.clone() })
+    }
+
+    async fn append(&self, event: &Event) -> Result<(), SinkError> {
+        let line = render(event)?;
+        let (reply, rx) = oneshot::channel();
+        self.tx.send((line, reply)).await.map_err(|_| SinkError::retryable("file writer stopped"))?;
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(SinkError::retryable(format!("{}: {e}", self.path.display()))),
+            Err(_) => Err(SinkError::retryable("file writer stopped")),
+        }
+    }
+}
+
+/// One JSON line. The body is embedded as it arrived; the only change is that raw line breaks (which in
+/// valid JSON can only be whitespace between tokens) become spaces, so the line stays one line.
+fn render(event: &Event) -> Result<Vec<u8>, SinkError> {
+    let text = std::str::from_utf8(&event.body).map_err(|_| SinkError::Permanent("body is not UTF-8".into()))?;
+    let flat;
+    let text = if text.contains(['\n', '\r']) {
+        flat = text.replace(['\n', '\r'], " ");
+        flat.as_str()
+    } else {
+        text
+    };
+    let body: &serde_json::value::RawValue =
+        serde_json::from_str(text).map_err(|e| SinkError::Permanent(format!("body is not JSON: {e}")))?;
+    let line = Line {
+        id: &event.id,
+        source: &event.source,
+        event_type: &event.event_type,
+        time: event.time_rfc3339(),
+        headers: event.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect(),
+        body,
+    };
+    let mut out = serde_json::to_vec(&line).map_err(|e| SinkError::Permanent(e.to_string()))?;
+    out.push(b'\n');
+    Ok(out)
+}
+
+fn write_loop(mut file: File, mut rx: mpsc::Receiver<Job>) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut batch = vec![first];
+        while batch.len() < FILE_BATCH_MAX {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let mut buf = Vec::with_capacity(batch.iter().map(|(l, _)| l.len()).sum());
+        for (line, _) in &batch {
+            buf.extend_from_slice(line);
+        }
+        let result = file.write_all(&buf).and_then(|()| file.sync_data()).map_err(|e| e.to_string());
+        for (_, reply) in batch {
+            let _ = reply.send(result.clone());
+        }
+    }
+}
+
+impl Sink for FileSink {
+    fn deliver<'a>(&'a self, event: &'a Event) -> BoxFuture<'a, Result<(), SinkError>> {
+        Box::pin(self.append(event))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    #[tokio::test]
+    async fn appends_one_json_line_per_event() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out/events.jsonl");
+        let sink = FileSink::open(&FileSinkSpec { path: path.clone() }).unwrap();
+        let mut event = Event {
+            id: "01".into(),
+            source: "clockify".into(),
+            event_type: "NEW_TIME_ENTRY".into(),
+            received_at_ms: 0,
+            headers: vec![("content-type".into(), "application/json".into())],
+            body: Bytes::from_static(b"{\n  \"id\": \"x\",\n  \"text\": \"a\\nb\"\n}"),
+            dedup_key: String::new(),
+        };
+        sink.deliver(&event).await.unwrap();
+        event.body = Bytes::from_static(b"not json");
+        assert_eq!(sink.deliver(&event).await.unwrap_err().class(), "permanent");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 1);
+        let v: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+        assert_eq!(v["type"], "NEW_TIME_ENTRY");
+        assert_eq!(v["time"], "1970-01-01T00:00:00.000Z");
+        assert_eq!(v["body"]["text"], "a\nb");
+    }
+}

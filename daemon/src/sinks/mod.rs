@@ -1,0 +1,83 @@
+//! Sinks: where deliveries go. One trait, one file per kind, each built from its validated spec
+//! ([`crate::config::SinkSpec`]). A sink reports each failure as retryable or permanent; the dispatcher
+//! decides what happens next.
+//!
+//! Adding a sink kind: a config struct in `config/types.rs` (closed, documented), its validation in
+//! `config/mod.rs` producing a `SinkKind` variant, a file here implementing [`Sink`], a line in [`build`],
+//! integration tests against a real peer, and its section in the README's config reference.
+
+mod file;
+mod http;
+
+use std::fmt::Debug;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use file::FileSink;
+pub use http::HttpSink;
+
+use crate::config::{SinkKind, SinkSpec};
+use crate::event::Event;
+
+/// A boxed future, so that [`Sink`] can be used as a trait object.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// CloudEvents version sent in `ce-specversion`.
+pub const CE_SPECVERSION: &str = "1.0";
+
+/// Why a delivery failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SinkError {
+    /// Worth trying again later (timeouts, connection errors, 408, 429, 5xx, a full disk).
+    #[error("{message}")]
+    Retryable {
+        /// What happened.
+        message: String,
+        /// The peer's `Retry-After`, if it gave one.
+        retry_after: Option<Duration>,
+    },
+    /// Trying again will not help (other 4xx, a message the peer rejects).
+    #[error("{0}")]
+    Permanent(String),
+}
+
+impl SinkError {
+    /// A retryable error without a hint.
+    pub fn retryable(message: impl Into<String>) -> Self {
+        SinkError::Retryable { message: message.into(), retry_after: None }
+    }
+    /// Metric label value.
+    pub fn class(&self) -> &'static str {
+        match self {
+            SinkError::Retryable { .. } => "retryable",
+            SinkError::Permanent(_) => "permanent",
+        }
+    }
+}
+
+/// A destination for events. Implementations are cheap to share (`Arc`) and safe to call concurrently.
+pub trait Sink: Send + Sync + Debug {
+    /// Delivers one event. `Ok` only once the peer has it (for `http`: a 2xx; for `file`: fsync'd).
+    fn deliver<'a>(&'a self, event: &'a Event) -> BoxFuture<'a, Result<(), SinkError>>;
+}
+
+/// Failure to build a sink (reported at start-up).
+#[derive(Debug, thiserror::Error)]
+#[error("sink {id}: {message}")]
+pub struct BuildError {
+    /// Sink id.
+    pub id: String,
+    /// What went wrong.
+    pub message: String,
+}
+
+/// Builds the running sink for a spec (opens files, creates clients).
+pub fn build(spec: &SinkSpec) -> Result<Arc<dyn Sink>, BuildError> {
+    let err = |message: String| BuildError { id: spec.id.clone(), message };
+    Ok(match &spec.kind {
+        SinkKind::Http(h) => Arc::new(HttpSink::new(h).map_err(err)?),
+        SinkKind::File(f) => Arc::new(FileSink::open(f).map_err(err)?),
+    })
+}

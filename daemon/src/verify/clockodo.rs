@@ -1,0 +1,88 @@
+//! `clockodo`: the JSON envelope's `token` equals the configured token. Clockodo's validation handshake
+//! (`{"secret": "<uuid>"}`, or `?secret=` in the URL) carries no token at all: it is recognised here, answered
+//! by the ingress and never routed.
+
+use serde::Deserialize;
+
+use super::{matches_any, VerifyError};
+use crate::config::SecretString;
+
+/// The fields of a Clockodo envelope that hookbridge reads.
+#[derive(Debug, Deserialize)]
+pub struct ClockodoEnvelope {
+    /// The webhook's token (a credential).
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Event name, e.g. `entry.created`.
+    #[serde(default)]
+    pub event_name: Option<String>,
+    /// Present only in the validation handshake.
+    #[serde(default)]
+    pub secret: Option<serde_json::Value>,
+    /// Subscription id (dedup key part).
+    #[serde(default)]
+    pub subscription_id: Option<serde_json::Value>,
+    /// When the change happened (dedup key part).
+    #[serde(default)]
+    pub occurred_at: Option<String>,
+    /// `{ "<entity>": { "id": N } }` (dedup key part).
+    #[serde(default)]
+    pub payload: Option<serde_json::Value>,
+}
+
+pub(super) fn verify(secrets: &[SecretString], body: &[u8]) -> Result<(), VerifyError> {
+    // The token is inside the body; a body that is not a JSON object has no token.
+    let envelope: ClockodoEnvelope = serde_json::from_slice(body).map_err(|_| VerifyError::MissingSignature)?;
+    let token = envelope.token.filter(|t| !t.is_empty()).ok_or(VerifyError::MissingSignature)?;
+    if matches_any(token.as_bytes(), secrets) { Ok(()) } else { Err(VerifyError::BadSignature) }
+}
+
+/// The handshake secret, if this request is Clockodo's validation handshake: a `secret` query parameter, or
+/// a JSON object body with a string `secret` and neither `event_name` nor `token`.
+pub fn handshake_secret(query: Option<&str>, body: &[u8]) -> Option<String> {
+    if let Some(q) = query {
+        let from_query = form_urlencoded::parse(q.as_bytes())
+            .find(|(k, v)| k == "secret" && is_plausible_secret(v))
+            .map(|(_, v)| v.into_owned());
+        if from_query.is_some() {
+            return from_query;
+        }
+    }
+    let envelope: ClockodoEnvelope = serde_json::from_slice(body).ok()?;
+    if envelope.event_name.is_some() || envelope.token.is_some() {
+        return None;
+    }
+    match envelope.secret {
+        Some(serde_json::Value::String(s)) if is_plausible_secret(&s) => Some(s),
+        _ => None,
+    }
+}
+
+/// Handshake secrets are UUIDs; anything long or odd is refused so the store cannot be stuffed.
+fn is_plausible_secret(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 128 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_must_match() {
+        let secrets = vec![SecretString::new("tok")];
+        assert_eq!(verify(&secrets, br#"{"event_name":"entry.created","token":"tok"}"#), Ok(()));
+        assert_eq!(verify(&secrets, br#"{"event_name":"entry.created","token":"bad"}"#), Err(VerifyError::BadSignature));
+        assert_eq!(verify(&secrets, br#"{"event_name":"entry.created"}"#), Err(VerifyError::MissingSignature));
+        assert_eq!(verify(&secrets, b"not json"), Err(VerifyError::MissingSignature));
+    }
+
+    #[test]
+    fn recognises_handshakes() {
+        let uuid = "2f1c5b9e-3f0a-4c55-9a3e-5b3f1e0c7d21";
+        assert_eq!(handshake_secret(None, format!(r#"{{"secret":"{uuid}"}}"#).as_bytes()), Some(uuid.into()));
+        assert_eq!(handshake_secret(Some(&format!("a=1&secret={uuid}")), b""), Some(uuid.into()));
+        assert_eq!(handshake_secret(None, br#"{"secret":"x","event_name":"entry.created"}"#), None);
+        assert_eq!(handshake_secret(None, br#"{"secret":"<script>"}"#), None);
+        assert_eq!(handshake_secret(None, b"{}"), None);
+    }
+}
