@@ -58,7 +58,13 @@ impl Bridge {
     /// earlier run are picked up at once.
     pub async fn start(config: Config) -> Result<Bridge, BridgeError> {
         let routes = RouteTable::compile(&config.routes).map_err(|errors| {
-            BridgeError::Routes(errors.iter().map(|e| format!("routes[{}].{}: {}", e.index, e.field, e.message)).collect::<Vec<_>>().join("; "))
+            BridgeError::Routes(
+                errors
+                    .iter()
+                    .map(|e| format!("routes[{}].{}: {}", e.index, e.field, e.message))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            )
         })?;
         let metrics = Metrics::new()?;
         let mut built = Vec::new();
@@ -83,12 +89,20 @@ impl Bridge {
             };
             tasks.spawn(d.run(cancel.child_token()));
         }
-        tasks.spawn(prune_loop(store.clone(), config.storage.retention.0, cancel.child_token()));
+        tasks.spawn(prune_loop(
+            store.clone(),
+            config.storage.retention.0,
+            cancel.child_token(),
+        ));
         for source in config.sources.values() {
             tracing::info!(source = %source.id, kind = source.scheme.kind(), path = %source.path, "source ready");
         }
         let shared = Arc::new(Shared {
-            sources: config.sources.values().map(|s| (s.path.clone(), s.clone())).collect(),
+            sources: config
+                .sources
+                .values()
+                .map(|s| (s.path.clone(), s.clone()))
+                .collect(),
             routes,
             store: store.clone(),
             wake,
@@ -100,7 +114,13 @@ impl Bridge {
             concurrency: Semaphore::new(config.server.max_concurrency),
             shutting_down: AtomicBool::new(false),
         });
-        Ok(Bridge { shared, store, cancel, tasks, shutdown_timeout: config.server.shutdown_timeout.0 })
+        Ok(Bridge {
+            shared,
+            store,
+            cancel,
+            tasks,
+            shutdown_timeout: config.server.shutdown_timeout.0,
+        })
     }
 
     /// The HTTP routes (webhooks, `/healthz`, `/readyz`, `/metrics`), to serve or to mount.
@@ -115,7 +135,11 @@ impl Bridge {
 
     /// Serves on `listener` until `signal` completes, then shuts down: stop accepting, let in-flight
     /// requests finish, stop dispatchers within the shutdown deadline, close the spool.
-    pub async fn serve(self, listener: TcpListener, signal: impl Future<Output = ()> + Send + 'static) -> Result<(), BridgeError> {
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        signal: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), BridgeError> {
         let app = self.router();
         let shared = Arc::clone(&self.shared);
         let graceful = async move {
@@ -123,7 +147,9 @@ impl Bridge {
             shared.shutting_down.store(true, Ordering::Relaxed);
             tracing::info!("shutting down: no new connections; finishing requests in flight");
         };
-        let served = axum::serve(listener, app).with_graceful_shutdown(graceful).await;
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(graceful)
+            .await;
         self.shutdown().await;
         served.map_err(BridgeError::from)
     }
@@ -138,7 +164,9 @@ impl Bridge {
         })
         .await;
         if drained.is_err() {
-            tracing::warn!("shutdown deadline passed with deliveries in progress; they resume at the next start");
+            tracing::warn!(
+                "shutdown deadline passed with deliveries in progress; they resume at the next start"
+            );
             self.tasks.abort_all();
             while self.tasks.join_next().await.is_some() {}
         }
@@ -163,7 +191,11 @@ async fn prune_loop(store: Store, retention: Duration, cancel: CancellationToken
 }
 
 /// Loads nothing, decides nothing: starts a bridge for `config` and serves it on `listener` until `signal`.
-pub async fn run(config: Config, listener: TcpListener, signal: impl Future<Output = ()> + Send + 'static) -> Result<(), BridgeError> {
+pub async fn run(
+    config: Config,
+    listener: TcpListener,
+    signal: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), BridgeError> {
     let bridge = Bridge::start(config).await?;
     tracing::info!(addr = %listener.local_addr()?, "listening");
     bridge.serve(listener, signal).await

@@ -10,8 +10,14 @@ use crate::limits::MAX_EVENT_TYPE_LEN;
 use crate::verify::{ClockodoEnvelope, Locator, Scheme};
 
 /// Headers stored with every event when present (besides the event-type and id headers of the scheme).
-const KEPT_HEADERS: [&str; 6] =
-    ["content-type", "user-agent", "clockify-webhook-event-type", "webhook-id", "x-request-id", "x-github-delivery"];
+const KEPT_HEADERS: [&str; 6] = [
+    "content-type",
+    "user-agent",
+    "clockify-webhook-event-type",
+    "webhook-id",
+    "x-request-id",
+    "x-github-delivery",
+];
 
 /// Why a verified request cannot become an event (answered 400).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -54,13 +60,22 @@ pub struct Classified {
 }
 
 /// Classifies a request that passed verification.
-pub fn classify(scheme: &Scheme, headers: &HeaderMap, raw: &[u8]) -> Result<Classified, ClassifyError> {
+pub fn classify(
+    scheme: &Scheme,
+    headers: &HeaderMap,
+    raw: &[u8],
+) -> Result<Classified, ClassifyError> {
     let body: serde_json::Value =
         serde_json::from_slice(raw).map_err(|e| ClassifyError::InvalidJson(e.to_string()))?;
     let visible: BTreeMap<String, String> = headers
         .iter()
         .filter(|(name, _)| !scheme.is_secret_header(name.as_str()))
-        .filter_map(|(name, value)| value.to_str().ok().map(|v| (name.as_str().to_owned(), v.to_owned())))
+        .filter_map(|(name, value)| {
+            value
+                .to_str()
+                .ok()
+                .map(|v| (name.as_str().to_owned(), v.to_owned()))
+        })
         .collect();
 
     let body_hash = || hex::encode(Sha256::digest(raw));
@@ -77,15 +92,25 @@ pub fn classify(scheme: &Scheme, headers: &HeaderMap, raw: &[u8]) -> Result<Clas
             (ty, key, vec![])
         }
         Scheme::Clockodo { .. } => {
-            let env: ClockodoEnvelope = serde_json::from_value(body.clone()).map_err(|e| ClassifyError::InvalidJson(e.to_string()))?;
+            let env: ClockodoEnvelope = serde_json::from_value(body.clone())
+                .map_err(|e| ClassifyError::InvalidJson(e.to_string()))?;
             let entity_id = env
                 .payload
                 .as_ref()
                 .and_then(|p| p.as_object())
                 .and_then(|o| o.iter().next())
-                .map(|(entity, v)| format!("{entity}:{}", v.get("id").map(|i| i.to_string()).unwrap_or_default()))
+                .map(|(entity, v)| {
+                    format!(
+                        "{entity}:{}",
+                        v.get("id").map(|i| i.to_string()).unwrap_or_default()
+                    )
+                })
                 .unwrap_or_default();
-            let sub = env.subscription_id.as_ref().map(|s| s.to_string()).unwrap_or_default();
+            let sub = env
+                .subscription_id
+                .as_ref()
+                .map(|s| s.to_string())
+                .unwrap_or_default();
             let key = match &env.occurred_at {
                 Some(at) => format!("clockodo:{sub}:{at}:{entity_id}"),
                 None => format!("clockodo:body:{}", body_hash()),
@@ -94,13 +119,27 @@ pub fn classify(scheme: &Scheme, headers: &HeaderMap, raw: &[u8]) -> Result<Clas
         }
         Scheme::Hmac(h) => {
             let ty = locate(&h.event, &visible, &body);
-            let key = h.id.as_ref().and_then(|l| locate(l, &visible, &body)).unwrap_or_else(body_hash);
-            (ty, format!("hmac:{key}"), locator_headers(&h.event, h.id.as_ref()))
+            let key =
+                h.id.as_ref()
+                    .and_then(|l| locate(l, &visible, &body))
+                    .unwrap_or_else(body_hash);
+            (
+                ty,
+                format!("hmac:{key}"),
+                locator_headers(&h.event, h.id.as_ref()),
+            )
         }
         Scheme::None { event, id } => {
             let ty = locate(event, &visible, &body);
-            let key = id.as_ref().and_then(|l| locate(l, &visible, &body)).unwrap_or_else(body_hash);
-            (ty, format!("none:{key}"), locator_headers(event, id.as_ref()))
+            let key = id
+                .as_ref()
+                .and_then(|l| locate(l, &visible, &body))
+                .unwrap_or_else(body_hash);
+            (
+                ty,
+                format!("none:{key}"),
+                locator_headers(event, id.as_ref()),
+            )
         }
     };
 
@@ -113,7 +152,9 @@ pub fn classify(scheme: &Scheme, headers: &HeaderMap, raw: &[u8]) -> Result<Clas
         return Err(ClassifyError::MissingEventType("empty"));
     }
     if event_type.len() > MAX_EVENT_TYPE_LEN
-        || !event_type.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':' | '/'))
+        || !event_type
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':' | '/'))
     {
         return Err(ClassifyError::InvalidEventType);
     }
@@ -122,7 +163,13 @@ pub fn classify(scheme: &Scheme, headers: &HeaderMap, raw: &[u8]) -> Result<Clas
         .filter(|(k, _)| KEPT_HEADERS.contains(&k.as_str()) || extra_kept.contains(&k.as_str()))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    Ok(Classified { event_type, body, headers: visible, kept_headers, dedup_key })
+    Ok(Classified {
+        event_type,
+        body,
+        headers: visible,
+        kept_headers,
+        dedup_key,
+    })
 }
 
 fn locator_headers<'a>(event: &'a Locator, id: Option<&'a Locator>) -> Vec<&'a str> {
@@ -137,7 +184,11 @@ fn locator_headers<'a>(event: &'a Locator, id: Option<&'a Locator>) -> Vec<&'a s
 }
 
 /// The string at a locator: a header value, or a JSON string/number at a pointer.
-fn locate(locator: &Locator, headers: &BTreeMap<String, String>, body: &serde_json::Value) -> Option<String> {
+fn locate(
+    locator: &Locator,
+    headers: &BTreeMap<String, String>,
+    body: &serde_json::Value,
+) -> Option<String> {
     match locator {
         Locator::Header(h) => headers.get(h).cloned(),
         Locator::Pointer(p) => match body.pointer(p)? {
@@ -154,7 +205,9 @@ mod tests {
     use crate::config::SecretString;
 
     fn clockify() -> Scheme {
-        Scheme::Clockify { secrets: vec![SecretString::new("s")] }
+        Scheme::Clockify {
+            secrets: vec![SecretString::new("s")],
+        }
     }
 
     #[test]
@@ -162,21 +215,39 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("clockify-signature", "s".parse().unwrap());
         h.insert("content-type", "application/json".parse().unwrap());
-        assert_eq!(classify(&clockify(), &h, b"{}").unwrap_err(), ClassifyError::MissingEventType("header clockify-webhook-event-type"));
-        h.insert("clockify-webhook-event-type", "NEW_TIME_ENTRY".parse().unwrap());
+        assert_eq!(
+            classify(&clockify(), &h, b"{}").unwrap_err(),
+            ClassifyError::MissingEventType("header clockify-webhook-event-type")
+        );
+        h.insert(
+            "clockify-webhook-event-type",
+            "NEW_TIME_ENTRY".parse().unwrap(),
+        );
         let c = classify(&clockify(), &h, br#"{"id":"1"}"#).unwrap();
         assert_eq!(c.event_type, "NEW_TIME_ENTRY");
         assert!(!c.headers.contains_key("clockify-signature"));
-        assert!(c.kept_headers.iter().all(|(k, _)| k != "clockify-signature"));
+        assert!(
+            c.kept_headers
+                .iter()
+                .all(|(k, _)| k != "clockify-signature")
+        );
         assert!(c.dedup_key.starts_with("clockify:"));
-        assert_eq!(classify(&clockify(), &h, b"{nope").unwrap_err().reason(), "invalid_json");
+        assert_eq!(
+            classify(&clockify(), &h, b"{nope").unwrap_err().reason(),
+            "invalid_json"
+        );
         h.insert("clockify-webhook-event-type", "BAD TYPE".parse().unwrap());
-        assert_eq!(classify(&clockify(), &h, b"{}").unwrap_err(), ClassifyError::InvalidEventType);
+        assert_eq!(
+            classify(&clockify(), &h, b"{}").unwrap_err(),
+            ClassifyError::InvalidEventType
+        );
     }
 
     #[test]
     fn clockodo_dedup_key_from_envelope() {
-        let scheme = Scheme::Clockodo { secrets: vec![SecretString::new("t")] };
+        let scheme = Scheme::Clockodo {
+            secrets: vec![SecretString::new("t")],
+        };
         let body = br#"{"subscription_id":42,"company_id":1337,"occurred_at":"2024-05-02T10:00:00Z","payload":{"entry":{"id":9001}},"event_name":"entry.created","token":"t"}"#;
         let c = classify(&scheme, &HeaderMap::new(), body).unwrap();
         assert_eq!(c.event_type, "entry.created");
@@ -185,12 +256,21 @@ mod tests {
 
     #[test]
     fn generic_pointer_and_header() {
-        let scheme = Scheme::None { event: Locator::Pointer("/event".into()), id: Some(Locator::Header("x-id".into())) };
+        let scheme = Scheme::None {
+            event: Locator::Pointer("/event".into()),
+            id: Some(Locator::Header("x-id".into())),
+        };
         let mut h = HeaderMap::new();
         h.insert("x-id", "abc".parse().unwrap());
         let c = classify(&scheme, &h, br#"{"event":"TIME_ENTRY_CREATED"}"#).unwrap();
-        assert_eq!((c.event_type.as_str(), c.dedup_key.as_str()), ("TIME_ENTRY_CREATED", "none:abc"));
+        assert_eq!(
+            (c.event_type.as_str(), c.dedup_key.as_str()),
+            ("TIME_ENTRY_CREATED", "none:abc")
+        );
         assert!(c.kept_headers.contains(&("x-id".into(), "abc".into())));
-        assert!(matches!(classify(&scheme, &h, br#"{"other":1}"#), Err(ClassifyError::MissingEventType(_))));
+        assert!(matches!(
+            classify(&scheme, &h, br#"{"other":1}"#),
+            Err(ClassifyError::MissingEventType(_))
+        ));
     }
 }

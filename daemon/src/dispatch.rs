@@ -51,10 +51,16 @@ impl Dispatcher {
         loop {
             let free = slots.available_permits();
             if free > 0 && !cancel.is_cancelled() {
-                match this.store.pending(&this.sink_id, cursor, free.min(FETCH_MAX)).await {
+                match this
+                    .store
+                    .pending(&this.sink_id, cursor, free.min(FETCH_MAX))
+                    .await
+                {
                     Ok(rows) if !rows.is_empty() => {
                         for row in rows {
-                            let Ok(permit) = Arc::clone(&slots).acquire_owned().await else { break };
+                            let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
+                                break;
+                            };
                             cursor = row.seq;
                             let (this, cancel) = (Arc::clone(&this), cancel.clone());
                             tasks.spawn(async move {
@@ -65,7 +71,9 @@ impl Dispatcher {
                         continue;
                     }
                     Ok(_) => {}
-                    Err(e) => tracing::error!(sink = %this.sink_id, error = %e, "cannot read pending deliveries"),
+                    Err(e) => {
+                        tracing::error!(sink = %this.sink_id, error = %e, "cannot read pending deliveries")
+                    }
                 }
             }
             tokio::select! {
@@ -95,15 +103,29 @@ impl Dispatcher {
                     tracing::warn!(sink = %self.sink_id, event = %row.event.id, attempts, %error, "delivery failed permanently; kept as dead");
                     (Outcome::Dead(error), None)
                 }
-                Err(SinkError::Retryable { message, retry_after }) => {
+                Err(SinkError::Retryable {
+                    message,
+                    retry_after,
+                }) => {
                     self.metrics.delivery(&self.sink_id, "retry", seconds);
-                    let delay = backoff(&self.retry, attempts).max(retry_after.unwrap_or_default().min(self.retry.max_backoff));
+                    let delay = backoff(&self.retry, attempts)
+                        .max(retry_after.unwrap_or_default().min(self.retry.max_backoff));
                     tracing::info!(sink = %self.sink_id, event = %row.event.id, attempts, error = %message, retry_in = ?delay, "delivery failed; will retry");
                     let next_attempt_ms = now_ms() + delay.as_millis() as i64;
-                    (Outcome::Retry { next_attempt_ms, error: message }, Some(delay))
+                    (
+                        Outcome::Retry {
+                            next_attempt_ms,
+                            error: message,
+                        },
+                        Some(delay),
+                    )
                 }
             };
-            if let Err(e) = self.store.record(row.seq, &self.sink_id, attempts, outcome).await {
+            if let Err(e) = self
+                .store
+                .record(row.seq, &self.sink_id, attempts, outcome)
+                .await
+            {
                 // The delivery stays pending in the spool and is attempted again after a restart.
                 tracing::error!(sink = %self.sink_id, event = %row.event.id, error = %e, "cannot record delivery outcome");
                 return;
@@ -121,7 +143,10 @@ impl Dispatcher {
 /// (half the initial backoff as a floor, so a retry never lands at once).
 pub fn backoff(policy: &RetryPolicy, attempt: u32) -> Duration {
     let exp = attempt.saturating_sub(1).min(32);
-    let ceiling = policy.initial_backoff.saturating_mul(1u32 << exp.min(31)).min(policy.max_backoff);
+    let ceiling = policy
+        .initial_backoff
+        .saturating_mul(1u32 << exp.min(31))
+        .min(policy.max_backoff);
     let floor = (policy.initial_backoff / 2).min(ceiling);
     if ceiling <= floor {
         return ceiling;
@@ -136,11 +161,15 @@ mod tests {
 
     #[test]
     fn backoff_grows_and_is_capped() {
-        let p = RetryPolicy { initial_backoff: Duration::from_secs(1), max_backoff: Duration::from_secs(60) };
+        let p = RetryPolicy {
+            initial_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(60),
+        };
         for attempt in 1..40 {
             let d = backoff(&p, attempt);
             assert!(d >= Duration::from_millis(500), "{attempt}: {d:?}");
-            let cap = Duration::from_secs(1u64 << (attempt - 1).min(20)).min(Duration::from_secs(60));
+            let cap =
+                Duration::from_secs(1u64 << (attempt - 1).min(20)).min(Duration::from_secs(60));
             assert!(d <= cap, "{attempt}: {d:?} > {cap:?}");
         }
     }

@@ -29,13 +29,23 @@ pub struct ConfigErrors {
 
 impl ConfigErrors {
     pub(crate) fn new(origin: Option<&Path>, text: &str) -> Self {
-        let file = origin.map(|p| p.display().to_string()).unwrap_or_else(|| "<config>".into());
-        ConfigErrors { file, text: text.to_owned(), errors: Vec::new() }
+        let file = origin
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "<config>".into());
+        ConfigErrors {
+            file,
+            text: text.to_owned(),
+            errors: Vec::new(),
+        }
     }
 
     pub(crate) fn single(origin: &Path, message: String) -> Self {
         let mut e = Self::new(Some(origin), "");
-        e.errors.push(ConfigError { position: None, key: String::new(), message });
+        e.errors.push(ConfigError {
+            position: None,
+            key: String::new(),
+            message,
+        });
         e
     }
 
@@ -45,12 +55,18 @@ impl ConfigErrors {
 
     /// True when an error was already reported at `key` or below it.
     pub(crate) fn mentions(&self, key: &str) -> bool {
-        self.errors.iter().any(|e| e.key == key || e.key.starts_with(&format!("{key}.")))
+        self.errors
+            .iter()
+            .any(|e| e.key == key || e.key.starts_with(&format!("{key}.")))
     }
 
     pub(crate) fn push_span(&mut self, span: Option<Range<usize>>, key: &str, message: String) {
         let position = span.map(|s| self.line_col(s.start));
-        self.errors.push(ConfigError { position, key: key.to_owned(), message });
+        self.errors.push(ConfigError {
+            position,
+            key: key.to_owned(),
+            message,
+        });
     }
 
     /// Records an error at `key`, placed at the nearest part of that key path found in the document.
@@ -68,8 +84,11 @@ impl ConfigErrors {
 }
 
 impl fmt::Display for ConfigErrors {
+    /// One line per problem, in file order.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, e) in self.errors.iter().enumerate() {
+        let mut sorted: Vec<&ConfigError> = self.errors.iter().collect();
+        sorted.sort_by_key(|e| e.position.unwrap_or((0, 0)));
+        for (i, e) in sorted.into_iter().enumerate() {
             if i > 0 {
                 writeln!(f)?;
             }
@@ -121,10 +140,18 @@ fn find_span(root: &DeTable<'_>, path: &str) -> Option<Range<usize>> {
     let mut array: Option<&[Spanned<DeValue<'_>>]> = None;
     for seg in segments(path) {
         let next = match (seg, table, array) {
-            (Segment::Key(k), Some(t), _) => t.iter().find(|(key, _)| key.get_ref() == k).map(|(key, v)| {
-                // Point at the key for scalars (the line a person looks for), at the value for tables.
-                if matches!(v.get_ref(), DeValue::Table(_) | DeValue::Array(_)) { (v.span(), v) } else { (key.span(), v) }
-            }),
+            (Segment::Key(k), Some(t), _) => {
+                t.iter()
+                    .find(|(key, _)| key.get_ref() == k)
+                    .map(|(key, v)| {
+                        // Point at the key for scalars (the line a person looks for), at the value for tables.
+                        if matches!(v.get_ref(), DeValue::Table(_) | DeValue::Array(_)) {
+                            (v.span(), v)
+                        } else {
+                            (key.span(), v)
+                        }
+                    })
+            }
             (Segment::Index(i), _, Some(a)) => a.get(i).map(|v| (v.span(), v)),
             _ => None,
         };

@@ -43,7 +43,10 @@ impl fmt::Display for SecretString {
 /// - `{ file = "path" }`: the contents of a file (trailing newline removed; relative to the config file);
 /// - `{ credential = "name" }`: a systemd credential, `$CREDENTIALS_DIRECTORY/name` (`LoadCredential=`).
 #[derive(Clone, Deserialize)]
-#[serde(untagged, expecting = "a secret: a string (\"${ENV_VAR}\" expands), or a table { env = \"NAME\" }, { file = \"path\" } or { credential = \"name\" }")]
+#[serde(
+    untagged,
+    expecting = "a secret: a string (\"${ENV_VAR}\" expands), or a table { env = \"NAME\" }, { file = \"path\" } or { credential = \"name\" }"
+)]
 pub enum SecretSpec {
     /// Inline text, with `${NAME}` expansion.
     Text(String),
@@ -94,9 +97,9 @@ impl SecretSpec {
         let value = match self {
             SecretSpec::Text(text) => expand(text, env)?,
             SecretSpec::From(from) => match (&from.env, &from.file, &from.credential) {
-                (Some(name), None, None) => {
-                    env.var(name).ok_or_else(|| format!("environment variable {name} is not set"))?
-                }
+                (Some(name), None, None) => env
+                    .var(name)
+                    .ok_or_else(|| format!("environment variable {name} is not set"))?,
                 (None, Some(path), None) => read_secret_file(&base.join(path))?,
                 (None, None, Some(name)) => {
                     let dir = env.var("CREDENTIALS_DIRECTORY").ok_or_else(|| {
@@ -107,7 +110,11 @@ impl SecretSpec {
                     }
                     read_secret_file(&Path::new(&dir).join(name))?
                 }
-                _ => return Err("a secret table takes exactly one of `env`, `file`, `credential`".into()),
+                _ => {
+                    return Err(
+                        "a secret table takes exactly one of `env`, `file`, `credential`".into(),
+                    );
+                }
             },
         };
         if value.is_empty() {
@@ -118,7 +125,8 @@ impl SecretSpec {
 }
 
 fn read_secret_file(path: &Path) -> Result<String, String> {
-    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read secret file {}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read secret file {}: {e}", path.display()))?;
     Ok(text.trim_end_matches(['\n', '\r']).to_owned())
 }
 
@@ -137,9 +145,14 @@ fn expand(text: &str, env: &dyn Env) -> Result<String, String> {
             let end = tail.find('}').ok_or("unterminated ${...} in secret")?;
             let name = &tail[..end];
             if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                return Err(format!("invalid environment variable name {name:?} in ${{...}}"));
+                return Err(format!(
+                    "invalid environment variable name {name:?} in ${{...}}"
+                ));
             }
-            out.push_str(&env.var(name).ok_or_else(|| format!("environment variable {name} is not set"))?);
+            out.push_str(
+                &env.var(name)
+                    .ok_or_else(|| format!("environment variable {name} is not set"))?,
+            );
             rest = &tail[end + 1..];
         } else {
             out.push('$');
@@ -170,23 +183,49 @@ mod tests {
     fn expands_environment_variables() {
         let base = Path::new(".");
         let spec = SecretSpec::Text("Bearer ${TOKEN}".into());
-        assert_eq!(spec.resolve(base, &env()).map(|s| s.expose().to_owned()), Ok("Bearer s3cr3t".into()));
+        assert_eq!(
+            spec.resolve(base, &env()).map(|s| s.expose().to_owned()),
+            Ok("Bearer s3cr3t".into())
+        );
         let spec = SecretSpec::Text("a$$b$c".into());
-        assert_eq!(spec.resolve(base, &env()).map(|s| s.expose().to_owned()), Ok("a$b$c".into()));
+        assert_eq!(
+            spec.resolve(base, &env()).map(|s| s.expose().to_owned()),
+            Ok("a$b$c".into())
+        );
         let spec = SecretSpec::Text("${MISSING}".into());
-        assert_eq!(spec.resolve(base, &env()).err(), Some("environment variable MISSING is not set".into()));
+        assert_eq!(
+            spec.resolve(base, &env()).err(),
+            Some("environment variable MISSING is not set".into())
+        );
     }
 
     #[test]
     fn reads_files_and_credentials() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("s"), "from-file\n").unwrap();
-        let spec = SecretSpec::From(SecretFrom { env: None, file: Some("s".into()), credential: None });
-        assert_eq!(spec.resolve(dir.path(), &env()).unwrap().expose(), "from-file");
+        let spec = SecretSpec::From(SecretFrom {
+            env: None,
+            file: Some("s".into()),
+            credential: None,
+        });
+        assert_eq!(
+            spec.resolve(dir.path(), &env()).unwrap().expose(),
+            "from-file"
+        );
         let mut e = env();
-        e.0.insert("CREDENTIALS_DIRECTORY".into(), dir.path().display().to_string());
-        let spec = SecretSpec::From(SecretFrom { env: None, file: None, credential: Some("s".into()) });
-        assert_eq!(spec.resolve(Path::new("/"), &e).unwrap().expose(), "from-file");
+        e.0.insert(
+            "CREDENTIALS_DIRECTORY".into(),
+            dir.path().display().to_string(),
+        );
+        let spec = SecretSpec::From(SecretFrom {
+            env: None,
+            file: None,
+            credential: Some("s".into()),
+        });
+        assert_eq!(
+            spec.resolve(Path::new("/"), &e).unwrap().expose(),
+            "from-file"
+        );
     }
 
     #[test]

@@ -15,12 +15,34 @@ use crate::limits::{GROUP_COMMIT_MAX, HANDSHAKES_KEPT};
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
 pub(super) enum Op {
-    Insert { event: Event, sinks: Vec<String>, reply: Reply<i64> },
-    Record { seq: i64, sink: String, attempts: u32, outcome: Outcome, reply: Reply<()> },
-    Handshake { source: String, secret: String, received_at_ms: i64, reply: Reply<()> },
-    Ping { reply: Reply<()> },
-    Prune { before_ms: i64, reply: Reply<u64> },
-    Shutdown { reply: oneshot::Sender<()> },
+    Insert {
+        event: Event,
+        sinks: Vec<String>,
+        reply: Reply<i64>,
+    },
+    Record {
+        seq: i64,
+        sink: String,
+        attempts: u32,
+        outcome: Outcome,
+        reply: Reply<()>,
+    },
+    Handshake {
+        source: String,
+        secret: String,
+        received_at_ms: i64,
+        reply: Reply<()>,
+    },
+    Ping {
+        reply: Reply<()>,
+    },
+    Prune {
+        before_ms: i64,
+        reply: Reply<u64>,
+    },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
 }
 
 /// What an applied operation changes in the gauges once committed, and how to answer it.
@@ -40,7 +62,9 @@ struct Delta {
 pub(super) fn run(mut conn: Connection, mut rx: mpsc::Receiver<Op>, gauges: Arc<SpoolGauges>) {
     let mut shutdown: Option<oneshot::Sender<()>> = None;
     while shutdown.is_none() {
-        let Some(first) = rx.blocking_recv() else { break };
+        let Some(first) = rx.blocking_recv() else {
+            break;
+        };
         let mut batch = vec![first];
         while batch.len() < GROUP_COMMIT_MAX {
             match rx.try_recv() {
@@ -55,7 +79,11 @@ pub(super) fn run(mut conn: Connection, mut rx: mpsc::Receiver<Op>, gauges: Arc<
             for op in batch {
                 match op {
                     Op::Shutdown { reply } => shutdown = Some(reply),
-                    Op::Insert { event, sinks, reply } => {
+                    Op::Insert {
+                        event,
+                        sinks,
+                        reply,
+                    } => {
                         let r = insert(&tx, &event, &sinks);
                         if r.is_ok() && !sinks.is_empty() {
                             delta.events += 1;
@@ -64,11 +92,22 @@ pub(super) fn run(mut conn: Connection, mut rx: mpsc::Receiver<Op>, gauges: Arc<
                         }
                         done.push(Done::Seq(reply, r.map_err(StoreError::from)));
                     }
-                    Op::Record { seq, sink, attempts, outcome, reply } => {
+                    Op::Record {
+                        seq,
+                        sink,
+                        attempts,
+                        outcome,
+                        reply,
+                    } => {
                         let r = record(&tx, seq, &sink, attempts, &outcome, &mut delta);
                         done.push(Done::Unit(reply, r.map_err(StoreError::from)));
                     }
-                    Op::Handshake { source, secret, received_at_ms, reply } => {
+                    Op::Handshake {
+                        source,
+                        secret,
+                        received_at_ms,
+                        reply,
+                    } => {
                         let r = handshake(&tx, &source, &secret, received_at_ms);
                         done.push(Done::Unit(reply, r.map_err(StoreError::from)));
                     }
@@ -104,7 +143,8 @@ pub(super) fn run(mut conn: Connection, mut rx: mpsc::Receiver<Op>, gauges: Arc<
                 tracing::error!(error = %e, "spool commit failed; the batch's webhooks get 503");
                 let msg = e.to_string();
                 for d in done {
-                    let err = || StoreError::Sqlite(rusqlite::Error::InvalidParameterName(msg.clone()));
+                    let err =
+                        || StoreError::Sqlite(rusqlite::Error::InvalidParameterName(msg.clone()));
                     match d {
                         Done::Seq(reply, _) => drop(reply.send(Err(err()))),
                         Done::Unit(reply, _) => drop(reply.send(Err(err()))),
@@ -127,7 +167,9 @@ fn apply(g: &SpoolGauges, d: &Delta) {
         if v >= 0 {
             a.fetch_add(v as u64, Ordering::Relaxed);
         } else {
-            let _ = a.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |x| Some(x.saturating_sub(v.unsigned_abs())));
+            let _ = a.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |x| {
+                Some(x.saturating_sub(v.unsigned_abs()))
+            });
         }
     }
     add(&g.pending_events, d.events);
@@ -135,7 +177,11 @@ fn apply(g: &SpoolGauges, d: &Delta) {
     add(&g.pending_deliveries, d.deliveries);
 }
 
-fn insert(tx: &rusqlite::Transaction<'_>, e: &Event, sinks: &[String]) -> Result<i64, rusqlite::Error> {
+fn insert(
+    tx: &rusqlite::Transaction<'_>,
+    e: &Event,
+    sinks: &[String],
+) -> Result<i64, rusqlite::Error> {
     let headers = serde_json::to_string(&e.headers).unwrap_or_else(|_| "[]".into());
     tx.prepare_cached(
         "INSERT INTO events (id, source, event_type, received_at, headers, body, dedup_key, remaining)
@@ -164,7 +210,10 @@ fn record(
     let (status, next, error) = match outcome {
         Outcome::Delivered => ("delivered", None, None),
         Outcome::Dead(e) => ("dead", None, Some(e.as_str())),
-        Outcome::Retry { next_attempt_ms, error } => ("pending", Some(*next_attempt_ms), Some(error.as_str())),
+        Outcome::Retry {
+            next_attempt_ms,
+            error,
+        } => ("pending", Some(*next_attempt_ms), Some(error.as_str())),
     };
     let changed = tx.prepare_cached(
         "UPDATE deliveries SET status = ?1, attempts = ?2, next_attempt_at = ?3, last_error = coalesce(?4, last_error), updated_at = ?5
@@ -185,8 +234,16 @@ fn record(
     Ok(())
 }
 
-fn handshake(tx: &rusqlite::Transaction<'_>, source: &str, secret: &str, at: i64) -> Result<(), rusqlite::Error> {
-    tx.execute("INSERT INTO handshakes (source, secret, received_at) VALUES (?1, ?2, ?3)", params![source, secret, at])?;
+fn handshake(
+    tx: &rusqlite::Transaction<'_>,
+    source: &str,
+    secret: &str,
+    at: i64,
+) -> Result<(), rusqlite::Error> {
+    tx.execute(
+        "INSERT INTO handshakes (source, secret, received_at) VALUES (?1, ?2, ?3)",
+        params![source, secret, at],
+    )?;
     tx.execute(
         "DELETE FROM handshakes WHERE source = ?1 AND id NOT IN
            (SELECT id FROM handshakes WHERE source = ?1 ORDER BY id DESC LIMIT ?2)",
@@ -200,7 +257,10 @@ fn prune(tx: &rusqlite::Transaction<'_>, before_ms: i64) -> Result<u64, rusqlite
         "DELETE FROM deliveries WHERE event_seq IN (SELECT seq FROM events WHERE received_at < ?1 AND remaining = 0)",
         [before_ms],
     )?;
-    let n = tx.execute("DELETE FROM events WHERE received_at < ?1 AND remaining = 0", [before_ms])?;
+    let n = tx.execute(
+        "DELETE FROM events WHERE received_at < ?1 AND remaining = 0",
+        [before_ms],
+    )?;
     tx.execute("DELETE FROM handshakes WHERE received_at < ?1", [before_ms])?;
     Ok(n as u64)
 }

@@ -1,0 +1,264 @@
+//! Test helpers: a recording HTTP receiver, a bridge started from TOML text, requests and polling.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::post;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// Path of a fixture under `tests/fixtures`.
+pub fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(rel)
+}
+
+pub fn read_fixture(rel: &str) -> Vec<u8> {
+    std::fs::read(fixture(rel)).unwrap()
+}
+
+/// The `hookbridge` binary built for these tests.
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_hookbridge")
+}
+
+/// One request the receiver saw.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+#[derive(Clone)]
+struct ReceiverState {
+    seen: Arc<Mutex<Vec<Received>>>,
+    status: Arc<Mutex<u16>>,
+}
+
+/// An HTTP server that records every POST and answers with a configurable status.
+pub struct Receiver {
+    pub addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Received>>>,
+    status: Arc<Mutex<u16>>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Receiver {
+    pub async fn start() -> Receiver {
+        Self::start_on(TcpListener::bind("127.0.0.1:0").await.unwrap()).await
+    }
+
+    pub async fn start_on(listener: TcpListener) -> Receiver {
+        let addr = listener.local_addr().unwrap();
+        let state = ReceiverState {
+            seen: Arc::default(),
+            status: Arc::new(Mutex::new(200)),
+        };
+        let app = Router::new()
+            .route(
+                "/{*path}",
+                post(
+                    |State(s): State<ReceiverState>, headers: HeaderMap, body: Bytes| async move {
+                        let status = *s.status.lock().unwrap();
+                        if (200..300).contains(&status) {
+                            s.seen.lock().unwrap().push(Received { headers, body });
+                        }
+                        StatusCode::from_u16(status).unwrap()
+                    },
+                ),
+            )
+            .with_state(state.clone());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+        });
+        Receiver {
+            addr,
+            seen: state.seen,
+            status: state.status,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/in", self.addr)
+    }
+
+    /// Answer every later request with `status` (and record only 2xx ones).
+    pub fn answer(&self, status: u16) {
+        *self.status.lock().unwrap() = status;
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    /// Waits until at least `n` requests arrived, or panics after `timeout`.
+    pub async fn wait_for(&self, n: usize, timeout: Duration) -> Vec<Received> {
+        let got = poll_until(timeout, || {
+            let seen = self.received();
+            (seen.len() >= n).then_some(seen)
+        })
+        .await;
+        got.unwrap_or_else(|| panic!("expected {n} deliveries, got {}", self.received().len()))
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Polls `f` every 20 ms until it returns `Some`, or `None` after `timeout`.
+pub async fn poll_until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A bridge started in-process from TOML text, served on a loopback port.
+pub struct TestBridge {
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl TestBridge {
+    /// `toml` may use `{dir}` for the test's temporary folder.
+    pub async fn start(toml: &str) -> TestBridge {
+        let dir = tempfile::tempdir().unwrap();
+        let text = toml.replace("{dir}", &dir.path().display().to_string());
+        let config =
+            hookbridge::Config::parse(&text, None, dir.path(), &hookbridge::config::ProcessEnv)
+                .unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
+        let bridge = hookbridge::Bridge::start(config).await.unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            bridge
+                .serve(listener, async {
+                    let _ = stopped.await;
+                })
+                .await
+                .unwrap();
+        });
+        TestBridge {
+            addr,
+            dir,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub async fn post(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<reqwest::Body>,
+    ) -> (u16, String) {
+        let mut req = client().post(self.url(path)).body(body);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let r = req.send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.text().await.unwrap())
+    }
+
+    pub async fn metrics(&self) -> String {
+        client()
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// Polls `/metrics` until `name_and_labels` is at least `at_least`; returns the metrics text.
+    pub async fn wait_metric(&self, name_and_labels: &str, at_least: f64) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let m = self.metrics().await;
+            if metric(&m, name_and_labels) >= at_least {
+                return m;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name_and_labels} never reached {at_least}:\n{m}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops the server and the bridge (graceful shutdown), waiting for it.
+    pub async fn stop(mut self) -> tempfile::TempDir {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            t.await.unwrap();
+        }
+        std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
+    }
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
+/// The value of a metric line `name{labels} value`, or 0 when absent.
+pub fn metric(text: &str, name_and_labels: &str) -> f64 {
+    text.lines()
+        .find_map(|l| {
+            l.strip_prefix(name_and_labels)
+                .and_then(|rest| rest.trim().parse().ok())
+        })
+        .unwrap_or(0.0)
+}
+
+/// Clockify request headers for `event`, signed with `secret`.
+pub fn clockify_headers<'a>(secret: &'a str, event: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("clockify-signature", secret),
+        ("clockify-webhook-event-type", event),
+        ("content-type", "application/json"),
+        ("user-agent", "Vert.x-WebClient/4.2.5"),
+    ]
+}

@@ -1,0 +1,170 @@
+//! Crash safety against the real binary: under concurrent load the daemon is killed with SIGKILL and
+//! started again; every request that got a 2xx is delivered at least once. Then SIGTERM stops it cleanly.
+
+use std::collections::HashSet;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+const SECRET: &str = "crash-test-secret";
+
+fn spawn(config: &std::path::Path, log: &std::path::Path) -> Child {
+    let log = std::fs::File::create(log).unwrap();
+    Command::new(binary())
+        .args(["run", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()
+}
+
+async fn wait_healthy(url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !client()
+        .get(url)
+        .send()
+        .await
+        .map(|r| r.status().is_success())
+        .unwrap_or(false)
+    {
+        assert!(Instant::now() < deadline, "daemon did not become healthy");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_acknowledged_event_survives_sigkill() {
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let config = dir.path().join("hookbridge.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[server]
+listen = "127.0.0.1:{port}"
+[storage]
+data_dir = "data"
+[sources.clockify]
+kind = "clockify"
+secrets = ["{SECRET}"]
+[sinks.out]
+kind = "http"
+url = "{url}"
+max_in_flight = 16
+retry = {{ initial_backoff = "50ms", max_backoff = "500ms" }}
+[[routes]]
+name = "all"
+to = ["out"]
+"#,
+            url = receiver.url()
+        ),
+    )
+    .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut child = spawn(&config, &dir.path().join("run1.log"));
+    wait_healthy(&format!("{base}/healthz")).await;
+
+    let acked: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let sent: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let template = String::from_utf8(read_fixture("clockify/NEW_TIME_ENTRY.json")).unwrap();
+    let mut tasks = Vec::new();
+    for worker in 0..16 {
+        let (acked, sent, base, template) =
+            (acked.clone(), sent.clone(), base.clone(), template.clone());
+        tasks.push(tokio::spawn(async move {
+            let client = client();
+            for i in 0..400 {
+                let id = format!("w{worker}-{i}");
+                let body = template.replacen(
+                    "\"description\": \"Test\"",
+                    &format!("\"description\": \"{id}\""),
+                    1,
+                );
+                sent.lock().unwrap().insert(id.clone());
+                let r = client
+                    .post(format!("{base}/hooks/clockify"))
+                    .header("clockify-signature", SECRET)
+                    .header("clockify-webhook-event-type", "NEW_TIME_ENTRY")
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await;
+                match r {
+                    Ok(r) if r.status().is_success() => {
+                        acked.lock().unwrap().insert(id);
+                    }
+                    Ok(_) => {}
+                    Err(_) => return, // the daemon is gone
+                }
+            }
+        }));
+    }
+    // Kill it mid-load.
+    poll_until(Duration::from_secs(60), || {
+        (acked.lock().unwrap().len() >= 300).then_some(())
+    })
+    .await
+    .expect("load started");
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    let sent = sent.lock().unwrap().clone();
+    assert!(acked.len() >= 300);
+
+    // Start again on the same spool: everything acknowledged arrives.
+    let mut child = spawn(&config, &dir.path().join("run2.log"));
+    wait_healthy(&format!("{base}/healthz")).await;
+    let description = |r: &Received| -> String {
+        serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()["description"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let delivered = poll_until(Duration::from_secs(90), || {
+        let got: HashSet<String> = receiver.received().iter().map(description).collect();
+        acked.is_subset(&got).then_some(got)
+    })
+    .await;
+    let got: HashSet<String> = receiver.received().iter().map(description).collect();
+    let missing: Vec<&String> = acked.difference(&got).take(10).collect();
+    assert!(
+        delivered.is_some(),
+        "{} acknowledged events never delivered, e.g. {missing:?}",
+        acked.difference(&got).count()
+    );
+    assert!(
+        got.is_subset(&sent),
+        "only events that were sent are delivered"
+    );
+
+    // SIGTERM: a clean exit.
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let exit = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "no exit after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(exit.success(), "exit after SIGTERM: {exit:?}");
+    let log = std::fs::read_to_string(dir.path().join("run2.log")).unwrap();
+    assert!(!log.contains(SECRET), "a secret reached the log");
+    receiver.stop().await;
+}

@@ -1,0 +1,101 @@
+//! The README's quick start, as a new user runs it: the daemon on `config/quickstart.toml`, then
+//! `hookbridge send` with a fixture, then the event in the file sink.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+#[tokio::test]
+async fn quickstart_config_send_and_file_sink() {
+    let repo = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+    let dir = tempfile::tempdir().unwrap();
+    let config_dir = dir.path().join("config");
+    std::fs::create_dir(&config_dir).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let text = std::fs::read_to_string(repo.join("config/quickstart.toml")).unwrap();
+    assert!(text.contains("listen = \"127.0.0.1:8080\""));
+    let text = text.replace("127.0.0.1:8080", &format!("127.0.0.1:{port}"));
+    std::fs::write(config_dir.join("quickstart.toml"), text).unwrap();
+    std::fs::copy(
+        repo.join("config/quickstart.secret"),
+        config_dir.join("quickstart.secret"),
+    )
+    .unwrap();
+    let config = config_dir.join("quickstart.toml");
+
+    let mut daemon = Command::new(binary())
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ready = client()
+            .get(format!("http://127.0.0.1:{port}/readyz"))
+            .send()
+            .await;
+        if ready.map(|r| r.status().is_success()).unwrap_or(false) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "quick-start daemon not ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let out = Command::new(binary())
+        .args(["send", "--config"])
+        .arg(&config)
+        .args(["--source", "clockify", "--event", "NEW_TIME_ENTRY"])
+        .arg(fixture("clockify/NEW_TIME_ENTRY.json"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "send failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("-> 200"), "{stdout}");
+
+    let events = dir.path().join("data/quickstart/events.jsonl");
+    let line = poll_until(Duration::from_secs(20), || {
+        std::fs::read_to_string(&events)
+            .ok()
+            .filter(|t| !t.is_empty())
+    })
+    .await;
+    let line = line.expect("the event reached the file sink");
+    let v: serde_json::Value = serde_json::from_str(line.lines().next().unwrap()).unwrap();
+    assert_eq!(v["type"], "NEW_TIME_ENTRY");
+    assert_eq!(v["source"], "clockify");
+    assert_eq!(v["body"]["id"], "68453d0cf0c88d522704ab76");
+    assert_eq!(line.lines().count(), 1);
+
+    // A wrong secret is refused by the daemon, and `send` says so with a non-zero exit.
+    let bad = config_dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        std::fs::read_to_string(&config)
+            .unwrap()
+            .replace("{ file = \"quickstart.secret\" }", "\"wrong\""),
+    )
+    .unwrap();
+    let out = Command::new(binary())
+        .args(["send", "--config"])
+        .arg(&bad)
+        .args(["--source", "clockify", "--event", "NEW_TIME_ENTRY"])
+        .arg(fixture("clockify/NEW_TIME_ENTRY.json"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("-> 401"));
+
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+}

@@ -1,0 +1,468 @@
+//! Every verification scheme end to end: valid requests reach the HTTP sink byte for byte with CloudEvents
+//! headers; bad ones get the precise status and reach nothing.
+
+use std::time::Duration;
+
+use hmac::{Hmac, Mac};
+use sha2::{Sha256, Sha512};
+
+use crate::common::*;
+
+const CLOCKIFY_SECRET: &str = "YC6Je9nBl50faeycgNIAqlztlAwpGAAi";
+
+fn config(receiver: &Receiver) -> String {
+    format!(
+        r#"
+[server]
+max_body_size = "4KiB"
+[storage]
+data_dir = "{{dir}}/data"
+[sources.clockify]
+kind = "clockify"
+secrets = ["old-secret-being-rotated-out", "{CLOCKIFY_SECRET}"]
+[sources.clockodo]
+kind = "clockodo"
+path = "/clockodo/webhook"
+secrets = ["My_Sup3r_T0k3n"]
+[sources.github]
+kind = "hmac"
+header = "X-Hub-Signature-256"
+prefix = "sha256="
+secrets = ["gh-secret"]
+event_header = "X-GitHub-Event"
+[sources.community]
+kind = "hmac"
+header = "clockify-webhook-signature"
+prefix = "sha256="
+encoding = "base64"
+algorithm = "sha512"
+secrets = ["community-secret"]
+event_pointer = "/event"
+[sources.open]
+kind = "none"
+event_header = "x-event"
+[sinks.out]
+kind = "http"
+url = "{url}"
+timeout = "5s"
+[[routes]]
+name = "all"
+to = ["out"]
+"#,
+        url = receiver.url()
+    )
+}
+
+fn hmac256_hex(key: &str, body: &[u8]) -> String {
+    let mut m = Hmac::<Sha256>::new_from_slice(key.as_bytes()).unwrap();
+    m.update(body);
+    hex::encode(m.finalize().into_bytes())
+}
+
+fn hmac512_b64(key: &str, body: &[u8]) -> String {
+    use base64::Engine;
+    let mut m = Hmac::<Sha512>::new_from_slice(key.as_bytes()).unwrap();
+    m.update(body);
+    base64::engine::general_purpose::STANDARD.encode(m.finalize().into_bytes())
+}
+
+fn header<'a>(r: &'a Received, name: &str) -> &'a str {
+    r.headers
+        .get(name)
+        .map(|v| v.to_str().unwrap())
+        .unwrap_or("")
+}
+
+#[tokio::test]
+async fn valid_requests_of_every_scheme_are_delivered_byte_for_byte() {
+    let receiver = Receiver::start().await;
+    let bridge = TestBridge::start(&config(&receiver)).await;
+
+    // Clockify: the byte-exact captured TIMER_STOPPED request, signed with the second (rotated-in) secret.
+    let captured = read_fixture("captured/TIMER_STOPPED__jpweijers-odoo-clockify.json");
+    assert_eq!(captured.len(), 1317);
+    let (status, body) = bridge
+        .post(
+            "/hooks/clockify",
+            &clockify_headers(CLOCKIFY_SECRET, "TIMER_STOPPED"),
+            captured.clone(),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["status"], "accepted");
+    let clockify_id = answer["id"].as_str().unwrap().to_owned();
+
+    // Clockodo on its configured path.
+    let clockodo = read_fixture("clockodo/entry.created.json");
+    let (status, _) = bridge
+        .post(
+            "/clockodo/webhook",
+            &[("content-type", "application/json")],
+            clockodo.clone(),
+        )
+        .await;
+    assert_eq!(status, 200);
+
+    // Generic HMAC, GitHub style (hex, SHA-256, event in a header).
+    let gh_body = br#"{"action":"opened","number":42}"#.to_vec();
+    let sig = format!("sha256={}", hmac256_hex("gh-secret", &gh_body));
+    let (status, _) = bridge
+        .post(
+            "/hooks/github",
+            &[
+                ("x-hub-signature-256", &sig),
+                ("x-github-event", "pull_request"),
+            ],
+            gh_body.clone(),
+        )
+        .await;
+    assert_eq!(status, 200);
+
+    // Generic HMAC, the community boilerplate's header with base64 SHA-512 and the event in the body.
+    let community = br#"{"event":"TIME_ENTRY_CREATED","timeEntry":{"id":"abc"}}"#.to_vec();
+    let sig = format!("sha256={}", hmac512_b64("community-secret", &community));
+    let (status, _) = bridge
+        .post(
+            "/hooks/community",
+            &[("clockify-webhook-signature", &sig)],
+            community.clone(),
+        )
+        .await;
+    assert_eq!(status, 200);
+
+    // none.
+    let open = br#"{"hello":"world"}"#.to_vec();
+    let (status, _) = bridge
+        .post("/hooks/open", &[("x-event", "ping")], open.clone())
+        .await;
+    assert_eq!(status, 200);
+
+    let got = receiver.wait_for(5, Duration::from_secs(20)).await;
+    let find = |source: &str| {
+        got.iter()
+            .find(|r| header(r, "ce-source") == source)
+            .unwrap_or_else(|| panic!("nothing from {source}"))
+    };
+    let c = find("clockify");
+    assert_eq!(
+        c.body.as_ref(),
+        captured.as_slice(),
+        "clockify body must be byte-identical"
+    );
+    assert_eq!(header(c, "ce-type"), "TIMER_STOPPED");
+    assert_eq!(header(c, "ce-id"), clockify_id);
+    assert_eq!(header(c, "ce-specversion"), "1.0");
+    assert_eq!(header(c, "content-type"), "application/json");
+    assert!(header(c, "ce-time").ends_with('Z'));
+    assert!(
+        c.headers.get("clockify-signature").is_none(),
+        "the signing secret must not be forwarded"
+    );
+    let k = find("clockodo");
+    assert_eq!(k.body.as_ref(), clockodo.as_slice());
+    assert_eq!(header(k, "ce-type"), "entry.created");
+    assert_eq!(find("github").body.as_ref(), gh_body.as_slice());
+    assert_eq!(header(find("github"), "ce-type"), "pull_request");
+    assert_eq!(header(find("community"), "ce-type"), "TIME_ENTRY_CREATED");
+    assert_eq!(find("open").body.as_ref(), open.as_slice());
+    // Exactly these five, nothing else.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(receiver.received().len(), 5);
+    bridge.stop().await;
+    receiver.stop().await;
+}
+
+#[tokio::test]
+async fn bad_requests_get_precise_statuses_and_deliver_nothing() {
+    let receiver = Receiver::start().await;
+    let bridge = TestBridge::start(&config(&receiver)).await;
+    let body = read_fixture("clockify/NEW_TIME_ENTRY.json");
+
+    // Wrong secret, missing signature, empty signature.
+    let (s, text) = bridge
+        .post(
+            "/hooks/clockify",
+            &clockify_headers("wrong", "NEW_TIME_ENTRY"),
+            body.clone(),
+        )
+        .await;
+    assert_eq!(s, 401);
+    assert!(
+        !text.contains("wrong"),
+        "the answer must not echo credentials"
+    );
+    let (s, _) = bridge
+        .post(
+            "/hooks/clockify",
+            &[("clockify-webhook-event-type", "NEW_TIME_ENTRY")],
+            body.clone(),
+        )
+        .await;
+    assert_eq!(s, 401);
+    // Missing event type, invalid JSON (both with a valid signature).
+    let (s, text) = bridge
+        .post(
+            "/hooks/clockify",
+            &[("clockify-signature", CLOCKIFY_SECRET)],
+            body.clone(),
+        )
+        .await;
+    assert_eq!(s, 400);
+    assert!(text.contains("missing event type"), "{text}");
+    let (s, _) = bridge
+        .post(
+            "/hooks/clockify",
+            &clockify_headers(CLOCKIFY_SECRET, "NEW_TIME_ENTRY"),
+            "{not json",
+        )
+        .await;
+    assert_eq!(s, 400);
+    // Oversize (declared and streamed without a length).
+    let big = vec![b' '; 8 * 1024];
+    let (s, _) = bridge
+        .post(
+            "/hooks/clockify",
+            &clockify_headers(CLOCKIFY_SECRET, "NEW_TIME_ENTRY"),
+            big.clone(),
+        )
+        .await;
+    assert_eq!(s, 413);
+    let s = post_chunked(
+        bridge.addr,
+        "/hooks/clockify",
+        &clockify_headers(CLOCKIFY_SECRET, "NEW_TIME_ENTRY"),
+        &big,
+    )
+    .await;
+    assert_eq!(s, 413);
+    // Unknown source, wrong method.
+    let (s, _) = bridge
+        .post(
+            "/hooks/nope",
+            &clockify_headers(CLOCKIFY_SECRET, "NEW_TIME_ENTRY"),
+            body.clone(),
+        )
+        .await;
+    assert_eq!(s, 404);
+    let r = client()
+        .get(bridge.url("/hooks/clockify"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 405);
+    assert_eq!(r.headers()["allow"], "POST");
+
+    // Clockodo: wrong token, no token, no event_name.
+    let (s, _) = bridge
+        .post(
+            "/clockodo/webhook",
+            &[],
+            r#"{"event_name":"entry.created","token":"nope"}"#,
+        )
+        .await;
+    assert_eq!(s, 401);
+    let (s, _) = bridge
+        .post(
+            "/clockodo/webhook",
+            &[],
+            r#"{"event_name":"entry.created"}"#,
+        )
+        .await;
+    assert_eq!(s, 401);
+    let (s, _) = bridge
+        .post("/clockodo/webhook", &[], r#"{"token":"My_Sup3r_T0k3n"}"#)
+        .await;
+    assert_eq!(s, 400);
+    // HMAC: signature over another body, malformed signature, wrong secret.
+    let gh = br#"{"a":1}"#;
+    let sig = format!("sha256={}", hmac256_hex("gh-secret", b"other"));
+    let (s, _) = bridge
+        .post(
+            "/hooks/github",
+            &[("x-hub-signature-256", &sig), ("x-github-event", "push")],
+            gh.to_vec(),
+        )
+        .await;
+    assert_eq!(s, 401);
+    let (s, _) = bridge
+        .post(
+            "/hooks/github",
+            &[
+                ("x-hub-signature-256", "sha1=00"),
+                ("x-github-event", "push"),
+            ],
+            gh.to_vec(),
+        )
+        .await;
+    assert_eq!(s, 401);
+    let sig = format!("sha256={}", hmac256_hex("not-the-secret", gh));
+    let (s, _) = bridge
+        .post(
+            "/hooks/github",
+            &[("x-hub-signature-256", &sig), ("x-github-event", "push")],
+            gh.to_vec(),
+        )
+        .await;
+    assert_eq!(s, 401);
+    let (s, _) = bridge
+        .post("/hooks/github", &[("x-github-event", "push")], gh.to_vec())
+        .await;
+    assert_eq!(s, 401);
+
+    let m = bridge.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            r#"hookbridge_rejections_total{reason="bad_signature",source="clockify"}"#
+        ),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"hookbridge_rejections_total{reason="missing_signature",source="clockify"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"hookbridge_rejections_total{reason="missing_event_type",source="clockify"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"hookbridge_rejections_total{reason="invalid_json",source="clockify"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"hookbridge_rejections_total{reason="body_too_large",source="clockify"}"#
+        ),
+        2.0
+    );
+    assert_eq!(
+        metric(
+            &m,
+            r#"hookbridge_rejections_total{reason="malformed_signature",source="github"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(&m, r#"hookbridge_requests_total{source="-",status="404"}"#),
+        1.0
+    );
+
+    // Nothing reached the sink, nothing was stored for delivery.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(receiver.received().is_empty());
+    assert_eq!(metric(&m, "hookbridge_spool_pending_deliveries"), 0.0);
+    assert!(!m.contains("My_Sup3r_T0k3n") && !m.contains(CLOCKIFY_SECRET));
+    bridge.stop().await;
+    receiver.stop().await;
+}
+
+/// POSTs `body` with chunked transfer encoding (no content-length) over a raw connection; returns the status.
+async fn post_chunked(
+    addr: std::net::SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut head = format!(
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n"
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    let mut wire = head.into_bytes();
+    for chunk in body.chunks(1024) {
+        wire.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        wire.extend_from_slice(chunk);
+        wire.extend_from_slice(b"\r\n");
+    }
+    wire.extend_from_slice(b"0\r\n\r\n");
+    // The server may answer (and close) before it has read everything: a failed write is fine.
+    let _ = stream.write_all(&wire).await;
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response).await;
+    let text = String::from_utf8_lossy(&response);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn clockodo_handshake_is_answered_stored_and_shown_by_the_cli() {
+    let receiver = Receiver::start().await;
+    let bridge = TestBridge::start(&config(&receiver)).await;
+    let handshake = read_fixture("clockodo/validation_handshake.json");
+    let (s, _) = bridge
+        .post(
+            "/clockodo/webhook",
+            &[("content-type", "application/json")],
+            handshake,
+        )
+        .await;
+    assert_eq!(s, 200);
+    let (s, _) = bridge
+        .post(
+            "/clockodo/webhook?secret=0b7e1a52-5d36-4c7e-9d61-3f2b8e9c1a10",
+            &[],
+            "",
+        )
+        .await;
+    assert_eq!(s, 200);
+
+    // The CLI reads the running daemon's store.
+    let cfg_path = bridge.dir.path().join("hookbridge.toml");
+    std::fs::write(
+        &cfg_path,
+        config(&receiver).replace("{dir}", &bridge.dir.path().display().to_string()),
+    )
+    .unwrap();
+    let out = std::process::Command::new(binary())
+        .args(["handshakes", "--config"])
+        .arg(&cfg_path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    assert!(
+        lines[0].ends_with("\tclockodo\t0b7e1a52-5d36-4c7e-9d61-3f2b8e9c1a10"),
+        "{stdout}"
+    );
+    assert!(
+        lines[1].ends_with("\tclockodo\tXXXXXXXX-XXXX-XXXX-XXXX-XXXXXXXXXXXX"),
+        "{stdout}"
+    );
+
+    let m = bridge.metrics().await;
+    assert_eq!(
+        metric(&m, r#"hookbridge_handshakes_total{source="clockodo"}"#),
+        2.0
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        receiver.received().is_empty(),
+        "a handshake is never routed"
+    );
+    bridge.stop().await;
+    receiver.stop().await;
+}
