@@ -121,13 +121,7 @@ impl Dispatcher {
                     )
                 }
             };
-            if let Err(e) = self
-                .store
-                .record(row.seq, &self.sink_id, attempts, outcome)
-                .await
-            {
-                // The delivery stays pending in the spool and is attempted again after a restart.
-                tracing::error!(sink = %self.sink_id, event = %row.event.id, error = %e, "cannot record delivery outcome");
+            if !self.record(&row, attempts, outcome, cancel).await {
                 return;
             }
             let Some(delay) = delay else { return };
@@ -135,6 +129,38 @@ impl Dispatcher {
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(delay) => {}
             }
+        }
+    }
+}
+
+impl Dispatcher {
+    /// Records an outcome, retrying while the store refuses (a full disk, a lock). Returns false when
+    /// cancelled first: the delivery is then still pending in the spool and is attempted again at the next
+    /// start (a duplicate at worst, never a loss).
+    async fn record(
+        &self,
+        row: &PendingDelivery,
+        attempts: u32,
+        outcome: Outcome,
+        cancel: &CancellationToken,
+    ) -> bool {
+        let mut wait = self.retry.initial_backoff;
+        loop {
+            match self
+                .store
+                .record(row.seq, &self.sink_id, attempts, outcome.clone())
+                .await
+            {
+                Ok(()) => return true,
+                Err(e) => {
+                    tracing::error!(sink = %self.sink_id, event = %row.event.id, error = %e, "cannot record delivery outcome; will try again");
+                }
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return false,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            wait = (wait * 2).min(self.retry.max_backoff);
         }
     }
 }
