@@ -9,9 +9,7 @@ use axum::http::StatusCode;
 
 #[tokio::main]
 async fn main() -> std::io::Result<()> {
-    let addr = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "127.0.0.1:8091".into());
+    let addr = std::env::args().nth(1).unwrap_or_else(|| "127.0.0.1:8091".into());
     let app = Router::new().fallback(|body: Bytes| async move {
         std::hint::black_box(body);
         StatusCode::OK

@@ -1,14 +1,13 @@
 //! The bridge: builds the running pieces from a validated [`Config`] (spool, sinks, dispatchers, router),
 //! serves, and shuts down in order. This is the embedding API; `main` is a thin layer over it.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -16,7 +15,7 @@ use crate::config::Config;
 use crate::dispatch::Dispatcher;
 use crate::event::now_ms;
 use crate::ingress::{Shared, router};
-use crate::limits::PRUNE_INTERVAL;
+use crate::limits::{FEED_CAPACITY, PRUNE_INTERVAL};
 use crate::metrics::Metrics;
 use crate::route::RouteTable;
 use crate::sinks::{self, BuildError};
@@ -74,38 +73,26 @@ impl Bridge {
         let store = Store::open(&config.storage.data_dir)?;
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();
-        let mut wake = HashMap::new();
         for (spec, sink) in built {
-            let notify = Arc::new(Notify::new());
-            wake.insert(spec.id.clone(), Arc::clone(&notify));
+            let feed = store.subscribe(&spec.id, FEED_CAPACITY);
             let d = Dispatcher {
                 sink_id: spec.id.clone(),
                 sink,
                 store: store.clone(),
-                wake: notify,
                 max_in_flight: spec.max_in_flight,
                 retry: spec.retry,
                 metrics: metrics.clone(),
             };
-            tasks.spawn(d.run(cancel.child_token()));
+            tasks.spawn(d.run(feed, cancel.child_token()));
         }
-        tasks.spawn(prune_loop(
-            store.clone(),
-            config.storage.retention.0,
-            cancel.child_token(),
-        ));
+        tasks.spawn(prune_loop(store.clone(), config.storage.retention.0, cancel.child_token()));
         for source in config.sources.values() {
             tracing::info!(source = %source.id, kind = source.scheme.kind(), path = %source.path, "source ready");
         }
         let shared = Arc::new(Shared {
-            sources: config
-                .sources
-                .values()
-                .map(|s| (s.path.clone(), s.clone()))
-                .collect(),
+            sources: config.sources.values().map(|s| (s.path.clone(), s.clone())).collect(),
             routes,
             store: store.clone(),
-            wake,
             metrics,
             max_body: config.server.max_body_size.0,
             request_timeout: config.server.request_timeout.0,
@@ -114,13 +101,7 @@ impl Bridge {
             concurrency: Semaphore::new(config.server.max_concurrency),
             shutting_down: AtomicBool::new(false),
         });
-        Ok(Bridge {
-            shared,
-            store,
-            cancel,
-            tasks,
-            shutdown_timeout: config.server.shutdown_timeout.0,
-        })
+        Ok(Bridge { shared, store, cancel, tasks, shutdown_timeout: config.server.shutdown_timeout.0 })
     }
 
     /// The HTTP routes (webhooks, `/healthz`, `/readyz`, `/metrics`), to serve or to mount.
@@ -147,9 +128,7 @@ impl Bridge {
             shared.shutting_down.store(true, Ordering::Relaxed);
             tracing::info!("shutting down: no new connections; finishing requests in flight");
         };
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(graceful)
-            .await;
+        let served = axum::serve(listener, app).with_graceful_shutdown(graceful).await;
         self.shutdown().await;
         served.map_err(BridgeError::from)
     }
@@ -159,14 +138,11 @@ impl Bridge {
     pub async fn shutdown(mut self) {
         self.shared.shutting_down.store(true, Ordering::Relaxed);
         self.cancel.cancel();
-        let drained = tokio::time::timeout(self.shutdown_timeout, async {
-            while self.tasks.join_next().await.is_some() {}
-        })
-        .await;
+        let drained =
+            tokio::time::timeout(self.shutdown_timeout, async { while self.tasks.join_next().await.is_some() {} })
+                .await;
         if drained.is_err() {
-            tracing::warn!(
-                "shutdown deadline passed with deliveries in progress; they resume at the next start"
-            );
+            tracing::warn!("shutdown deadline passed with deliveries in progress; they resume at the next start");
             self.tasks.abort_all();
             while self.tasks.join_next().await.is_some() {}
         }

@@ -7,17 +7,11 @@ use axum::http::HeaderMap;
 use sha2::{Digest, Sha256};
 
 use crate::limits::MAX_EVENT_TYPE_LEN;
-use crate::verify::{ClockodoEnvelope, Locator, Scheme};
+use crate::verify::{ClockodoEnvelope, HmacScheme, Locator, Scheme};
 
 /// Headers stored with every event when present (besides the event-type and id headers of the scheme).
-const KEPT_HEADERS: [&str; 6] = [
-    "content-type",
-    "user-agent",
-    "clockify-webhook-event-type",
-    "webhook-id",
-    "x-request-id",
-    "x-github-delivery",
-];
+const KEPT_HEADERS: [&str; 6] =
+    ["content-type", "user-agent", "clockify-webhook-event-type", "webhook-id", "x-request-id", "x-github-delivery"];
 
 /// Why a verified request cannot become an event (answered 400).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -49,97 +43,75 @@ impl ClassifyError {
 pub struct Classified {
     /// Event type.
     pub event_type: String,
-    /// Parsed body (for predicates).
-    pub body: serde_json::Value,
-    /// All non-credential headers, for predicates.
-    pub headers: BTreeMap<String, String>,
+    /// The parsed body, when classification had to parse it (a JSON pointer); otherwise the body was only
+    /// validated, and predicates parse it on demand.
+    pub body: Option<serde_json::Value>,
     /// Headers to store with the event.
     pub kept_headers: Vec<(String, String)>,
     /// Dedup key.
     pub dedup_key: String,
 }
 
-/// Classifies a request that passed verification.
-pub fn classify(
-    scheme: &Scheme,
-    headers: &HeaderMap,
-    raw: &[u8],
-) -> Result<Classified, ClassifyError> {
-    let body: serde_json::Value =
-        serde_json::from_slice(raw).map_err(|e| ClassifyError::InvalidJson(e.to_string()))?;
-    let visible: BTreeMap<String, String> = headers
+/// Every header that carries no credential, for predicates (lower-case names; values that are not text
+/// are left out).
+pub fn visible_headers(scheme: &Scheme, headers: &HeaderMap) -> BTreeMap<String, String> {
+    headers
         .iter()
         .filter(|(name, _)| !scheme.is_secret_header(name.as_str()))
-        .filter_map(|(name, value)| {
-            value
-                .to_str()
-                .ok()
-                .map(|v| (name.as_str().to_owned(), v.to_owned()))
-        })
-        .collect();
+        .filter_map(|(name, value)| value.to_str().ok().map(|v| (name.as_str().to_owned(), v.to_owned())))
+        .collect()
+}
 
+fn header(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
+}
+
+fn invalid_json(e: serde_json::Error) -> ClassifyError {
+    ClassifyError::InvalidJson(e.to_string())
+}
+
+/// Classifies a request that passed verification. The body is parsed only as far as the scheme needs:
+/// validated for Clockify, decoded into the envelope for Clockodo, parsed for a JSON pointer.
+pub fn classify(scheme: &Scheme, headers: &HeaderMap, raw: &[u8]) -> Result<Classified, ClassifyError> {
     let body_hash = || hex::encode(Sha256::digest(raw));
+    let validate = || serde_json::from_slice::<serde::de::IgnoredAny>(raw).map(|_| ()).map_err(invalid_json);
+    let mut parsed = None;
     let (event_type, dedup_key, extra_kept): (Option<String>, String, Vec<&str>) = match scheme {
         Scheme::Clockify { .. } => {
-            let ty = visible.get("clockify-webhook-event-type").cloned();
-            let key = {
-                let mut h = Sha256::new();
-                h.update(ty.as_deref().unwrap_or("").as_bytes());
-                h.update([0]);
-                h.update(raw);
-                format!("clockify:{}", hex::encode(h.finalize()))
-            };
-            (ty, key, vec![])
+            validate()?;
+            let ty = header(headers, "clockify-webhook-event-type");
+            let mut h = Sha256::new();
+            h.update(ty.as_deref().unwrap_or("").as_bytes());
+            h.update([0]);
+            h.update(raw);
+            (ty, format!("clockify:{}", hex::encode(h.finalize())), vec![])
         }
         Scheme::Clockodo { .. } => {
-            let env: ClockodoEnvelope = serde_json::from_value(body.clone())
-                .map_err(|e| ClassifyError::InvalidJson(e.to_string()))?;
+            let env: ClockodoEnvelope = serde_json::from_slice(raw).map_err(invalid_json)?;
             let entity_id = env
                 .payload
                 .as_ref()
                 .and_then(|p| p.as_object())
                 .and_then(|o| o.iter().next())
-                .map(|(entity, v)| {
-                    format!(
-                        "{entity}:{}",
-                        v.get("id").map(|i| i.to_string()).unwrap_or_default()
-                    )
-                })
+                .map(|(entity, v)| format!("{entity}:{}", v.get("id").map(|i| i.to_string()).unwrap_or_default()))
                 .unwrap_or_default();
-            let sub = env
-                .subscription_id
-                .as_ref()
-                .map(|s| s.to_string())
-                .unwrap_or_default();
+            let sub = env.subscription_id.as_ref().map(|s| s.to_string()).unwrap_or_default();
             let key = match &env.occurred_at {
                 Some(at) => format!("clockodo:{sub}:{at}:{entity_id}"),
                 None => format!("clockodo:body:{}", body_hash()),
             };
             (env.event_name, key, vec![])
         }
-        Scheme::Hmac(h) => {
-            let ty = locate(&h.event, &visible, &body);
-            let key =
-                h.id.as_ref()
-                    .and_then(|l| locate(l, &visible, &body))
-                    .unwrap_or_else(body_hash);
-            (
-                ty,
-                format!("hmac:{key}"),
-                locator_headers(&h.event, h.id.as_ref()),
-            )
-        }
-        Scheme::None { event, id } => {
-            let ty = locate(event, &visible, &body);
-            let key = id
-                .as_ref()
-                .and_then(|l| locate(l, &visible, &body))
-                .unwrap_or_else(body_hash);
-            (
-                ty,
-                format!("none:{key}"),
-                locator_headers(event, id.as_ref()),
-            )
+        Scheme::Hmac(HmacScheme { event, id, .. }) | Scheme::None { event, id } => {
+            let needs_body = [Some(event), id.as_ref()].into_iter().flatten().any(|l| matches!(l, Locator::Pointer(_)));
+            if needs_body {
+                parsed = Some(serde_json::from_slice::<serde_json::Value>(raw).map_err(invalid_json)?);
+            } else {
+                validate()?;
+            }
+            let ty = locate(event, headers, parsed.as_ref());
+            let key = id.as_ref().and_then(|l| locate(l, headers, parsed.as_ref())).unwrap_or_else(body_hash);
+            (ty, format!("{}:{key}", scheme.kind()), locator_headers(event, id.as_ref()))
         }
     };
 
@@ -152,24 +124,18 @@ pub fn classify(
         return Err(ClassifyError::MissingEventType("empty"));
     }
     if event_type.len() > MAX_EVENT_TYPE_LEN
-        || !event_type
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':' | '/'))
+        || !event_type.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | ':' | '/'))
     {
         return Err(ClassifyError::InvalidEventType);
     }
-    let kept_headers = visible
+    let mut kept_headers: Vec<(String, String)> = headers
         .iter()
         .filter(|(k, _)| KEPT_HEADERS.contains(&k.as_str()) || extra_kept.contains(&k.as_str()))
-        .map(|(k, v)| (k.clone(), v.clone()))
+        .filter(|(k, _)| !scheme.is_secret_header(k.as_str()))
+        .filter_map(|(k, v)| v.to_str().ok().map(|v| (k.as_str().to_owned(), v.to_owned())))
         .collect();
-    Ok(Classified {
-        event_type,
-        body,
-        headers: visible,
-        kept_headers,
-        dedup_key,
-    })
+    kept_headers.sort();
+    Ok(Classified { event_type, body: parsed, kept_headers, dedup_key })
 }
 
 fn locator_headers<'a>(event: &'a Locator, id: Option<&'a Locator>) -> Vec<&'a str> {
@@ -184,14 +150,10 @@ fn locator_headers<'a>(event: &'a Locator, id: Option<&'a Locator>) -> Vec<&'a s
 }
 
 /// The string at a locator: a header value, or a JSON string/number at a pointer.
-fn locate(
-    locator: &Locator,
-    headers: &BTreeMap<String, String>,
-    body: &serde_json::Value,
-) -> Option<String> {
+fn locate(locator: &Locator, headers: &HeaderMap, body: Option<&serde_json::Value>) -> Option<String> {
     match locator {
-        Locator::Header(h) => headers.get(h).cloned(),
-        Locator::Pointer(p) => match body.pointer(p)? {
+        Locator::Header(h) => header(headers, h),
+        Locator::Pointer(p) => match body?.pointer(p)? {
             serde_json::Value::String(s) => Some(s.clone()),
             serde_json::Value::Number(n) => Some(n.to_string()),
             _ => None,
@@ -205,9 +167,7 @@ mod tests {
     use crate::config::SecretString;
 
     fn clockify() -> Scheme {
-        Scheme::Clockify {
-            secrets: vec![SecretString::new("s")],
-        }
+        Scheme::Clockify { secrets: vec![SecretString::new("s")] }
     }
 
     #[test]
@@ -219,35 +179,20 @@ mod tests {
             classify(&clockify(), &h, b"{}").unwrap_err(),
             ClassifyError::MissingEventType("header clockify-webhook-event-type")
         );
-        h.insert(
-            "clockify-webhook-event-type",
-            "NEW_TIME_ENTRY".parse().unwrap(),
-        );
+        h.insert("clockify-webhook-event-type", "NEW_TIME_ENTRY".parse().unwrap());
         let c = classify(&clockify(), &h, br#"{"id":"1"}"#).unwrap();
         assert_eq!(c.event_type, "NEW_TIME_ENTRY");
-        assert!(!c.headers.contains_key("clockify-signature"));
-        assert!(
-            c.kept_headers
-                .iter()
-                .all(|(k, _)| k != "clockify-signature")
-        );
+        assert!(!visible_headers(&clockify(), &h).contains_key("clockify-signature"));
+        assert!(c.kept_headers.iter().all(|(k, _)| k != "clockify-signature"));
         assert!(c.dedup_key.starts_with("clockify:"));
-        assert_eq!(
-            classify(&clockify(), &h, b"{nope").unwrap_err().reason(),
-            "invalid_json"
-        );
+        assert_eq!(classify(&clockify(), &h, b"{nope").unwrap_err().reason(), "invalid_json");
         h.insert("clockify-webhook-event-type", "BAD TYPE".parse().unwrap());
-        assert_eq!(
-            classify(&clockify(), &h, b"{}").unwrap_err(),
-            ClassifyError::InvalidEventType
-        );
+        assert_eq!(classify(&clockify(), &h, b"{}").unwrap_err(), ClassifyError::InvalidEventType);
     }
 
     #[test]
     fn clockodo_dedup_key_from_envelope() {
-        let scheme = Scheme::Clockodo {
-            secrets: vec![SecretString::new("t")],
-        };
+        let scheme = Scheme::Clockodo { secrets: vec![SecretString::new("t")] };
         let body = br#"{"subscription_id":42,"company_id":1337,"occurred_at":"2024-05-02T10:00:00Z","payload":{"entry":{"id":9001}},"event_name":"entry.created","token":"t"}"#;
         let c = classify(&scheme, &HeaderMap::new(), body).unwrap();
         assert_eq!(c.event_type, "entry.created");
@@ -256,21 +201,13 @@ mod tests {
 
     #[test]
     fn generic_pointer_and_header() {
-        let scheme = Scheme::None {
-            event: Locator::Pointer("/event".into()),
-            id: Some(Locator::Header("x-id".into())),
-        };
+        let scheme =
+            Scheme::None { event: Locator::Pointer("/event".into()), id: Some(Locator::Header("x-id".into())) };
         let mut h = HeaderMap::new();
         h.insert("x-id", "abc".parse().unwrap());
         let c = classify(&scheme, &h, br#"{"event":"TIME_ENTRY_CREATED"}"#).unwrap();
-        assert_eq!(
-            (c.event_type.as_str(), c.dedup_key.as_str()),
-            ("TIME_ENTRY_CREATED", "none:abc")
-        );
+        assert_eq!((c.event_type.as_str(), c.dedup_key.as_str()), ("TIME_ENTRY_CREATED", "none:abc"));
         assert!(c.kept_headers.contains(&("x-id".into(), "abc".into())));
-        assert!(matches!(
-            classify(&scheme, &h, br#"{"other":1}"#),
-            Err(ClassifyError::MissingEventType(_))
-        ));
+        assert!(matches!(classify(&scheme, &h, br#"{"other":1}"#), Err(ClassifyError::MissingEventType(_))));
     }
 }

@@ -1,24 +1,27 @@
-//! Dispatch: one task per sink pulls pending deliveries from the spool in receive order and runs at most
-//! `max_in_flight` of them at once. A delivery keeps its slot while it is retried (exponential backoff with
-//! full jitter), so a sink that is down holds back new work instead of filling memory: the spool is the
-//! queue. A delivery leaves the spool only as `delivered` or, after a permanent failure, `dead`.
+//! Dispatch: one task per sink takes its deliveries in receive order and runs at most `max_in_flight` of
+//! them at once. Deliveries come from the spool writer's feed as they are committed (no read back); at
+//! start-up, and whenever the feed overflowed, the dispatcher reads the spool from its cursor instead until it
+//! has caught up. A delivery keeps its slot while it is retried (exponential backoff with jitter), so a sink
+//! that is down holds back new work in the spool instead of filling memory. A delivery leaves the spool only
+//! as `delivered` or, after a permanent failure, `dead`.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
-use tokio::sync::{Notify, Semaphore};
-use tokio::task::JoinSet;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::RetryPolicy;
 use crate::event::now_ms;
-use crate::limits::DISPATCH_POLL;
 use crate::metrics::Metrics;
 use crate::sinks::{Sink, SinkError};
-use crate::store::{Outcome, PendingDelivery, Store};
+use crate::store::{Feed, Outcome, PendingDelivery, Store};
 
-/// Deliveries fetched from the store per query at most.
+/// Deliveries read from the spool per query at most.
 const FETCH_MAX: usize = 256;
 
 /// Everything one sink's dispatcher needs.
@@ -30,8 +33,6 @@ pub struct Dispatcher {
     pub sink: Arc<dyn Sink>,
     /// The spool.
     pub store: Store,
-    /// Woken by the ingress after each commit that gives this sink work.
-    pub wake: Arc<Notify>,
     /// Deliveries in flight at once.
     pub max_in_flight: usize,
     /// Backoff.
@@ -40,50 +41,85 @@ pub struct Dispatcher {
     pub metrics: Metrics,
 }
 
+/// Where the next delivery comes from.
+struct Source {
+    feed: Feed,
+    /// Rows read from the spool, not yet started.
+    backlog: VecDeque<PendingDelivery>,
+    /// Reading the spool (start-up, or after the feed overflowed) rather than the feed.
+    scanning: bool,
+    /// Highest seq started so far: nothing at or below it is started again.
+    cursor: i64,
+}
+
 impl Dispatcher {
     /// Runs until `cancel`, then waits for the deliveries in flight (their backoff sleeps end at once; a sink
     /// call in progress is awaited, bounded by the sink's own timeout and the caller's shutdown deadline).
-    pub async fn run(self, cancel: CancellationToken) {
+    pub async fn run(self, feed: Feed, cancel: CancellationToken) {
         let this = Arc::new(self);
         let slots = Arc::new(Semaphore::new(this.max_in_flight));
-        let mut tasks = JoinSet::new();
-        let mut cursor = 0i64;
+        let tracker = TaskTracker::new();
+        let mut src = Source { feed, backlog: VecDeque::new(), scanning: true, cursor: 0 };
         loop {
-            let free = slots.available_permits();
-            if free > 0 && !cancel.is_cancelled() {
-                match this
-                    .store
-                    .pending(&this.sink_id, cursor, free.min(FETCH_MAX))
-                    .await
-                {
-                    Ok(rows) if !rows.is_empty() => {
-                        for row in rows {
-                            let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
-                                break;
-                            };
-                            cursor = row.seq;
-                            let (this, cancel) = (Arc::clone(&this), cancel.clone());
-                            tasks.spawn(async move {
-                                this.deliver(row, &cancel).await;
-                                drop(permit);
-                            });
-                        }
-                        continue;
-                    }
-                    Ok(_) => {}
+            let permit = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                p = Arc::clone(&slots).acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            };
+            let Some(row) = this.next(&mut src, &cancel).await else { break };
+            src.cursor = row.seq;
+            let (this, cancel) = (Arc::clone(&this), cancel.clone());
+            tracker.spawn(async move {
+                this.deliver(row, &cancel).await;
+                drop(permit);
+            });
+        }
+        tracker.close();
+        tracker.wait().await;
+    }
+
+    /// The next delivery to start, in seq order; `None` when cancelled.
+    async fn next(&self, src: &mut Source, cancel: &CancellationToken) -> Option<PendingDelivery> {
+        loop {
+            if src.feed.lagged.swap(false, Ordering::AcqRel) {
+                // The feed dropped something: the spool is the truth from the cursor on.
+                src.scanning = true;
+                src.backlog.clear();
+            }
+            if let Some(row) = src.backlog.pop_front() {
+                if row.seq > src.cursor {
+                    return Some(row);
+                }
+                continue;
+            }
+            if src.scanning {
+                match self.store.pending(&self.sink_id, src.cursor, FETCH_MAX).await {
+                    Ok(rows) if rows.is_empty() => src.scanning = false,
+                    Ok(rows) => src.backlog.extend(rows),
                     Err(e) => {
-                        tracing::error!(sink = %this.sink_id, error = %e, "cannot read pending deliveries")
+                        tracing::error!(sink = %self.sink_id, error = %e, "cannot read pending deliveries; retrying");
+                        tokio::select! {
+                            _ = cancel.cancelled() => return None,
+                            _ = tokio::time::sleep(self.retry.initial_backoff) => {}
+                        }
                     }
                 }
+                continue;
             }
             tokio::select! {
-                _ = cancel.cancelled() => break,
-                _ = this.wake.notified() => {}
-                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-                _ = tokio::time::sleep(DISPATCH_POLL) => {}
+                _ = cancel.cancelled() => return None,
+                item = src.feed.rx.recv() => match item {
+                    // Items at or below the cursor were already read from the spool.
+                    Some(row) if row.seq > src.cursor => src.backlog.push_back(row),
+                    Some(_) => {}
+                    None => {
+                        // The spool writer has stopped: nothing new will come.
+                        cancel.cancelled().await;
+                        return None;
+                    }
+                },
             }
         }
-        while tasks.join_next().await.is_some() {}
     }
 
     async fn deliver(&self, row: PendingDelivery, cancel: &CancellationToken) {
@@ -103,22 +139,13 @@ impl Dispatcher {
                     tracing::warn!(sink = %self.sink_id, event = %row.event.id, attempts, %error, "delivery failed permanently; kept as dead");
                     (Outcome::Dead(error), None)
                 }
-                Err(SinkError::Retryable {
-                    message,
-                    retry_after,
-                }) => {
+                Err(SinkError::Retryable { message, retry_after }) => {
                     self.metrics.delivery(&self.sink_id, "retry", seconds);
-                    let delay = backoff(&self.retry, attempts)
-                        .max(retry_after.unwrap_or_default().min(self.retry.max_backoff));
+                    let delay =
+                        backoff(&self.retry, attempts).max(retry_after.unwrap_or_default().min(self.retry.max_backoff));
                     tracing::info!(sink = %self.sink_id, event = %row.event.id, attempts, error = %message, retry_in = ?delay, "delivery failed; will retry");
                     let next_attempt_ms = now_ms() + delay.as_millis() as i64;
-                    (
-                        Outcome::Retry {
-                            next_attempt_ms,
-                            error: message,
-                        },
-                        Some(delay),
-                    )
+                    (Outcome::Retry { next_attempt_ms, error: message }, Some(delay))
                 }
             };
             if !self.record(&row, attempts, outcome, cancel).await {
@@ -137,20 +164,10 @@ impl Dispatcher {
     /// Records an outcome, retrying while the store refuses (a full disk, a lock). Returns false when
     /// cancelled first: the delivery is then still pending in the spool and is attempted again at the next
     /// start (a duplicate at worst, never a loss).
-    async fn record(
-        &self,
-        row: &PendingDelivery,
-        attempts: u32,
-        outcome: Outcome,
-        cancel: &CancellationToken,
-    ) -> bool {
+    async fn record(&self, row: &PendingDelivery, attempts: u32, outcome: Outcome, cancel: &CancellationToken) -> bool {
         let mut wait = self.retry.initial_backoff;
         loop {
-            match self
-                .store
-                .record(row.seq, &self.sink_id, attempts, outcome.clone())
-                .await
-            {
+            match self.store.record(row.seq, &self.sink_id, attempts, outcome.clone()).await {
                 Ok(()) => return true,
                 Err(e) => {
                     tracing::error!(sink = %self.sink_id, event = %row.event.id, error = %e, "cannot record delivery outcome; will try again");
@@ -169,10 +186,7 @@ impl Dispatcher {
 /// (half the initial backoff as a floor, so a retry never lands at once).
 pub fn backoff(policy: &RetryPolicy, attempt: u32) -> Duration {
     let exp = attempt.saturating_sub(1).min(32);
-    let ceiling = policy
-        .initial_backoff
-        .saturating_mul(1u32 << exp.min(31))
-        .min(policy.max_backoff);
+    let ceiling = policy.initial_backoff.saturating_mul(1u32 << exp.min(31)).min(policy.max_backoff);
     let floor = (policy.initial_backoff / 2).min(ceiling);
     if ceiling <= floor {
         return ceiling;
@@ -187,16 +201,83 @@ mod tests {
 
     #[test]
     fn backoff_grows_and_is_capped() {
-        let p = RetryPolicy {
-            initial_backoff: Duration::from_secs(1),
-            max_backoff: Duration::from_secs(60),
-        };
+        let p = RetryPolicy { initial_backoff: Duration::from_secs(1), max_backoff: Duration::from_secs(60) };
         for attempt in 1..40 {
             let d = backoff(&p, attempt);
             assert!(d >= Duration::from_millis(500), "{attempt}: {d:?}");
-            let cap =
-                Duration::from_secs(1u64 << (attempt - 1).min(20)).min(Duration::from_secs(60));
+            let cap = Duration::from_secs(1u64 << (attempt - 1).min(20)).min(Duration::from_secs(60));
             assert!(d <= cap, "{attempt}: {d:?} > {cap:?}");
         }
+    }
+}
+
+#[cfg(test)]
+mod feed_tests {
+    use super::*;
+    use crate::event::Event;
+    use crate::sinks::BoxFuture;
+    use std::sync::Mutex;
+
+    /// Records what it is given; the unit under test is the dispatcher, not a sink.
+    #[derive(Debug, Default)]
+    struct Recorder(Mutex<Vec<String>>);
+
+    impl Sink for Recorder {
+        fn deliver<'a>(&'a self, event: &'a Event) -> BoxFuture<'a, Result<(), SinkError>> {
+            Box::pin(async move {
+                self.0.lock().unwrap().push(event.id.clone());
+                Ok(())
+            })
+        }
+    }
+
+    fn event(i: usize) -> Event {
+        Event {
+            id: format!("{i:04}"),
+            source: "s".into(),
+            event_type: "E".into(),
+            received_at_ms: now_ms(),
+            headers: vec![],
+            body: bytes::Bytes::from_static(b"{}"),
+            dedup_key: format!("k{i}"),
+        }
+    }
+
+    /// Events spooled before the dispatcher starts, and more than its feed holds while it runs, all arrive
+    /// once and in order: the dispatcher falls back to reading the spool when the feed overflows.
+    #[tokio::test]
+    async fn backlog_and_overflowing_feed_deliver_everything_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        for i in 0..30 {
+            store.insert(event(i), vec!["r".into()]).await.unwrap();
+        }
+        let feed = store.subscribe("r", 2);
+        let sink = Arc::new(Recorder::default());
+        let d = Dispatcher {
+            sink_id: "r".into(),
+            sink: sink.clone(),
+            store: store.clone(),
+            max_in_flight: 1,
+            retry: RetryPolicy { initial_backoff: Duration::from_millis(10), max_backoff: Duration::from_millis(10) },
+            metrics: Metrics::new().unwrap(),
+        };
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(d.run(feed, cancel.clone()));
+        for i in 30..300 {
+            store.insert(event(i), vec!["r".into()]).await.unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while sink.0.lock().unwrap().len() < 300 {
+            assert!(Instant::now() < deadline, "only {} delivered", sink.0.lock().unwrap().len());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let got = sink.0.lock().unwrap().clone();
+        assert_eq!(got, (0..300).map(|i| format!("{i:04}")).collect::<Vec<_>>());
+        assert_eq!(store.gauges().snapshot().2, 0);
+        cancel.cancel();
+        task.await.unwrap();
+        store.close().await;
     }
 }

@@ -26,11 +26,7 @@ pub struct Event {
 impl Event {
     /// The `content-type` the provider sent, or `application/json`.
     pub fn content_type(&self) -> &str {
-        self.headers
-            .iter()
-            .find(|(k, _)| k == "content-type")
-            .map(|(_, v)| v.as_str())
-            .unwrap_or("application/json")
+        self.headers.iter().find(|(k, _)| k == "content-type").map(|(_, v)| v.as_str()).unwrap_or("application/json")
     }
 
     /// Receive time as RFC 3339 with milliseconds (CloudEvents `time`).
@@ -42,8 +38,5 @@ impl Event {
 
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }

@@ -19,9 +19,9 @@ use axum::routing::get;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Limited};
 use serde_json::json;
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::Semaphore;
 
-use crate::classify::classify;
+use crate::classify::{classify, visible_headers};
 use crate::config::Source;
 use crate::event::{Event, now_ms};
 use crate::limits::RETRY_AFTER_SECS;
@@ -39,8 +39,6 @@ pub struct Shared {
     pub routes: RouteTable,
     /// The spool.
     pub store: Store,
-    /// Per sink: the dispatcher's wake-up.
-    pub wake: HashMap<String, Arc<Notify>>,
     /// Telemetry.
     pub metrics: Metrics,
     /// Largest body.
@@ -69,11 +67,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
 
 async fn readyz(State(s): State<Arc<Shared>>) -> Response {
     if s.shutting_down.load(Ordering::Relaxed) {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(json!({"status": "shutting down"})),
-        )
-            .into_response();
+        return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"status": "shutting down"}))).into_response();
     }
     let (events, bytes, deliveries) = s.store.gauges().snapshot();
     match tokio::time::timeout(Duration::from_secs(2), s.store.ping()).await {
@@ -92,14 +86,7 @@ async fn readyz(State(s): State<Arc<Shared>>) -> Response {
 
 async fn metrics(State(s): State<Arc<Shared>>) -> Response {
     let body = s.metrics.render(s.store.gauges());
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        body,
-    )
-        .into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
 }
 
 fn error(status: StatusCode, message: &str) -> Response {
@@ -108,32 +95,25 @@ fn error(status: StatusCode, message: &str) -> Response {
 
 fn unavailable(message: &str) -> Response {
     let mut r = error(StatusCode::SERVICE_UNAVAILABLE, message);
-    r.headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+    r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
     r
 }
 
 async fn webhook(State(s): State<Arc<Shared>>, request: Request) -> Response {
     let started = Instant::now();
     let Some(source) = s.sources.get(request.uri().path()) else {
-        s.metrics
-            .request(NO_SOURCE, 404, started.elapsed().as_secs_f64());
+        s.metrics.request(NO_SOURCE, 404, started.elapsed().as_secs_f64());
         return error(StatusCode::NOT_FOUND, "no webhook source at this path");
     };
     let response = handle(&s, source, request).await;
-    s.metrics.request(
-        &source.id,
-        response.status().as_u16(),
-        started.elapsed().as_secs_f64(),
-    );
+    s.metrics.request(&source.id, response.status().as_u16(), started.elapsed().as_secs_f64());
     response
 }
 
 async fn handle(s: &Shared, source: &Source, request: Request) -> Response {
     if request.method() != Method::POST {
         let mut r = error(StatusCode::METHOD_NOT_ALLOWED, "webhooks are POSTed");
-        r.headers_mut()
-            .insert(header::ALLOW, HeaderValue::from_static("POST"));
+        r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST"));
         return r;
     }
     if s.shutting_down.load(Ordering::Relaxed) {
@@ -145,10 +125,7 @@ async fn handle(s: &Shared, source: &Source, request: Request) -> Response {
         return unavailable("too many concurrent requests");
     };
     let (parts, body) = request.into_parts();
-    let declared = parts
-        .headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|n| n > s.max_body) {
         s.metrics.rejected(&source.id, "body_too_large");
         return error(StatusCode::PAYLOAD_TOO_LARGE, "body too large");
@@ -168,12 +145,7 @@ async fn handle(s: &Shared, source: &Source, request: Request) -> Response {
             return error(StatusCode::REQUEST_TIMEOUT, "body not received in time");
         }
     };
-    match tokio::time::timeout(
-        s.request_timeout,
-        accept(s, source, &parts.headers, parts.uri.query(), body),
-    )
-    .await
-    {
+    match tokio::time::timeout(s.request_timeout, accept(s, source, &parts.headers, parts.uri.query(), body)).await {
         Ok(r) => r,
         Err(_) => {
             // The event may still be committed: the provider retries and gets a duplicate, never a loss.
@@ -192,32 +164,17 @@ async fn read_body(body: Body, limit: u64) -> Result<Bytes, BodyError> {
     let limit = usize::try_from(limit).unwrap_or(usize::MAX);
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(e)
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some() =>
-        {
-            Err(BodyError::TooLarge)
-        }
+        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(BodyError::TooLarge),
         Err(_) => Err(BodyError::Io),
     }
 }
 
 /// Verify, classify, route, spool. Answers 2xx only after the spool commit.
-async fn accept(
-    s: &Shared,
-    source: &Source,
-    headers: &HeaderMap,
-    query: Option<&str>,
-    body: Bytes,
-) -> Response {
+async fn accept(s: &Shared, source: &Source, headers: &HeaderMap, query: Option<&str>, body: Bytes) -> Response {
     if let Scheme::Clockodo { .. } = source.scheme
         && let Some(secret) = handshake_secret(query, &body)
     {
-        return match s
-            .store
-            .record_handshake(&source.id, &secret, now_ms())
-            .await
-        {
+        return match s.store.record_handshake(&source.id, &secret, now_ms()).await {
             Ok(()) => {
                 s.metrics.handshake(&source.id);
                 axum::Json(json!({"status": "handshake received"})).into_response()
@@ -239,20 +196,21 @@ async fn accept(
             return error(StatusCode::BAD_REQUEST, &e.to_string());
         }
     };
-    let decision = s.routes.route(&RouteInput {
-        source: &source.id,
-        event: &classified.event_type,
-        headers: &classified.headers,
-        body: &classified.body,
-    });
+    let details = || {
+        let body = match &classified.body {
+            Some(parsed) => parsed.clone(),
+            // Valid JSON: classification checked it.
+            None => serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+        };
+        (visible_headers(&source.scheme, headers), body)
+    };
+    let decision = s.routes.route(&RouteInput { source: &source.id, event: &classified.event_type, details: &details });
     for (route, err) in &decision.predicate_errors {
         s.metrics.predicate_error(route, err);
     }
     if !decision.sinks.is_empty() {
         let (events, bytes, _) = s.store.gauges().snapshot();
-        if events >= s.max_pending_events
-            || bytes.saturating_add(body.len() as u64) > s.max_pending_bytes
-        {
+        if events >= s.max_pending_events || bytes.saturating_add(body.len() as u64) > s.max_pending_bytes {
             s.metrics.rejected(&source.id, "spool_full");
             return unavailable("spool is full; retry later");
         }
@@ -270,18 +228,8 @@ async fn accept(
     let event_type = event.event_type.clone();
     match s.store.insert(event, decision.sinks.clone()).await {
         Ok(_) => {
-            for sink in &decision.sinks {
-                if let Some(wake) = s.wake.get(sink) {
-                    wake.notify_one();
-                }
-            }
-            s.metrics
-                .accepted(&source.id, &event_type, &id, &decision.sinks);
-            let status = if decision.sinks.is_empty() {
-                "unrouted"
-            } else {
-                "accepted"
-            };
+            s.metrics.accepted(&source.id, &event_type, &id, &decision.sinks);
+            let status = if decision.sinks.is_empty() { "unrouted" } else { "accepted" };
             axum::Json(json!({"status": status, "id": id})).into_response()
         }
         Err(e) => {

@@ -63,5 +63,6 @@ pub const HANDSHAKES_KEPT: i64 = 20;
 pub const MAX_EVENT_TYPE_LEN: usize = 128;
 /// How often finished events past retention are pruned.
 pub const PRUNE_INTERVAL: Duration = Duration::from_secs(600);
-/// How often a dispatcher looks at the store even when nobody woke it.
-pub const DISPATCH_POLL: Duration = Duration::from_secs(1);
+/// Deliveries the spool writer can hand to one dispatcher ahead of it; past it the dispatcher reads the
+/// spool instead. Memory per sink is bounded by (this + 256 + max_in_flight) bodies.
+pub const FEED_CAPACITY: usize = 256;

@@ -6,12 +6,12 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand, ValueEnum};
 use tracing_subscriber::EnvFilter;
 
+// glibc's allocator spent a quarter of the CPU in malloc/free/consolidate under load (see BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
-#[command(
-    name = "hookbridge",
-    version,
-    about = "Verify, route and durably deliver time-tracking webhooks"
-)]
+#[command(name = "hookbridge", version, about = "Verify, route and durably deliver time-tracking webhooks")]
 struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "HOOKBRIDGE_LOG_FORMAT")]
@@ -69,10 +69,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!(error = %e, "cannot start the async runtime");
@@ -90,9 +87,7 @@ fn main() -> ExitCode {
 
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -130,25 +125,12 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::FAILURE)
             }
         },
-        Command::Send {
-            config,
-            source,
-            event,
-            url,
-            body,
-        } => {
+        Command::Send { config, source, event, url, body } => {
             let config = load(&config)?;
-            let bytes = std::fs::read(&body)
-                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", body.display()))?;
-            let r =
-                hookbridge::send::send(&config, &source, event.as_deref(), &bytes, url.as_deref())
-                    .await?;
+            let bytes = std::fs::read(&body).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", body.display()))?;
+            let r = hookbridge::send::send(&config, &source, event.as_deref(), &bytes, url.as_deref()).await?;
             println!("{} -> {}\n{}", r.url, r.status, r.body);
-            Ok(if (200..300).contains(&r.status) {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+            Ok(if (200..300).contains(&r.status) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Command::Handshakes { config } => {
             let config = load(&config)?;
@@ -157,14 +139,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 println!("no Clockodo handshake received yet");
             }
             for h in list {
-                let t = std::time::UNIX_EPOCH
-                    + std::time::Duration::from_millis(h.received_at_ms.max(0) as u64);
-                println!(
-                    "{}\t{}\t{}",
-                    humantime::format_rfc3339_seconds(t),
-                    h.source,
-                    h.secret
-                );
+                let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(h.received_at_ms.max(0) as u64);
+                println!("{}\t{}\t{}", humantime::format_rfc3339_seconds(t), h.source, h.secret);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -175,10 +151,7 @@ async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) {
+        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
             (Ok(mut term), Ok(mut int)) => {
                 tokio::select! {
                     _ = term.recv() => tracing::info!("SIGTERM received"),

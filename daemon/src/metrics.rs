@@ -1,9 +1,7 @@
 //! Telemetry: Prometheus metrics (names as constants, labels bounded to configured ids and fixed reasons)
 //! and the log line that goes with each observable event, in one place.
 
-use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
-};
+use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 
 use crate::store::SpoolGauges;
 
@@ -53,26 +51,14 @@ pub struct Metrics {
     spool_deliveries: IntGauge,
 }
 
-fn counter(
-    registry: &Registry,
-    name: &str,
-    help: &str,
-    labels: &[&str],
-) -> Result<IntCounterVec, prometheus::Error> {
+fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec, prometheus::Error> {
     let c = IntCounterVec::new(Opts::new(name, help), labels)?;
     registry.register(Box::new(c.clone()))?;
     Ok(c)
 }
 
-fn histogram(
-    registry: &Registry,
-    name: &str,
-    help: &str,
-    labels: &[&str],
-) -> Result<HistogramVec, prometheus::Error> {
-    let buckets = vec![
-        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-    ];
+fn histogram(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<HistogramVec, prometheus::Error> {
+    let buckets = vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
     let h = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)?;
     registry.register(Box::new(h.clone()))?;
     Ok(h)
@@ -95,60 +81,26 @@ impl Metrics {
                 "Webhook requests answered, by source and HTTP status.",
                 &["source", "status"],
             )?,
-            request_duration: histogram(
-                &r,
-                REQUEST_DURATION,
-                "Time to answer a webhook request.",
-                &["source"],
-            )?,
+            request_duration: histogram(&r, REQUEST_DURATION, "Time to answer a webhook request.", &["source"])?,
             rejections: counter(
                 &r,
                 REJECTIONS_TOTAL,
                 "Webhook requests refused, by source and reason.",
                 &["source", "reason"],
             )?,
-            routed: counter(
-                &r,
-                ROUTED_TOTAL,
-                "Events accepted and routed to at least one sink.",
-                &["source"],
-            )?,
-            unrouted: counter(
-                &r,
-                UNROUTED_TOTAL,
-                "Events accepted that matched no route.",
-                &["source"],
-            )?,
-            handshakes: counter(
-                &r,
-                HANDSHAKES_TOTAL,
-                "Clockodo validation handshakes received.",
-                &["source"],
-            )?,
+            routed: counter(&r, ROUTED_TOTAL, "Events accepted and routed to at least one sink.", &["source"])?,
+            unrouted: counter(&r, UNROUTED_TOTAL, "Events accepted that matched no route.", &["source"])?,
+            handshakes: counter(&r, HANDSHAKES_TOTAL, "Clockodo validation handshakes received.", &["source"])?,
             predicate_errors: counter(
                 &r,
                 PREDICATE_ERRORS_TOTAL,
                 "Route predicates that failed to evaluate.",
                 &["route"],
             )?,
-            deliveries: counter(
-                &r,
-                DELIVERIES_TOTAL,
-                "Delivery attempts, by sink and outcome.",
-                &["sink", "outcome"],
-            )?,
-            delivery_duration: histogram(
-                &r,
-                DELIVERY_DURATION,
-                "Time of one delivery attempt.",
-                &["sink"],
-            )?,
+            deliveries: counter(&r, DELIVERIES_TOTAL, "Delivery attempts, by sink and outcome.", &["sink", "outcome"])?,
+            delivery_duration: histogram(&r, DELIVERY_DURATION, "Time of one delivery attempt.", &["sink"])?,
             spool_events: gauge(&r, SPOOL_EVENTS, "Events with unfinished deliveries.")?,
-            spool_bytes: gauge(
-                &r,
-                SPOOL_BYTES,
-                "Body bytes of events with unfinished deliveries.",
-            )?,
+            spool_bytes: gauge(&r, SPOOL_BYTES, "Body bytes of events with unfinished deliveries.")?,
             spool_deliveries: gauge(&r, SPOOL_DELIVERIES, "Unfinished deliveries.")?,
             registry: r,
         })
@@ -169,12 +121,8 @@ impl Metrics {
 
     /// A webhook request was answered.
     pub fn request(&self, source: &str, status: u16, seconds: f64) {
-        self.requests
-            .with_label_values(&[source, status_label(status)])
-            .inc();
-        self.request_duration
-            .with_label_values(&[source])
-            .observe(seconds);
+        self.requests.with_label_values(&[source, status_label(status)]).inc();
+        self.request_duration.with_label_values(&[source]).observe(seconds);
     }
 
     /// A webhook request was refused.
@@ -212,9 +160,7 @@ impl Metrics {
     /// A delivery attempt ended.
     pub fn delivery(&self, sink: &str, outcome: &str, seconds: f64) {
         self.deliveries.with_label_values(&[sink, outcome]).inc();
-        self.delivery_duration
-            .with_label_values(&[sink])
-            .observe(seconds);
+        self.delivery_duration.with_label_values(&[sink]).observe(seconds);
     }
 }
 

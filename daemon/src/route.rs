@@ -23,10 +23,7 @@ struct CompiledRoute {
 
 impl std::fmt::Debug for CompiledRoute {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("CompiledRoute")
-            .field("name", &self.name)
-            .field("to", &self.to)
-            .finish_non_exhaustive()
+        f.debug_struct("CompiledRoute").field("name", &self.name).field("to", &self.to).finish_non_exhaustive()
     }
 }
 
@@ -41,17 +38,24 @@ pub struct RouteError {
     pub message: String,
 }
 
+/// The variables only predicates need: headers (lower-case names, credentials removed) and the parsed body.
+pub type Details = (BTreeMap<String, String>, serde_json::Value);
+
 /// What a route looks at.
-#[derive(Debug)]
 pub struct RouteInput<'a> {
     /// Source id.
     pub source: &'a str,
     /// Event type.
     pub event: &'a str,
-    /// Request headers (lower-case names), credentials removed.
-    pub headers: &'a BTreeMap<String, String>,
-    /// The parsed body.
-    pub body: &'a serde_json::Value,
+    /// Builds `headers` and `body` for predicates; called at most once, and only when a predicate of a
+    /// route that matches source and event needs them (so most events are never parsed twice).
+    pub details: &'a dyn Fn() -> Details,
+}
+
+impl std::fmt::Debug for RouteInput<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouteInput").field("source", &self.source).field("event", &self.event).finish_non_exhaustive()
+    }
 }
 
 /// The result of routing one event.
@@ -71,9 +75,7 @@ pub struct RouteTable {
 
 impl std::fmt::Debug for RouteTable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RouteTable")
-            .field("routes", &self.routes)
-            .finish_non_exhaustive()
+        f.debug_struct("RouteTable").field("routes", &self.routes).finish_non_exhaustive()
     }
 }
 
@@ -84,19 +86,9 @@ impl RouteTable {
         let mut errors = Vec::new();
         let mut compiled = Vec::new();
         for (index, r) in routes.iter().enumerate() {
-            let mut err = |field: String, message: String| {
-                errors.push(RouteError {
-                    index,
-                    field,
-                    message,
-                })
-            };
+            let mut err = |field: String, message: String| errors.push(RouteError { index, field, message });
             let mut builder = GlobSetBuilder::new();
-            let patterns: Vec<String> = if r.events.is_empty() {
-                vec!["*".into()]
-            } else {
-                r.events.clone()
-            };
+            let patterns: Vec<String> = if r.events.is_empty() { vec!["*".into()] } else { r.events.clone() };
             for (i, p) in patterns.iter().enumerate() {
                 if p.is_empty() {
                     err(format!("events[{i}]"), "empty event pattern".into());
@@ -106,10 +98,7 @@ impl RouteTable {
                     Ok(g) => {
                         builder.add(g);
                     }
-                    Err(e) => err(
-                        format!("events[{i}]"),
-                        format!("invalid glob {p:?}: {}", e.kind()),
-                    ),
+                    Err(e) => err(format!("events[{i}]"), format!("invalid glob {p:?}: {}", e.kind())),
                 }
             }
             let events = match builder.build() {
@@ -124,11 +113,8 @@ impl RouteTable {
                 Some(src) => match env.compile(src) {
                     Ok(program) => {
                         let refs = program.references();
-                        let unknown: Vec<&str> = refs
-                            .variables()
-                            .into_iter()
-                            .filter(|v| !PREDICATE_VARIABLES.contains(v))
-                            .collect();
+                        let unknown: Vec<&str> =
+                            refs.variables().into_iter().filter(|v| !PREDICATE_VARIABLES.contains(v)).collect();
                         if unknown.is_empty() {
                             Some(program)
                         } else {
@@ -144,66 +130,33 @@ impl RouteTable {
                         }
                     }
                     Err(e) => {
-                        err(
-                            "when".into(),
-                            format!(
-                                "invalid CEL expression: {}",
-                                e.to_string().replace('\n', "; ")
-                            ),
-                        );
+                        err("when".into(), format!("invalid CEL expression: {}", e.to_string().replace('\n', "; ")));
                         None
                     }
                 },
             };
             if r.to.is_empty() {
-                err(
-                    "to".into(),
-                    "a route must name at least one destination".into(),
-                );
+                err("to".into(), "a route must name at least one destination".into());
             }
-            let sources = if r.sources.is_empty() {
-                None
-            } else {
-                Some(r.sources.iter().cloned().collect())
-            };
-            compiled.push(CompiledRoute {
-                name: r.name.clone(),
-                sources,
-                events,
-                when,
-                to: r.to.clone(),
-            });
+            let sources = if r.sources.is_empty() { None } else { Some(r.sources.iter().cloned().collect()) };
+            compiled.push(CompiledRoute { name: r.name.clone(), sources, events, when, to: r.to.clone() });
         }
-        if errors.is_empty() {
-            Ok(RouteTable {
-                routes: compiled,
-                env,
-            })
-        } else {
-            Err(errors)
-        }
+        if errors.is_empty() { Ok(RouteTable { routes: compiled, env }) } else { Err(errors) }
     }
 
     /// True when no route has a predicate (then routing never needs the CEL context).
     fn needs_context(&self, input: &RouteInput<'_>) -> bool {
-        self.routes
-            .iter()
-            .any(|r| r.when.is_some() && Self::prefilter(r, input))
+        self.routes.iter().any(|r| r.when.is_some() && Self::prefilter(r, input))
     }
 
     fn prefilter(r: &CompiledRoute, input: &RouteInput<'_>) -> bool {
-        r.sources.as_ref().is_none_or(|s| s.contains(input.source))
-            && r.events.is_match(input.event)
+        r.sources.as_ref().is_none_or(|s| s.contains(input.source)) && r.events.is_match(input.event)
     }
 
     /// The sinks `input` goes to.
     pub fn route(&self, input: &RouteInput<'_>) -> RouteDecision {
         let mut decision = RouteDecision::default();
-        let context = if self.needs_context(input) {
-            Some(self.context(input))
-        } else {
-            None
-        };
+        let context = if self.needs_context(input) { Some(self.context(input)) } else { None };
         for r in &self.routes {
             if !Self::prefilter(r, input) {
                 continue;
@@ -213,16 +166,13 @@ impl RouteTable {
                     Ok(Ok(cel::Value::Bool(true))) => {}
                     Ok(Ok(cel::Value::Bool(false))) => continue,
                     Ok(Ok(other)) => {
-                        decision.predicate_errors.push((
-                            r.name.clone(),
-                            format!("predicate gave {other:?}, not a bool"),
-                        ));
+                        decision
+                            .predicate_errors
+                            .push((r.name.clone(), format!("predicate gave {other:?}, not a bool")));
                         continue;
                     }
                     Ok(Err(e)) => {
-                        decision
-                            .predicate_errors
-                            .push((r.name.clone(), e.to_string()));
+                        decision.predicate_errors.push((r.name.clone(), e.to_string()));
                         continue;
                     }
                     Err(e) => {
@@ -242,14 +192,11 @@ impl RouteTable {
 
     fn context(&self, input: &RouteInput<'_>) -> Result<cel::Context<'static, 'static>, String> {
         let mut ctx = cel::Context::with_env(Arc::clone(&self.env));
-        ctx.add_variable("event", input.event)
-            .map_err(|e| e.to_string())?;
-        ctx.add_variable("source", input.source)
-            .map_err(|e| e.to_string())?;
-        ctx.add_variable("headers", input.headers)
-            .map_err(|e| e.to_string())?;
-        ctx.add_variable("body", input.body)
-            .map_err(|e| e.to_string())?;
+        ctx.add_variable("event", input.event).map_err(|e| e.to_string())?;
+        ctx.add_variable("source", input.source).map_err(|e| e.to_string())?;
+        let (headers, body) = (input.details)();
+        ctx.add_variable("headers", &headers).map_err(|e| e.to_string())?;
+        ctx.add_variable("body", &body).map_err(|e| e.to_string())?;
         Ok(ctx)
     }
 
@@ -264,13 +211,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn route(
-        name: &str,
-        sources: &[&str],
-        events: &[&str],
-        when: Option<&str>,
-        to: &[&str],
-    ) -> RouteConfig {
+    fn route(name: &str, sources: &[&str], events: &[&str], when: Option<&str>, to: &[&str]) -> RouteConfig {
         RouteConfig {
             name: name.into(),
             sources: sources.iter().map(|s| s.to_string()).collect(),
@@ -280,93 +221,35 @@ mod tests {
         }
     }
 
-    fn decide(
-        table: &RouteTable,
-        source: &str,
-        event: &str,
-        body: serde_json::Value,
-    ) -> Vec<String> {
-        let headers =
-            BTreeMap::from([("user-agent".to_owned(), "Vert.x-WebClient/4.2.5".to_owned())]);
-        table
-            .route(&RouteInput {
-                source,
-                event,
-                headers: &headers,
-                body: &body,
-            })
-            .sinks
+    fn decide(table: &RouteTable, source: &str, event: &str, body: serde_json::Value) -> Vec<String> {
+        let details = || {
+            let headers = BTreeMap::from([("user-agent".to_owned(), "Vert.x-WebClient/4.2.5".to_owned())]);
+            (headers, body.clone())
+        };
+        table.route(&RouteInput { source, event, details: &details }).sinks
     }
 
     #[test]
     fn globs_predicates_and_fan_out() {
         let table = RouteTable::compile(&[
-            route(
-                "entries",
-                &["clockify"],
-                &["TIME_ENTRY_*", "NEW_TIME_ENTRY"],
-                None,
-                &["a"],
-            ),
-            route(
-                "billable",
-                &[],
-                &["*"],
-                Some("has(body.billable) && body.billable == true"),
-                &["b", "a"],
-            ),
+            route("entries", &["clockify"], &["TIME_ENTRY_*", "NEW_TIME_ENTRY"], None, &["a"]),
+            route("billable", &[], &["*"], Some("has(body.billable) && body.billable == true"), &["b", "a"]),
             route("clockodo", &["clockodo"], &["entry.*"], None, &["c"]),
-            route(
-                "ua",
-                &[],
-                &["*"],
-                Some("headers['user-agent'].startsWith('Vert.x')"),
-                &["d"],
-            ),
+            route("ua", &[], &["*"], Some("headers['user-agent'].startsWith('Vert.x')"), &["d"]),
         ])
         .unwrap();
-        assert_eq!(
-            decide(&table, "clockify", "NEW_TIME_ENTRY", json!({})),
-            ["a", "d"]
-        );
-        assert_eq!(
-            decide(
-                &table,
-                "clockify",
-                "TIME_ENTRY_UPDATED",
-                json!({"billable": true})
-            ),
-            ["a", "b", "d"]
-        );
-        assert_eq!(
-            decide(
-                &table,
-                "other",
-                "TIME_ENTRY_UPDATED",
-                json!({"billable": false})
-            ),
-            ["d"]
-        );
-        assert_eq!(
-            decide(&table, "clockodo", "entry.created", json!({})),
-            ["c", "d"]
-        );
+        assert_eq!(decide(&table, "clockify", "NEW_TIME_ENTRY", json!({})), ["a", "d"]);
+        assert_eq!(decide(&table, "clockify", "TIME_ENTRY_UPDATED", json!({"billable": true})), ["a", "b", "d"]);
+        assert_eq!(decide(&table, "other", "TIME_ENTRY_UPDATED", json!({"billable": false})), ["d"]);
+        assert_eq!(decide(&table, "clockodo", "entry.created", json!({})), ["c", "d"]);
         assert_eq!(decide(&table, "clockodo", "user.created", json!({})), ["d"]);
     }
 
     #[test]
     fn predicate_errors_do_not_match() {
-        let table =
-            RouteTable::compile(&[route("r", &[], &[], Some("body.missing.deep == 1"), &["a"])])
-                .unwrap();
-        let body = json!({});
-        let headers = BTreeMap::new();
-        let d = table.route(&RouteInput {
-            source: "s",
-            event: "E",
-            headers: &headers,
-            body: &body,
-        });
+        let table = RouteTable::compile(&[route("r", &[], &[], Some("body.missing.deep == 1"), &["a"])]).unwrap();
+        let details = || (BTreeMap::new(), json!({}));
+        let d = table.route(&RouteInput { source: "s", event: "E", details: &details });
         assert!(d.sinks.is_empty());
         assert_eq!(d.predicate_errors.len(), 1);
     }
@@ -378,11 +261,7 @@ mod tests {
             route("s", &[], &[], Some("bodyy.x == 1"), &["a"]),
         ])
         .unwrap_err();
-        let fields: Vec<(usize, &str)> =
-            errors.iter().map(|e| (e.index, e.field.as_str())).collect();
-        assert_eq!(
-            fields,
-            [(0, "events[0]"), (0, "when"), (0, "to"), (1, "when")]
-        );
+        let fields: Vec<(usize, &str)> = errors.iter().map(|e| (e.index, e.field.as_str())).collect();
+        assert_eq!(fields, [(0, "events[0]"), (0, "when"), (0, "to"), (1, "when")]);
     }
 }

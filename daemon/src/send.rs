@@ -53,37 +53,23 @@ pub struct SignedRequest {
 /// Signs `body` for `source` with its first secret, placing `event` where the scheme expects it.
 pub fn sign(source: &Source, event: Option<&str>, body: &[u8]) -> Result<SignedRequest, SendError> {
     let mut headers = vec![("content-type".to_owned(), "application/json".to_owned())];
-    let need_event =
-        || event.ok_or_else(|| SendError::Event(format!("source {} needs --event", source.id)));
+    let need_event = || event.ok_or_else(|| SendError::Event(format!("source {} needs --event", source.id)));
     let body = match &source.scheme {
         Scheme::Clockify { secrets } => {
-            headers.push((
-                "clockify-signature".into(),
-                first(secrets)?.expose().to_owned(),
-            ));
-            headers.push((
-                "clockify-webhook-event-type".into(),
-                need_event()?.to_owned(),
-            ));
-            headers.push((
-                "user-agent".into(),
-                "Vert.x-WebClient/4.2.5 (hookbridge send)".into(),
-            ));
+            headers.push(("clockify-signature".into(), first(secrets)?.expose().to_owned()));
+            headers.push(("clockify-webhook-event-type".into(), need_event()?.to_owned()));
+            headers.push(("user-agent".into(), "Vert.x-WebClient/4.2.5 (hookbridge send)".into()));
             Bytes::copy_from_slice(body)
         }
         Scheme::Clockodo { secrets } => {
-            let mut v: serde_json::Value = serde_json::from_slice(body)
-                .map_err(|e| SendError::Body(format!("body is not JSON: {e}")))?;
-            let obj = v
-                .as_object_mut()
-                .ok_or_else(|| SendError::Body("a Clockodo body is a JSON object".into()))?;
+            let mut v: serde_json::Value =
+                serde_json::from_slice(body).map_err(|e| SendError::Body(format!("body is not JSON: {e}")))?;
+            let obj = v.as_object_mut().ok_or_else(|| SendError::Body("a Clockodo body is a JSON object".into()))?;
             obj.insert("token".into(), first(secrets)?.expose().into());
             if let Some(e) = event {
                 obj.insert("event_name".into(), e.into());
             } else if !obj.contains_key("event_name") {
-                return Err(SendError::Event(
-                    "the body has no event_name: pass --event".into(),
-                ));
+                return Err(SendError::Event("the body has no event_name: pass --event".into()));
             }
             Bytes::from(serde_json::to_vec(&v).map_err(|e| SendError::Body(e.to_string()))?)
         }
@@ -100,12 +86,8 @@ pub fn sign(source: &Source, event: Option<&str>, body: &[u8]) -> Result<SignedR
     Ok(SignedRequest { headers, body })
 }
 
-fn first(
-    secrets: &[crate::config::SecretString],
-) -> Result<&crate::config::SecretString, SendError> {
-    secrets
-        .first()
-        .ok_or_else(|| SendError::Event("the source has no secret".into()))
+fn first(secrets: &[crate::config::SecretString]) -> Result<&crate::config::SecretString, SendError> {
+    secrets.first().ok_or_else(|| SendError::Event("the source has no secret".into()))
 }
 
 fn place_event(
@@ -116,24 +98,19 @@ fn place_event(
 ) -> Result<(), SendError> {
     match loc {
         Locator::Header(h) => {
-            let e = event
-                .ok_or_else(|| SendError::Event(format!("pass --event (sent in header {h})")))?;
+            let e = event.ok_or_else(|| SendError::Event(format!("pass --event (sent in header {h})")))?;
             headers.push((h.clone(), e.to_owned()));
         }
         Locator::Pointer(p) => {
-            let v: serde_json::Value = serde_json::from_slice(body)
-                .map_err(|e| SendError::Body(format!("body is not JSON: {e}")))?;
+            let v: serde_json::Value =
+                serde_json::from_slice(body).map_err(|e| SendError::Body(format!("body is not JSON: {e}")))?;
             let found = v.pointer(p).and_then(|x| x.as_str()).map(str::to_owned);
             match (found, event) {
                 (None, _) => {
-                    return Err(SendError::Event(format!(
-                        "the body has no event type at {p}"
-                    )));
+                    return Err(SendError::Event(format!("the body has no event type at {p}")));
                 }
                 (Some(f), Some(e)) if f != e => {
-                    return Err(SendError::Event(format!(
-                        "--event {e} differs from the body's {f} at {p}"
-                    )));
+                    return Err(SendError::Event(format!("--event {e} differs from the body's {f} at {p}")));
                 }
                 _ => {}
             }
@@ -159,30 +136,71 @@ pub async fn send(
     body: &[u8],
     url: Option<&str>,
 ) -> Result<SendResult, SendError> {
-    let source = config
-        .sources
-        .get(source_id)
-        .ok_or_else(|| SendError::UnknownSource(source_id.to_owned()))?;
+    let source = config.sources.get(source_id).ok_or_else(|| SendError::UnknownSource(source_id.to_owned()))?;
     let signed = sign(source, event, body)?;
-    let url = url
-        .map(str::to_owned)
-        .unwrap_or_else(|| default_url(config, source));
+    let url = url.map(str::to_owned).unwrap_or_else(|| default_url(config, source));
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()
-        .map_err(|e| SendError::Http {
-            url: url.clone(),
-            source: e,
-        })?;
+        .map_err(|e| SendError::Http { url: url.clone(), source: e })?;
     let mut request = client.post(&url).body(signed.body);
     for (k, v) in &signed.headers {
         request = request.header(k, v);
     }
-    let response = request.send().await.map_err(|e| SendError::Http {
-        url: url.clone(),
-        source: e,
-    })?;
+    let response = request.send().await.map_err(|e| SendError::Http { url: url.clone(), source: e })?;
     let status = response.status().as_u16();
     let body = response.text().await.unwrap_or_default();
     Ok(SendResult { url, status, body })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::SecretString;
+    use crate::verify::{HmacAlgorithm, HmacScheme, SignatureEncoding, verify};
+    use axum::http::HeaderMap;
+
+    fn source(scheme: Scheme) -> Source {
+        Source { id: "s".into(), path: "/hooks/s".into(), scheme }
+    }
+
+    fn headers(signed: &SignedRequest) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in &signed.headers {
+            h.insert(axum::http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+        }
+        h
+    }
+
+    #[test]
+    fn what_send_signs_passes_verification() {
+        let secrets = vec![SecretString::new("first"), SecretString::new("second")];
+        let body = br#"{"id":"1","event":"TIME_ENTRY_CREATED"}"#;
+
+        let clockify = source(Scheme::Clockify { secrets: secrets.clone() });
+        let signed = sign(&clockify, Some("NEW_TIME_ENTRY"), body).unwrap();
+        assert_eq!(verify(&clockify.scheme, &headers(&signed), &signed.body), Ok(()));
+        assert_eq!(&signed.body[..], body);
+        assert!(sign(&clockify, None, body).is_err(), "clockify needs --event");
+
+        let clockodo = source(Scheme::Clockodo { secrets: secrets.clone() });
+        let signed = sign(&clockodo, Some("entry.created"), b"{\"payload\":{}}").unwrap();
+        assert_eq!(verify(&clockodo.scheme, &headers(&signed), &signed.body), Ok(()));
+        let v: serde_json::Value = serde_json::from_slice(&signed.body).unwrap();
+        assert_eq!(v["event_name"], "entry.created");
+        assert!(sign(&clockodo, None, b"{}").is_err(), "no event_name anywhere");
+
+        let hmac = source(Scheme::Hmac(HmacScheme::new(
+            "x-sig",
+            "sha256=".into(),
+            SignatureEncoding::Hex,
+            HmacAlgorithm::Sha256,
+            secrets,
+            Locator::Pointer("/event".into()),
+            None,
+        )));
+        let signed = sign(&hmac, None, body).unwrap();
+        assert_eq!(verify(&hmac.scheme, &headers(&signed), &signed.body), Ok(()));
+        assert!(sign(&hmac, Some("OTHER"), body).is_err(), "--event must agree with the body");
+    }
 }

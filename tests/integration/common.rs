@@ -16,9 +16,7 @@ use tokio::task::JoinHandle;
 
 /// Path of a fixture under `tests/fixtures`.
 pub fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures")
-        .join(rel)
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(rel)
 }
 
 pub fn read_fixture(rel: &str) -> Vec<u8> {
@@ -59,22 +57,17 @@ impl Receiver {
 
     pub async fn start_on(listener: TcpListener) -> Receiver {
         let addr = listener.local_addr().unwrap();
-        let state = ReceiverState {
-            seen: Arc::default(),
-            status: Arc::new(Mutex::new(200)),
-        };
+        let state = ReceiverState { seen: Arc::default(), status: Arc::new(Mutex::new(200)) };
         let app = Router::new()
             .route(
                 "/{*path}",
-                post(
-                    |State(s): State<ReceiverState>, headers: HeaderMap, body: Bytes| async move {
-                        let status = *s.status.lock().unwrap();
-                        if (200..300).contains(&status) {
-                            s.seen.lock().unwrap().push(Received { headers, body });
-                        }
-                        StatusCode::from_u16(status).unwrap()
-                    },
-                ),
+                post(|State(s): State<ReceiverState>, headers: HeaderMap, body: Bytes| async move {
+                    let status = *s.status.lock().unwrap();
+                    if (200..300).contains(&status) {
+                        s.seen.lock().unwrap().push(Received { headers, body });
+                    }
+                    StatusCode::from_u16(status).unwrap()
+                }),
             )
             .with_state(state.clone());
         let (stop, stopped) = oneshot::channel::<()>();
@@ -86,13 +79,7 @@ impl Receiver {
                 .await
                 .unwrap();
         });
-        Receiver {
-            addr,
-            seen: state.seen,
-            status: state.status,
-            stop: Some(stop),
-            task: Some(task),
-        }
+        Receiver { addr, seen: state.seen, status: state.status, stop: Some(stop), task: Some(task) }
     }
 
     pub fn url(&self) -> String {
@@ -155,9 +142,8 @@ impl TestBridge {
     pub async fn start(toml: &str) -> TestBridge {
         let dir = tempfile::tempdir().unwrap();
         let text = toml.replace("{dir}", &dir.path().display().to_string());
-        let config =
-            hookbridge::Config::parse(&text, None, dir.path(), &hookbridge::config::ProcessEnv)
-                .unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
+        let config = hookbridge::Config::parse(&text, None, dir.path(), &hookbridge::config::ProcessEnv)
+            .unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
         let bridge = hookbridge::Bridge::start(config).await.unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -170,24 +156,14 @@ impl TestBridge {
                 .await
                 .unwrap();
         });
-        TestBridge {
-            addr,
-            dir,
-            stop: Some(stop),
-            task: Some(task),
-        }
+        TestBridge { addr, dir, stop: Some(stop), task: Some(task) }
     }
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
 
-    pub async fn post(
-        &self,
-        path: &str,
-        headers: &[(&str, &str)],
-        body: impl Into<reqwest::Body>,
-    ) -> (u16, String) {
+    pub async fn post(&self, path: &str, headers: &[(&str, &str)], body: impl Into<reqwest::Body>) -> (u16, String) {
         let mut req = client().post(self.url(path)).body(body);
         for (k, v) in headers {
             req = req.header(*k, *v);
@@ -198,14 +174,7 @@ impl TestBridge {
     }
 
     pub async fn metrics(&self) -> String {
-        client()
-            .get(self.url("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        client().get(self.url("/metrics")).send().await.unwrap().text().await.unwrap()
     }
 
     /// Polls `/metrics` until `name_and_labels` is at least `at_least`; returns the metrics text.
@@ -216,10 +185,7 @@ impl TestBridge {
             if metric(&m, name_and_labels) >= at_least {
                 return m;
             }
-            assert!(
-                Instant::now() < deadline,
-                "{name_and_labels} never reached {at_least}:\n{m}"
-            );
+            assert!(Instant::now() < deadline, "{name_and_labels} never reached {at_least}:\n{m}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -237,20 +203,12 @@ impl TestBridge {
 }
 
 pub fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .unwrap()
+    reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap()
 }
 
 /// The value of a metric line `name{labels} value`, or 0 when absent.
 pub fn metric(text: &str, name_and_labels: &str) -> f64 {
-    text.lines()
-        .find_map(|l| {
-            l.strip_prefix(name_and_labels)
-                .and_then(|rest| rest.trim().parse().ok())
-        })
-        .unwrap_or(0.0)
+    text.lines().find_map(|l| l.strip_prefix(name_and_labels).and_then(|rest| rest.trim().parse().ok())).unwrap_or(0.0)
 }
 
 /// Clockify request headers for `event`, signed with `secret`.

@@ -30,19 +30,11 @@ fn every_shipped_config_passes_check() {
             .output()
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "{}: {stdout}{}",
-            path.display(),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert!(out.status.success(), "{}: {stdout}{}", path.display(), String::from_utf8_lossy(&out.stderr));
         assert!(stdout.contains(": ok ("), "{stdout}");
         checked += 1;
     }
-    assert!(
-        checked >= 4,
-        "expected the example configs, found {checked}"
-    );
+    assert!(checked >= 4, "expected the example configs, found {checked}");
 }
 
 #[test]
@@ -68,21 +60,11 @@ fn broken_configs_match_their_golden_reports() {
         if update {
             std::fs::write(&expected_path, &actual).unwrap();
         }
-        let expected = std::fs::read_to_string(&expected_path).unwrap_or_else(|_| {
-            panic!(
-                "{} missing: run with UPDATE_GOLDEN=1",
-                expected_path.display()
-            )
-        });
-        assert_eq!(
-            actual, expected,
-            "{name}: report differs from its golden file"
-        );
+        let expected = std::fs::read_to_string(&expected_path)
+            .unwrap_or_else(|_| panic!("{} missing: run with UPDATE_GOLDEN=1", expected_path.display()));
+        assert_eq!(actual, expected, "{name}: report differs from its golden file");
         for line in actual.lines() {
-            assert!(
-                line.starts_with(&format!("{name}:")),
-                "every line names the file: {line}"
-            );
+            assert!(line.starts_with(&format!("{name}:")), "every line names the file: {line}");
         }
         checked += 1;
     }

@@ -24,13 +24,7 @@ fn spawn(config: &std::path::Path, log: &std::path::Path) -> Child {
 
 async fn wait_healthy(url: &str) {
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !client()
-        .get(url)
-        .send()
-        .await
-        .map(|r| r.status().is_success())
-        .unwrap_or(false)
-    {
+    while !client().get(url).send().await.map(|r| r.status().is_success()).unwrap_or(false) {
         assert!(Instant::now() < deadline, "daemon did not become healthy");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -78,17 +72,12 @@ to = ["out"]
     let template = String::from_utf8(read_fixture("clockify/NEW_TIME_ENTRY.json")).unwrap();
     let mut tasks = Vec::new();
     for worker in 0..16 {
-        let (acked, sent, base, template) =
-            (acked.clone(), sent.clone(), base.clone(), template.clone());
+        let (acked, sent, base, template) = (acked.clone(), sent.clone(), base.clone(), template.clone());
         tasks.push(tokio::spawn(async move {
             let client = client();
             for i in 0..400 {
                 let id = format!("w{worker}-{i}");
-                let body = template.replacen(
-                    "\"description\": \"Test\"",
-                    &format!("\"description\": \"{id}\""),
-                    1,
-                );
+                let body = template.replacen("\"description\": \"Test\"", &format!("\"description\": \"{id}\""), 1);
                 sent.lock().unwrap().insert(id.clone());
                 let r = client
                     .post(format!("{base}/hooks/clockify"))
@@ -109,11 +98,9 @@ to = ["out"]
         }));
     }
     // Kill it mid-load.
-    poll_until(Duration::from_secs(60), || {
-        (acked.lock().unwrap().len() >= 300).then_some(())
-    })
-    .await
-    .expect("load started");
+    poll_until(Duration::from_secs(60), || (acked.lock().unwrap().len() >= 300).then_some(()))
+        .await
+        .expect("load started");
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     for t in tasks {
@@ -127,10 +114,7 @@ to = ["out"]
     let mut child = spawn(&config, &dir.path().join("run2.log"));
     wait_healthy(&format!("{base}/healthz")).await;
     let description = |r: &Received| -> String {
-        serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()["description"]
-            .as_str()
-            .unwrap()
-            .to_owned()
+        serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()["description"].as_str().unwrap().to_owned()
     };
     let delivered = poll_until(Duration::from_secs(90), || {
         let got: HashSet<String> = receiver.received().iter().map(description).collect();
@@ -144,16 +128,10 @@ to = ["out"]
         "{} acknowledged events never delivered, e.g. {missing:?}",
         acked.difference(&got).count()
     );
-    assert!(
-        got.is_subset(&sent),
-        "only events that were sent are delivered"
-    );
+    assert!(got.is_subset(&sent), "only events that were sent are delivered");
 
     // SIGTERM: a clean exit.
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(status.success());
     let deadline = Instant::now() + Duration::from_secs(30);
     let exit = loop {

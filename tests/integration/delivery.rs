@@ -45,40 +45,20 @@ async fn events_wait_while_the_receiver_is_down_and_arrive_in_order_once_it_is_u
     drop(reserved);
     let bridge = TestBridge::start(&toml(&format!("http://{addr}/in"), "")).await;
     for n in 0..5 {
-        let (s, _) = bridge
-            .post(
-                "/hooks/clockify",
-                &clockify_headers(SECRET, "NEW_TIME_ENTRY"),
-                body(n),
-            )
-            .await;
+        let (s, _) = bridge.post("/hooks/clockify", &clockify_headers(SECRET, "NEW_TIME_ENTRY"), body(n)).await;
         assert_eq!(s, 200);
     }
     // Retries are happening and the events are still pending.
-    let m = bridge
-        .wait_metric(
-            r#"hookbridge_deliveries_total{outcome="retry",sink="out"}"#,
-            2.0,
-        )
-        .await;
+    let m = bridge.wait_metric(r#"hookbridge_deliveries_total{outcome="retry",sink="out"}"#, 2.0).await;
     assert_eq!(metric(&m, "hookbridge_spool_pending_deliveries"), 5.0);
 
     let receiver = Receiver::start_on(TcpListener::bind(addr).await.unwrap()).await;
     let got = receiver.wait_for(5, Duration::from_secs(20)).await;
     let ids: Vec<String> = got
         .iter()
-        .map(|r| {
-            serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()["id"]
-                .as_str()
-                .unwrap()
-                .to_owned()
-        })
+        .map(|r| serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()["id"].as_str().unwrap().to_owned())
         .collect();
-    assert_eq!(
-        ids,
-        (0..5).map(|n| format!("entry-{n}")).collect::<Vec<_>>(),
-        "receive order"
-    );
+    assert_eq!(ids, (0..5).map(|n| format!("entry-{n}")).collect::<Vec<_>>(), "receive order");
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(receiver.received().len(), 5);
     let m = bridge.metrics().await;
@@ -92,66 +72,25 @@ async fn permanent_failures_are_kept_dead_and_server_errors_are_retried() {
     let receiver = Receiver::start().await;
     let bridge = TestBridge::start(&toml(&receiver.url(), "")).await;
     receiver.answer(422);
-    let (s, answer) = bridge
-        .post(
-            "/hooks/clockify",
-            &clockify_headers(SECRET, "NEW_TIME_ENTRY"),
-            body(1),
-        )
-        .await;
+    let (s, answer) = bridge.post("/hooks/clockify", &clockify_headers(SECRET, "NEW_TIME_ENTRY"), body(1)).await;
     assert_eq!(s, 200);
-    let dead_id = serde_json::from_str::<serde_json::Value>(&answer).unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    bridge
-        .wait_metric(
-            r#"hookbridge_deliveries_total{outcome="dead",sink="out"}"#,
-            1.0,
-        )
-        .await;
+    let dead_id = serde_json::from_str::<serde_json::Value>(&answer).unwrap()["id"].as_str().unwrap().to_owned();
+    bridge.wait_metric(r#"hookbridge_deliveries_total{outcome="dead",sink="out"}"#, 1.0).await;
 
     receiver.answer(503);
-    assert_eq!(
-        bridge
-            .post(
-                "/hooks/clockify",
-                &clockify_headers(SECRET, "NEW_TIME_ENTRY"),
-                body(2)
-            )
-            .await
-            .0,
-        200
-    );
-    bridge
-        .wait_metric(
-            r#"hookbridge_deliveries_total{outcome="retry",sink="out"}"#,
-            2.0,
-        )
-        .await;
+    assert_eq!(bridge.post("/hooks/clockify", &clockify_headers(SECRET, "NEW_TIME_ENTRY"), body(2)).await.0, 200);
+    bridge.wait_metric(r#"hookbridge_deliveries_total{outcome="retry",sink="out"}"#, 2.0).await;
     receiver.answer(200);
     let got = receiver.wait_for(1, Duration::from_secs(20)).await;
     assert_eq!(got[0].body.as_ref(), body(2).as_bytes());
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(
-        receiver.received().len(),
-        1,
-        "the dead delivery is not retried"
-    );
+    assert_eq!(receiver.received().len(), 1, "the dead delivery is not retried");
 
     // The dead delivery is kept in the spool with its error.
     let dir = bridge.stop().await;
     let store = hookbridge::store::Store::open(&dir.path().join("data")).unwrap();
     let d = store.deliveries_of(&dead_id).await.unwrap();
-    assert_eq!(
-        d,
-        [(
-            "out".to_owned(),
-            "dead".to_owned(),
-            1,
-            Some("HTTP 422".to_owned())
-        )]
-    );
+    assert_eq!(d, [("out".to_owned(), "dead".to_owned(), 1, Some("HTTP 422".to_owned()))]);
     store.close().await;
     receiver.stop().await;
 }
@@ -161,23 +100,9 @@ async fn a_full_spool_answers_503_with_retry_after() {
     let reserved = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = reserved.local_addr().unwrap();
     drop(reserved);
-    let bridge = TestBridge::start(&toml(
-        &format!("http://{addr}/in"),
-        "max_pending_events = 2",
-    ))
-    .await;
+    let bridge = TestBridge::start(&toml(&format!("http://{addr}/in"), "max_pending_events = 2")).await;
     for n in 0..2 {
-        assert_eq!(
-            bridge
-                .post(
-                    "/hooks/clockify",
-                    &clockify_headers(SECRET, "NEW_TIME_ENTRY"),
-                    body(n)
-                )
-                .await
-                .0,
-            200
-        );
+        assert_eq!(bridge.post("/hooks/clockify", &clockify_headers(SECRET, "NEW_TIME_ENTRY"), body(n)).await.0, 200);
     }
     let r = client()
         .post(bridge.url("/hooks/clockify"))
@@ -190,13 +115,7 @@ async fn a_full_spool_answers_503_with_retry_after() {
     assert_eq!(r.status().as_u16(), 503);
     assert_eq!(r.headers()["retry-after"], "15");
     let m = bridge.metrics().await;
-    assert_eq!(
-        metric(
-            &m,
-            r#"hookbridge_rejections_total{reason="spool_full",source="clockify"}"#
-        ),
-        1.0
-    );
+    assert_eq!(metric(&m, r#"hookbridge_rejections_total{reason="spool_full",source="clockify"}"#), 1.0);
     bridge.stop().await;
 }
 
@@ -208,25 +127,14 @@ async fn pending_deliveries_survive_a_graceful_restart() {
     let config = toml(&format!("http://{addr}/in"), "");
     let bridge = TestBridge::start(&config).await;
     for n in 0..3 {
-        assert_eq!(
-            bridge
-                .post(
-                    "/hooks/clockify",
-                    &clockify_headers(SECRET, "NEW_TIME_ENTRY"),
-                    body(n)
-                )
-                .await
-                .0,
-            200
-        );
+        assert_eq!(bridge.post("/hooks/clockify", &clockify_headers(SECRET, "NEW_TIME_ENTRY"), body(n)).await.0, 200);
     }
     let dir = bridge.stop().await;
 
     // Same data directory, receiver now up.
     let receiver = Receiver::start_on(TcpListener::bind(addr).await.unwrap()).await;
     let text = config.replace("{dir}", &dir.path().display().to_string());
-    let cfg = hookbridge::Config::parse(&text, None, dir.path(), &hookbridge::config::ProcessEnv)
-        .unwrap();
+    let cfg = hookbridge::Config::parse(&text, None, dir.path(), &hookbridge::config::ProcessEnv).unwrap();
     let bridge = hookbridge::Bridge::start(cfg).await.unwrap();
     let got = receiver.wait_for(3, Duration::from_secs(20)).await;
     assert_eq!(got.len(), 3);

@@ -1,12 +1,7 @@
 //! hookbridge's integration tests: one binary, one module per capability. Every test runs the real daemon
 //! (in-process through the library, or as a child process) against real HTTP peers on loopback.
 
-#![allow(
-    clippy::unwrap_used,
-    clippy::expect_used,
-    clippy::print_stdout,
-    clippy::print_stderr
-)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::print_stdout, clippy::print_stderr)]
 
 mod common;
 

@@ -12,20 +12,12 @@ async fn quickstart_config_send_and_file_sink() {
     let dir = tempfile::tempdir().unwrap();
     let config_dir = dir.path().join("config");
     std::fs::create_dir(&config_dir).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let text = std::fs::read_to_string(repo.join("config/quickstart.toml")).unwrap();
     assert!(text.contains("listen = \"127.0.0.1:8080\""));
     let text = text.replace("127.0.0.1:8080", &format!("127.0.0.1:{port}"));
     std::fs::write(config_dir.join("quickstart.toml"), text).unwrap();
-    std::fs::copy(
-        repo.join("config/quickstart.secret"),
-        config_dir.join("quickstart.secret"),
-    )
-    .unwrap();
+    std::fs::copy(repo.join("config/quickstart.secret"), config_dir.join("quickstart.secret")).unwrap();
     let config = config_dir.join("quickstart.toml");
 
     let mut daemon = Command::new(binary())
@@ -37,10 +29,7 @@ async fn quickstart_config_send_and_file_sink() {
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let ready = client()
-            .get(format!("http://127.0.0.1:{port}/readyz"))
-            .send()
-            .await;
+        let ready = client().get(format!("http://127.0.0.1:{port}/readyz")).send().await;
         if ready.map(|r| r.status().is_success()).unwrap_or(false) {
             break;
         }
@@ -56,20 +45,12 @@ async fn quickstart_config_send_and_file_sink() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "send failed: {stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "send failed: {stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("-> 200"), "{stdout}");
 
     let events = dir.path().join("data/quickstart/events.jsonl");
-    let line = poll_until(Duration::from_secs(20), || {
-        std::fs::read_to_string(&events)
-            .ok()
-            .filter(|t| !t.is_empty())
-    })
-    .await;
+    let line =
+        poll_until(Duration::from_secs(20), || std::fs::read_to_string(&events).ok().filter(|t| !t.is_empty())).await;
     let line = line.expect("the event reached the file sink");
     let v: serde_json::Value = serde_json::from_str(line.lines().next().unwrap()).unwrap();
     assert_eq!(v["type"], "NEW_TIME_ENTRY");
@@ -81,9 +62,7 @@ async fn quickstart_config_send_and_file_sink() {
     let bad = config_dir.join("bad.toml");
     std::fs::write(
         &bad,
-        std::fs::read_to_string(&config)
-            .unwrap()
-            .replace("{ file = \"quickstart.secret\" }", "\"wrong\""),
+        std::fs::read_to_string(&config).unwrap().replace("{ file = \"quickstart.secret\" }", "\"wrong\""),
     )
     .unwrap();
     let out = Command::new(binary())

@@ -58,21 +58,16 @@ to = ["clockodo"]
     let bridge = TestBridge::start(&toml).await;
     let post = |event: &'static str, body: Vec<u8>| {
         let bridge = &bridge;
-        async move {
-            bridge
-                .post("/hooks/clockify", &clockify_headers(SECRET, event), body)
-                .await
-        }
+        async move { bridge.post("/hooks/clockify", &clockify_headers(SECRET, event), body).await }
     };
 
     // NEW_TIME_ENTRY, billable: fan-out to entries, billable and the file (once, though two routes name it).
     let new_entry = read_fixture("clockify/NEW_TIME_ENTRY.json");
     assert_eq!(post("NEW_TIME_ENTRY", new_entry.clone()).await.0, 200);
     // TIME_ENTRY_UPDATED matches the glob; made non-billable so that the predicate route skips it.
-    let mut updated: serde_json::Value = serde_json::from_slice(&read_fixture(
-        "captured/TIME_ENTRY_UPDATED__pureworldnew-jamstack-netlify.json",
-    ))
-    .unwrap();
+    let mut updated: serde_json::Value =
+        serde_json::from_slice(&read_fixture("captured/TIME_ENTRY_UPDATED__pureworldnew-jamstack-netlify.json"))
+            .unwrap();
     updated["billable"] = false.into();
     let updated = serde_json::to_vec(&updated).unwrap();
     assert_eq!(post("TIME_ENTRY_UPDATED", updated.clone()).await.0, 200);
@@ -82,29 +77,15 @@ to = ["clockodo"]
     assert!(body.contains("\"unrouted\""), "{body}");
     // Clockodo: entry.created with id 9001 passes the predicate; an entry with id 1 does not.
     let created = read_fixture("clockodo/entry.created.json");
-    assert_eq!(
-        bridge.post("/hooks/clockodo", &[], created.clone()).await.0,
-        200
-    );
-    let small = String::from_utf8(created.clone())
-        .unwrap()
-        .replace("9001", "1");
+    assert_eq!(bridge.post("/hooks/clockodo", &[], created.clone()).await.0, 200);
+    let small = String::from_utf8(created.clone()).unwrap().replace("9001", "1");
     assert_eq!(bridge.post("/hooks/clockodo", &[], small).await.0, 200);
     let deleted = read_fixture("clockodo/entry.deleted.json");
-    assert_eq!(
-        bridge.post("/hooks/clockodo", &[], deleted.clone()).await.0,
-        200
-    );
+    assert_eq!(bridge.post("/hooks/clockodo", &[], deleted.clone()).await.0, 200);
 
     let got = entries.wait_for(2, Duration::from_secs(20)).await;
-    let types: Vec<&str> = got
-        .iter()
-        .map(|r| r.headers["ce-type"].to_str().unwrap())
-        .collect();
-    assert!(
-        types.contains(&"NEW_TIME_ENTRY") && types.contains(&"TIME_ENTRY_UPDATED"),
-        "{types:?}"
-    );
+    let types: Vec<&str> = got.iter().map(|r| r.headers["ce-type"].to_str().unwrap()).collect();
+    assert!(types.contains(&"NEW_TIME_ENTRY") && types.contains(&"TIME_ENTRY_UPDATED"), "{types:?}");
     let got = billable.wait_for(1, Duration::from_secs(20)).await;
     assert_eq!(got[0].body.as_ref(), new_entry.as_slice());
     let got = clockodo.wait_for(1, Duration::from_secs(20)).await;
@@ -122,41 +103,18 @@ to = ["clockodo"]
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(entries.received().len(), 2);
     assert_eq!(billable.received().len(), 1);
-    assert_eq!(
-        clockodo.received().len(),
-        1,
-        "entry.deleted's id is not > 9000 or it is another entity"
-    );
+    assert_eq!(clockodo.received().len(), 1, "entry.deleted's id is not > 9000 or it is another entity");
     let text = std::fs::read_to_string(&path).unwrap();
     assert_eq!(text.lines().count(), 2, "{lines}");
     let first: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
     assert_eq!(first["source"], "clockify");
-    assert_eq!(
-        first["body"]["id"],
-        serde_json::from_slice::<serde_json::Value>(&new_entry).unwrap()["id"]
-    );
+    assert_eq!(first["body"]["id"], serde_json::from_slice::<serde_json::Value>(&new_entry).unwrap()["id"]);
 
     let m = bridge.metrics().await;
-    assert_eq!(
-        metric(&m, r#"hookbridge_events_unrouted_total{source="clockify"}"#),
-        1.0,
-        "{m}"
-    );
-    assert_eq!(
-        metric(&m, r#"hookbridge_events_routed_total{source="clockify"}"#),
-        2.0
-    );
-    assert_eq!(
-        metric(&m, r#"hookbridge_events_unrouted_total{source="clockodo"}"#),
-        2.0
-    );
-    assert_eq!(
-        metric(
-            &m,
-            r#"hookbridge_deliveries_total{outcome="delivered",sink="log"}"#
-        ),
-        2.0
-    );
+    assert_eq!(metric(&m, r#"hookbridge_events_unrouted_total{source="clockify"}"#), 1.0, "{m}");
+    assert_eq!(metric(&m, r#"hookbridge_events_routed_total{source="clockify"}"#), 2.0);
+    assert_eq!(metric(&m, r#"hookbridge_events_unrouted_total{source="clockodo"}"#), 2.0);
+    assert_eq!(metric(&m, r#"hookbridge_deliveries_total{outcome="delivered",sink="log"}"#), 2.0);
     bridge.stop().await;
     for r in [entries, billable, clockodo] {
         r.stop().await;

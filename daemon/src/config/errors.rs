@@ -29,23 +29,13 @@ pub struct ConfigErrors {
 
 impl ConfigErrors {
     pub(crate) fn new(origin: Option<&Path>, text: &str) -> Self {
-        let file = origin
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|| "<config>".into());
-        ConfigErrors {
-            file,
-            text: text.to_owned(),
-            errors: Vec::new(),
-        }
+        let file = origin.map(|p| p.display().to_string()).unwrap_or_else(|| "<config>".into());
+        ConfigErrors { file, text: text.to_owned(), errors: Vec::new() }
     }
 
     pub(crate) fn single(origin: &Path, message: String) -> Self {
         let mut e = Self::new(Some(origin), "");
-        e.errors.push(ConfigError {
-            position: None,
-            key: String::new(),
-            message,
-        });
+        e.errors.push(ConfigError { position: None, key: String::new(), message });
         e
     }
 
@@ -55,18 +45,12 @@ impl ConfigErrors {
 
     /// True when an error was already reported at `key` or below it.
     pub(crate) fn mentions(&self, key: &str) -> bool {
-        self.errors
-            .iter()
-            .any(|e| e.key == key || e.key.starts_with(&format!("{key}.")))
+        self.errors.iter().any(|e| e.key == key || e.key.starts_with(&format!("{key}.")))
     }
 
     pub(crate) fn push_span(&mut self, span: Option<Range<usize>>, key: &str, message: String) {
         let position = span.map(|s| self.line_col(s.start));
-        self.errors.push(ConfigError {
-            position,
-            key: key.to_owned(),
-            message,
-        });
+        self.errors.push(ConfigError { position, key: key.to_owned(), message });
     }
 
     /// Records an error at `key`, placed at the nearest part of that key path found in the document.
@@ -141,16 +125,14 @@ fn find_span(root: &DeTable<'_>, path: &str) -> Option<Range<usize>> {
     for seg in segments(path) {
         let next = match (seg, table, array) {
             (Segment::Key(k), Some(t), _) => {
-                t.iter()
-                    .find(|(key, _)| key.get_ref() == k)
-                    .map(|(key, v)| {
-                        // Point at the key for scalars (the line a person looks for), at the value for tables.
-                        if matches!(v.get_ref(), DeValue::Table(_) | DeValue::Array(_)) {
-                            (v.span(), v)
-                        } else {
-                            (key.span(), v)
-                        }
-                    })
+                t.iter().find(|(key, _)| key.get_ref() == k).map(|(key, v)| {
+                    // Point at the key for scalars (the line a person looks for), at the value for tables.
+                    if matches!(v.get_ref(), DeValue::Table(_) | DeValue::Array(_)) {
+                        (v.span(), v)
+                    } else {
+                        (key.span(), v)
+                    }
+                })
             }
             (Segment::Index(i), _, Some(a)) => a.get(i).map(|v| (v.span(), v)),
             _ => None,

@@ -117,22 +117,13 @@ impl Config {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigErrors::single(path, format!("cannot read config file: {e}")))?;
         let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
-        let base = if base.as_os_str().is_empty() {
-            PathBuf::from(".")
-        } else {
-            base
-        };
+        let base = if base.as_os_str().is_empty() { PathBuf::from(".") } else { base };
         Self::parse(&text, Some(path), &base, env)
     }
 
     /// Parses and validates config text. `origin` names it in messages; relative paths are relative to
     /// `base`.
-    pub fn parse(
-        text: &str,
-        origin: Option<&Path>,
-        base: &Path,
-        env: &dyn Env,
-    ) -> Result<Config, ConfigErrors> {
+    pub fn parse(text: &str, origin: Option<&Path>, base: &Path, env: &dyn Env) -> Result<Config, ConfigErrors> {
         let mut errs = ConfigErrors::new(origin, text);
         let (root, syntax) = DeTable::parse_recoverable(text);
         if !syntax.is_empty() {
@@ -165,25 +156,13 @@ impl Config {
                                 );
                             }
                             if name == "sources" {
-                                raw_sources.push((
-                                    id.to_owned(),
-                                    entry.span(),
-                                    de_source(&mut errs, &at, entry),
-                                ));
+                                raw_sources.push((id.to_owned(), entry.span(), de_source(&mut errs, &at, entry)));
                             } else {
-                                raw_sinks.push((
-                                    id.to_owned(),
-                                    entry.span(),
-                                    de_sink(&mut errs, &at, entry),
-                                ));
+                                raw_sinks.push((id.to_owned(), entry.span(), de_sink(&mut errs, &at, entry)));
                             }
                         }
                     }
-                    _ => errs.push_span(
-                        Some(value.span()),
-                        name,
-                        format!("`{name}` must be a table of tables"),
-                    ),
+                    _ => errs.push_span(Some(value.span()), name, format!("`{name}` must be a table of tables")),
                 },
                 "routes" => match value.get_ref() {
                     DeValue::Array(items) => {
@@ -192,11 +171,7 @@ impl Config {
                             raw_routes.push((item.span(), de::<RouteConfig>(&mut errs, &at, item)));
                         }
                     }
-                    _ => errs.push_span(
-                        Some(value.span()),
-                        "routes",
-                        "write routes as [[routes]] tables".into(),
-                    ),
+                    _ => errs.push_span(Some(value.span()), "routes", "write routes as [[routes]] tables".into()),
                 },
                 other => errs.push_span(
                     Some(key.span()),
@@ -222,10 +197,7 @@ impl Config {
         for (id, span, raw) in raw_sources {
             let Some(raw) = raw else { continue };
             let at = format!("sources.{id}");
-            let path = raw
-                .path()
-                .map(str::to_owned)
-                .unwrap_or_else(|| format!("/hooks/{id}"));
+            let path = raw.path().map(str::to_owned).unwrap_or_else(|| format!("/hooks/{id}"));
             if !path.starts_with('/') || path.contains(['?', '#', ' ']) || path.contains("//") {
                 errs.locate(
                     &format!("{at}.path"),
@@ -233,17 +205,9 @@ impl Config {
                     &format!("path {path:?} must start with '/' and be a plain path"),
                 );
             } else if RESERVED_PATHS.contains(&path.as_str()) {
-                errs.locate(
-                    &format!("{at}.path"),
-                    &root,
-                    &format!("path {path} is reserved by the daemon"),
-                );
+                errs.locate(&format!("{at}.path"), &root, &format!("path {path} is reserved by the daemon"));
             } else if let Some(other) = paths.insert(path.clone(), id.clone()) {
-                errs.push_span(
-                    Some(span),
-                    &at,
-                    format!("path {path} is already used by source {other:?}"),
-                );
+                errs.push_span(Some(span), &at, format!("path {path} is already used by source {other:?}"));
             }
             if let Some(scheme) = raw.into_scheme(&at, &root, &mut errs, base, env) {
                 if matches!(scheme, Scheme::None { .. }) {
@@ -270,11 +234,7 @@ impl Config {
             let Some(r) = raw else { continue };
             let at = format!("routes[{i}]");
             if r.name.trim().is_empty() {
-                errs.locate(
-                    &format!("{at}.name"),
-                    &root,
-                    "a route needs a non-empty name",
-                );
+                errs.locate(&format!("{at}.name"), &root, "a route needs a non-empty name");
             } else if let Some(first) = names.insert(r.name.clone(), i) {
                 errs.locate(
                     &format!("{at}.name"),
@@ -284,20 +244,12 @@ impl Config {
             }
             for (j, s) in r.sources.iter().enumerate() {
                 if !sources.contains_key(s) && !errs.mentions(&format!("sources.{s}")) {
-                    errs.locate(
-                        &format!("{at}.sources[{j}]"),
-                        &root,
-                        &format!("no source {s:?} is defined"),
-                    );
+                    errs.locate(&format!("{at}.sources[{j}]"), &root, &format!("no source {s:?} is defined"));
                 }
             }
             for (j, t) in r.to.iter().enumerate() {
                 if !sinks.contains_key(t) && !errs.mentions(&format!("sinks.{t}")) {
-                    errs.locate(
-                        &format!("{at}.to[{j}]"),
-                        &root,
-                        &format!("no sink {t:?} is defined"),
-                    );
+                    errs.locate(&format!("{at}.to[{j}]"), &root, &format!("no sink {t:?} is defined"));
                 }
             }
             let _ = span;
@@ -305,23 +257,12 @@ impl Config {
         }
         if let Err(route_errors) = RouteTable::compile(&routes) {
             for e in route_errors {
-                errs.locate(
-                    &format!("routes[{}].{}", e.index, e.field),
-                    &root,
-                    &e.message,
-                );
+                errs.locate(&format!("routes[{}].{}", e.index, e.field), &root, &e.message);
             }
         }
 
         if errs.is_empty() {
-            Ok(Config {
-                origin: origin.map(Path::to_path_buf),
-                server,
-                storage,
-                sources,
-                sinks,
-                routes,
-            })
+            Ok(Config { origin: origin.map(Path::to_path_buf), server, storage, sources, sinks, routes })
         } else {
             Err(errs)
         }
@@ -329,64 +270,36 @@ impl Config {
 }
 
 fn valid_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 64
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
 /// Deserializes one section, recording an error (with its span and key path) on failure.
-fn de<T: for<'de> Deserialize<'de>>(
-    errs: &mut ConfigErrors,
-    at: &str,
-    value: &Spanned<DeValue<'_>>,
-) -> Option<T> {
+fn de<T: for<'de> Deserialize<'de>>(errs: &mut ConfigErrors, at: &str, value: &Spanned<DeValue<'_>>) -> Option<T> {
     let span = value.span();
     let deserializer = value.clone().into_deserializer();
     match serde_path_to_error::deserialize::<_, T>(deserializer) {
         Ok(v) => Some(v),
         Err(e) => {
             let path = e.path().to_string();
-            let key = if path == "." || path.is_empty() {
-                at.to_owned()
-            } else {
-                format!("{at}.{path}")
-            };
+            let key = if path == "." || path.is_empty() { at.to_owned() } else { format!("{at}.{path}") };
             let inner = e.into_inner();
-            errs.push_span(
-                inner.span().or(Some(span)),
-                &key,
-                inner.message().to_owned(),
-            );
+            errs.push_span(inner.span().or(Some(span)), &key, inner.message().to_owned());
             None
         }
     }
 }
 
 /// The `kind` of a source or sink table.
-fn kind_of<'a>(
-    errs: &mut ConfigErrors,
-    at: &str,
-    entry: &'a Spanned<DeValue<'_>>,
-) -> Option<&'a str> {
+fn kind_of<'a>(errs: &mut ConfigErrors, at: &str, entry: &'a Spanned<DeValue<'_>>) -> Option<&'a str> {
     let DeValue::Table(table) = entry.get_ref() else {
         errs.push_span(Some(entry.span()), at, "must be a table".into());
         return None;
     };
-    match table
-        .iter()
-        .find(|(k, _)| k.get_ref() == "kind")
-        .map(|(_, v)| v)
-    {
+    match table.iter().find(|(k, _)| k.get_ref() == "kind").map(|(_, v)| v) {
         Some(v) => match v.get_ref() {
             DeValue::String(s) => Some(s.as_ref()),
             _ => {
-                errs.push_span(
-                    Some(v.span()),
-                    &format!("{at}.kind"),
-                    "`kind` must be a string".into(),
-                );
+                errs.push_span(Some(v.span()), &format!("{at}.kind"), "`kind` must be a string".into());
                 None
             }
         },
@@ -450,22 +363,10 @@ impl RawSource {
             }
             RawSource::Hmac(c) => {
                 let secrets = resolve_secrets(at, &c.secrets, root, errs, base, env);
-                let event = locator(
-                    at,
-                    "event",
-                    c.event_header,
-                    c.event_pointer,
-                    true,
-                    root,
-                    errs,
-                );
+                let event = locator(at, "event", c.event_header, c.event_pointer, true, root, errs);
                 let id = locator(at, "id", c.id_header, c.id_pointer, false, root, errs);
                 if HeaderName::from_bytes(c.header.as_bytes()).is_err() {
-                    errs.locate(
-                        &format!("{at}.header"),
-                        root,
-                        &format!("{:?} is not a valid header name", c.header),
-                    );
+                    errs.locate(&format!("{at}.header"), root, &format!("{:?} is not a valid header name", c.header));
                     return None;
                 }
                 Some(Scheme::Hmac(HmacScheme::new(
@@ -479,20 +380,9 @@ impl RawSource {
                 )))
             }
             RawSource::None(c) => {
-                let event = locator(
-                    at,
-                    "event",
-                    c.event_header,
-                    c.event_pointer,
-                    true,
-                    root,
-                    errs,
-                );
+                let event = locator(at, "event", c.event_header, c.event_pointer, true, root, errs);
                 let id = locator(at, "id", c.id_header, c.id_pointer, false, root, errs);
-                Some(Scheme::None {
-                    event: event??,
-                    id: id?,
-                })
+                Some(Scheme::None { event: event??, id: id? })
             }
         }
     }
@@ -507,11 +397,7 @@ fn resolve_secrets(
     env: &dyn Env,
 ) -> Option<Vec<crate::config::SecretString>> {
     if specs.is_empty() {
-        errs.locate(
-            &format!("{at}.secrets"),
-            root,
-            "at least one secret is needed",
-        );
+        errs.locate(&format!("{at}.secrets"), root, "at least one secret is needed");
         return None;
     }
     let mut out = Vec::new();
@@ -541,20 +427,12 @@ fn locator(
 ) -> Option<Option<Locator>> {
     match (header, pointer) {
         (Some(_), Some(_)) => {
-            errs.locate(
-                at,
-                root,
-                &format!("set only one of `{what}_header` and `{what}_pointer`"),
-            );
+            errs.locate(at, root, &format!("set only one of `{what}_header` and `{what}_pointer`"));
             None
         }
         (Some(h), None) => {
             if HeaderName::from_bytes(h.as_bytes()).is_err() {
-                errs.locate(
-                    &format!("{at}.{what}_header"),
-                    root,
-                    &format!("{h:?} is not a valid header name"),
-                );
+                errs.locate(&format!("{at}.{what}_header"), root, &format!("{h:?} is not a valid header name"));
                 return None;
             }
             Some(Some(Locator::Header(h.to_ascii_lowercase())))
@@ -571,11 +449,7 @@ fn locator(
             Some(Some(Locator::Pointer(p)))
         }
         (None, None) if required => {
-            errs.locate(
-                at,
-                root,
-                &format!("set `{what}_header` or `{what}_pointer`: where the {what} is found"),
-            );
+            errs.locate(at, root, &format!("set `{what}_header` or `{what}_pointer`: where the {what} is found"));
             None
         }
         (None, None) => Some(None),
@@ -622,33 +496,19 @@ impl RawSink {
             ok = false;
         }
         if retry.initial_backoff.0.is_zero() || retry.initial_backoff > retry.max_backoff {
-            errs.locate(
-                &format!("{at}.retry"),
-                root,
-                "initial_backoff must be more than 0 and at most max_backoff",
-            );
+            errs.locate(&format!("{at}.retry"), root, "initial_backoff must be more than 0 and at most max_backoff");
             ok = false;
         }
         let kind = match self {
             RawSink::Http(c) => {
                 let url = match reqwest::Url::parse(&c.url) {
-                    Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {
-                        Some(u)
-                    }
+                    Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Some(u),
                     Ok(_) => {
-                        errs.locate(
-                            &format!("{at}.url"),
-                            root,
-                            &format!("{:?} is not an http(s) URL", c.url),
-                        );
+                        errs.locate(&format!("{at}.url"), root, &format!("{:?} is not an http(s) URL", c.url));
                         None
                     }
                     Err(e) => {
-                        errs.locate(
-                            &format!("{at}.url"),
-                            root,
-                            &format!("invalid URL {:?}: {e}", c.url),
-                        );
+                        errs.locate(&format!("{at}.url"), root, &format!("invalid URL {:?}: {e}", c.url));
                         None
                     }
                 };
@@ -661,9 +521,7 @@ impl RawSink {
                     let key = format!("{at}.headers.{name}");
                     match HeaderName::from_bytes(name.as_bytes()) {
                         Ok(h) => match spec.resolve(base, env) {
-                            Ok(v) if axum::http::HeaderValue::from_str(v.expose()).is_ok() => {
-                                headers.push((h, v))
-                            }
+                            Ok(v) if axum::http::HeaderValue::from_str(v.expose()).is_ok() => headers.push((h, v)),
                             Ok(_) => {
                                 errs.locate(&key, root, "the value is not a valid header value");
                                 ok = false;
@@ -674,33 +532,20 @@ impl RawSink {
                             }
                         },
                         Err(_) => {
-                            errs.locate(
-                                &key,
-                                root,
-                                &format!("{name:?} is not a valid header name"),
-                            );
+                            errs.locate(&key, root, &format!("{name:?} is not a valid header name"));
                             ok = false;
                         }
                     }
                 }
-                SinkKind::Http(HttpSinkSpec {
-                    url: url?,
-                    timeout: c.timeout.0,
-                    headers,
-                })
+                SinkKind::Http(HttpSinkSpec { url: url?, timeout: c.timeout.0, headers })
             }
-            RawSink::File(c) => SinkKind::File(FileSinkSpec {
-                path: base.join(&c.path),
-            }),
+            RawSink::File(c) => SinkKind::File(FileSinkSpec { path: base.join(&c.path) }),
         };
         ok.then(|| SinkSpec {
             id: id.to_owned(),
             kind,
             max_in_flight,
-            retry: RetryPolicy {
-                initial_backoff: retry.initial_backoff.0,
-                max_backoff: retry.max_backoff.0,
-            },
+            retry: RetryPolicy { initial_backoff: retry.initial_backoff.0, max_backoff: retry.max_backoff.0 },
         })
     }
 }

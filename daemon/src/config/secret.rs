@@ -97,9 +97,9 @@ impl SecretSpec {
         let value = match self {
             SecretSpec::Text(text) => expand(text, env)?,
             SecretSpec::From(from) => match (&from.env, &from.file, &from.credential) {
-                (Some(name), None, None) => env
-                    .var(name)
-                    .ok_or_else(|| format!("environment variable {name} is not set"))?,
+                (Some(name), None, None) => {
+                    env.var(name).ok_or_else(|| format!("environment variable {name} is not set"))?
+                }
                 (None, Some(path), None) => read_secret_file(&base.join(path))?,
                 (None, None, Some(name)) => {
                     let dir = env.var("CREDENTIALS_DIRECTORY").ok_or_else(|| {
@@ -111,9 +111,7 @@ impl SecretSpec {
                     read_secret_file(&Path::new(&dir).join(name))?
                 }
                 _ => {
-                    return Err(
-                        "a secret table takes exactly one of `env`, `file`, `credential`".into(),
-                    );
+                    return Err("a secret table takes exactly one of `env`, `file`, `credential`".into());
                 }
             },
         };
@@ -125,8 +123,7 @@ impl SecretSpec {
 }
 
 fn read_secret_file(path: &Path) -> Result<String, String> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| format!("cannot read secret file {}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read secret file {}: {e}", path.display()))?;
     Ok(text.trim_end_matches(['\n', '\r']).to_owned())
 }
 
@@ -145,14 +142,9 @@ fn expand(text: &str, env: &dyn Env) -> Result<String, String> {
             let end = tail.find('}').ok_or("unterminated ${...} in secret")?;
             let name = &tail[..end];
             if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                return Err(format!(
-                    "invalid environment variable name {name:?} in ${{...}}"
-                ));
+                return Err(format!("invalid environment variable name {name:?} in ${{...}}"));
             }
-            out.push_str(
-                &env.var(name)
-                    .ok_or_else(|| format!("environment variable {name} is not set"))?,
-            );
+            out.push_str(&env.var(name).ok_or_else(|| format!("environment variable {name} is not set"))?);
             rest = &tail[end + 1..];
         } else {
             out.push('$');
@@ -183,49 +175,23 @@ mod tests {
     fn expands_environment_variables() {
         let base = Path::new(".");
         let spec = SecretSpec::Text("Bearer ${TOKEN}".into());
-        assert_eq!(
-            spec.resolve(base, &env()).map(|s| s.expose().to_owned()),
-            Ok("Bearer s3cr3t".into())
-        );
+        assert_eq!(spec.resolve(base, &env()).map(|s| s.expose().to_owned()), Ok("Bearer s3cr3t".into()));
         let spec = SecretSpec::Text("a$$b$c".into());
-        assert_eq!(
-            spec.resolve(base, &env()).map(|s| s.expose().to_owned()),
-            Ok("a$b$c".into())
-        );
+        assert_eq!(spec.resolve(base, &env()).map(|s| s.expose().to_owned()), Ok("a$b$c".into()));
         let spec = SecretSpec::Text("${MISSING}".into());
-        assert_eq!(
-            spec.resolve(base, &env()).err(),
-            Some("environment variable MISSING is not set".into())
-        );
+        assert_eq!(spec.resolve(base, &env()).err(), Some("environment variable MISSING is not set".into()));
     }
 
     #[test]
     fn reads_files_and_credentials() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("s"), "from-file\n").unwrap();
-        let spec = SecretSpec::From(SecretFrom {
-            env: None,
-            file: Some("s".into()),
-            credential: None,
-        });
-        assert_eq!(
-            spec.resolve(dir.path(), &env()).unwrap().expose(),
-            "from-file"
-        );
+        let spec = SecretSpec::From(SecretFrom { env: None, file: Some("s".into()), credential: None });
+        assert_eq!(spec.resolve(dir.path(), &env()).unwrap().expose(), "from-file");
         let mut e = env();
-        e.0.insert(
-            "CREDENTIALS_DIRECTORY".into(),
-            dir.path().display().to_string(),
-        );
-        let spec = SecretSpec::From(SecretFrom {
-            env: None,
-            file: None,
-            credential: Some("s".into()),
-        });
-        assert_eq!(
-            spec.resolve(Path::new("/"), &e).unwrap().expose(),
-            "from-file"
-        );
+        e.0.insert("CREDENTIALS_DIRECTORY".into(), dir.path().display().to_string());
+        let spec = SecretSpec::From(SecretFrom { env: None, file: None, credential: Some("s".into()) });
+        assert_eq!(spec.resolve(Path::new("/"), &e).unwrap().expose(), "from-file");
     }
 
     #[test]

@@ -184,10 +184,7 @@ pub struct RetryConfig {
 
 impl Default for RetryConfig {
     fn default() -> Self {
-        RetryConfig {
-            initial_backoff: limits::default_initial_backoff(),
-            max_backoff: limits::default_max_backoff(),
-        }
+        RetryConfig { initial_backoff: limits::default_initial_backoff(), max_backoff: limits::default_max_backoff() }
     }
 }
 

@@ -21,11 +21,7 @@ impl FromStr for HumanDuration {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         humantime::parse_duration(s)
             .map(HumanDuration)
-            .map_err(|e| {
-                format!(
-                    "invalid duration {s:?} ({e}); write e.g. \"500ms\", \"10s\", \"5m\", \"7d\""
-                )
-            })
+            .map_err(|e| format!("invalid duration {s:?} ({e}); write e.g. \"500ms\", \"10s\", \"5m\", \"7d\""))
     }
 }
 
@@ -51,9 +47,7 @@ impl FromStr for HumanSize {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         s.parse::<bytesize::ByteSize>()
             .map(|b| HumanSize(b.0))
-            .map_err(|e| {
-                format!("invalid size {s:?} ({e}); write e.g. \"64KiB\", \"1MiB\", \"1GiB\"")
-            })
+            .map_err(|e| format!("invalid size {s:?} ({e}); write e.g. \"64KiB\", \"1MiB\", \"1GiB\""))
     }
 }
 
@@ -78,14 +72,8 @@ mod tests {
 
     #[test]
     fn parses_durations_and_sizes() {
-        assert_eq!(
-            "10s".parse::<HumanDuration>().map(|d| d.0),
-            Ok(Duration::from_secs(10))
-        );
-        assert_eq!(
-            "7d".parse::<HumanDuration>().map(|d| d.0),
-            Ok(Duration::from_secs(7 * 86_400))
-        );
+        assert_eq!("10s".parse::<HumanDuration>().map(|d| d.0), Ok(Duration::from_secs(10)));
+        assert_eq!("7d".parse::<HumanDuration>().map(|d| d.0), Ok(Duration::from_secs(7 * 86_400)));
         assert!("ten".parse::<HumanDuration>().is_err());
         assert_eq!("1MiB".parse::<HumanSize>().map(|s| s.0), Ok(1 << 20));
         assert_eq!("64 KiB".parse::<HumanSize>().map(|s| s.0), Ok(64 << 10));

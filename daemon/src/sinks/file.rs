@@ -37,8 +37,7 @@ impl FileSink {
     /// Opens (creating) the file for appending and starts its writer thread.
     pub fn open(spec: &FileSinkSpec) -> Result<Self, String> {
         if let Some(parent) = spec.path.parent() {
-            std::fs::create_dir_all(parent)
-                .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+            std::fs::create_dir_all(parent).map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
         }
         let file = OpenOptions::new()
             .create(true)
@@ -50,25 +49,16 @@ impl FileSink {
             .name("hookbridge-file-sink".into())
             .spawn(move || write_loop(file, rx))
             .map_err(|e| format!("cannot start writer thread: {e}"))?;
-        Ok(FileSink {
-            tx,
-            path: spec.path.clone(),
-        })
+        Ok(FileSink { tx, path: spec.path.clone() })
     }
 
     async fn append(&self, event: &Event) -> Result<(), SinkError> {
         let line = render(event)?;
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send((line, reply))
-            .await
-            .map_err(|_| SinkError::retryable("file writer stopped"))?;
+        self.tx.send((line, reply)).await.map_err(|_| SinkError::retryable("file writer stopped"))?;
         match rx.await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(SinkError::retryable(format!(
-                "{}: {e}",
-                self.path.display()
-            ))),
+            Ok(Err(e)) => Err(SinkError::retryable(format!("{}: {e}", self.path.display()))),
             Err(_) => Err(SinkError::retryable("file writer stopped")),
         }
     }
@@ -77,8 +67,7 @@ impl FileSink {
 /// One JSON line. The body is embedded as it arrived; the only change is that raw line breaks (which in
 /// valid JSON can only be whitespace between tokens) become spaces, so the line stays one line.
 fn render(event: &Event) -> Result<Vec<u8>, SinkError> {
-    let text = std::str::from_utf8(&event.body)
-        .map_err(|_| SinkError::Permanent("body is not UTF-8".into()))?;
+    let text = std::str::from_utf8(&event.body).map_err(|_| SinkError::Permanent("body is not UTF-8".into()))?;
     let flat;
     let text = if text.contains(['\n', '\r']) {
         flat = text.replace(['\n', '\r'], " ");
@@ -86,18 +75,14 @@ fn render(event: &Event) -> Result<Vec<u8>, SinkError> {
     } else {
         text
     };
-    let body: &serde_json::value::RawValue = serde_json::from_str(text)
-        .map_err(|e| SinkError::Permanent(format!("body is not JSON: {e}")))?;
+    let body: &serde_json::value::RawValue =
+        serde_json::from_str(text).map_err(|e| SinkError::Permanent(format!("body is not JSON: {e}")))?;
     let line = Line {
         id: &event.id,
         source: &event.source,
         event_type: &event.event_type,
         time: event.time_rfc3339(),
-        headers: event
-            .headers
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect(),
+        headers: event.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect(),
         body,
     };
     let mut out = serde_json::to_vec(&line).map_err(|e| SinkError::Permanent(e.to_string()))?;
@@ -118,10 +103,7 @@ fn write_loop(mut file: File, mut rx: mpsc::Receiver<Job>) {
         for (line, _) in &batch {
             buf.extend_from_slice(line);
         }
-        let result = file
-            .write_all(&buf)
-            .and_then(|()| file.sync_data())
-            .map_err(|e| e.to_string());
+        let result = file.write_all(&buf).and_then(|()| file.sync_data()).map_err(|e| e.to_string());
         for (_, reply) in batch {
             let _ = reply.send(result.clone());
         }

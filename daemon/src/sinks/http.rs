@@ -23,8 +23,7 @@ impl HttpSink {
     pub fn new(spec: &HttpSinkSpec) -> Result<Self, String> {
         let mut headers = HeaderMap::new();
         for (name, value) in &spec.headers {
-            let mut v = HeaderValue::from_str(value.expose())
-                .map_err(|_| format!("header {name}: invalid value"))?;
+            let mut v = HeaderValue::from_str(value.expose()).map_err(|_| format!("header {name}: invalid value"))?;
             v.set_sensitive(true);
             headers.insert(name.clone(), v);
         }
@@ -36,11 +35,7 @@ impl HttpSink {
             .user_agent(concat!("hookbridge/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| format!("cannot build HTTP client: {e}"))?;
-        Ok(HttpSink {
-            client,
-            url: spec.url.clone(),
-            headers,
-        })
+        Ok(HttpSink { client, url: spec.url.clone(), headers })
     }
 
     async fn post(&self, event: &Event) -> Result<(), SinkError> {
@@ -55,10 +50,7 @@ impl HttpSink {
             .header("ce-time", event.time_rfc3339())
             .header("ce-specversion", CE_SPECVERSION)
             .body(event.body.clone());
-        let response = request
-            .send()
-            .await
-            .map_err(|e| SinkError::retryable(describe(&e)))?;
+        let response = request.send().await.map_err(|e| SinkError::retryable(describe(&e)))?;
         classify(response.status(), response.headers())
     }
 }
@@ -75,19 +67,13 @@ fn classify(status: StatusCode, headers: &HeaderMap) -> Result<(), SinkError> {
         return Ok(());
     }
     let message = format!("HTTP {}", status.as_u16());
-    if status == StatusCode::REQUEST_TIMEOUT
-        || status == StatusCode::TOO_MANY_REQUESTS
-        || status.is_server_error()
-    {
+    if status == StatusCode::REQUEST_TIMEOUT || status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
         let retry_after = headers
             .get("retry-after")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
-        return Err(SinkError::Retryable {
-            message,
-            retry_after,
-        });
+        return Err(SinkError::Retryable { message, retry_after });
     }
     Err(SinkError::Permanent(message))
 }
@@ -107,11 +93,7 @@ fn describe(e: &reqwest::Error) -> String {
         detail = s.to_string();
         source = s.source();
     }
-    if detail.is_empty() {
-        kind.to_owned()
-    } else {
-        format!("{kind}: {detail}")
-    }
+    if detail.is_empty() { kind.to_owned() } else { format!("{kind}: {detail}") }
 }
 
 #[cfg(test)]
@@ -124,31 +106,16 @@ mod tests {
         assert_eq!(classify(StatusCode::OK, &h), Ok(()));
         assert_eq!(classify(StatusCode::NO_CONTENT, &h), Ok(()));
         for s in [408, 429, 500, 502, 503] {
-            assert_eq!(
-                classify(StatusCode::from_u16(s).unwrap(), &h)
-                    .unwrap_err()
-                    .class(),
-                "retryable",
-                "{s}"
-            );
+            assert_eq!(classify(StatusCode::from_u16(s).unwrap(), &h).unwrap_err().class(), "retryable", "{s}");
         }
         for s in [301, 400, 401, 404, 410, 422] {
-            assert_eq!(
-                classify(StatusCode::from_u16(s).unwrap(), &h)
-                    .unwrap_err()
-                    .class(),
-                "permanent",
-                "{s}"
-            );
+            assert_eq!(classify(StatusCode::from_u16(s).unwrap(), &h).unwrap_err().class(), "permanent", "{s}");
         }
         let mut h = HeaderMap::new();
         h.insert("retry-after", "7".parse().unwrap());
         assert_eq!(
             classify(StatusCode::TOO_MANY_REQUESTS, &h),
-            Err(SinkError::Retryable {
-                message: "HTTP 429".into(),
-                retry_after: Some(Duration::from_secs(7))
-            })
+            Err(SinkError::Retryable { message: "HTTP 429".into(), retry_after: Some(Duration::from_secs(7)) })
         );
     }
 }

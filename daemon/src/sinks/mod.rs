@@ -46,10 +46,7 @@ pub enum SinkError {
 impl SinkError {
     /// A retryable error without a hint.
     pub fn retryable(message: impl Into<String>) -> Self {
-        SinkError::Retryable {
-            message: message.into(),
-            retry_after: None,
-        }
+        SinkError::Retryable { message: message.into(), retry_after: None }
     }
     /// Metric label value.
     pub fn class(&self) -> &'static str {
@@ -78,10 +75,7 @@ pub struct BuildError {
 
 /// Builds the running sink for a spec (opens files, creates clients).
 pub fn build(spec: &SinkSpec) -> Result<Arc<dyn Sink>, BuildError> {
-    let err = |message: String| BuildError {
-        id: spec.id.clone(),
-        message,
-    };
+    let err = |message: String| BuildError { id: spec.id.clone(), message };
     Ok(match &spec.kind {
         SinkKind::Http(h) => Arc::new(HttpSink::new(h).map_err(err)?),
         SinkKind::File(f) => Arc::new(FileSink::open(f).map_err(err)?),

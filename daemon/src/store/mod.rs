@@ -6,8 +6,9 @@
 mod schema;
 mod writer;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -92,10 +93,28 @@ pub enum Outcome {
     },
 }
 
+/// A dispatcher's feed: deliveries committed from now on, in commit order, pushed by the writer.
+#[derive(Debug)]
+pub struct Feed {
+    /// Deliveries as they are committed.
+    pub rx: mpsc::Receiver<PendingDelivery>,
+    /// Set by the writer when it could not push one because the feed was full: the dispatcher must read
+    /// the spool from its cursor before it trusts the feed again.
+    pub lagged: Arc<AtomicBool>,
+}
+
+struct FeedSender {
+    tx: mpsc::Sender<PendingDelivery>,
+    lagged: Arc<AtomicBool>,
+}
+
+type Feeds = Arc<Mutex<HashMap<String, FeedSender>>>;
+
 /// Handle to the spool. Cheap to clone.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Store {
     tx: mpsc::Sender<Op>,
+    feeds: Feeds,
     path: PathBuf,
     readers: Arc<Mutex<Vec<Connection>>>,
     gauges: Arc<SpoolGauges>,
@@ -105,10 +124,7 @@ pub struct Store {
 impl Store {
     /// Opens (creating if needed) the spool in `data_dir` and starts its writer thread.
     pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(data_dir).map_err(|source| StoreError::Dir {
-            path: data_dir.to_owned(),
-            source,
-        })?;
+        std::fs::create_dir_all(data_dir).map_err(|source| StoreError::Dir { path: data_dir.to_owned(), source })?;
         restrict_permissions(data_dir);
         let path = data_dir.join(DB_FILE);
         let conn = Connection::open(&path)?;
@@ -116,15 +132,15 @@ impl Store {
         let gauges = Arc::new(schema::load_gauges(&conn)?);
         let (tx, rx) = mpsc::channel(WRITER_QUEUE);
         let g = Arc::clone(&gauges);
+        let feeds: Feeds = Arc::default();
+        let f = Arc::clone(&feeds);
         let handle = std::thread::Builder::new()
             .name("hookbridge-spool".into())
-            .spawn(move || writer::run(conn, rx, g))
-            .map_err(|source| StoreError::Dir {
-                path: data_dir.to_owned(),
-                source,
-            })?;
+            .spawn(move || writer::run(conn, rx, g, f))
+            .map_err(|source| StoreError::Dir { path: data_dir.to_owned(), source })?;
         Ok(Store {
             tx,
+            feeds,
             path,
             readers: Arc::new(Mutex::new(Vec::new())),
             gauges,
@@ -132,67 +148,43 @@ impl Store {
         })
     }
 
+    /// Subscribes to the deliveries for `sink` committed from now on (replacing an earlier subscription).
+    /// The feed starts lagged: read the spool first for what was pending before.
+    pub fn subscribe(&self, sink: &str, capacity: usize) -> Feed {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let lagged = Arc::new(AtomicBool::new(true));
+        if let Ok(mut feeds) = self.feeds.lock() {
+            feeds.insert(sink.to_owned(), FeedSender { tx, lagged: Arc::clone(&lagged) });
+        }
+        Feed { rx, lagged }
+    }
+
     /// Live counters.
     pub fn gauges(&self) -> &SpoolGauges {
         &self.gauges
     }
 
-    async fn call<T>(
-        &self,
-        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op,
-    ) -> Result<T, StoreError> {
+    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op) -> Result<T, StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(make(reply))
-            .await
-            .map_err(|_| StoreError::Closed)?;
+        self.tx.send(make(reply)).await.map_err(|_| StoreError::Closed)?;
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
     /// Commits an event and one pending delivery per sink, durably. Returns the event's receive-order seq.
     pub async fn insert(&self, event: Event, sinks: Vec<String>) -> Result<i64, StoreError> {
-        self.call(|reply| Op::Insert {
-            event,
-            sinks,
-            reply,
-        })
-        .await
+        self.call(|reply| Op::Insert { event, sinks, reply }).await
     }
 
     /// Records the outcome of an attempt (`attempts` counts it).
-    pub async fn record(
-        &self,
-        seq: i64,
-        sink: &str,
-        attempts: u32,
-        outcome: Outcome,
-    ) -> Result<(), StoreError> {
+    pub async fn record(&self, seq: i64, sink: &str, attempts: u32, outcome: Outcome) -> Result<(), StoreError> {
         let sink = sink.to_owned();
-        self.call(|reply| Op::Record {
-            seq,
-            sink,
-            attempts,
-            outcome,
-            reply,
-        })
-        .await
+        self.call(|reply| Op::Record { seq, sink, attempts, outcome, reply }).await
     }
 
     /// Stores a Clockodo handshake secret (the newest few per source are kept).
-    pub async fn record_handshake(
-        &self,
-        source: &str,
-        secret: &str,
-        received_at_ms: i64,
-    ) -> Result<(), StoreError> {
+    pub async fn record_handshake(&self, source: &str, secret: &str, received_at_ms: i64) -> Result<(), StoreError> {
         let (source, secret) = (source.to_owned(), secret.to_owned());
-        self.call(|reply| Op::Handshake {
-            source,
-            secret,
-            received_at_ms,
-            reply,
-        })
-        .await
+        self.call(|reply| Op::Handshake { source, secret, received_at_ms, reply }).await
     }
 
     /// A small durable write: proves the store is writable (readiness).
@@ -206,12 +198,7 @@ impl Store {
     }
 
     /// Pending deliveries for `sink` with seq greater than `after`, in receive order, at most `limit`.
-    pub async fn pending(
-        &self,
-        sink: &str,
-        after: i64,
-        limit: usize,
-    ) -> Result<Vec<PendingDelivery>, StoreError> {
+    pub async fn pending(&self, sink: &str, after: i64, limit: usize) -> Result<Vec<PendingDelivery>, StoreError> {
         let sink = sink.to_owned();
         self.read(move |conn| {
             let mut stmt = conn.prepare_cached(
@@ -262,10 +249,7 @@ impl Store {
     pub async fn has_event(&self, event_id: &str) -> Result<bool, StoreError> {
         let id = event_id.to_owned();
         self.read(move |conn| {
-            Ok(conn
-                .query_row("SELECT 1 FROM events WHERE id = ?1", [id], |_| Ok(()))
-                .optional()?
-                .is_some())
+            Ok(conn.query_row("SELECT 1 FROM events WHERE id = ?1", [id], |_| Ok(())).optional()?.is_some())
         })
         .await
     }
@@ -277,10 +261,7 @@ impl Store {
         let readers = Arc::clone(&self.readers);
         let path = self.path.clone();
         tokio::task::spawn_blocking(move || {
-            let conn = readers
-                .lock()
-                .map_err(|e| StoreError::Join(e.to_string()))?
-                .pop();
+            let conn = readers.lock().map_err(|e| StoreError::Join(e.to_string()))?.pop();
             let conn = match conn {
                 Some(c) => c,
                 None => open_reader(&path)?,
@@ -309,10 +290,7 @@ impl Store {
 }
 
 fn open_reader(path: &Path) -> Result<Connection, StoreError> {
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
     Ok(conn)
 }
@@ -321,18 +299,11 @@ fn open_reader(path: &Path) -> Result<Connection, StoreError> {
 /// safe while a daemon runs.
 pub fn list_handshakes(data_dir: &Path) -> Result<Vec<Handshake>, StoreError> {
     let conn = open_reader(&data_dir.join(DB_FILE))?;
-    let mut stmt = conn.prepare(
-        "SELECT source, secret, received_at FROM handshakes ORDER BY received_at DESC, id DESC",
-    )?;
-    let rows = stmt.query_map([], |r| {
-        Ok(Handshake {
-            source: r.get(0)?,
-            secret: r.get(1)?,
-            received_at_ms: r.get(2)?,
-        })
-    })?;
-    rows.collect::<Result<Vec<_>, _>>()
-        .map_err(StoreError::from)
+    let mut stmt =
+        conn.prepare("SELECT source, secret, received_at FROM handshakes ORDER BY received_at DESC, id DESC")?;
+    let rows =
+        stmt.query_map([], |r| Ok(Handshake { source: r.get(0)?, secret: r.get(1)?, received_at_ms: r.get(2)? }))?;
+    rows.collect::<Result<Vec<_>, _>>().map_err(StoreError::from)
 }
 
 #[cfg(unix)]
@@ -344,6 +315,12 @@ fn restrict_permissions(dir: &Path) {
 
 #[cfg(not(unix))]
 fn restrict_permissions(_dir: &Path) {}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish_non_exhaustive()
+    }
+}
 
 impl SpoolGauges {
     /// (events, bytes, deliveries) pending.

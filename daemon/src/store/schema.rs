@@ -52,11 +52,9 @@ pub(super) fn prepare_writer(conn: &Connection) -> Result<(), StoreError> {
     conn.pragma_update(None, "synchronous", "FULL")?;
     let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
     if version > SCHEMA_VERSION {
-        return Err(StoreError::Sqlite(rusqlite::Error::InvalidParameterName(
-            format!(
-                "spool schema version {version} is newer than this hookbridge understands ({SCHEMA_VERSION})"
-            ),
-        )));
+        return Err(StoreError::Sqlite(rusqlite::Error::InvalidParameterName(format!(
+            "spool schema version {version} is newer than this hookbridge understands ({SCHEMA_VERSION})"
+        ))));
     }
     conn.execute_batch(SCHEMA)?;
     conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
@@ -65,16 +63,12 @@ pub(super) fn prepare_writer(conn: &Connection) -> Result<(), StoreError> {
 
 /// Counts what is pending, at start-up.
 pub(super) fn load_gauges(conn: &Connection) -> Result<SpoolGauges, StoreError> {
-    let (events, bytes): (i64, i64) = conn.query_row(
-        "SELECT count(*), coalesce(sum(length(body)), 0) FROM events WHERE remaining > 0",
-        [],
-        |r| Ok((r.get(0)?, r.get(1)?)),
-    )?;
-    let deliveries: i64 = conn.query_row(
-        "SELECT count(*) FROM deliveries WHERE status = 'pending'",
-        [],
-        |r| r.get(0),
-    )?;
+    let (events, bytes): (i64, i64) =
+        conn.query_row("SELECT count(*), coalesce(sum(length(body)), 0) FROM events WHERE remaining > 0", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
+    let deliveries: i64 =
+        conn.query_row("SELECT count(*) FROM deliveries WHERE status = 'pending'", [], |r| r.get(0))?;
     Ok(SpoolGauges {
         pending_events: AtomicU64::new(events as u64),
         pending_bytes: AtomicU64::new(bytes as u64),

@@ -8,41 +8,19 @@ use std::sync::atomic::Ordering;
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Outcome, SpoolGauges, StoreError};
+use super::{Feeds, Outcome, PendingDelivery, SpoolGauges, StoreError};
 use crate::event::{Event, now_ms};
 use crate::limits::{GROUP_COMMIT_MAX, HANDSHAKES_KEPT};
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
 pub(super) enum Op {
-    Insert {
-        event: Event,
-        sinks: Vec<String>,
-        reply: Reply<i64>,
-    },
-    Record {
-        seq: i64,
-        sink: String,
-        attempts: u32,
-        outcome: Outcome,
-        reply: Reply<()>,
-    },
-    Handshake {
-        source: String,
-        secret: String,
-        received_at_ms: i64,
-        reply: Reply<()>,
-    },
-    Ping {
-        reply: Reply<()>,
-    },
-    Prune {
-        before_ms: i64,
-        reply: Reply<u64>,
-    },
-    Shutdown {
-        reply: oneshot::Sender<()>,
-    },
+    Insert { event: Event, sinks: Vec<String>, reply: Reply<i64> },
+    Record { seq: i64, sink: String, attempts: u32, outcome: Outcome, reply: Reply<()> },
+    Handshake { source: String, secret: String, received_at_ms: i64, reply: Reply<()> },
+    Ping { reply: Reply<()> },
+    Prune { before_ms: i64, reply: Reply<u64> },
+    Shutdown { reply: oneshot::Sender<()> },
 }
 
 /// What an applied operation changes in the gauges once committed, and how to answer it.
@@ -59,7 +37,7 @@ struct Delta {
     deliveries: i64,
 }
 
-pub(super) fn run(mut conn: Connection, mut rx: mpsc::Receiver<Op>, gauges: Arc<SpoolGauges>) {
+pub(super) fn run(mut conn: Connection, mut rx: mpsc::Receiver<Op>, gauges: Arc<SpoolGauges>, feeds: Feeds) {
     let mut shutdown: Option<oneshot::Sender<()>> = None;
     while shutdown.is_none() {
         let Some(first) = rx.blocking_recv() else {
@@ -73,41 +51,30 @@ pub(super) fn run(mut conn: Connection, mut rx: mpsc::Receiver<Op>, gauges: Arc<
             }
         }
         let mut done = Vec::with_capacity(batch.len());
+        let mut committed: Vec<(i64, Event, Vec<String>)> = Vec::new();
         let mut delta = Delta::default();
         let commit = (|| -> Result<(), rusqlite::Error> {
             let tx = conn.transaction()?;
             for op in batch {
                 match op {
                     Op::Shutdown { reply } => shutdown = Some(reply),
-                    Op::Insert {
-                        event,
-                        sinks,
-                        reply,
-                    } => {
+                    Op::Insert { event, sinks, reply } => {
                         let r = insert(&tx, &event, &sinks);
-                        if r.is_ok() && !sinks.is_empty() {
+                        if let Ok(seq) = r
+                            && !sinks.is_empty()
+                        {
                             delta.events += 1;
                             delta.bytes += event.body.len() as i64;
                             delta.deliveries += sinks.len() as i64;
+                            committed.push((seq, event, sinks));
                         }
                         done.push(Done::Seq(reply, r.map_err(StoreError::from)));
                     }
-                    Op::Record {
-                        seq,
-                        sink,
-                        attempts,
-                        outcome,
-                        reply,
-                    } => {
+                    Op::Record { seq, sink, attempts, outcome, reply } => {
                         let r = record(&tx, seq, &sink, attempts, &outcome, &mut delta);
                         done.push(Done::Unit(reply, r.map_err(StoreError::from)));
                     }
-                    Op::Handshake {
-                        source,
-                        secret,
-                        received_at_ms,
-                        reply,
-                    } => {
+                    Op::Handshake { source, secret, received_at_ms, reply } => {
                         let r = handshake(&tx, &source, &secret, received_at_ms);
                         done.push(Done::Unit(reply, r.map_err(StoreError::from)));
                     }
@@ -131,6 +98,7 @@ pub(super) fn run(mut conn: Connection, mut rx: mpsc::Receiver<Op>, gauges: Arc<
         match commit {
             Ok(()) => {
                 apply(&gauges, &delta);
+                feed(&feeds, committed);
                 for d in done {
                     match d {
                         Done::Seq(reply, r) => drop(reply.send(r)),
@@ -143,8 +111,7 @@ pub(super) fn run(mut conn: Connection, mut rx: mpsc::Receiver<Op>, gauges: Arc<
                 tracing::error!(error = %e, "spool commit failed; the batch's webhooks get 503");
                 let msg = e.to_string();
                 for d in done {
-                    let err =
-                        || StoreError::Sqlite(rusqlite::Error::InvalidParameterName(msg.clone()));
+                    let err = || StoreError::Sqlite(rusqlite::Error::InvalidParameterName(msg.clone()));
                     match d {
                         Done::Seq(reply, _) => drop(reply.send(Err(err()))),
                         Done::Unit(reply, _) => drop(reply.send(Err(err()))),
@@ -162,14 +129,31 @@ pub(super) fn run(mut conn: Connection, mut rx: mpsc::Receiver<Op>, gauges: Arc<
     let _ = conn.pragma_update(None, "wal_checkpoint", "TRUNCATE");
 }
 
+/// Hands committed deliveries to their dispatchers, in commit (= seq) order. A full feed is not waited for:
+/// it is marked lagged, and its dispatcher reads the spool instead until it has caught up.
+fn feed(feeds: &Feeds, committed: Vec<(i64, Event, Vec<String>)>) {
+    if committed.is_empty() {
+        return;
+    }
+    let Ok(feeds) = feeds.lock() else { return };
+    for (seq, event, sinks) in committed {
+        for sink in sinks {
+            if let Some(f) = feeds.get(&sink) {
+                let item = PendingDelivery { seq, attempts: 0, event: event.clone() };
+                if f.tx.try_send(item).is_err() {
+                    f.lagged.store(true, Ordering::Release);
+                }
+            }
+        }
+    }
+}
+
 fn apply(g: &SpoolGauges, d: &Delta) {
     fn add(a: &std::sync::atomic::AtomicU64, v: i64) {
         if v >= 0 {
             a.fetch_add(v as u64, Ordering::Relaxed);
         } else {
-            let _ = a.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |x| {
-                Some(x.saturating_sub(v.unsigned_abs()))
-            });
+            let _ = a.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |x| Some(x.saturating_sub(v.unsigned_abs())));
         }
     }
     add(&g.pending_events, d.events);
@@ -177,17 +161,22 @@ fn apply(g: &SpoolGauges, d: &Delta) {
     add(&g.pending_deliveries, d.deliveries);
 }
 
-fn insert(
-    tx: &rusqlite::Transaction<'_>,
-    e: &Event,
-    sinks: &[String],
-) -> Result<i64, rusqlite::Error> {
+fn insert(tx: &rusqlite::Transaction<'_>, e: &Event, sinks: &[String]) -> Result<i64, rusqlite::Error> {
     let headers = serde_json::to_string(&e.headers).unwrap_or_else(|_| "[]".into());
     tx.prepare_cached(
         "INSERT INTO events (id, source, event_type, received_at, headers, body, dedup_key, remaining)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )?
-    .execute(params![e.id, e.source, e.event_type, e.received_at_ms, headers, &e.body[..], e.dedup_key, sinks.len() as i64])?;
+    .execute(params![
+        e.id,
+        e.source,
+        e.event_type,
+        e.received_at_ms,
+        headers,
+        &e.body[..],
+        e.dedup_key,
+        sinks.len() as i64
+    ])?;
     let seq = tx.last_insert_rowid();
     let mut stmt = tx.prepare_cached(
         "INSERT INTO deliveries (sink, event_seq, status, attempts, updated_at) VALUES (?1, ?2, 'pending', 0, ?3)",
@@ -210,10 +199,7 @@ fn record(
     let (status, next, error) = match outcome {
         Outcome::Delivered => ("delivered", None, None),
         Outcome::Dead(e) => ("dead", None, Some(e.as_str())),
-        Outcome::Retry {
-            next_attempt_ms,
-            error,
-        } => ("pending", Some(*next_attempt_ms), Some(error.as_str())),
+        Outcome::Retry { next_attempt_ms, error } => ("pending", Some(*next_attempt_ms), Some(error.as_str())),
     };
     let changed = tx.prepare_cached(
         "UPDATE deliveries SET status = ?1, attempts = ?2, next_attempt_at = ?3, last_error = coalesce(?4, last_error), updated_at = ?5
@@ -223,7 +209,9 @@ fn record(
     if changed == 1 && status != "pending" {
         delta.deliveries -= 1;
         let left: Option<(i64, i64)> = tx
-            .prepare_cached("UPDATE events SET remaining = remaining - 1 WHERE seq = ?1 RETURNING remaining, length(body)")?
+            .prepare_cached(
+                "UPDATE events SET remaining = remaining - 1 WHERE seq = ?1 RETURNING remaining, length(body)",
+            )?
             .query_row([seq], |r| Ok((r.get(0)?, r.get(1)?)))
             .optional()?;
         if let Some((0, len)) = left {
@@ -234,12 +222,7 @@ fn record(
     Ok(())
 }
 
-fn handshake(
-    tx: &rusqlite::Transaction<'_>,
-    source: &str,
-    secret: &str,
-    at: i64,
-) -> Result<(), rusqlite::Error> {
+fn handshake(tx: &rusqlite::Transaction<'_>, source: &str, secret: &str, at: i64) -> Result<(), rusqlite::Error> {
     tx.execute(
         "INSERT INTO handshakes (source, secret, received_at) VALUES (?1, ?2, ?3)",
         params![source, secret, at],
@@ -257,10 +240,7 @@ fn prune(tx: &rusqlite::Transaction<'_>, before_ms: i64) -> Result<u64, rusqlite
         "DELETE FROM deliveries WHERE event_seq IN (SELECT seq FROM events WHERE received_at < ?1 AND remaining = 0)",
         [before_ms],
     )?;
-    let n = tx.execute(
-        "DELETE FROM events WHERE received_at < ?1 AND remaining = 0",
-        [before_ms],
-    )?;
+    let n = tx.execute("DELETE FROM events WHERE received_at < ?1 AND remaining = 0", [before_ms])?;
     tx.execute("DELETE FROM handshakes WHERE received_at < ?1", [before_ms])?;
     Ok(n as u64)
 }

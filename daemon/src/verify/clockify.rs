@@ -6,17 +6,11 @@ use super::{VerifyError, matches_any};
 use crate::config::SecretString;
 
 pub(super) fn verify(secrets: &[SecretString], headers: &HeaderMap) -> Result<(), VerifyError> {
-    let presented = headers
-        .get("clockify-signature")
-        .ok_or(VerifyError::MissingSignature)?;
+    let presented = headers.get("clockify-signature").ok_or(VerifyError::MissingSignature)?;
     if presented.is_empty() {
         return Err(VerifyError::MissingSignature);
     }
-    if matches_any(presented.as_bytes(), secrets) {
-        Ok(())
-    } else {
-        Err(VerifyError::BadSignature)
-    }
+    if matches_any(presented.as_bytes(), secrets) { Ok(()) } else { Err(VerifyError::BadSignature) }
 }
 
 #[cfg(test)]
@@ -28,15 +22,9 @@ mod tests {
         let secrets = vec![SecretString::new("YC6Je9nBl50faeycgNIAqlztlAwpGAAi")];
         let mut h = HeaderMap::new();
         assert_eq!(verify(&secrets, &h), Err(VerifyError::MissingSignature));
-        h.insert(
-            "clockify-signature",
-            "YC6Je9nBl50faeycgNIAqlztlAwpGAAi".parse().unwrap(),
-        );
+        h.insert("clockify-signature", "YC6Je9nBl50faeycgNIAqlztlAwpGAAi".parse().unwrap());
         assert_eq!(verify(&secrets, &h), Ok(()));
-        h.insert(
-            "clockify-signature",
-            "YC6Je9nBl50faeycgNIAqlztlAwpGAAj".parse().unwrap(),
-        );
+        h.insert("clockify-signature", "YC6Je9nBl50faeycgNIAqlztlAwpGAAj".parse().unwrap());
         assert_eq!(verify(&secrets, &h), Err(VerifyError::BadSignature));
     }
 }

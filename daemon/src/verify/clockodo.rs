@@ -32,17 +32,9 @@ pub struct ClockodoEnvelope {
 
 pub(super) fn verify(secrets: &[SecretString], body: &[u8]) -> Result<(), VerifyError> {
     // The token is inside the body; a body that is not a JSON object has no token.
-    let envelope: ClockodoEnvelope =
-        serde_json::from_slice(body).map_err(|_| VerifyError::MissingSignature)?;
-    let token = envelope
-        .token
-        .filter(|t| !t.is_empty())
-        .ok_or(VerifyError::MissingSignature)?;
-    if matches_any(token.as_bytes(), secrets) {
-        Ok(())
-    } else {
-        Err(VerifyError::BadSignature)
-    }
+    let envelope: ClockodoEnvelope = serde_json::from_slice(body).map_err(|_| VerifyError::MissingSignature)?;
+    let token = envelope.token.filter(|t| !t.is_empty()).ok_or(VerifyError::MissingSignature)?;
+    if matches_any(token.as_bytes(), secrets) { Ok(()) } else { Err(VerifyError::BadSignature) }
 }
 
 /// The handshake secret, if this request is Clockodo's validation handshake: a `secret` query parameter, or
@@ -68,10 +60,7 @@ pub fn handshake_secret(query: Option<&str>, body: &[u8]) -> Option<String> {
 
 /// Handshake secrets are UUIDs; anything long or odd is refused so the store cannot be stuffed.
 fn is_plausible_secret(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 128
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    !s.is_empty() && s.len() <= 128 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
 #[cfg(test)]
@@ -81,39 +70,21 @@ mod tests {
     #[test]
     fn token_must_match() {
         let secrets = vec![SecretString::new("tok")];
-        assert_eq!(
-            verify(&secrets, br#"{"event_name":"entry.created","token":"tok"}"#),
-            Ok(())
-        );
+        assert_eq!(verify(&secrets, br#"{"event_name":"entry.created","token":"tok"}"#), Ok(()));
         assert_eq!(
             verify(&secrets, br#"{"event_name":"entry.created","token":"bad"}"#),
             Err(VerifyError::BadSignature)
         );
-        assert_eq!(
-            verify(&secrets, br#"{"event_name":"entry.created"}"#),
-            Err(VerifyError::MissingSignature)
-        );
-        assert_eq!(
-            verify(&secrets, b"not json"),
-            Err(VerifyError::MissingSignature)
-        );
+        assert_eq!(verify(&secrets, br#"{"event_name":"entry.created"}"#), Err(VerifyError::MissingSignature));
+        assert_eq!(verify(&secrets, b"not json"), Err(VerifyError::MissingSignature));
     }
 
     #[test]
     fn recognises_handshakes() {
         let uuid = "2f1c5b9e-3f0a-4c55-9a3e-5b3f1e0c7d21";
-        assert_eq!(
-            handshake_secret(None, format!(r#"{{"secret":"{uuid}"}}"#).as_bytes()),
-            Some(uuid.into())
-        );
-        assert_eq!(
-            handshake_secret(Some(&format!("a=1&secret={uuid}")), b""),
-            Some(uuid.into())
-        );
-        assert_eq!(
-            handshake_secret(None, br#"{"secret":"x","event_name":"entry.created"}"#),
-            None
-        );
+        assert_eq!(handshake_secret(None, format!(r#"{{"secret":"{uuid}"}}"#).as_bytes()), Some(uuid.into()));
+        assert_eq!(handshake_secret(Some(&format!("a=1&secret={uuid}")), b""), Some(uuid.into()));
+        assert_eq!(handshake_secret(None, br#"{"secret":"x","event_name":"entry.created"}"#), None);
         assert_eq!(handshake_secret(None, br#"{"secret":"<script>"}"#), None);
         assert_eq!(handshake_secret(None, b"{}"), None);
     }

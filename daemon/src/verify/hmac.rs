@@ -41,36 +41,19 @@ impl HmacScheme {
         id: Option<Locator>,
     ) -> Self {
         let header = header.to_ascii_lowercase();
-        HmacScheme {
-            header,
-            prefix,
-            encoding,
-            algorithm,
-            secrets,
-            event,
-            id,
-        }
+        HmacScheme { header, prefix, encoding, algorithm, secrets, event, id }
     }
 
     pub(super) fn verify(&self, headers: &HeaderMap, body: &[u8]) -> Result<(), VerifyError> {
-        let value = headers
-            .get(self.header.as_str())
-            .ok_or(VerifyError::MissingSignature)?;
-        let value = value
-            .to_str()
-            .map_err(|_| VerifyError::MalformedSignature)?
-            .trim();
+        let value = headers.get(self.header.as_str()).ok_or(VerifyError::MissingSignature)?;
+        let value = value.to_str().map_err(|_| VerifyError::MalformedSignature)?.trim();
         if value.is_empty() {
             return Err(VerifyError::MissingSignature);
         }
-        let encoded = value
-            .strip_prefix(self.prefix.as_str())
-            .ok_or(VerifyError::MalformedSignature)?;
+        let encoded = value.strip_prefix(self.prefix.as_str()).ok_or(VerifyError::MalformedSignature)?;
         let presented = match self.encoding {
             SignatureEncoding::Hex => hex::decode(encoded),
-            SignatureEncoding::Base64 => {
-                base64_decode(encoded).ok_or(hex::FromHexError::InvalidStringLength)
-            }
+            SignatureEncoding::Base64 => base64_decode(encoded).ok_or(hex::FromHexError::InvalidStringLength),
         }
         .map_err(|_| VerifyError::MalformedSignature)?;
         let mut ok = false;
@@ -78,11 +61,7 @@ impl HmacScheme {
             // `verify_slice` compares in constant time; every secret is tried.
             ok |= self.mac_matches(secret.expose().as_bytes(), body, &presented);
         }
-        if ok {
-            Ok(())
-        } else {
-            Err(VerifyError::BadSignature)
-        }
+        if ok { Ok(()) } else { Err(VerifyError::BadSignature) }
     }
 
     fn mac_matches(&self, key: &[u8], body: &[u8], presented: &[u8]) -> bool {
@@ -115,10 +94,7 @@ impl HmacScheme {
 
 fn base64_decode(s: &str) -> Option<Vec<u8>> {
     use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
-    STANDARD
-        .decode(s)
-        .or_else(|_| STANDARD_NO_PAD.decode(s))
-        .ok()
+    STANDARD.decode(s).or_else(|_| STANDARD_NO_PAD.decode(s)).ok()
 }
 
 #[cfg(test)]
@@ -143,10 +119,7 @@ mod tests {
         let body = br#"{"zen":"Keep it logically awesome."}"#;
         let mut h = HeaderMap::new();
         assert_eq!(s.verify(&h, body), Err(VerifyError::MissingSignature));
-        h.insert(
-            "x-hub-signature-256",
-            s.sign(&SecretString::new("new"), body).parse().unwrap(),
-        );
+        h.insert("x-hub-signature-256", s.sign(&SecretString::new("new"), body).parse().unwrap());
         assert_eq!(s.verify(&h, body), Ok(()));
         assert_eq!(s.verify(&h, b"tampered"), Err(VerifyError::BadSignature));
         h.insert("x-hub-signature-256", "sha1=abc".parse().unwrap());
@@ -178,15 +151,9 @@ mod tests {
         let s = scheme(SignatureEncoding::Base64, HmacAlgorithm::Sha512, "");
         let body = b"{}";
         let mut h = HeaderMap::new();
-        h.insert(
-            "x-hub-signature-256",
-            s.sign(&SecretString::new("old"), body).parse().unwrap(),
-        );
+        h.insert("x-hub-signature-256", s.sign(&SecretString::new("old"), body).parse().unwrap());
         assert_eq!(s.verify(&h, body), Ok(()));
-        h.insert(
-            "x-hub-signature-256",
-            s.sign(&SecretString::new("other"), body).parse().unwrap(),
-        );
+        h.insert("x-hub-signature-256", s.sign(&SecretString::new("other"), body).parse().unwrap());
         assert_eq!(s.verify(&h, body), Err(VerifyError::BadSignature));
     }
 }

@@ -61,10 +61,7 @@ impl Scheme {
     /// True for a header (lower-case name) that carries a credential under this scheme, or under any
     /// scheme in general (`authorization`, `cookie`): such headers are never stored nor shown to predicates.
     pub fn is_secret_header(&self, name: &str) -> bool {
-        if matches!(
-            name,
-            "authorization" | "proxy-authorization" | "cookie" | "clockify-signature"
-        ) {
+        if matches!(name, "authorization" | "proxy-authorization" | "cookie" | "clockify-signature") {
             return true;
         }
         match self {
