@@ -53,10 +53,14 @@ pub(crate) fn default_file_in_flight() -> usize {
 pub const RETRY_AFTER_SECS: u64 = 15;
 /// Operations the spool writer folds into one transaction (one fsync) at most.
 pub const GROUP_COMMIT_MAX: usize = 512;
+/// Under load, how long the spool writer waits for more operations to join a commit.
+pub const GROUP_COMMIT_WINDOW: Duration = Duration::from_micros(500);
 /// Capacity of the queue in front of the spool writer.
 pub const WRITER_QUEUE: usize = 8192;
 /// Lines the file sink writes per fsync at most.
 pub const FILE_BATCH_MAX: usize = 512;
+/// How long the file sink lets lines gather before it writes and fsyncs a batch that started alone.
+pub const FILE_BATCH_WINDOW: Duration = Duration::from_millis(2);
 /// Clockodo handshakes kept per source (they are unauthenticated, so the table is bounded).
 pub const HANDSHAKES_KEPT: i64 = 20;
 /// Longest accepted event type name.

@@ -220,3 +220,15 @@ pub fn clockify_headers<'a>(secret: &'a str, event: &'a str) -> Vec<(&'a str, &'
         ("user-agent", "Vert.x-WebClient/4.2.5"),
     ]
 }
+
+/// A free loopback port for a child daemon, chosen outside the kernel's ephemeral range so that no test's
+/// port-0 listener can take it between this check and the daemon's bind.
+pub fn free_port() -> u16 {
+    use rand::Rng;
+    loop {
+        let port = rand::rng().random_range(20_000..30_000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}

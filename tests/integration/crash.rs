@@ -34,10 +34,7 @@ async fn wait_healthy(url: &str) {
 async fn every_acknowledged_event_survives_sigkill() {
     let receiver = Receiver::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = free_port();
     let config = dir.path().join("hookbridge.toml");
     std::fs::write(
         &config,

@@ -23,7 +23,7 @@ secrets = ["{SECRET}"]
 [sinks.out]
 kind = "http"
 url = "{url}"
-timeout = "2s"
+timeout = "300ms"
 max_in_flight = 1
 retry = {{ initial_backoff = "50ms", max_backoff = "200ms" }}
 [[routes]]
@@ -33,16 +33,43 @@ to = ["out"]
     )
 }
 
+/// A receiver that is down: it holds its port (so no other test can take it) and closes every connection
+/// at once, before reading a request. `up()` hands the port back to serve a real `Receiver`.
+struct DownPort {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<TcpListener>,
+}
+
+impl DownPort {
+    async fn up(self) -> TcpListener {
+        let _ = self.stop.send(());
+        self.task.await.unwrap()
+    }
+}
+
+async fn hung_receiver() -> (DownPort, std::net::SocketAddr) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = &mut stopped => return listener,
+                conn = listener.accept() => drop(conn),
+            }
+        }
+    });
+    (DownPort { stop, task }, addr)
+}
+
 fn body(n: usize) -> String {
     format!(r#"{{"id":"entry-{n}","description":"n{n}"}}"#)
 }
 
 #[tokio::test]
 async fn events_wait_while_the_receiver_is_down_and_arrive_in_order_once_it_is_up() {
-    // Reserve a port, then leave it closed: connections are refused.
-    let reserved = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = reserved.local_addr().unwrap();
-    drop(reserved);
+    // The receiver is down: every connection is closed before a request is read.
+    let (down, addr) = hung_receiver().await;
     let bridge = TestBridge::start(&toml(&format!("http://{addr}/in"), "")).await;
     for n in 0..5 {
         let (s, _) = bridge.post("/hooks/clockify", &clockify_headers(SECRET, "NEW_TIME_ENTRY"), body(n)).await;
@@ -52,7 +79,7 @@ async fn events_wait_while_the_receiver_is_down_and_arrive_in_order_once_it_is_u
     let m = bridge.wait_metric(r#"hookbridge_deliveries_total{outcome="retry",sink="out"}"#, 2.0).await;
     assert_eq!(metric(&m, "hookbridge_spool_pending_deliveries"), 5.0);
 
-    let receiver = Receiver::start_on(TcpListener::bind(addr).await.unwrap()).await;
+    let receiver = Receiver::start_on(down.up().await).await;
     let got = receiver.wait_for(5, Duration::from_secs(20)).await;
     let ids: Vec<String> = got
         .iter()
@@ -97,9 +124,7 @@ async fn permanent_failures_are_kept_dead_and_server_errors_are_retried() {
 
 #[tokio::test]
 async fn a_full_spool_answers_503_with_retry_after() {
-    let reserved = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = reserved.local_addr().unwrap();
-    drop(reserved);
+    let (_down, addr) = hung_receiver().await;
     let bridge = TestBridge::start(&toml(&format!("http://{addr}/in"), "max_pending_events = 2")).await;
     for n in 0..2 {
         assert_eq!(bridge.post("/hooks/clockify", &clockify_headers(SECRET, "NEW_TIME_ENTRY"), body(n)).await.0, 200);
@@ -121,9 +146,7 @@ async fn a_full_spool_answers_503_with_retry_after() {
 
 #[tokio::test]
 async fn pending_deliveries_survive_a_graceful_restart() {
-    let reserved = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = reserved.local_addr().unwrap();
-    drop(reserved);
+    let (down, addr) = hung_receiver().await;
     let config = toml(&format!("http://{addr}/in"), "");
     let bridge = TestBridge::start(&config).await;
     for n in 0..3 {
@@ -132,7 +155,7 @@ async fn pending_deliveries_survive_a_graceful_restart() {
     let dir = bridge.stop().await;
 
     // Same data directory, receiver now up.
-    let receiver = Receiver::start_on(TcpListener::bind(addr).await.unwrap()).await;
+    let receiver = Receiver::start_on(down.up().await).await;
     let text = config.replace("{dir}", &dir.path().display().to_string());
     let cfg = hookbridge::Config::parse(&text, None, dir.path(), &hookbridge::config::ProcessEnv).unwrap();
     let bridge = hookbridge::Bridge::start(cfg).await.unwrap();

@@ -12,7 +12,7 @@ async fn quickstart_config_send_and_file_sink() {
     let dir = tempfile::tempdir().unwrap();
     let config_dir = dir.path().join("config");
     std::fs::create_dir(&config_dir).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_port();
     let text = std::fs::read_to_string(repo.join("config/quickstart.toml")).unwrap();
     assert!(text.contains("listen = \"127.0.0.1:8080\""));
     let text = text.replace("127.0.0.1:8080", &format!("127.0.0.1:{port}"));

@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::{BoxFuture, Sink, SinkError};
 use crate::config::FileSinkSpec;
 use crate::event::Event;
-use crate::limits::FILE_BATCH_MAX;
+use crate::limits::{FILE_BATCH_MAX, FILE_BATCH_WINDOW};
 
 type Job = (Vec<u8>, oneshot::Sender<Result<(), String>>);
 
@@ -92,6 +92,10 @@ fn render(event: &Event) -> Result<Vec<u8>, SinkError> {
 
 fn write_loop(mut file: File, mut rx: mpsc::Receiver<Job>) {
     while let Some(first) = rx.blocking_recv() {
+        // Let a batch gather: one fsync costs about as much CPU for one line as for hundreds.
+        if rx.is_empty() {
+            std::thread::sleep(FILE_BATCH_WINDOW);
+        }
         let mut batch = vec![first];
         while batch.len() < FILE_BATCH_MAX {
             match rx.try_recv() {
