@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -128,6 +129,12 @@ impl Bridge {
             shared.shutting_down.store(true, Ordering::Relaxed);
             tracing::info!("shutting down: no new connections; finishing requests in flight");
         };
+        // Answers are small and written once: send them at once rather than wait for Nagle.
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+            }
+        });
         let served = axum::serve(listener, app).with_graceful_shutdown(graceful).await;
         self.shutdown().await;
         served.map_err(BridgeError::from)
