@@ -16,7 +16,7 @@ use crate::config::Config;
 use crate::dispatch::Dispatcher;
 use crate::event::now_ms;
 use crate::ingress::{Shared, router};
-use crate::limits::{FEED_CAPACITY, PRUNE_INTERVAL};
+use crate::limits::{DISPATCH_POLL, FEED_CAPACITY, PRUNE_INTERVAL};
 use crate::metrics::Metrics;
 use crate::route::RouteTable;
 use crate::sinks::{self, BuildError};
@@ -86,7 +86,7 @@ impl Bridge {
             };
             tasks.spawn(d.run(feed, cancel.child_token()));
         }
-        tasks.spawn(prune_loop(store.clone(), config.storage.retention.0, cancel.child_token()));
+        tasks.spawn(housekeeping(store.clone(), config.storage.retention.0, cancel.child_token()));
         for source in config.sources.values() {
             tracing::info!(source = %source.id, kind = source.scheme.kind(), path = %source.path, "source ready");
         }
@@ -97,6 +97,8 @@ impl Bridge {
             metrics,
             max_body: config.server.max_body_size.0,
             request_timeout: config.server.request_timeout.0,
+            sink_ids: config.sinks.keys().cloned().collect(),
+            dedup_window: Some(config.storage.dedup_window.0).filter(|w| !w.is_zero()),
             max_pending_events: config.storage.max_pending_events,
             max_pending_bytes: config.storage.max_pending_bytes.0,
             concurrency: Semaphore::new(config.server.max_concurrency),
@@ -158,17 +160,25 @@ impl Bridge {
     }
 }
 
-async fn prune_loop(store: Store, retention: Duration, cancel: CancellationToken) {
+/// Prunes past retention every [`PRUNE_INTERVAL`], and recounts the spool gauges every [`DISPATCH_POLL`]
+/// (an operator may have changed the spool from another process).
+async fn housekeeping(store: Store, retention: Duration, cancel: CancellationToken) {
+    let mut last_prune: Option<std::time::Instant> = None;
     loop {
-        let before = now_ms() - retention.as_millis() as i64;
-        match store.prune(before).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(events = n, "pruned finished events past retention"),
-            Err(e) => tracing::warn!(error = %e, "pruning failed"),
+        if last_prune.is_none_or(|t| t.elapsed() >= PRUNE_INTERVAL) {
+            last_prune = Some(std::time::Instant::now());
+            let before = now_ms() - retention.as_millis() as i64;
+            match store.prune(before).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(events = n, "pruned finished events past retention"),
+                Err(e) => tracing::warn!(error = %e, "pruning failed"),
+            }
+        } else if let Err(e) = store.resync().await {
+            tracing::warn!(error = %e, "cannot recount the spool");
         }
         tokio::select! {
             _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep(PRUNE_INTERVAL) => {}
+            _ = tokio::time::sleep(DISPATCH_POLL) => {}
         }
     }
 }

@@ -50,6 +50,8 @@ pub struct Classified {
     pub kept_headers: Vec<(String, String)>,
     /// Dedup key.
     pub dedup_key: String,
+    /// Ordering key: the entity the event is about (`<source>:<id>`), when the body names one.
+    pub ordering_key: Option<String>,
 }
 
 /// Every header that carries no credential, for predicates (lower-case names; values that are not text
@@ -74,11 +76,32 @@ fn invalid_json(e: serde_json::Error) -> ClassifyError {
 /// validated for Clockify, decoded into the envelope for Clockodo, parsed for a JSON pointer.
 pub fn classify(scheme: &Scheme, headers: &HeaderMap, raw: &[u8]) -> Result<Classified, ClassifyError> {
     let body_hash = || hex::encode(Sha256::digest(raw));
-    let validate = || serde_json::from_slice::<serde::de::IgnoredAny>(raw).map(|_| ()).map_err(invalid_json);
+    /// Reads only the top-level `id` (the entity id in Clockify bodies), validating the rest.
+    #[derive(serde::Deserialize)]
+    struct TopId {
+        #[serde(default)]
+        id: Option<serde_json::Value>,
+    }
+    let id_text = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    };
+    let top_id = || -> Result<Option<String>, ClassifyError> {
+        // A body that is JSON but not an object (an array, a number) is valid and has no id.
+        match serde_json::from_slice::<TopId>(raw) {
+            Ok(t) => Ok(t.id.as_ref().and_then(id_text)),
+            Err(e) if e.is_data() => {
+                serde_json::from_slice::<serde::de::IgnoredAny>(raw).map(|_| None).map_err(invalid_json)
+            }
+            Err(e) => Err(invalid_json(e)),
+        }
+    };
     let mut parsed = None;
+    let entity: Option<String>;
     let (event_type, dedup_key, extra_kept): (Option<String>, String, Vec<&str>) = match scheme {
         Scheme::Clockify { .. } => {
-            validate()?;
+            entity = top_id()?;
             let ty = header(headers, "clockify-webhook-event-type");
             let mut h = Sha256::new();
             h.update(ty.as_deref().unwrap_or("").as_bytes());
@@ -88,13 +111,13 @@ pub fn classify(scheme: &Scheme, headers: &HeaderMap, raw: &[u8]) -> Result<Clas
         }
         Scheme::Clockodo { .. } => {
             let env: ClockodoEnvelope = serde_json::from_slice(raw).map_err(invalid_json)?;
-            let entity_id = env
+            entity = env
                 .payload
                 .as_ref()
                 .and_then(|p| p.as_object())
                 .and_then(|o| o.iter().next())
-                .map(|(entity, v)| format!("{entity}:{}", v.get("id").map(|i| i.to_string()).unwrap_or_default()))
-                .unwrap_or_default();
+                .and_then(|(kind, v)| v.get("id").and_then(id_text).map(|id| format!("{kind}:{id}")));
+            let entity_id = entity.clone().unwrap_or_default();
             let sub = env.subscription_id.as_ref().map(|s| s.to_string()).unwrap_or_default();
             let key = match &env.occurred_at {
                 Some(at) => format!("clockodo:{sub}:{at}:{entity_id}"),
@@ -105,9 +128,11 @@ pub fn classify(scheme: &Scheme, headers: &HeaderMap, raw: &[u8]) -> Result<Clas
         Scheme::Hmac(HmacScheme { event, id, .. }) | Scheme::None { event, id } => {
             let needs_body = [Some(event), id.as_ref()].into_iter().flatten().any(|l| matches!(l, Locator::Pointer(_)));
             if needs_body {
-                parsed = Some(serde_json::from_slice::<serde_json::Value>(raw).map_err(invalid_json)?);
+                let v = serde_json::from_slice::<serde_json::Value>(raw).map_err(invalid_json)?;
+                entity = v.get("id").and_then(id_text);
+                parsed = Some(v);
             } else {
-                validate()?;
+                entity = top_id()?;
             }
             let ty = locate(event, headers, parsed.as_ref());
             let key = id.as_ref().and_then(|l| locate(l, headers, parsed.as_ref())).unwrap_or_else(body_hash);
@@ -135,7 +160,8 @@ pub fn classify(scheme: &Scheme, headers: &HeaderMap, raw: &[u8]) -> Result<Clas
         .filter_map(|(k, v)| v.to_str().ok().map(|v| (k.as_str().to_owned(), v.to_owned())))
         .collect();
     kept_headers.sort();
-    Ok(Classified { event_type, body: parsed, kept_headers, dedup_key })
+    let ordering_key = entity.map(|id| format!("{}:{id}", scheme.kind()));
+    Ok(Classified { event_type, body: parsed, kept_headers, dedup_key, ordering_key })
 }
 
 fn locator_headers<'a>(event: &'a Locator, id: Option<&'a Locator>) -> Vec<&'a str> {

@@ -1,25 +1,29 @@
-//! Dispatch: one task per sink takes its deliveries in receive order and runs at most `max_in_flight` of
-//! them at once. Deliveries come from the spool writer's feed as they are committed (no read back); at
-//! start-up, and whenever the feed overflowed, the dispatcher reads the spool from its cursor instead until it
-//! has caught up. A delivery keeps its slot while it is retried (exponential backoff with jitter), so a sink
-//! that is down holds back new work in the spool instead of filling memory. A delivery leaves the spool only
-//! as `delivered` or, after a permanent failure, `dead`.
+//! Dispatch: one task per sink starts its deliveries in delivery-id order (= receive order, then replays)
+//! and runs at most `max_in_flight` at once. Deliveries come from the spool writer's feed as they are
+//! committed (no read back); at start-up, when the feed overflowed, and every [`DISPATCH_POLL`] (for
+//! replays and dead-letter retries made by an operator), the dispatcher reads the spool from its cursor.
+//!
+//! Ordering: deliveries with the same ordering key (the entity an event is about) run one at a time, in
+//! order, across retries; a delivery whose key is busy waits (holding its slot) while other keys go on.
+//! A delivery is retried with exponential backoff and full jitter until it succeeds, fails permanently, or
+//! exhausts the sink's policy (`max_age`, `max_attempts`); the last two make it a dead letter.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use rand::Rng;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::RetryPolicy;
 use crate::event::now_ms;
+use crate::limits::DISPATCH_POLL;
 use crate::metrics::Metrics;
 use crate::sinks::{Sink, SinkError};
-use crate::store::{Feed, Outcome, PendingDelivery, Store};
+use crate::store::{Attempt, Feed, Outcome, PendingDelivery, Store};
 
 /// Deliveries read from the spool per query at most.
 const FETCH_MAX: usize = 256;
@@ -35,7 +39,7 @@ pub struct Dispatcher {
     pub store: Store,
     /// Deliveries in flight at once.
     pub max_in_flight: usize,
-    /// Backoff.
+    /// Backoff and give-up policy.
     pub retry: RetryPolicy,
     /// Telemetry.
     pub metrics: Metrics,
@@ -46,11 +50,14 @@ struct Source {
     feed: Feed,
     /// Rows read from the spool, not yet started.
     backlog: VecDeque<PendingDelivery>,
-    /// Reading the spool (start-up, or after the feed overflowed) rather than the feed.
+    /// Reading the spool (start-up, after the feed overflowed, at each poll) rather than the feed.
     scanning: bool,
-    /// Highest seq started so far: nothing at or below it is started again.
+    /// Highest delivery id taken so far: nothing at or below it is taken again.
     cursor: i64,
+    poll: tokio::time::Interval,
 }
+
+type Parked = VecDeque<(PendingDelivery, OwnedSemaphorePermit)>;
 
 impl Dispatcher {
     /// Runs until `cancel`, then waits for the deliveries in flight (their backoff sleeps end at once; a sink
@@ -59,26 +66,73 @@ impl Dispatcher {
         let this = Arc::new(self);
         let slots = Arc::new(Semaphore::new(this.max_in_flight));
         let tracker = TaskTracker::new();
-        let mut src = Source { feed, backlog: VecDeque::new(), scanning: true, cursor: 0 };
+        let mut poll = tokio::time::interval(DISPATCH_POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut src = Source { feed, backlog: VecDeque::new(), scanning: true, cursor: 0, poll };
+        // Ordering keys with a delivery in flight, and the deliveries waiting behind it.
+        let mut busy: HashMap<String, Parked> = HashMap::new();
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<String>();
+        let mut permit: Option<OwnedSemaphorePermit> = None;
         loop {
-            let permit = tokio::select! {
+            tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,
-                p = Arc::clone(&slots).acquire_owned() => match p { Ok(p) => p, Err(_) => break },
-            };
-            let Some(row) = this.next(&mut src, &cancel).await else { break };
-            src.cursor = row.seq;
-            let (this, cancel) = (Arc::clone(&this), cancel.clone());
-            tracker.spawn(async move {
-                this.deliver(row, &cancel).await;
-                drop(permit);
-            });
+                Some(key) = done_rx.recv() => {
+                    // The delivery in flight for `key` finished: start the next one waiting for that key.
+                    let next = busy.get_mut(&key).and_then(VecDeque::pop_front);
+                    match next {
+                        Some((row, p)) => this.start(&tracker, row, p, &done_tx, &cancel),
+                        None => {
+                            busy.remove(&key);
+                        }
+                    }
+                }
+                p = Arc::clone(&slots).acquire_owned(), if permit.is_none() => match p {
+                    Ok(p) => permit = Some(p),
+                    Err(_) => break,
+                },
+                row = this.next(&mut src, &cancel), if permit.is_some() => {
+                    let Some(row) = row else { break };
+                    src.cursor = row.id;
+                    let Some(p) = permit.take() else { continue };
+                    match row.event.ordering_key.clone() {
+                        Some(key) => match busy.get_mut(&key) {
+                            Some(waiting) => waiting.push_back((row, p)),
+                            None => {
+                                busy.insert(key, VecDeque::new());
+                                this.start(&tracker, row, p, &done_tx, &cancel);
+                            }
+                        },
+                        None => this.start(&tracker, row, p, &done_tx, &cancel),
+                    }
+                }
+            }
         }
         tracker.close();
         tracker.wait().await;
     }
 
-    /// The next delivery to start, in seq order; `None` when cancelled.
+    fn start(
+        self: &Arc<Self>,
+        tracker: &TaskTracker,
+        row: PendingDelivery,
+        permit: OwnedSemaphorePermit,
+        done: &mpsc::UnboundedSender<String>,
+        cancel: &CancellationToken,
+    ) {
+        let (this, done, cancel) = (Arc::clone(self), done.clone(), cancel.clone());
+        tracker.spawn(async move {
+            let key = row.event.ordering_key.clone();
+            this.deliver(row, &cancel).await;
+            drop(permit);
+            if let Some(key) = key {
+                let _ = done.send(key);
+            }
+        });
+    }
+
+    /// The next delivery to take, in id order; `None` when cancelled. Cancel-safe: state changes only
+    /// right before it returns or right after an await that completed.
     async fn next(&self, src: &mut Source, cancel: &CancellationToken) -> Option<PendingDelivery> {
         loop {
             if src.feed.lagged.swap(false, Ordering::AcqRel) {
@@ -87,7 +141,7 @@ impl Dispatcher {
                 src.backlog.clear();
             }
             if let Some(row) = src.backlog.pop_front() {
-                if row.seq > src.cursor {
+                if row.id > src.cursor {
                     return Some(row);
                 }
                 continue;
@@ -108,9 +162,10 @@ impl Dispatcher {
             }
             tokio::select! {
                 _ = cancel.cancelled() => return None,
+                _ = src.poll.tick() => src.scanning = true,
                 item = src.feed.rx.recv() => match item {
                     // Items at or below the cursor were already read from the spool.
-                    Some(row) if row.seq > src.cursor => src.backlog.push_back(row),
+                    Some(row) if row.id > src.cursor => src.backlog.push_back(row),
                     Some(_) => {}
                     None => {
                         // The spool writer has stopped: nothing new will come.
@@ -126,29 +181,44 @@ impl Dispatcher {
         let mut attempts = row.attempts;
         loop {
             attempts = attempts.saturating_add(1);
+            let started_at_ms = now_ms();
             let started = Instant::now();
             let result = self.sink.deliver(&row.event).await;
             let seconds = started.elapsed().as_secs_f64();
+            let attempt = Attempt {
+                started_at_ms,
+                duration_ms: started.elapsed().as_millis() as i64,
+                status: result.as_ref().err().and_then(SinkError::status),
+            };
             let (outcome, delay) = match result {
                 Ok(()) => {
                     self.metrics.delivery(&self.sink_id, "delivered", seconds);
                     (Outcome::Delivered, None)
                 }
-                Err(SinkError::Permanent(error)) => {
+                Err(SinkError::Permanent { message, .. }) => {
                     self.metrics.delivery(&self.sink_id, "dead", seconds);
-                    tracing::warn!(sink = %self.sink_id, event = %row.event.id, attempts, %error, "delivery failed permanently; kept as dead");
-                    (Outcome::Dead(error), None)
+                    tracing::warn!(sink = %self.sink_id, event = %row.event.id, attempts, error = %message, "delivery failed permanently; dead-lettered");
+                    (Outcome::Dead(message), None)
                 }
-                Err(SinkError::Retryable { message, retry_after }) => {
-                    self.metrics.delivery(&self.sink_id, "retry", seconds);
-                    let delay =
-                        backoff(&self.retry, attempts).max(retry_after.unwrap_or_default().min(self.retry.max_backoff));
-                    tracing::info!(sink = %self.sink_id, event = %row.event.id, attempts, error = %message, retry_in = ?delay, "delivery failed; will retry");
-                    let next_attempt_ms = now_ms() + delay.as_millis() as i64;
-                    (Outcome::Retry { next_attempt_ms, error: message }, Some(delay))
+                Err(SinkError::Retryable { message, retry_after, .. }) => {
+                    let delay = backoff(&self.retry, attempts).max(retry_after.unwrap_or_default());
+                    let age = Duration::from_millis(u64::try_from(now_ms() - row.event.received_at_ms).unwrap_or(0));
+                    let too_old = age + delay > self.retry.max_age;
+                    let too_many = self.retry.max_attempts.is_some_and(|max| attempts >= max);
+                    if too_old || too_many {
+                        self.metrics.delivery(&self.sink_id, "dead", seconds);
+                        let why = if too_many { format!("{attempts} attempts") } else { "max_age".to_owned() };
+                        tracing::warn!(sink = %self.sink_id, event = %row.event.id, attempts, error = %message, "retries exhausted; dead-lettered");
+                        (Outcome::Dead(format!("{message} (gave up: {why})")), None)
+                    } else {
+                        self.metrics.delivery(&self.sink_id, "retry", seconds);
+                        tracing::info!(sink = %self.sink_id, event = %row.event.id, attempts, error = %message, retry_in = ?delay, "delivery failed; will retry");
+                        let next_attempt_ms = now_ms() + delay.as_millis() as i64;
+                        (Outcome::Retry { next_attempt_ms, error: message }, Some(delay))
+                    }
                 }
             };
-            if !self.record(&row, attempts, outcome, cancel).await {
+            if !self.record(&row, attempts, outcome, attempt, cancel).await {
                 return;
             }
             let Some(delay) = delay else { return };
@@ -158,16 +228,21 @@ impl Dispatcher {
             }
         }
     }
-}
 
-impl Dispatcher {
     /// Records an outcome, retrying while the store refuses (a full disk, a lock). Returns false when
     /// cancelled first: the delivery is then still pending in the spool and is attempted again at the next
     /// start (a duplicate at worst, never a loss).
-    async fn record(&self, row: &PendingDelivery, attempts: u32, outcome: Outcome, cancel: &CancellationToken) -> bool {
+    async fn record(
+        &self,
+        row: &PendingDelivery,
+        attempts: u32,
+        outcome: Outcome,
+        attempt: Attempt,
+        cancel: &CancellationToken,
+    ) -> bool {
         let mut wait = self.retry.initial_backoff;
         loop {
-            match self.store.record(row.seq, &self.sink_id, attempts, outcome.clone()).await {
+            match self.store.record(row.id, attempts, outcome.clone(), attempt.clone()).await {
                 Ok(()) => return true,
                 Err(e) => {
                     tracing::error!(sink = %self.sink_id, event = %row.event.id, error = %e, "cannot record delivery outcome; will try again");
@@ -182,16 +257,13 @@ impl Dispatcher {
     }
 }
 
-/// Exponential backoff with full jitter: uniform in `[initial/2, min(max, initial * 2^(attempt-1))]`
-/// (half the initial backoff as a floor, so a retry never lands at once).
+/// Exponential backoff with full jitter: uniform in `[0, min(max_backoff, initial * 2^(attempt-1))]`, but
+/// at least 10 ms so that a failing peer is never hammered.
 pub fn backoff(policy: &RetryPolicy, attempt: u32) -> Duration {
-    let exp = attempt.saturating_sub(1).min(32);
-    let ceiling = policy.initial_backoff.saturating_mul(1u32 << exp.min(31)).min(policy.max_backoff);
-    let floor = (policy.initial_backoff / 2).min(ceiling);
-    if ceiling <= floor {
-        return ceiling;
-    }
-    let ms = rand::rng().random_range(floor.as_millis() as u64..=ceiling.as_millis() as u64);
+    let exp = attempt.saturating_sub(1).min(31);
+    let ceiling = policy.initial_backoff.saturating_mul(1u32 << exp).min(policy.max_backoff);
+    let floor = Duration::from_millis(10).min(ceiling);
+    let ms = rand::rng().random_range(floor.as_millis() as u64..=ceiling.as_millis().max(floor.as_millis()) as u64);
     Duration::from_millis(ms)
 }
 
@@ -201,10 +273,15 @@ mod tests {
 
     #[test]
     fn backoff_grows_and_is_capped() {
-        let p = RetryPolicy { initial_backoff: Duration::from_secs(1), max_backoff: Duration::from_secs(60) };
+        let p = RetryPolicy {
+            initial_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(60),
+            max_age: Duration::from_secs(3600),
+            max_attempts: None,
+        };
         for attempt in 1..40 {
             let d = backoff(&p, attempt);
-            assert!(d >= Duration::from_millis(500), "{attempt}: {d:?}");
+            assert!(d >= Duration::from_millis(10), "{attempt}: {d:?}");
             let cap = Duration::from_secs(1u64 << (attempt - 1).min(20)).min(Duration::from_secs(60));
             assert!(d <= cap, "{attempt}: {d:?} > {cap:?}");
         }
@@ -240,6 +317,7 @@ mod feed_tests {
             headers: vec![],
             body: bytes::Bytes::from_static(b"{}"),
             dedup_key: format!("k{i}"),
+            ordering_key: Some(format!("entity-{}", i % 7)),
         }
     }
 
@@ -250,7 +328,7 @@ mod feed_tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         for i in 0..30 {
-            store.insert(event(i), vec!["r".into()]).await.unwrap();
+            store.insert(event(i), vec!["r".into()], None).await.unwrap();
         }
         let feed = store.subscribe("r", 2);
         let sink = Arc::new(Recorder::default());
@@ -259,13 +337,18 @@ mod feed_tests {
             sink: sink.clone(),
             store: store.clone(),
             max_in_flight: 1,
-            retry: RetryPolicy { initial_backoff: Duration::from_millis(10), max_backoff: Duration::from_millis(10) },
+            retry: RetryPolicy {
+                initial_backoff: Duration::from_millis(10),
+                max_backoff: Duration::from_millis(10),
+                max_age: Duration::from_secs(60),
+                max_attempts: None,
+            },
             metrics: Metrics::new().unwrap(),
         };
         let cancel = CancellationToken::new();
         let task = tokio::spawn(d.run(feed, cancel.clone()));
         for i in 30..300 {
-            store.insert(event(i), vec!["r".into()]).await.unwrap();
+            store.insert(event(i), vec!["r".into()], None).await.unwrap();
         }
         let deadline = Instant::now() + Duration::from_secs(20);
         while sink.0.lock().unwrap().len() < 300 {

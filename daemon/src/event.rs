@@ -21,6 +21,9 @@ pub struct Event {
     pub body: Bytes,
     /// Key that identifies a provider retry of the same event (derived per scheme).
     pub dedup_key: String,
+    /// Events with the same ordering key reach each sink in receive order (the entity they are about, e.g.
+    /// `clockify:<time entry id>`); `None`: no constraint.
+    pub ordering_key: Option<String>,
 }
 
 impl Event {

@@ -27,7 +27,7 @@ use crate::event::{Event, now_ms};
 use crate::limits::RETRY_AFTER_SECS;
 use crate::metrics::{Metrics, NO_SOURCE};
 use crate::route::{RouteInput, RouteTable};
-use crate::store::Store;
+use crate::store::{Inserted, Store};
 use crate::verify::{Scheme, handshake_secret, verify};
 
 /// What the handlers share.
@@ -45,6 +45,10 @@ pub struct Shared {
     pub max_body: u64,
     /// Per-request time limit.
     pub request_timeout: Duration,
+    /// Configured sink ids (for per-sink gauges).
+    pub sink_ids: Vec<String>,
+    /// Dedup window (`None`: dedup off).
+    pub dedup_window: Option<Duration>,
     /// Spool bounds.
     pub max_pending_events: u64,
     /// Spool bounds.
@@ -85,7 +89,18 @@ async fn readyz(State(s): State<Arc<Shared>>) -> Response {
 }
 
 async fn metrics(State(s): State<Arc<Shared>>) -> Response {
-    let body = s.metrics.render(s.store.gauges());
+    let mut sinks: Vec<(String, i64, Option<i64>)> = s.sink_ids.iter().map(|id| (id.clone(), 0, None)).collect();
+    match s.store.sink_stats().await {
+        Ok(stats) => {
+            for st in stats {
+                if let Some(row) = sinks.iter_mut().find(|(id, _, _)| *id == st.sink) {
+                    *row = (st.sink, st.dead, st.oldest_pending_ms);
+                }
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot read sink statistics for /metrics"),
+    }
+    let body = s.metrics.render(s.store.gauges(), &sinks);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
 }
 
@@ -223,11 +238,18 @@ async fn accept(s: &Shared, source: &Source, headers: &HeaderMap, query: Option<
         headers: classified.kept_headers,
         body,
         dedup_key: classified.dedup_key,
+        ordering_key: classified.ordering_key,
     };
     let id = event.id.clone();
     let event_type = event.event_type.clone();
-    match s.store.insert(event, decision.sinks.clone()).await {
-        Ok(_) => {
+    let dedup_since = s.dedup_window.map(|w| now_ms() - w.as_millis() as i64);
+    match s.store.insert(event, decision.sinks.clone(), dedup_since).await {
+        Ok(Inserted::Duplicate { original }) => {
+            // The provider must stop retrying: 200, and nothing is delivered again.
+            s.metrics.duplicate(&source.id, &event_type, &original);
+            axum::Json(json!({"status": "duplicate", "id": original})).into_response()
+        }
+        Ok(Inserted::New { .. }) => {
             s.metrics.accepted(&source.id, &event_type, &id, &decision.sinks);
             let status = if decision.sinks.is_empty() { "unrouted" } else { "accepted" };
             axum::Json(json!({"status": status, "id": id})).into_response()

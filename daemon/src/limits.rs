@@ -37,7 +37,13 @@ pub(crate) fn default_initial_backoff() -> HumanDuration {
     HumanDuration(Duration::from_secs(1))
 }
 pub(crate) fn default_max_backoff() -> HumanDuration {
-    HumanDuration(Duration::from_secs(300))
+    HumanDuration(Duration::from_secs(3600))
+}
+pub(crate) fn default_max_age() -> HumanDuration {
+    HumanDuration(Duration::from_secs(72 * 3600))
+}
+pub(crate) fn default_dedup_window() -> HumanDuration {
+    HumanDuration(Duration::from_secs(73 * 3600))
 }
 pub(crate) fn default_sink_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(10))
@@ -67,6 +73,9 @@ pub const HANDSHAKES_KEPT: i64 = 20;
 pub const MAX_EVENT_TYPE_LEN: usize = 128;
 /// How often finished events past retention are pruned.
 pub const PRUNE_INTERVAL: Duration = Duration::from_secs(600);
+/// How often a dispatcher reads the spool even when its feed is quiet (to pick up replays and dead-letter
+/// retries made by an operator from another process), and how often the spool gauges are recounted.
+pub const DISPATCH_POLL: Duration = Duration::from_secs(1);
 /// Deliveries the spool writer can hand to one dispatcher ahead of it; past it the dispatcher reads the
 /// spool instead. Memory per sink is bounded by (this + 256 + max_in_flight) bodies.
 pub const FEED_CAPACITY: usize = 256;

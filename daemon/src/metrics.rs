@@ -1,7 +1,9 @@
 //! Telemetry: Prometheus metrics (names as constants, labels bounded to configured ids and fixed reasons)
 //! and the log line that goes with each observable event, in one place.
 
-use prometheus::{Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
 
 use crate::store::SpoolGauges;
 
@@ -15,6 +17,12 @@ pub const REJECTIONS_TOTAL: &str = "hookbridge_rejections_total";
 pub const ROUTED_TOTAL: &str = "hookbridge_events_routed_total";
 /// `hookbridge_events_unrouted_total{source}`: events accepted that matched no route.
 pub const UNROUTED_TOTAL: &str = "hookbridge_events_unrouted_total";
+/// `hookbridge_duplicates_total{source}`: webhooks answered 200 as duplicates (not delivered again).
+pub const DUPLICATES_TOTAL: &str = "hookbridge_duplicates_total";
+/// `hookbridge_dead_letters{sink}`: dead letters waiting for an operator.
+pub const DEAD_LETTERS: &str = "hookbridge_dead_letters";
+/// `hookbridge_oldest_pending_age_seconds{sink}`: age of the oldest event with a pending delivery.
+pub const OLDEST_PENDING_AGE: &str = "hookbridge_oldest_pending_age_seconds";
 /// `hookbridge_handshakes_total{source}`: Clockodo validation handshakes received.
 pub const HANDSHAKES_TOTAL: &str = "hookbridge_handshakes_total";
 /// `hookbridge_route_predicate_errors_total{route}`: `when` predicates that failed to evaluate.
@@ -43,6 +51,9 @@ pub struct Metrics {
     routed: IntCounterVec,
     unrouted: IntCounterVec,
     handshakes: IntCounterVec,
+    duplicates: IntCounterVec,
+    dead_letters: IntGaugeVec,
+    oldest_pending: prometheus::GaugeVec,
     predicate_errors: IntCounterVec,
     deliveries: IntCounterVec,
     delivery_duration: HistogramVec,
@@ -91,6 +102,25 @@ impl Metrics {
             routed: counter(&r, ROUTED_TOTAL, "Events accepted and routed to at least one sink.", &["source"])?,
             unrouted: counter(&r, UNROUTED_TOTAL, "Events accepted that matched no route.", &["source"])?,
             handshakes: counter(&r, HANDSHAKES_TOTAL, "Clockodo validation handshakes received.", &["source"])?,
+            duplicates: counter(
+                &r,
+                DUPLICATES_TOTAL,
+                "Webhooks answered as duplicates and not delivered again.",
+                &["source"],
+            )?,
+            dead_letters: {
+                let g = IntGaugeVec::new(Opts::new(DEAD_LETTERS, "Dead letters waiting for an operator."), &["sink"])?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
+            oldest_pending: {
+                let g = prometheus::GaugeVec::new(
+                    Opts::new(OLDEST_PENDING_AGE, "Age of the oldest event with a pending delivery, per sink."),
+                    &["sink"],
+                )?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
             predicate_errors: counter(
                 &r,
                 PREDICATE_ERRORS_TOTAL,
@@ -106,8 +136,15 @@ impl Metrics {
         })
     }
 
-    /// Prometheus text exposition, with spool gauges read now.
-    pub fn render(&self, spool: &SpoolGauges) -> String {
+    /// Prometheus text exposition, with spool gauges read now. `sinks` lists every configured sink with its
+    /// dead letters and oldest pending receive time (ms), so that a sink with none shows 0.
+    pub fn render(&self, spool: &SpoolGauges, sinks: &[(String, i64, Option<i64>)]) -> String {
+        let now = crate::event::now_ms();
+        for (sink, dead, oldest) in sinks {
+            self.dead_letters.with_label_values(&[sink.as_str()]).set(*dead);
+            let age = oldest.map(|t| (now - t).max(0) as f64 / 1000.0).unwrap_or(0.0);
+            self.oldest_pending.with_label_values(&[sink.as_str()]).set(age);
+        }
         let (events, bytes, deliveries) = spool.snapshot();
         self.spool_events.set(events as i64);
         self.spool_bytes.set(bytes as i64);
@@ -140,6 +177,12 @@ impl Metrics {
             tracing::debug!(source, event_type, id, sinks = ?sinks, "event accepted");
             self.routed.with_label_values(&[source]).inc();
         }
+    }
+
+    /// A webhook was a duplicate of an event already stored.
+    pub fn duplicate(&self, source: &str, event_type: &str, original: &str) {
+        tracing::info!(source, event_type, original, "duplicate webhook acknowledged, not delivered again");
+        self.duplicates.with_label_values(&[source]).inc();
     }
 
     /// A Clockodo handshake arrived (its secret is stored, never logged).

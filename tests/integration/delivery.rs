@@ -116,8 +116,10 @@ async fn permanent_failures_are_kept_dead_and_server_errors_are_retried() {
     // The dead delivery is kept in the spool with its error.
     let dir = bridge.stop().await;
     let store = hookbridge::store::Store::open(&dir.path().join("data")).unwrap();
-    let d = store.deliveries_of(&dead_id).await.unwrap();
-    assert_eq!(d, [("out".to_owned(), "dead".to_owned(), 1, Some("HTTP 422".to_owned()))]);
+    let d = store.event(&dead_id).await.unwrap().unwrap().deliveries;
+    assert_eq!(d.len(), 1);
+    assert_eq!((d[0].sink.as_str(), d[0].status.as_str(), d[0].attempts), ("out", "dead", 1));
+    assert_eq!((d[0].last_error.as_deref(), d[0].last_status), (Some("HTTP 422"), Some(422)));
     store.close().await;
     receiver.stop().await;
 }

@@ -78,7 +78,8 @@ to = ["clockodo"]
     // Clockodo: entry.created with id 9001 passes the predicate; an entry with id 1 does not.
     let created = read_fixture("clockodo/entry.created.json");
     assert_eq!(bridge.post("/hooks/clockodo", &[], created.clone()).await.0, 200);
-    let small = String::from_utf8(created.clone()).unwrap().replace("9001", "1");
+    // (Another occurrence: Clockodo's dedup key is subscription + occurred_at + entity id.)
+    let small = String::from_utf8(created.clone()).unwrap().replace("9001", "1").replace("17:02:00Z", "17:03:00Z");
     assert_eq!(bridge.post("/hooks/clockodo", &[], small).await.0, 200);
     let deleted = read_fixture("clockodo/entry.deleted.json");
     assert_eq!(bridge.post("/hooks/clockodo", &[], deleted.clone()).await.0, 200);

@@ -37,13 +37,17 @@ pub struct Source {
     pub scheme: Scheme,
 }
 
-/// Retry backoff of a sink.
+/// Retry policy of a sink.
 #[derive(Debug, Clone, Copy)]
 pub struct RetryPolicy {
     /// First backoff.
     pub initial_backoff: Duration,
     /// Cap.
     pub max_backoff: Duration,
+    /// Dead-letter a delivery whose event is older than this.
+    pub max_age: Duration,
+    /// Dead-letter after this many attempts.
+    pub max_attempts: Option<u32>,
 }
 
 /// A validated `http` sink.
@@ -184,6 +188,13 @@ impl Config {
         let server = server.unwrap_or_default();
         let mut storage = storage.unwrap_or_default();
         storage.data_dir = base.join(&storage.data_dir);
+        if storage.dedup_window > storage.retention {
+            errs.locate(
+                "storage.dedup_window",
+                &root,
+                "must not be longer than storage.retention (events are the dedup memory)",
+            );
+        }
         if server.max_concurrency == 0 {
             errs.locate("server.max_concurrency", &root, "must be at least 1");
         }
@@ -499,6 +510,10 @@ impl RawSink {
             errs.locate(&format!("{at}.retry"), root, "initial_backoff must be more than 0 and at most max_backoff");
             ok = false;
         }
+        if retry.max_attempts == Some(0) {
+            errs.locate(&format!("{at}.retry.max_attempts"), root, "must be at least 1");
+            ok = false;
+        }
         let kind = match self {
             RawSink::Http(c) => {
                 let url = match reqwest::Url::parse(&c.url) {
@@ -545,7 +560,12 @@ impl RawSink {
             id: id.to_owned(),
             kind,
             max_in_flight,
-            retry: RetryPolicy { initial_backoff: retry.initial_backoff.0, max_backoff: retry.max_backoff.0 },
+            retry: RetryPolicy {
+                initial_backoff: retry.initial_backoff.0,
+                max_backoff: retry.max_backoff.0,
+                max_age: retry.max_age.0,
+                max_attempts: retry.max_attempts,
+            },
         })
     }
 }

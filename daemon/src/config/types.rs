@@ -59,9 +59,14 @@ pub struct StorageConfig {
     /// Most bytes of bodies with undelivered deliveries; past it new webhooks get 503. Default `1GiB`.
     #[serde(default = "limits::default_max_pending_bytes")]
     pub max_pending_bytes: HumanSize,
-    /// How long finished events are kept (for inspection and replay) before they are pruned. Default `7d`.
+    /// How long finished events and the attempt log are kept (for inspection and replay) before they are
+    /// pruned. Pending deliveries and dead letters are never pruned. Default `7d`.
     #[serde(default = "limits::default_retention")]
     pub retention: HumanDuration,
+    /// A webhook whose dedup key was seen within this window is answered 200 and not delivered again.
+    /// Default `73h` (Clockify retries up to 72 h after a failure). `"0s"` turns dedup off.
+    #[serde(default = "limits::default_dedup_window")]
+    pub dedup_window: HumanDuration,
 }
 
 impl Default for StorageConfig {
@@ -71,6 +76,7 @@ impl Default for StorageConfig {
             max_pending_events: limits::default_max_pending_events(),
             max_pending_bytes: limits::default_max_pending_bytes(),
             retention: limits::default_retention(),
+            dedup_window: limits::default_dedup_window(),
         }
     }
 }
@@ -177,14 +183,25 @@ pub struct RetryConfig {
     /// First backoff after a failure. Default `1s`.
     #[serde(default = "limits::default_initial_backoff")]
     pub initial_backoff: HumanDuration,
-    /// Backoff cap; backoff doubles up to it, with full jitter. Default `5m`.
+    /// Backoff cap; backoff doubles up to it, with full jitter. Default `1h`.
     #[serde(default = "limits::default_max_backoff")]
     pub max_backoff: HumanDuration,
+    /// Give up (dead-letter) a delivery whose event is older than this. Default `72h`, Clockify's own retry
+    /// horizon.
+    #[serde(default = "limits::default_max_age")]
+    pub max_age: HumanDuration,
+    /// Give up after this many attempts. Default: no limit (`max_age` decides).
+    pub max_attempts: Option<u32>,
 }
 
 impl Default for RetryConfig {
     fn default() -> Self {
-        RetryConfig { initial_backoff: limits::default_initial_backoff(), max_backoff: limits::default_max_backoff() }
+        RetryConfig {
+            initial_backoff: limits::default_initial_backoff(),
+            max_backoff: limits::default_max_backoff(),
+            max_age: limits::default_max_age(),
+            max_attempts: None,
+        }
     }
 }
 

@@ -67,7 +67,7 @@ impl FileSink {
 /// One JSON line. The body is embedded as it arrived; the only change is that raw line breaks (which in
 /// valid JSON can only be whitespace between tokens) become spaces, so the line stays one line.
 fn render(event: &Event) -> Result<Vec<u8>, SinkError> {
-    let text = std::str::from_utf8(&event.body).map_err(|_| SinkError::Permanent("body is not UTF-8".into()))?;
+    let text = std::str::from_utf8(&event.body).map_err(|_| SinkError::permanent("body is not UTF-8"))?;
     let flat;
     let text = if text.contains(['\n', '\r']) {
         flat = text.replace(['\n', '\r'], " ");
@@ -76,7 +76,7 @@ fn render(event: &Event) -> Result<Vec<u8>, SinkError> {
         text
     };
     let body: &serde_json::value::RawValue =
-        serde_json::from_str(text).map_err(|e| SinkError::Permanent(format!("body is not JSON: {e}")))?;
+        serde_json::from_str(text).map_err(|e| SinkError::permanent(format!("body is not JSON: {e}")))?;
     let line = Line {
         id: &event.id,
         source: &event.source,
@@ -85,7 +85,7 @@ fn render(event: &Event) -> Result<Vec<u8>, SinkError> {
         headers: event.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect(),
         body,
     };
-    let mut out = serde_json::to_vec(&line).map_err(|e| SinkError::Permanent(e.to_string()))?;
+    let mut out = serde_json::to_vec(&line).map_err(|e| SinkError::permanent(e.to_string()))?;
     out.push(b'\n');
     Ok(out)
 }
@@ -138,6 +138,7 @@ mod tests {
             headers: vec![("content-type".into(), "application/json".into())],
             body: Bytes::from_static(b"{\n  \"id\": \"x\",\n  \"text\": \"a\\nb\"\n}"),
             dedup_key: String::new(),
+            ordering_key: None,
         };
         sink.deliver(&event).await.unwrap();
         event.body = Bytes::from_static(b"not json");

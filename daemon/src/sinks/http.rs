@@ -66,16 +66,23 @@ fn classify(status: StatusCode, headers: &HeaderMap) -> Result<(), SinkError> {
     if status.is_success() {
         return Ok(());
     }
-    let message = format!("HTTP {}", status.as_u16());
+    let code = status.as_u16();
+    let message = format!("HTTP {code}");
     if status == StatusCode::REQUEST_TIMEOUT || status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() {
-        let retry_after = headers
-            .get("retry-after")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
-        return Err(SinkError::Retryable { message, retry_after });
+        let retry_after = headers.get("retry-after").and_then(|v| v.to_str().ok()).and_then(retry_after);
+        return Err(SinkError::Retryable { message, retry_after, status: Some(code) });
     }
-    Err(SinkError::Permanent(message))
+    Err(SinkError::Permanent { message, status: Some(code) })
+}
+
+/// `Retry-After` as seconds or as an HTTP date.
+fn retry_after(v: &str) -> Option<Duration> {
+    let v = v.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    Some(at.duration_since(std::time::SystemTime::now()).unwrap_or_default())
 }
 
 /// A network error in one line, without the URL's query (it may hold a token).
@@ -115,7 +122,15 @@ mod tests {
         h.insert("retry-after", "7".parse().unwrap());
         assert_eq!(
             classify(StatusCode::TOO_MANY_REQUESTS, &h),
-            Err(SinkError::Retryable { message: "HTTP 429".into(), retry_after: Some(Duration::from_secs(7)) })
+            Err(SinkError::Retryable {
+                message: "HTTP 429".into(),
+                retry_after: Some(Duration::from_secs(7)),
+                status: Some(429)
+            })
         );
+        let later = httpdate::fmt_http_date(std::time::SystemTime::now() + Duration::from_secs(120));
+        let d = retry_after(&later).unwrap();
+        assert!(d > Duration::from_secs(100) && d <= Duration::from_secs(120), "{d:?}");
+        assert_eq!(retry_after("soon"), None);
     }
 }

@@ -37,22 +37,39 @@ pub enum SinkError {
         message: String,
         /// The peer's `Retry-After`, if it gave one.
         retry_after: Option<Duration>,
+        /// HTTP status, if there was one.
+        status: Option<u16>,
     },
     /// Trying again will not help (other 4xx, a message the peer rejects).
-    #[error("{0}")]
-    Permanent(String),
+    #[error("{message}")]
+    Permanent {
+        /// What happened.
+        message: String,
+        /// HTTP status, if there was one.
+        status: Option<u16>,
+    },
 }
 
 impl SinkError {
-    /// A retryable error without a hint.
+    /// A retryable error without a hint or status.
     pub fn retryable(message: impl Into<String>) -> Self {
-        SinkError::Retryable { message: message.into(), retry_after: None }
+        SinkError::Retryable { message: message.into(), retry_after: None, status: None }
+    }
+    /// A permanent error without a status.
+    pub fn permanent(message: impl Into<String>) -> Self {
+        SinkError::Permanent { message: message.into(), status: None }
     }
     /// Metric label value.
     pub fn class(&self) -> &'static str {
         match self {
             SinkError::Retryable { .. } => "retryable",
-            SinkError::Permanent(_) => "permanent",
+            SinkError::Permanent { .. } => "permanent",
+        }
+    }
+    /// The HTTP status, if there was one.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            SinkError::Retryable { status, .. } | SinkError::Permanent { status, .. } => *status,
         }
     }
 }

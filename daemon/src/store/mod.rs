@@ -1,8 +1,10 @@
-//! The durable spool: events and their pending deliveries in an embedded SQLite database (WAL,
-//! `synchronous=FULL`). One writer thread owns the write connection and folds every operation waiting in its
-//! queue into one transaction: concurrent webhooks share one fsync (group commit). Readers use their own
-//! connections and never block the writer.
+//! The durable spool: events, their deliveries and the attempt log in an embedded SQLite database (WAL,
+//! `synchronous=FULL`). One writer thread owns the daemon's write connection and folds every operation waiting
+//! in its queue into one transaction: concurrent webhooks share one fsync (group commit). Readers use their
+//! own connections and never block the writer. Operator commands ([`Operator`]) use a connection of their own,
+//! in the daemon (admin API) or in another process (CLI); SQLite's locking keeps them consistent.
 
+mod ops;
 mod schema;
 mod writer;
 
@@ -11,9 +13,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
-use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use rusqlite::{Connection, OpenFlags};
 use tokio::sync::{mpsc, oneshot};
+
+pub use ops::{AttemptInfo, DeadLetter, DeliveryInfo, EventDetail, EventFilter, EventSummary};
 
 use crate::event::Event;
 use crate::limits::WRITER_QUEUE;
@@ -36,45 +39,81 @@ pub enum StoreError {
         /// Why.
         source: std::io::Error,
     },
+    /// The database was made by another version.
+    #[error("{0}")]
+    Schema(String),
+    /// A commit failed; every operation in its batch failed with it.
+    #[error("spool commit failed: {0}")]
+    Commit(String),
     /// The writer thread has stopped (shutdown or a fatal error).
     #[error("spool writer is not running")]
     Closed,
-    /// A blocking read task failed.
-    #[error("spool read task failed: {0}")]
+    /// A blocking task failed.
+    #[error("spool task failed: {0}")]
     Join(String),
 }
 
-/// Live spool counters, kept by the writer after each commit.
+/// Live spool counters, kept by the writer after each commit and recounted periodically.
 #[derive(Debug, Default)]
 pub struct SpoolGauges {
-    /// Events with at least one unfinished delivery.
+    /// Events with at least one pending delivery.
     pub pending_events: AtomicU64,
     /// Body bytes of those events.
     pub pending_bytes: AtomicU64,
-    /// Unfinished deliveries.
+    /// Pending deliveries.
     pub pending_deliveries: AtomicU64,
+}
+
+impl SpoolGauges {
+    /// (events, bytes, deliveries) pending.
+    pub fn snapshot(&self) -> (u64, u64, u64) {
+        (
+            self.pending_events.load(Ordering::Relaxed),
+            self.pending_bytes.load(Ordering::Relaxed),
+            self.pending_deliveries.load(Ordering::Relaxed),
+        )
+    }
 }
 
 /// A delivery waiting to be attempted, with its event.
 #[derive(Debug, Clone)]
 pub struct PendingDelivery {
+    /// Delivery id: a sink's deliveries are started in this order.
+    pub id: i64,
     /// The event's position in receive order.
     pub seq: i64,
     /// Attempts made so far (survives restarts).
     pub attempts: u32,
+    /// Made by a replay or a dead-letter retry.
+    pub replay: bool,
     /// The event.
     pub event: Event,
 }
 
-/// A Clockodo validation handshake as stored.
+/// The result of inserting an event.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Handshake {
-    /// Source id.
-    pub source: String,
-    /// The secret to type into Clockodo.
-    pub secret: String,
-    /// Receive time, ms since the epoch.
-    pub received_at_ms: i64,
+pub enum Inserted {
+    /// Stored as a new event.
+    New {
+        /// Its receive-order position.
+        seq: i64,
+    },
+    /// An event with the same dedup key is already stored within the dedup window: nothing was stored.
+    Duplicate {
+        /// The id of the event received first.
+        original: String,
+    },
+}
+
+/// One delivery attempt, for the attempt log.
+#[derive(Debug, Clone, Default)]
+pub struct Attempt {
+    /// Start, ms since the epoch.
+    pub started_at_ms: i64,
+    /// Duration in ms.
+    pub duration_ms: i64,
+    /// HTTP status, when the sink got one.
+    pub status: Option<u16>,
 }
 
 /// How a delivery ended (or not).
@@ -91,6 +130,28 @@ pub enum Outcome {
         /// The failure.
         error: String,
     },
+}
+
+/// A Clockodo validation handshake as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Handshake {
+    /// Source id.
+    pub source: String,
+    /// The secret to type into Clockodo.
+    pub secret: String,
+    /// Receive time, ms since the epoch.
+    pub received_at_ms: i64,
+}
+
+/// Per-sink health read from the spool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SinkStats {
+    /// Sink id.
+    pub sink: String,
+    /// Dead letters.
+    pub dead: i64,
+    /// Receive time of the oldest event with a pending delivery to this sink.
+    pub oldest_pending_ms: Option<i64>,
 }
 
 /// A dispatcher's feed: deliveries committed from now on, in commit order, pushed by the writer.
@@ -110,7 +171,7 @@ struct FeedSender {
 
 type Feeds = Arc<Mutex<HashMap<String, FeedSender>>>;
 
-/// Handle to the spool. Cheap to clone.
+/// Handle to the daemon's spool. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
     tx: mpsc::Sender<Op>,
@@ -119,6 +180,12 @@ pub struct Store {
     readers: Arc<Mutex<Vec<Connection>>>,
     gauges: Arc<SpoolGauges>,
     writer: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish_non_exhaustive()
+    }
 }
 
 impl Store {
@@ -148,6 +215,11 @@ impl Store {
         })
     }
 
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Subscribes to the deliveries for `sink` committed from now on (replacing an earlier subscription).
     /// The feed starts lagged: read the spool first for what was pending before.
     pub fn subscribe(&self, sink: &str, capacity: usize) -> Feed {
@@ -170,15 +242,26 @@ impl Store {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// Commits an event and one pending delivery per sink, durably. Returns the event's receive-order seq.
-    pub async fn insert(&self, event: Event, sinks: Vec<String>) -> Result<i64, StoreError> {
-        self.call(|reply| Op::Insert { event, sinks, reply }).await
+    /// Commits an event and one pending delivery per sink, durably, unless an event with the same dedup key
+    /// was received since `dedup_since_ms`.
+    pub async fn insert(
+        &self,
+        event: Event,
+        sinks: Vec<String>,
+        dedup_since_ms: Option<i64>,
+    ) -> Result<Inserted, StoreError> {
+        self.call(|reply| Op::Insert { event, sinks, dedup_since_ms, reply }).await
     }
 
-    /// Records the outcome of an attempt (`attempts` counts it).
-    pub async fn record(&self, seq: i64, sink: &str, attempts: u32, outcome: Outcome) -> Result<(), StoreError> {
-        let sink = sink.to_owned();
-        self.call(|reply| Op::Record { seq, sink, attempts, outcome, reply }).await
+    /// Records one attempt of a delivery and its outcome (`attempts` counts this one).
+    pub async fn record(
+        &self,
+        delivery_id: i64,
+        attempts: u32,
+        outcome: Outcome,
+        attempt: Attempt,
+    ) -> Result<(), StoreError> {
+        self.call(|reply| Op::Record { delivery_id, attempts, outcome, attempt, reply }).await
     }
 
     /// Stores a Clockodo handshake secret (the newest few per source are kept).
@@ -192,66 +275,38 @@ impl Store {
         self.call(|reply| Op::Ping { reply }).await
     }
 
-    /// Deletes finished events received before `before_ms`. Returns how many.
+    /// Deletes attempts and finished events older than `before_ms`; recounts the gauges. Returns the number
+    /// of events deleted.
     pub async fn prune(&self, before_ms: i64) -> Result<u64, StoreError> {
         self.call(|reply| Op::Prune { before_ms, reply }).await
     }
 
-    /// Pending deliveries for `sink` with seq greater than `after`, in receive order, at most `limit`.
+    /// Recounts the gauges from the database (after an operator changed it from another process).
+    pub async fn resync(&self) -> Result<(), StoreError> {
+        self.call(|reply| Op::Resync { reply }).await
+    }
+
+    /// Pending deliveries for `sink` with id greater than `after`, in id order, at most `limit`.
     pub async fn pending(&self, sink: &str, after: i64, limit: usize) -> Result<Vec<PendingDelivery>, StoreError> {
         let sink = sink.to_owned();
-        self.read(move |conn| {
-            let mut stmt = conn.prepare_cached(
-                "SELECT e.seq, d.attempts, e.id, e.source, e.event_type, e.received_at, e.headers, e.body, e.dedup_key
-                 FROM deliveries d JOIN events e ON e.seq = d.event_seq
-                 WHERE d.sink = ?1 AND d.status = 'pending' AND d.event_seq > ?2
-                 ORDER BY d.event_seq LIMIT ?3",
-            )?;
-            let rows = stmt.query_map(params![sink, after, limit as i64], |r| {
-                let headers: String = r.get(6)?;
-                Ok(PendingDelivery {
-                    seq: r.get(0)?,
-                    attempts: r.get(1)?,
-                    event: Event {
-                        id: r.get(2)?,
-                        source: r.get(3)?,
-                        event_type: r.get(4)?,
-                        received_at_ms: r.get(5)?,
-                        headers: serde_json::from_str(&headers).unwrap_or_default(),
-                        body: Bytes::from(r.get::<_, Vec<u8>>(7)?),
-                        dedup_key: r.get(8)?,
-                    },
-                })
-            })?;
-            rows.collect::<Result<Vec<_>, _>>().map_err(StoreError::from)
+        self.read(move |conn| Ok(ops::pending(conn, &sink, after, limit)?)).await
+    }
+
+    /// Dead letters and oldest pending delivery per sink.
+    pub async fn sink_stats(&self) -> Result<Vec<SinkStats>, StoreError> {
+        self.read(|conn| {
+            Ok(ops::sink_stats(conn)?
+                .into_iter()
+                .map(|(sink, dead, oldest_pending_ms)| SinkStats { sink, dead, oldest_pending_ms })
+                .collect())
         })
         .await
     }
 
-    /// The status of every delivery of the event with this id: `(sink, status, attempts, last_error)`.
-    pub async fn deliveries_of(
-        &self,
-        event_id: &str,
-    ) -> Result<Vec<(String, String, u32, Option<String>)>, StoreError> {
-        let id = event_id.to_owned();
-        self.read(move |conn| {
-            let mut stmt = conn.prepare_cached(
-                "SELECT d.sink, d.status, d.attempts, d.last_error FROM deliveries d JOIN events e ON e.seq = d.event_seq
-                 WHERE e.id = ?1 ORDER BY d.sink",
-            )?;
-            let rows = stmt.query_map([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
-            rows.collect::<Result<Vec<_>, _>>().map_err(StoreError::from)
-        })
-        .await
-    }
-
-    /// Whether an event with this id is stored.
-    pub async fn has_event(&self, event_id: &str) -> Result<bool, StoreError> {
-        let id = event_id.to_owned();
-        self.read(move |conn| {
-            Ok(conn.query_row("SELECT 1 FROM events WHERE id = ?1", [id], |_| Ok(())).optional()?.is_some())
-        })
-        .await
+    /// Everything about one event.
+    pub async fn event(&self, id: &str) -> Result<Option<EventDetail>, StoreError> {
+        let id = id.to_owned();
+        self.read(move |conn| Ok(ops::show_event(conn, &id)?)).await
     }
 
     async fn read<T: Send + 'static>(
@@ -295,15 +350,94 @@ fn open_reader(path: &Path) -> Result<Connection, StoreError> {
     Ok(conn)
 }
 
-/// Handshakes stored in the spool at `data_dir`, newest first. Opens the database read-only, so it is
-/// safe while a daemon runs.
+/// Operator access to a spool (the CLI's `events` and `dlq` commands, and the admin API): inspection and
+/// repair on a connection of its own. Safe while a daemon runs on the same spool: the daemon's dispatchers
+/// pick up new pending deliveries at their next poll.
+#[derive(Debug)]
+pub struct Operator {
+    conn: Connection,
+}
+
+impl Operator {
+    /// Opens the spool in `data_dir` (which must exist: a daemon created it).
+    pub fn open(data_dir: &Path) -> Result<Operator, StoreError> {
+        let path = data_dir.join(DB_FILE);
+        if !path.exists() {
+            return Err(StoreError::Schema(format!(
+                "no spool at {} (has the daemon run with this config?)",
+                path.display()
+            )));
+        }
+        let conn =
+            Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
+        schema::configure(&conn)?;
+        Ok(Operator { conn })
+    }
+
+    /// Events matching `filter`, newest first.
+    pub fn events(&self, filter: &EventFilter) -> Result<Vec<EventSummary>, StoreError> {
+        Ok(ops::list_events(&self.conn, filter)?)
+    }
+
+    /// One event, with deliveries and attempts.
+    pub fn event(&self, id: &str) -> Result<Option<EventDetail>, StoreError> {
+        Ok(ops::show_event(&self.conn, id)?)
+    }
+
+    /// The events a replay would touch: one by id, or those received in `[since_ms, until_ms)`.
+    pub fn replay_targets(&self, id: Option<&str>, since_ms: i64, until_ms: i64) -> Result<Vec<i64>, StoreError> {
+        Ok(ops::replay_targets(&self.conn, id, since_ms, until_ms)?)
+    }
+
+    /// Queues new deliveries (marked replay) for these events, to `sink` or to the sinks they were routed to,
+    /// in one transaction. Returns how many deliveries were queued.
+    pub fn replay(&mut self, seqs: &[i64], sink: Option<&str>) -> Result<usize, StoreError> {
+        let tx = self.conn.transaction()?;
+        let mut n = 0;
+        for seq in seqs {
+            n += ops::replay(&tx, *seq, sink)?;
+        }
+        tx.commit()?;
+        Ok(n)
+    }
+
+    /// Dead letters, oldest first.
+    pub fn dead_letters(&self, sink: Option<&str>) -> Result<Vec<DeadLetter>, StoreError> {
+        Ok(ops::dead_letters(&self.conn, sink)?)
+    }
+
+    /// Retries dead letters by delivery id. Returns how many were dead letters (and are now pending again).
+    pub fn retry_dead(&mut self, ids: &[i64]) -> Result<usize, StoreError> {
+        let tx = self.conn.transaction()?;
+        let mut n = 0;
+        for id in ids {
+            n += usize::from(ops::retry_dead(&tx, *id)?);
+        }
+        tx.commit()?;
+        Ok(n)
+    }
+
+    /// Gives up dead letters by delivery id. Returns how many were dead letters.
+    pub fn purge_dead(&mut self, ids: &[i64]) -> Result<usize, StoreError> {
+        let tx = self.conn.transaction()?;
+        let mut n = 0;
+        for id in ids {
+            n += usize::from(ops::purge_dead(&tx, *id)?);
+        }
+        tx.commit()?;
+        Ok(n)
+    }
+
+    /// Clockodo handshakes, newest first.
+    pub fn handshakes(&self) -> Result<Vec<Handshake>, StoreError> {
+        Ok(ops::list_handshakes(&self.conn)?)
+    }
+}
+
+/// Handshakes stored in the spool at `data_dir`, newest first, read-only (safe while a daemon runs).
 pub fn list_handshakes(data_dir: &Path) -> Result<Vec<Handshake>, StoreError> {
     let conn = open_reader(&data_dir.join(DB_FILE))?;
-    let mut stmt =
-        conn.prepare("SELECT source, secret, received_at FROM handshakes ORDER BY received_at DESC, id DESC")?;
-    let rows =
-        stmt.query_map([], |r| Ok(Handshake { source: r.get(0)?, secret: r.get(1)?, received_at_ms: r.get(2)? }))?;
-    rows.collect::<Result<Vec<_>, _>>().map_err(StoreError::from)
+    Ok(ops::list_handshakes(&conn)?)
 }
 
 #[cfg(unix)]
@@ -315,23 +449,6 @@ fn restrict_permissions(dir: &Path) {
 
 #[cfg(not(unix))]
 fn restrict_permissions(_dir: &Path) {}
-
-impl std::fmt::Debug for Store {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("path", &self.path).finish_non_exhaustive()
-    }
-}
-
-impl SpoolGauges {
-    /// (events, bytes, deliveries) pending.
-    pub fn snapshot(&self) -> (u64, u64, u64) {
-        (
-            self.pending_events.load(Ordering::Relaxed),
-            self.pending_bytes.load(Ordering::Relaxed),
-            self.pending_deliveries.load(Ordering::Relaxed),
-        )
-    }
-}
 
 #[cfg(test)]
 mod tests;

@@ -1,39 +1,63 @@
 //! The spool's schema and connection settings.
 
-use std::sync::atomic::AtomicU64;
-
 use rusqlite::Connection;
 
 use super::{SpoolGauges, StoreError};
 
 /// Bumped when the schema changes; a newer database is refused rather than misread.
-const SCHEMA_VERSION: i64 = 1;
+const SCHEMA_VERSION: i64 = 2;
 
+/// - `events`: one row per accepted webhook (unrouted ones too), body byte for byte. `remaining` counts its
+///   pending deliveries.
+/// - `deliveries`: one row per (event, sink) to deliver, plus one per replay or dead-letter retry. Its `id`
+///   gives each sink its dispatch order. Status: `pending`, `delivered`, `dead`, `retried` (a dead letter
+///   that was retried as a new delivery row) or `purged` (a dead letter given up by an operator).
+/// - `attempts`: the attempt log, one row per delivery attempt.
+/// - `handshakes`: Clockodo validation secrets (bounded per source).
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS events (
-    seq         INTEGER PRIMARY KEY AUTOINCREMENT,
-    id          TEXT NOT NULL UNIQUE,
-    source      TEXT NOT NULL,
-    event_type  TEXT NOT NULL,
-    received_at INTEGER NOT NULL,
-    headers     TEXT NOT NULL,
-    body        BLOB NOT NULL,
-    dedup_key   TEXT NOT NULL,
-    remaining   INTEGER NOT NULL
+    seq          INTEGER PRIMARY KEY AUTOINCREMENT,
+    id           TEXT NOT NULL UNIQUE,
+    source       TEXT NOT NULL,
+    event_type   TEXT NOT NULL,
+    received_at  INTEGER NOT NULL,
+    headers      TEXT NOT NULL,
+    body         BLOB NOT NULL,
+    dedup_key    TEXT NOT NULL,
+    ordering_key TEXT,
+    remaining    INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_received_at ON events (received_at);
-CREATE INDEX IF NOT EXISTS events_dedup_key ON events (dedup_key);
+CREATE INDEX IF NOT EXISTS events_dedup_key ON events (dedup_key, received_at);
+CREATE INDEX IF NOT EXISTS events_pending ON events (seq) WHERE remaining > 0;
 CREATE TABLE IF NOT EXISTS deliveries (
-    sink            TEXT NOT NULL,
+    id              INTEGER PRIMARY KEY AUTOINCREMENT,
     event_seq       INTEGER NOT NULL,
-    status          TEXT NOT NULL CHECK (status IN ('pending', 'delivered', 'dead')),
+    sink            TEXT NOT NULL,
+    status          TEXT NOT NULL CHECK (status IN ('pending', 'delivered', 'dead', 'retried', 'purged')),
     attempts        INTEGER NOT NULL DEFAULT 0,
     next_attempt_at INTEGER,
     last_error      TEXT,
-    updated_at      INTEGER NOT NULL,
-    PRIMARY KEY (sink, event_seq)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS deliveries_pending ON deliveries (sink, event_seq) WHERE status = 'pending';
+    last_status     INTEGER,
+    replay          INTEGER NOT NULL DEFAULT 0,
+    created_at      INTEGER NOT NULL,
+    updated_at      INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS deliveries_event ON deliveries (event_seq);
+CREATE INDEX IF NOT EXISTS deliveries_pending ON deliveries (sink, id) WHERE status = 'pending';
+CREATE INDEX IF NOT EXISTS deliveries_dead ON deliveries (sink, id) WHERE status = 'dead';
+CREATE TABLE IF NOT EXISTS attempts (
+    id          INTEGER PRIMARY KEY,
+    delivery_id INTEGER NOT NULL,
+    attempt     INTEGER NOT NULL,
+    started_at  INTEGER NOT NULL,
+    duration_ms INTEGER NOT NULL,
+    outcome     TEXT NOT NULL,
+    status      INTEGER,
+    error       TEXT
+);
+CREATE INDEX IF NOT EXISTS attempts_delivery ON attempts (delivery_id);
+CREATE INDEX IF NOT EXISTS attempts_started_at ON attempts (started_at);
 CREATE TABLE IF NOT EXISTS handshakes (
     id          INTEGER PRIMARY KEY,
     source      TEXT NOT NULL,
@@ -43,35 +67,49 @@ CREATE TABLE IF NOT EXISTS handshakes (
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
 ";
 
-/// Settings and schema for the write connection.
-pub(super) fn prepare_writer(conn: &Connection) -> Result<(), StoreError> {
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+/// Common settings for every connection that writes (the daemon's writer, the CLI, the admin API).
+pub(super) fn configure(conn: &Connection) -> Result<(), StoreError> {
+    conn.busy_timeout(std::time::Duration::from_secs(10))?;
     // WAL: readers do not block the writer; FULL: the WAL is fsync'd at every commit, so a commit that
     // returned survives a power cut. This is what makes a 2xx a promise.
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
+    Ok(())
+}
+
+/// Settings and schema for the write connection.
+pub(super) fn prepare_writer(conn: &Connection) -> Result<(), StoreError> {
+    configure(conn)?;
     let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-    if version > SCHEMA_VERSION {
-        return Err(StoreError::Sqlite(rusqlite::Error::InvalidParameterName(format!(
-            "spool schema version {version} is newer than this hookbridge understands ({SCHEMA_VERSION})"
-        ))));
+    if version != 0 && version != SCHEMA_VERSION {
+        return Err(StoreError::Schema(format!(
+            "spool schema version {version}, this hookbridge uses {SCHEMA_VERSION}: start with an empty data_dir \
+             (or drain the spool with the matching version first)"
+        )));
     }
     conn.execute_batch(SCHEMA)?;
     conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
     Ok(())
 }
 
-/// Counts what is pending, at start-up.
+/// Counts what is pending.
 pub(super) fn load_gauges(conn: &Connection) -> Result<SpoolGauges, StoreError> {
+    let g = SpoolGauges::default();
+    store_gauges(conn, &g)?;
+    Ok(g)
+}
+
+/// Recounts what is pending into `g` (after changes made by another process, e.g. `hookbridge dlq retry`).
+pub(super) fn store_gauges(conn: &Connection, g: &SpoolGauges) -> Result<(), StoreError> {
+    use std::sync::atomic::Ordering::Relaxed;
     let (events, bytes): (i64, i64) =
         conn.query_row("SELECT count(*), coalesce(sum(length(body)), 0) FROM events WHERE remaining > 0", [], |r| {
             Ok((r.get(0)?, r.get(1)?))
         })?;
     let deliveries: i64 =
         conn.query_row("SELECT count(*) FROM deliveries WHERE status = 'pending'", [], |r| r.get(0))?;
-    Ok(SpoolGauges {
-        pending_events: AtomicU64::new(events as u64),
-        pending_bytes: AtomicU64::new(bytes as u64),
-        pending_deliveries: AtomicU64::new(deliveries as u64),
-    })
+    g.pending_events.store(events as u64, Relaxed);
+    g.pending_bytes.store(bytes as u64, Relaxed);
+    g.pending_deliveries.store(deliveries as u64, Relaxed);
+    Ok(())
 }

@@ -1,5 +1,6 @@
 use super::*;
 use crate::event::now_ms;
+use bytes::Bytes;
 
 fn event(id: &str, body: &str) -> Event {
     Event {
@@ -10,6 +11,18 @@ fn event(id: &str, body: &str) -> Event {
         headers: vec![("content-type".into(), "application/json".into())],
         body: Bytes::from(body.to_owned()),
         dedup_key: format!("k-{id}"),
+        ordering_key: None,
+    }
+}
+
+fn attempt() -> Attempt {
+    Attempt { started_at_ms: now_ms(), duration_ms: 3, status: None }
+}
+
+async fn new(store: &Store, id: &str, body: &str, sinks: &[&str]) -> i64 {
+    match store.insert(event(id, body), sinks.iter().map(|s| s.to_string()).collect(), None).await.unwrap() {
+        Inserted::New { seq } => seq,
+        other => panic!("{other:?}"),
     }
 }
 
@@ -17,9 +30,9 @@ fn event(id: &str, body: &str) -> Event {
 async fn events_survive_reopen_and_gauges_follow_deliveries() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();
-    let a = store.insert(event("a", "{\"n\":1}"), vec!["s1".into(), "s2".into()]).await.unwrap();
-    let b = store.insert(event("b", "{\"n\":2}"), vec!["s1".into()]).await.unwrap();
-    store.insert(event("c", "{}"), vec![]).await.unwrap();
+    let a = new(&store, "a", "{\"n\":1}", &["s1", "s2"]).await;
+    let b = new(&store, "b", "{\"n\":2}", &["s1"]).await;
+    new(&store, "c", "{}", &[]).await;
     assert!(a < b);
     assert_eq!(store.gauges().snapshot(), (2, 14, 3));
     store.close().await;
@@ -29,30 +42,101 @@ async fn events_survive_reopen_and_gauges_follow_deliveries() {
     let pending = store.pending("s1", 0, 10).await.unwrap();
     assert_eq!(pending.iter().map(|p| p.event.id.as_str()).collect::<Vec<_>>(), ["a", "b"]);
     assert_eq!(pending[0].event.body, Bytes::from_static(b"{\"n\":1}"));
-    assert_eq!(store.pending("s1", a, 10).await.unwrap().len(), 1);
+    let (a1, b1) = (pending[0].id, pending[1].id);
+    assert_eq!(store.pending("s1", a1, 10).await.unwrap().len(), 1);
+    let a2 = store.pending("s2", 0, 10).await.unwrap()[0].id;
 
-    store.record(a, "s1", 1, Outcome::Retry { next_attempt_ms: now_ms(), error: "503".into() }).await.unwrap();
+    let retry = Outcome::Retry { next_attempt_ms: now_ms(), error: "HTTP 503".into() };
+    store.record(a1, 1, retry, Attempt { status: Some(503), ..attempt() }).await.unwrap();
     assert_eq!(store.pending("s1", 0, 10).await.unwrap()[0].attempts, 1);
-    store.record(a, "s1", 2, Outcome::Delivered).await.unwrap();
+    store.record(a1, 2, Outcome::Delivered, attempt()).await.unwrap();
     assert_eq!(store.gauges().snapshot(), (2, 14, 2));
-    store.record(a, "s2", 1, Outcome::Dead("410 Gone".into())).await.unwrap();
+    store.record(a2, 1, Outcome::Dead("HTTP 410".into()), Attempt { status: Some(410), ..attempt() }).await.unwrap();
     assert_eq!(store.gauges().snapshot(), (1, 7, 1));
     // Recording twice changes nothing.
-    store.record(a, "s2", 1, Outcome::Delivered).await.unwrap();
+    store.record(a2, 1, Outcome::Delivered, attempt()).await.unwrap();
     assert_eq!(store.gauges().snapshot(), (1, 7, 1));
-    let d = store.deliveries_of("a").await.unwrap();
+    let detail = store.event("a").await.unwrap().unwrap();
+    assert_eq!(detail.summary.status, "dead");
+    type Row<'a> = (&'a str, &'a str, u32, Option<&'a str>, Option<u16>);
+    let d: Vec<Row<'_>> = detail
+        .deliveries
+        .iter()
+        .map(|d| (d.sink.as_str(), d.status.as_str(), d.attempts, d.last_error.as_deref(), d.last_status))
+        .collect();
     assert_eq!(
         d,
-        [
-            ("s1".into(), "delivered".into(), 2, Some("503".into())),
-            ("s2".into(), "dead".into(), 1, Some("410 Gone".into()))
-        ]
+        [("s1", "delivered", 2, Some("HTTP 503"), Some(503)), ("s2", "dead", 1, Some("HTTP 410"), Some(410))]
     );
+    let outcomes: Vec<&str> = detail.attempts.iter().map(|a| a.outcome.as_str()).collect();
+    assert_eq!(outcomes, ["retry", "delivered", "dead"]);
 
-    // Prune removes finished events only.
-    assert_eq!(store.prune(now_ms() + 1).await.unwrap(), 2);
-    assert!(!store.has_event("a").await.unwrap());
-    assert!(store.has_event("b").await.unwrap());
+    // Pruning keeps the dead letter's event and the pending one; it removes the unrouted one and attempts.
+    assert_eq!(store.prune(now_ms() + 1).await.unwrap(), 1);
+    assert!(store.event("a").await.unwrap().is_some(), "an event with a dead letter is kept");
+    assert!(store.event("b").await.unwrap().is_some(), "a pending event is kept");
+    assert!(store.event("c").await.unwrap().is_none());
+    assert!(store.event("a").await.unwrap().unwrap().attempts.is_empty());
+    let _ = b1;
+    store.close().await;
+}
+
+#[tokio::test]
+async fn duplicates_within_the_window_are_not_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let since = Some(now_ms() - 60_000);
+    let first = store.insert(event("x1", "{}"), vec!["s".into()], since).await.unwrap();
+    assert!(matches!(first, Inserted::New { .. }));
+    let mut again = event("x2", "{}");
+    again.dedup_key = "k-x1".into();
+    // Concurrently and one after the other: the single writer sees the first in both cases.
+    let (r1, r2) = tokio::join!(
+        store.insert(again.clone(), vec!["s".into()], since),
+        store.insert(again.clone(), vec!["s".into()], since)
+    );
+    assert_eq!(r1.unwrap(), Inserted::Duplicate { original: "x1".into() });
+    assert_eq!(r2.unwrap(), Inserted::Duplicate { original: "x1".into() });
+    // Outside the window it is a new event.
+    let r = store.insert(again, vec!["s".into()], Some(now_ms() + 1)).await.unwrap();
+    assert!(matches!(r, Inserted::New { .. }));
+    assert_eq!(store.gauges().snapshot().2, 2);
+    store.close().await;
+}
+
+#[tokio::test]
+async fn operators_replay_retry_and_purge_beside_a_running_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    new(&store, "a", "{}", &["s"]).await;
+    new(&store, "b", "{}", &["s"]).await;
+    let rows = store.pending("s", 0, 10).await.unwrap();
+    store.record(rows[0].id, 1, Outcome::Dead("HTTP 400".into()), attempt()).await.unwrap();
+    store.record(rows[1].id, 1, Outcome::Delivered, attempt()).await.unwrap();
+
+    let mut op = Operator::open(dir.path()).unwrap();
+    let dead = op.dead_letters(None).unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!((dead[0].event_id.as_str(), dead[0].last_error.as_deref()), ("a", Some("HTTP 400")));
+    assert_eq!(op.retry_dead(&[dead[0].delivery_id, 999]).unwrap(), 1);
+    assert!(op.dead_letters(None).unwrap().is_empty());
+    let seqs = op.replay_targets(Some("b"), 0, 0).unwrap();
+    assert_eq!(op.replay(&seqs, None).unwrap(), 1);
+
+    // The daemon's side sees both as new pending deliveries after the old cursor, marked replay.
+    let again = store.pending("s", rows[1].id, 10).await.unwrap();
+    assert_eq!(again.iter().map(|p| (p.event.id.as_str(), p.replay)).collect::<Vec<_>>(), [("a", true), ("b", true)]);
+    store.resync().await.unwrap();
+    assert_eq!(store.gauges().snapshot().2, 2);
+    let listed = op.events(&EventFilter { status: Some("pending".into()), limit: 10, ..Default::default() }).unwrap();
+    assert_eq!(listed.len(), 2);
+
+    // Purge gives a dead letter up.
+    store.record(again[0].id, 1, Outcome::Dead("HTTP 400".into()), attempt()).await.unwrap();
+    let id = op.dead_letters(Some("s")).unwrap()[0].delivery_id;
+    assert_eq!(op.purge_dead(&[id]).unwrap(), 1);
+    assert!(op.dead_letters(None).unwrap().is_empty());
+    assert_eq!(op.event("a").unwrap().unwrap().summary.status, "purged");
     store.close().await;
 }
 
