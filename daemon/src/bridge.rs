@@ -47,6 +47,7 @@ pub enum BridgeError {
 #[derive(Debug)]
 pub struct Bridge {
     shared: Arc<Shared>,
+    config: Config,
     store: Store,
     cancel: CancellationToken,
     tasks: JoinSet<()>,
@@ -104,12 +105,18 @@ impl Bridge {
             concurrency: Semaphore::new(config.server.max_concurrency),
             shutting_down: AtomicBool::new(false),
         });
-        Ok(Bridge { shared, store, cancel, tasks, shutdown_timeout: config.server.shutdown_timeout.0 })
+        let shutdown_timeout = config.server.shutdown_timeout.0;
+        Ok(Bridge { shared, config, store, cancel, tasks, shutdown_timeout })
     }
 
     /// The HTTP routes (webhooks, `/healthz`, `/readyz`, `/metrics`), to serve or to mount.
     pub fn router(&self) -> axum::Router {
         router(Arc::clone(&self.shared))
+    }
+
+    /// The admin API's router, when `[admin]` is configured (serve it on its own, private listener).
+    pub fn admin_router(&self) -> Option<axum::Router> {
+        self.config.admin.as_ref().map(|a| crate::admin::router(self.config.clone(), a.token.clone()))
     }
 
     /// The spool (for inspection in tests and tools).

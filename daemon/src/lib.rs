@@ -15,6 +15,7 @@
 //!
 //! See `ARCHITECTURE.md` for the map of the modules and the invariants they keep.
 
+pub mod admin;
 pub mod bridge;
 pub mod classify;
 pub mod config;
@@ -23,6 +24,7 @@ pub mod event;
 pub mod ingress;
 pub mod limits;
 pub mod metrics;
+pub mod operator;
 pub mod route;
 pub mod send;
 pub mod sinks;

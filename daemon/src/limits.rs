@@ -9,6 +9,9 @@ use crate::config::units::{HumanDuration, HumanSize};
 pub(crate) fn default_listen() -> SocketAddr {
     SocketAddr::from((Ipv4Addr::LOCALHOST, 8080))
 }
+pub(crate) fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, 8081))
+}
 pub(crate) fn default_max_body_size() -> HumanSize {
     HumanSize(1 << 20)
 }

@@ -57,11 +57,119 @@ enum Command {
         /// JSON body file.
         body: PathBuf,
     },
+    /// Inspect and replay stored events (works beside a running daemon).
+    Events {
+        #[command(subcommand)]
+        command: EventsCommand,
+    },
+    /// Dead letters: deliveries that failed for good (works beside a running daemon).
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
     /// Show Clockodo validation handshake secrets received (newest first), to enter in Clockodo.
     Handshakes {
         /// Config file (for the data directory).
         #[arg(long, short, env = "HOOKBRIDGE_CONFIG")]
         config: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct Common {
+    /// Config file (for the data directory and sinks).
+    #[arg(long, short, env = "HOOKBRIDGE_CONFIG")]
+    config: PathBuf,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum EventsCommand {
+    /// List events, newest first.
+    List {
+        #[command(flatten)]
+        common: Common,
+        /// Only this source.
+        #[arg(long)]
+        source: Option<String>,
+        /// Only this event type.
+        #[arg(long)]
+        event: Option<String>,
+        /// Only this status: pending, delivered, dead, purged, unrouted.
+        #[arg(long)]
+        status: Option<String>,
+        /// Received since (RFC 3339 time, or an age such as 2h).
+        #[arg(long)]
+        since: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Show one event: headers, body, deliveries, attempts.
+    Show {
+        #[command(flatten)]
+        common: Common,
+        /// Event id.
+        id: String,
+    },
+    /// Deliver events again (the "Resend" button): one by id, or a time range.
+    Replay {
+        #[command(flatten)]
+        common: Common,
+        /// Event id.
+        #[arg(required_unless_present = "since", conflicts_with = "since")]
+        id: Option<String>,
+        /// Replay events received since (RFC 3339 time, or an age such as 2h).
+        #[arg(long)]
+        since: Option<String>,
+        /// ... and before this time (default: now).
+        #[arg(long, requires = "since")]
+        until: Option<String>,
+        /// Only to this sink (default: the sinks each event was routed to).
+        #[arg(long)]
+        sink: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// List dead letters, oldest first.
+    List {
+        #[command(flatten)]
+        common: Common,
+        /// Only this sink.
+        #[arg(long)]
+        sink: Option<String>,
+    },
+    /// Deliver dead letters again: one by delivery id, or --all (of a --sink).
+    Retry {
+        #[command(flatten)]
+        common: Common,
+        /// Delivery id (from `dlq list`).
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<i64>,
+        /// Every dead letter.
+        #[arg(long)]
+        all: bool,
+        /// With --all: only this sink.
+        #[arg(long, requires = "all")]
+        sink: Option<String>,
+    },
+    /// Give dead letters up for good: one by delivery id, or --all (of a --sink).
+    Purge {
+        #[command(flatten)]
+        common: Common,
+        /// Delivery id (from `dlq list`).
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        id: Option<i64>,
+        /// Every dead letter.
+        #[arg(long)]
+        all: bool,
+        /// With --all: only this sink.
+        #[arg(long, requires = "all")]
+        sink: Option<String>,
     },
 }
 
@@ -132,6 +240,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             println!("{} -> {}\n{}", r.url, r.status, r.body);
             Ok(if (200..300).contains(&r.status) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
+        Command::Events { command } => events(command),
+        Command::Dlq { command } => dlq(command),
         Command::Handshakes { config } => {
             let config = load(&config)?;
             let list = hookbridge::store::list_handshakes(&config.storage.data_dir)?;
@@ -145,6 +255,154 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+#[allow(clippy::print_stdout)]
+fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+#[allow(clippy::print_stdout)]
+fn events(command: EventsCommand) -> anyhow::Result<ExitCode> {
+    use hookbridge::operator::{self, format_time, parse_time};
+    match command {
+        EventsCommand::List { common, source, event, status, since, limit } => {
+            let config = load(&common.config)?;
+            let since_ms = since.as_deref().map(parse_time).transpose()?;
+            let filter =
+                hookbridge::store::EventFilter { source, event_type: event, status, since_ms, until_ms: None, limit };
+            let list = operator::list_events(&config, filter)?;
+            if common.json {
+                return print_json(&list).map(|()| ExitCode::SUCCESS);
+            }
+            for e in &list {
+                println!(
+                    "{}  {}  {:<10} {:<12} {}",
+                    e.id,
+                    format_time(e.received_at_ms),
+                    e.status,
+                    e.source,
+                    e.event_type
+                );
+            }
+            if list.is_empty() {
+                println!("no events");
+            }
+        }
+        EventsCommand::Show { common, id } => {
+            let config = load(&common.config)?;
+            let e = operator::show_event(&config, &id)?;
+            if common.json {
+                return print_json(&e).map(|()| ExitCode::SUCCESS);
+            }
+            let s = &e.summary;
+            println!(
+                "event    {}\nsource   {}\ntype     {}\nreceived {}\nstatus   {}",
+                s.id,
+                s.source,
+                s.event_type,
+                format_time(s.received_at_ms),
+                s.status
+            );
+            println!("headers");
+            for (k, v) in &e.headers {
+                println!("  {k}: {v}");
+            }
+            println!("deliveries");
+            for d in &e.deliveries {
+                let replay = if d.replay { " (replay)" } else { "" };
+                let err = d.last_error.as_deref().map(|e| format!(", last error: {e}")).unwrap_or_default();
+                println!("  #{} {} {}{} after {} attempt(s){}", d.id, d.sink, d.status, replay, d.attempts, err);
+            }
+            println!("attempts");
+            for a in &e.attempts {
+                let detail = a.error.as_deref().unwrap_or("");
+                println!(
+                    "  #{} {} attempt {} at {} ({} ms): {} {}",
+                    a.delivery_id,
+                    a.sink,
+                    a.attempt,
+                    format_time(a.started_at_ms),
+                    a.duration_ms,
+                    a.outcome,
+                    detail
+                );
+            }
+            println!("body\n{}", e.body);
+        }
+        EventsCommand::Replay { common, id, since, until, sink } => {
+            let config = load(&common.config)?;
+            let selection = match (id, since) {
+                (Some(id), _) => operator::ReplaySelection::One(id),
+                (None, Some(since)) => operator::ReplaySelection::Range {
+                    since_ms: parse_time(&since)?,
+                    until_ms: until.as_deref().map(parse_time).transpose()?.unwrap_or(i64::MAX),
+                },
+                (None, None) => anyhow::bail!("give an event id or --since"),
+            };
+            let bar = indicatif::ProgressBar::new(0);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("replaying {bar:40} {pos}/{len} events")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            let report = operator::replay(&config, &selection, sink.as_deref(), |done, total| {
+                bar.set_length(total as u64);
+                bar.set_position(done as u64);
+            })?;
+            bar.finish_and_clear();
+            if common.json {
+                return print_json(&report).map(|()| ExitCode::SUCCESS);
+            }
+            println!("replayed {} event(s): {} delivery(ies) queued", report.events, report.deliveries);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[allow(clippy::print_stdout)]
+fn dlq(command: DlqCommand) -> anyhow::Result<ExitCode> {
+    use hookbridge::operator::{self, DeadSelection, format_time};
+    let selection = |id: Option<i64>, sink: Option<String>| match id {
+        Some(id) => DeadSelection::One(id),
+        None => DeadSelection::All(sink),
+    };
+    match command {
+        DlqCommand::List { common, sink } => {
+            let config = load(&common.config)?;
+            let list = operator::dead_letters(&config, sink.as_deref())?;
+            if common.json {
+                return print_json(&list).map(|()| ExitCode::SUCCESS);
+            }
+            for d in &list {
+                println!(
+                    "#{}  {}  {}  {} {}  {} attempt(s)  {}",
+                    d.delivery_id,
+                    d.sink,
+                    format_time(d.dead_at_ms),
+                    d.source,
+                    d.event_type,
+                    d.attempts,
+                    d.last_error.as_deref().unwrap_or("")
+                );
+                println!("      event {}", d.event_id);
+            }
+            if list.is_empty() {
+                println!("no dead letters");
+            }
+        }
+        DlqCommand::Retry { common, id, all: _, sink } => {
+            let config = load(&common.config)?;
+            let n = operator::retry_dead(&config, &selection(id, sink))?;
+            println!("{n} dead letter(s) queued for delivery again");
+        }
+        DlqCommand::Purge { common, id, all: _, sink } => {
+            let config = load(&common.config)?;
+            let n = operator::purge_dead(&config, &selection(id, sink))?;
+            println!("{n} dead letter(s) purged");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn shutdown_signal() {

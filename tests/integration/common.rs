@@ -35,9 +35,29 @@ pub struct Received {
     pub body: Bytes,
 }
 
+/// One request as it arrived, whatever it was answered.
+#[derive(Debug, Clone)]
+pub struct Hit {
+    pub at: Instant,
+    pub status: u16,
+    pub body: Bytes,
+}
+
+/// Planned failures: answer `status` (with `Retry-After: retry_after`) to the next `times` requests whose
+/// body contains `needle` (every request when `needle` is empty).
+#[derive(Debug, Clone)]
+struct Failure {
+    needle: String,
+    status: u16,
+    retry_after: Option<u64>,
+    times: usize,
+}
+
 #[derive(Clone)]
 struct ReceiverState {
     seen: Arc<Mutex<Vec<Received>>>,
+    hits: Arc<Mutex<Vec<Hit>>>,
+    failures: Arc<Mutex<Vec<Failure>>>,
     status: Arc<Mutex<u16>>,
 }
 
@@ -45,6 +65,8 @@ struct ReceiverState {
 pub struct Receiver {
     pub addr: SocketAddr,
     seen: Arc<Mutex<Vec<Received>>>,
+    hits: Arc<Mutex<Vec<Hit>>>,
+    failures: Arc<Mutex<Vec<Failure>>>,
     status: Arc<Mutex<u16>>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
@@ -57,16 +79,36 @@ impl Receiver {
 
     pub async fn start_on(listener: TcpListener) -> Receiver {
         let addr = listener.local_addr().unwrap();
-        let state = ReceiverState { seen: Arc::default(), status: Arc::new(Mutex::new(200)) };
+        let state = ReceiverState {
+            seen: Arc::default(),
+            hits: Arc::default(),
+            failures: Arc::default(),
+            status: Arc::new(Mutex::new(200)),
+        };
         let app = Router::new()
             .route(
                 "/{*path}",
                 post(|State(s): State<ReceiverState>, headers: HeaderMap, body: Bytes| async move {
-                    let status = *s.status.lock().unwrap();
+                    let mut status = *s.status.lock().unwrap();
+                    let mut retry_after = None;
+                    {
+                        let mut failures = s.failures.lock().unwrap();
+                        let text = String::from_utf8_lossy(&body).into_owned();
+                        if let Some(f) = failures.iter_mut().find(|f| f.times > 0 && text.contains(&f.needle)) {
+                            f.times -= 1;
+                            status = f.status;
+                            retry_after = f.retry_after;
+                        }
+                    }
+                    s.hits.lock().unwrap().push(Hit { at: Instant::now(), status, body: body.clone() });
                     if (200..300).contains(&status) {
                         s.seen.lock().unwrap().push(Received { headers, body });
                     }
-                    StatusCode::from_u16(status).unwrap()
+                    let mut r = axum::response::IntoResponse::into_response(StatusCode::from_u16(status).unwrap());
+                    if let Some(secs) = retry_after {
+                        r.headers_mut().insert("retry-after", secs.into());
+                    }
+                    r
                 }),
             )
             .with_state(state.clone());
@@ -79,7 +121,15 @@ impl Receiver {
                 .await
                 .unwrap();
         });
-        Receiver { addr, seen: state.seen, status: state.status, stop: Some(stop), task: Some(task) }
+        Receiver {
+            addr,
+            seen: state.seen,
+            hits: state.hits,
+            failures: state.failures,
+            status: state.status,
+            stop: Some(stop),
+            task: Some(task),
+        }
     }
 
     pub fn url(&self) -> String {
@@ -89,6 +139,16 @@ impl Receiver {
     /// Answer every later request with `status` (and record only 2xx ones).
     pub fn answer(&self, status: u16) {
         *self.status.lock().unwrap() = status;
+    }
+
+    /// Answer `status` to the next `times` requests whose body contains `needle`.
+    pub fn fail(&self, needle: &str, status: u16, times: usize, retry_after: Option<u64>) {
+        self.failures.lock().unwrap().push(Failure { needle: needle.into(), status, retry_after, times });
+    }
+
+    /// Every request, in arrival order, with the status it got.
+    pub fn hits(&self) -> Vec<Hit> {
+        self.hits.lock().unwrap().clone()
     }
 
     pub fn received(&self) -> Vec<Received> {
@@ -133,6 +193,10 @@ pub async fn poll_until<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) 
 pub struct TestBridge {
     pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
+    /// The config text, `{dir}` filled in.
+    pub text: String,
+    /// The admin API's address, when the config has `[admin]`.
+    pub admin: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -147,6 +211,12 @@ impl TestBridge {
         let bridge = hookbridge::Bridge::start(config).await.unwrap();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let mut admin = None;
+        if let Some(router) = bridge.admin_router() {
+            let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            admin = Some(l.local_addr().unwrap());
+            tokio::spawn(async move { axum::serve(l, router).await.unwrap() });
+        }
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             bridge
@@ -156,7 +226,7 @@ impl TestBridge {
                 .await
                 .unwrap();
         });
-        TestBridge { addr, dir, stop: Some(stop), task: Some(task) }
+        TestBridge { addr, dir, text, admin, stop: Some(stop), task: Some(task) }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -175,6 +245,22 @@ impl TestBridge {
 
     pub async fn metrics(&self) -> String {
         client().get(self.url("/metrics")).send().await.unwrap().text().await.unwrap()
+    }
+
+    /// Writes the config to a file (for the CLI) and returns its path.
+    pub fn config_file(&self) -> PathBuf {
+        let path = self.dir.path().join("hookbridge.toml");
+        std::fs::write(&path, &self.text).unwrap();
+        path
+    }
+
+    /// Runs `hookbridge <args> --config <this config>`; returns stdout, failing the test on a non-zero exit.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let out =
+            std::process::Command::new(binary()).args(args).arg("--config").arg(self.config_file()).output().unwrap();
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        assert!(out.status.success(), "hookbridge {args:?} failed: {stdout}{}", String::from_utf8_lossy(&out.stderr));
+        stdout
     }
 
     /// Polls `/metrics` until `name_and_labels` is at least `at_least`; returns the metrics text.

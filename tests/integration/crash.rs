@@ -143,3 +143,96 @@ to = ["out"]
     assert!(!log.contains(SECRET), "a secret reached the log");
     receiver.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_and_dead_letters_survive_sigkill() {
+    let failing = Receiver::start().await;
+    failing.answer(503);
+    let refusing = Receiver::start().await;
+    refusing.answer(400);
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = dir.path().join("hookbridge.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[server]
+listen = "127.0.0.1:{port}"
+[storage]
+data_dir = "data"
+[sources.clockify]
+kind = "clockify"
+secrets = ["{SECRET}"]
+[sinks.failing]
+kind = "http"
+url = "{failing}"
+retry = {{ initial_backoff = "50ms", max_backoff = "100ms" }}
+[sinks.refusing]
+kind = "http"
+url = "{refusing}"
+[[routes]]
+name = "all"
+to = ["failing", "refusing"]
+"#,
+            failing = failing.url(),
+            refusing = refusing.url()
+        ),
+    )
+    .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut child = spawn(&config, &dir.path().join("run1.log"));
+    wait_healthy(&format!("{base}/healthz")).await;
+    let c = client();
+    for i in 0..3 {
+        let r = c
+            .post(format!("{base}/hooks/clockify"))
+            .header("clockify-signature", SECRET)
+            .header("clockify-webhook-event-type", "NEW_TIME_ENTRY")
+            .body(format!(r#"{{"id":"entry-{i}"}}"#))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+    }
+    let cli = |args: &[&str]| -> serde_json::Value {
+        let out = Command::new(binary()).args(args).arg("--json").arg("--config").arg(&config).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    // Wait until all three are dead letters on one sink and have been retried a few times on the other.
+    poll_until(Duration::from_secs(30), || {
+        let dead = cli(&["dlq", "list"]).as_array().map(|a| a.len()).unwrap_or(0);
+        let retried = failing.hits().len();
+        (dead == 3 && retried >= 9).then_some(())
+    })
+    .await
+    .expect("dead letters and retries before the kill");
+    child.kill().unwrap(); // SIGKILL, in the middle of retries
+    child.wait().unwrap();
+    let hits_before = failing.hits().len();
+
+    let mut child = spawn(&config, &dir.path().join("run2.log"));
+    wait_healthy(&format!("{base}/healthz")).await;
+    let dead = cli(&["dlq", "list"]);
+    assert_eq!(dead.as_array().unwrap().len(), 3, "dead letters survive: {dead}");
+    // Each event still has a pending delivery (and a dead one): pending wins in the event's status.
+    let pending = cli(&["events", "list", "--status", "pending"]);
+    assert_eq!(pending.as_array().unwrap().len(), 3);
+    // The retries go on after the restart, with their attempt counts kept.
+    poll_until(Duration::from_secs(30), || (failing.hits().len() >= hits_before + 3).then_some(()))
+        .await
+        .expect("retries resume");
+    let id = dead[0]["event_id"].as_str().unwrap().to_owned();
+    let shown = cli(&["events", "show", &id]);
+    let failing_delivery =
+        shown["deliveries"].as_array().unwrap().iter().find(|d| d["sink"] == "failing").unwrap().clone();
+    assert_eq!(failing_delivery["status"], "pending");
+    assert!(failing_delivery["attempts"].as_u64().unwrap() >= 3, "{failing_delivery}");
+    failing.answer(200);
+    failing.wait_for(3, Duration::from_secs(30)).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    failing.stop().await;
+    refusing.stop().await;
+}

@@ -125,8 +125,8 @@ async fn permanent_failures_are_kept_dead_and_server_errors_are_retried() {
 }
 
 #[tokio::test]
-async fn a_full_spool_answers_503_with_retry_after() {
-    let (_down, addr) = hung_receiver().await;
+async fn a_full_spool_answers_503_with_retry_after_and_recovers_once_drained() {
+    let (down, addr) = hung_receiver().await;
     let bridge = TestBridge::start(&toml(&format!("http://{addr}/in"), "max_pending_events = 2")).await;
     for n in 0..2 {
         assert_eq!(bridge.post("/hooks/clockify", &clockify_headers(SECRET, "NEW_TIME_ENTRY"), body(n)).await.0, 200);
@@ -143,7 +143,19 @@ async fn a_full_spool_answers_503_with_retry_after() {
     assert_eq!(r.headers()["retry-after"], "15");
     let m = bridge.metrics().await;
     assert_eq!(metric(&m, r#"hookbridge_rejections_total{reason="spool_full",source="clockify"}"#), 1.0);
+
+    // The receiver comes back, the spool drains, and webhooks are accepted again.
+    let receiver = Receiver::start_on(down.up().await).await;
+    receiver.wait_for(2, Duration::from_secs(20)).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while metric(&bridge.metrics().await, "hookbridge_spool_pending_events") > 0.0 {
+        assert!(std::time::Instant::now() < deadline, "spool never drained");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(bridge.post("/hooks/clockify", &clockify_headers(SECRET, "NEW_TIME_ENTRY"), body(3)).await.0, 200);
+    receiver.wait_for(3, Duration::from_secs(20)).await;
     bridge.stop().await;
+    receiver.stop().await;
 }
 
 #[tokio::test]

@@ -9,5 +9,6 @@ mod config_check;
 mod crash;
 mod delivery;
 mod quickstart;
+mod reliability;
 mod routing;
 mod schemes;

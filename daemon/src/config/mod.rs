@@ -90,6 +90,15 @@ pub struct SinkSpec {
     pub retry: RetryPolicy,
 }
 
+/// The validated `[admin]` section.
+#[derive(Debug, Clone)]
+pub struct AdminSpec {
+    /// Listener address.
+    pub listen: std::net::SocketAddr,
+    /// Bearer token.
+    pub token: SecretString,
+}
+
 /// A whole validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -99,6 +108,8 @@ pub struct Config {
     pub server: ServerConfig,
     /// `[storage]`, with `data_dir` made absolute.
     pub storage: StorageConfig,
+    /// `[admin]`, if the admin API is on.
+    pub admin: Option<AdminSpec>,
     /// `[sources.*]` by id.
     pub sources: BTreeMap<String, Source>,
     /// `[sinks.*]` by id.
@@ -139,6 +150,7 @@ impl Config {
         let root = root.into_inner();
         let mut server = None;
         let mut storage = None;
+        let mut admin_raw = None;
         let mut raw_sources = Vec::new();
         let mut raw_sinks = Vec::new();
         let mut raw_routes = Vec::new();
@@ -147,6 +159,7 @@ impl Config {
             match name {
                 "server" => server = de::<ServerConfig>(&mut errs, "server", value),
                 "storage" => storage = de::<StorageConfig>(&mut errs, "storage", value),
+                "admin" => admin_raw = de::<AdminConfig>(&mut errs, "admin", value),
                 "sources" | "sinks" => match value.get_ref() {
                     DeValue::Table(table) => {
                         for (id, entry) in table.iter() {
@@ -180,7 +193,7 @@ impl Config {
                 other => errs.push_span(
                     Some(key.span()),
                     other,
-                    "unknown section (expected server, storage, sources, sinks, routes)".into(),
+                    "unknown section (expected server, storage, admin, sources, sinks, routes)".into(),
                 ),
             }
         }
@@ -200,6 +213,26 @@ impl Config {
         }
         if server.max_body_size.0 == 0 {
             errs.locate("server.max_body_size", &root, "must be more than 0");
+        }
+
+        let admin = match admin_raw {
+            None => None,
+            Some(a) => match a.token.resolve(base, env) {
+                Ok(token) if token.expose().len() >= 16 => Some(AdminSpec { listen: a.listen, token }),
+                Ok(_) => {
+                    errs.locate("admin.token", &root, "use a token of at least 16 characters");
+                    None
+                }
+                Err(m) => {
+                    errs.locate("admin.token", &root, &m);
+                    None
+                }
+            },
+        };
+        if let Some(a) = &admin
+            && a.listen == server.listen
+        {
+            errs.locate("admin.listen", &root, "the admin API needs its own address, not server.listen");
         }
 
         // Sources.
@@ -273,7 +306,7 @@ impl Config {
         }
 
         if errs.is_empty() {
-            Ok(Config { origin: origin.map(Path::to_path_buf), server, storage, sources, sinks, routes })
+            Ok(Config { origin: origin.map(Path::to_path_buf), server, storage, admin, sources, sinks, routes })
         } else {
             Err(errs)
         }

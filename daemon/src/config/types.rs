@@ -81,6 +81,17 @@ impl Default for StorageConfig {
     }
 }
 
+/// `[admin]`: the admin API (off when the section is absent).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address of the admin listener (keep it private). Default `127.0.0.1:8081`.
+    #[serde(default = "limits::default_admin_listen")]
+    pub listen: SocketAddr,
+    /// Bearer token every admin request must carry (a secret: `"${HOOKBRIDGE_ADMIN_TOKEN}"`).
+    pub token: SecretSpec,
+}
+
 /// `[sources.<id>] kind = "clockify"`: Clockify workspace webhooks.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
