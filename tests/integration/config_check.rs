@@ -24,6 +24,7 @@ fn every_shipped_config_passes_check() {
             .arg(&path)
             .env("CLOCKIFY_WEBHOOK_SECRET", "example-clockify-secret")
             .env("TIMESHEETS_TOKEN", "example-token")
+            .env("HOOKBRIDGE_ADMIN_TOKEN", "example-admin-token-0123456789")
             .env("CLOCKODO_WEBHOOK_TOKEN", "example-clockodo-token")
             .env("GITHUB_WEBHOOK_SECRET", "example-github-secret")
             .env("CLOCKIFY_HMAC_SECRET", "example-hmac-secret")
@@ -68,5 +69,5 @@ fn broken_configs_match_their_golden_reports() {
         }
         checked += 1;
     }
-    assert_eq!(checked, 3);
+    assert_eq!(checked, 4);
 }
