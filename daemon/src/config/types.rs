@@ -59,8 +59,8 @@ pub struct StorageConfig {
     /// Most bytes of bodies with undelivered deliveries; past it new webhooks get 503. Default `1GiB`.
     #[serde(default = "limits::default_max_pending_bytes")]
     pub max_pending_bytes: HumanSize,
-    /// How long finished events and the attempt log are kept (for inspection and replay) before they are
-    /// pruned. Pending deliveries and dead letters are never pruned. Default `7d`.
+    /// How long finished events are kept (for inspection and replay) before they are pruned with their
+    /// attempt log. Events with a pending delivery or a dead letter are never pruned. Default `7d`.
     #[serde(default = "limits::default_retention")]
     pub retention: HumanDuration,
     /// A webhook whose dedup key was seen within this window is answered 200 and not delivered again.

@@ -36,10 +36,13 @@ pub(super) fn insert(
     sinks: &[String],
     dedup_since_ms: Option<i64>,
 ) -> rusqlite::Result<(Inserted, Vec<(i64, String)>)> {
+    let hash = dedup_hash(&e.dedup_key);
     if let Some(since) = dedup_since_ms {
         let original: Option<String> = tx
-            .prepare_cached("SELECT id FROM events WHERE dedup_key = ?1 AND received_at >= ?2 ORDER BY seq LIMIT 1")?
-            .query_row(params![e.dedup_key, since], |r| r.get(0))
+            .prepare_cached(
+                "SELECT id FROM events WHERE dedup_hash = ?1 AND dedup_key = ?2 AND received_at >= ?3 ORDER BY seq LIMIT 1",
+            )?
+            .query_row(params![hash, e.dedup_key, since], |r| r.get(0))
             .optional()?;
         if let Some(id) = original {
             return Ok((Inserted::Duplicate { original: id }, Vec::new()));
@@ -47,7 +50,7 @@ pub(super) fn insert(
     }
     let headers = serde_json::to_string(&e.headers).unwrap_or_else(|_| "[]".into());
     tx.prepare_cached(
-        "INSERT INTO events (id, source, event_type, received_at, headers, body, dedup_key, ordering_key, remaining)
+        "INSERT INTO events (id, source, event_type, received_at, headers, body, dedup_key, dedup_hash, ordering_key)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
     )?
     .execute(params![
@@ -58,8 +61,8 @@ pub(super) fn insert(
         headers,
         &e.body[..],
         e.dedup_key,
-        e.ordering_key,
-        sinks.len() as i64
+        hash,
+        e.ordering_key
     ])?;
     let seq = tx.last_insert_rowid();
     let mut ids = Vec::with_capacity(sinks.len());
@@ -71,6 +74,15 @@ pub(super) fn insert(
         ids.push((tx.last_insert_rowid(), sink.clone()));
     }
     Ok((Inserted::New { seq }, ids))
+}
+
+/// The first 8 bytes of SHA-256(key), as the integer the dedup index holds.
+fn dedup_hash(key: &str) -> i64 {
+    use sha2::{Digest, Sha256};
+    let d = Sha256::digest(key.as_bytes());
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&d[..8]);
+    i64::from_be_bytes(b)
 }
 
 /// What finishing a delivery did to the pending counts: (deliveries, events, bytes) no longer pending.
@@ -91,16 +103,15 @@ pub(super) fn record(
         Outcome::Dead(e) => ("dead", None, Some(e.as_str()), "dead"),
         Outcome::Retry { next_attempt_ms, error } => ("pending", Some(*next_attempt_ms), Some(error.as_str()), "retry"),
     };
-    let changed = tx
+    let event_seq: Option<i64> = tx
         .prepare_cached(
             "UPDATE deliveries SET status = ?1, attempts = ?2, next_attempt_at = ?3,
                last_error = coalesce(?4, last_error), last_status = coalesce(?5, last_status), updated_at = ?6
-             WHERE id = ?7 AND status = 'pending'",
+             WHERE id = ?7 AND status = 'pending' RETURNING event_seq",
         )?
-        .execute(params![status, attempts, next, error, attempt.status, now, delivery_id])?;
-    if changed == 0 {
-        return Ok((0, 0, 0));
-    }
+        .query_row(params![status, attempts, next, error, attempt.status, now, delivery_id], |r| r.get(0))
+        .optional()?;
+    let Some(event_seq) = event_seq else { return Ok((0, 0, 0)) };
     tx.prepare_cached(
         "INSERT INTO attempts (delivery_id, attempt, started_at, duration_ms, outcome, status, error)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -115,25 +126,25 @@ pub(super) fn record(
         error
     ])?;
     if status != "pending" {
-        return finish(tx, delivery_id);
+        return finish(tx, event_seq);
     }
     Ok((0, 0, 0))
 }
 
-/// One delivery of an event left the pending state: decrement the event's `remaining`.
-fn finish(tx: &Transaction<'_>, delivery_id: i64) -> rusqlite::Result<Finished> {
-    let left: Option<(i64, i64)> = tx
-        .prepare_cached(
-            "UPDATE events SET remaining = remaining - 1
-             WHERE seq = (SELECT event_seq FROM deliveries WHERE id = ?1) RETURNING remaining, length(body)",
-        )?
-        .query_row([delivery_id], |r| Ok((r.get(0)?, r.get(1)?)))
-        .optional()?;
-    Ok(match left {
-        Some((0, len)) => (1, 1, len),
-        Some(_) => (1, 0, 0),
-        None => (1, 0, 0),
-    })
+/// One delivery of event `seq` left the pending state: was it the event's last pending one?
+fn finish(tx: &Transaction<'_>, seq: i64) -> rusqlite::Result<Finished> {
+    let still: i64 = tx
+        .prepare_cached("SELECT count(*) FROM deliveries WHERE event_seq = ?1 AND status = 'pending'")?
+        .query_row([seq], |r| r.get(0))?;
+    if still > 0 {
+        return Ok((1, 0, 0));
+    }
+    let len: i64 = tx
+        .prepare_cached("SELECT length(body) FROM events WHERE seq = ?1")?
+        .query_row([seq], |r| r.get(0))
+        .optional()?
+        .unwrap_or(0);
+    Ok((1, 1, len))
 }
 
 pub(super) fn handshake(tx: &Transaction<'_>, source: &str, secret: &str, at: i64) -> rusqlite::Result<()> {
@@ -149,11 +160,10 @@ pub(super) fn handshake(tx: &Transaction<'_>, source: &str, secret: &str, at: i6
     Ok(())
 }
 
-/// Deletes what is older than `before_ms` and finished: attempts, and events none of whose deliveries is
-/// pending or dead (dead letters are kept until an operator retries or purges them). Returns the number of
-/// events deleted.
+/// Deletes events received before `before_ms` none of whose deliveries is pending or dead (dead letters are
+/// kept until an operator retries or purges them), with their deliveries and attempt log. Returns the number
+/// of events deleted.
 pub(super) fn prune(tx: &Transaction<'_>, before_ms: i64) -> rusqlite::Result<u64> {
-    tx.execute("DELETE FROM attempts WHERE started_at < ?1", [before_ms])?;
     let keep = "EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = events.seq AND d.status IN ('pending', 'dead'))";
     tx.execute(
         &format!(
@@ -341,7 +351,7 @@ pub struct EventFilter {
 
 const STATUS_SQL: &str = "CASE
     WHEN NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = e.seq) THEN 'unrouted'
-    WHEN e.remaining > 0 THEN 'pending'
+    WHEN EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = e.seq AND d.status = 'pending') THEN 'pending'
     WHEN EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = e.seq AND d.status = 'dead') THEN 'dead'
     WHEN EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = e.seq AND d.status = 'purged') THEN 'purged'
     ELSE 'delivered' END";
@@ -462,8 +472,6 @@ pub fn replay(tx: &Transaction<'_>, seq: i64, sink: Option<&str>) -> rusqlite::R
         )?
         .execute(params![seq, s, now])?;
     }
-    tx.prepare_cached("UPDATE events SET remaining = remaining + ?1 WHERE seq = ?2")?
-        .execute(params![sinks.len() as i64, seq])?;
     Ok(sinks.len())
 }
 

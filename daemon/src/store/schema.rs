@@ -5,14 +5,15 @@ use rusqlite::Connection;
 use super::{SpoolGauges, StoreError};
 
 /// Bumped when the schema changes; a newer database is refused rather than misread.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
-/// - `events`: one row per accepted webhook (unrouted ones too), body byte for byte. `remaining` counts its
-///   pending deliveries.
+/// - `events`: one row per accepted webhook (unrouted ones too), body byte for byte; written once, never
+///   updated (so delivery bookkeeping never rewrites pages that hold bodies). `dedup_hash` is the first 8 bytes
+///   of SHA-256(`dedup_key`): a small index for the dedup lookup.
 /// - `deliveries`: one row per (event, sink) to deliver, plus one per replay or dead-letter retry. Its `id`
 ///   gives each sink its dispatch order. Status: `pending`, `delivered`, `dead`, `retried` (a dead letter
 ///   that was retried as a new delivery row) or `purged` (a dead letter given up by an operator).
-/// - `attempts`: the attempt log, one row per delivery attempt.
+/// - `attempts`: the attempt log, one row per delivery attempt; pruned with its event.
 /// - `handshakes`: Clockodo validation secrets (bounded per source).
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS events (
@@ -24,12 +25,11 @@ CREATE TABLE IF NOT EXISTS events (
     headers      TEXT NOT NULL,
     body         BLOB NOT NULL,
     dedup_key    TEXT NOT NULL,
-    ordering_key TEXT,
-    remaining    INTEGER NOT NULL
+    dedup_hash   INTEGER NOT NULL,
+    ordering_key TEXT
 );
 CREATE INDEX IF NOT EXISTS events_received_at ON events (received_at);
-CREATE INDEX IF NOT EXISTS events_dedup_key ON events (dedup_key, received_at);
-CREATE INDEX IF NOT EXISTS events_pending ON events (seq) WHERE remaining > 0;
+CREATE INDEX IF NOT EXISTS events_dedup_hash ON events (dedup_hash);
 CREATE TABLE IF NOT EXISTS deliveries (
     id              INTEGER PRIMARY KEY AUTOINCREMENT,
     event_seq       INTEGER NOT NULL,
@@ -57,7 +57,6 @@ CREATE TABLE IF NOT EXISTS attempts (
     error       TEXT
 );
 CREATE INDEX IF NOT EXISTS attempts_delivery ON attempts (delivery_id);
-CREATE INDEX IF NOT EXISTS attempts_started_at ON attempts (started_at);
 CREATE TABLE IF NOT EXISTS handshakes (
     id          INTEGER PRIMARY KEY,
     source      TEXT NOT NULL,
@@ -102,10 +101,12 @@ pub(super) fn load_gauges(conn: &Connection) -> Result<SpoolGauges, StoreError> 
 /// Recounts what is pending into `g` (after changes made by another process, e.g. `hookbridge dlq retry`).
 pub(super) fn store_gauges(conn: &Connection, g: &SpoolGauges) -> Result<(), StoreError> {
     use std::sync::atomic::Ordering::Relaxed;
-    let (events, bytes): (i64, i64) =
-        conn.query_row("SELECT count(*), coalesce(sum(length(body)), 0) FROM events WHERE remaining > 0", [], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })?;
+    let (events, bytes): (i64, i64) = conn.query_row(
+        "SELECT count(*), coalesce(sum(length(body)), 0) FROM events
+             WHERE seq IN (SELECT event_seq FROM deliveries WHERE status = 'pending')",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
     let deliveries: i64 =
         conn.query_row("SELECT count(*) FROM deliveries WHERE status = 'pending'", [], |r| r.get(0))?;
     g.pending_events.store(events as u64, Relaxed);

@@ -71,12 +71,20 @@ async fn events_survive_reopen_and_gauges_follow_deliveries() {
     let outcomes: Vec<&str> = detail.attempts.iter().map(|a| a.outcome.as_str()).collect();
     assert_eq!(outcomes, ["retry", "delivered", "dead"]);
 
-    // Pruning keeps the dead letter's event and the pending one; it removes the unrouted one and attempts.
-    assert_eq!(store.prune(now_ms() + 1).await.unwrap(), 1);
+    // A fully delivered event, with its attempt.
+    new(&store, "d", "{}", &["s1"]).await;
+    let d1 = store.pending("s1", a1, 10).await.unwrap().into_iter().find(|p| p.event.id == "d").unwrap().id;
+    store.record(d1, 1, Outcome::Delivered, attempt()).await.unwrap();
+    assert_eq!(store.event("d").await.unwrap().unwrap().attempts.len(), 1);
+
+    // Pruning keeps the dead letter's event and the pending one; it removes the unrouted and the delivered one.
+    assert_eq!(store.prune(now_ms() + 1).await.unwrap(), 2);
+    assert!(store.event("d").await.unwrap().is_none());
     assert!(store.event("a").await.unwrap().is_some(), "an event with a dead letter is kept");
     assert!(store.event("b").await.unwrap().is_some(), "a pending event is kept");
     assert!(store.event("c").await.unwrap().is_none());
-    assert!(store.event("a").await.unwrap().unwrap().attempts.is_empty());
+    // A dead letter keeps its history; attempts go with their event when it is pruned.
+    assert_eq!(store.event("a").await.unwrap().unwrap().attempts.len(), 3);
     let _ = b1;
     store.close().await;
 }
