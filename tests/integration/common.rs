@@ -197,6 +197,8 @@ pub struct TestBridge {
     pub text: String,
     /// The admin API's address, when the config has `[admin]`.
     pub admin: Option<SocketAddr>,
+    /// The bridge's spool (to break it on purpose).
+    pub store: hookbridge::store::Store,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -209,6 +211,7 @@ impl TestBridge {
         let config = hookbridge::Config::parse(&text, None, dir.path(), &hookbridge::config::ProcessEnv)
             .unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
         let bridge = hookbridge::Bridge::start(config).await.unwrap();
+        let store = bridge.store().clone();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let mut admin = None;
@@ -226,7 +229,7 @@ impl TestBridge {
                 .await
                 .unwrap();
         });
-        TestBridge { addr, dir, text, admin, stop: Some(stop), task: Some(task) }
+        TestBridge { addr, dir, text, admin, store, stop: Some(stop), task: Some(task) }
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -8,6 +8,7 @@ mod common;
 mod config_check;
 mod crash;
 mod delivery;
+mod limits;
 mod quickstart;
 mod reliability;
 mod routing;
