@@ -27,6 +27,30 @@ use crate::store::{Attempt, Feed, Outcome, PendingDelivery, Store};
 
 /// Deliveries read from the spool per query at most.
 const FETCH_MAX: usize = 256;
+/// How long a finished replay is remembered (longer than any spool scan takes).
+const REPLAY_MEMORY: Duration = Duration::from_secs(30);
+
+/// A delivery task's end, reported to the dispatcher loop.
+struct Done {
+    key: Option<String>,
+    id: i64,
+    replay: bool,
+}
+
+/// Sends [`Done`] when dropped (also when the task panics), then releases the slot.
+struct DoneGuard {
+    tx: mpsc::UnboundedSender<Done>,
+    done: Option<Done>,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for DoneGuard {
+    fn drop(&mut self) {
+        if let Some(d) = self.done.take() {
+            let _ = self.tx.send(d);
+        }
+    }
+}
 
 /// Everything one sink's dispatcher needs.
 #[derive(Debug, Clone)]
@@ -50,6 +74,12 @@ struct Source {
     feed: Feed,
     /// Rows read from the spool, not yet started.
     backlog: VecDeque<PendingDelivery>,
+    /// Replays and dead-letter retries found below the cursor (an operator's connection committed them),
+    /// not yet started.
+    replays: VecDeque<PendingDelivery>,
+    /// Replay deliveries taken: `None` while in flight, the finish time after. A finished one is remembered
+    /// for a while so that a scan that raced with its outcome does not take it again.
+    taken_replays: HashMap<i64, Option<Instant>>,
     /// Reading the spool (start-up, after the feed overflowed, at each poll) rather than the feed.
     scanning: bool,
     /// Highest delivery id taken so far: nothing at or below it is taken again.
@@ -68,22 +98,35 @@ impl Dispatcher {
         let tracker = TaskTracker::new();
         let mut poll = tokio::time::interval(DISPATCH_POLL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut src = Source { feed, backlog: VecDeque::new(), scanning: true, cursor: 0, poll };
+        let mut src = Source {
+            feed,
+            backlog: VecDeque::new(),
+            replays: VecDeque::new(),
+            taken_replays: HashMap::new(),
+            scanning: true,
+            cursor: 0,
+            poll,
+        };
         // Ordering keys with a delivery in flight, and the deliveries waiting behind it.
         let mut busy: HashMap<String, Parked> = HashMap::new();
-        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<String>();
+        let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
         let mut permit: Option<OwnedSemaphorePermit> = None;
         loop {
             tokio::select! {
                 biased;
                 _ = cancel.cancelled() => break,
-                Some(key) = done_rx.recv() => {
-                    // The delivery in flight for `key` finished: start the next one waiting for that key.
-                    let next = busy.get_mut(&key).and_then(VecDeque::pop_front);
-                    match next {
-                        Some((row, p)) => this.start(&tracker, row, p, &done_tx, &cancel),
-                        None => {
-                            busy.remove(&key);
+                Some(done) = done_rx.recv() => {
+                    if done.replay {
+                        src.taken_replays.insert(done.id, Some(Instant::now()));
+                    }
+                    // The delivery in flight for this key finished: start the next one waiting for it.
+                    if let Some(key) = done.key {
+                        let next = busy.get_mut(&key).and_then(VecDeque::pop_front);
+                        match next {
+                            Some((row, p)) => this.start(&tracker, row, p, &done_tx, &cancel),
+                            None => {
+                                busy.remove(&key);
+                            }
                         }
                     }
                 }
@@ -93,7 +136,10 @@ impl Dispatcher {
                 },
                 row = this.next(&mut src, &cancel), if permit.is_some() => {
                     let Some(row) = row else { break };
-                    src.cursor = row.id;
+                    src.cursor = src.cursor.max(row.id);
+                    if row.replay {
+                        src.taken_replays.insert(row.id, None);
+                    }
                     let Some(p) = permit.take() else { continue };
                     match row.event.ordering_key.clone() {
                         Some(key) => match busy.get_mut(&key) {
@@ -117,17 +163,19 @@ impl Dispatcher {
         tracker: &TaskTracker,
         row: PendingDelivery,
         permit: OwnedSemaphorePermit,
-        done: &mpsc::UnboundedSender<String>,
+        done: &mpsc::UnboundedSender<Done>,
         cancel: &CancellationToken,
     ) {
-        let (this, done, cancel) = (Arc::clone(self), done.clone(), cancel.clone());
+        let (this, cancel) = (Arc::clone(self), cancel.clone());
+        // Reports the end to the dispatcher even if the delivery panics, so its ordering key is released.
+        let guard = DoneGuard {
+            tx: done.clone(),
+            done: Some(Done { key: row.event.ordering_key.clone(), id: row.id, replay: row.replay }),
+            _permit: permit,
+        };
         tracker.spawn(async move {
-            let key = row.event.ordering_key.clone();
             this.deliver(row, &cancel).await;
-            drop(permit);
-            if let Some(key) = key {
-                let _ = done.send(key);
-            }
+            drop(guard);
         });
     }
 
@@ -139,6 +187,9 @@ impl Dispatcher {
                 // The feed dropped something: the spool is the truth from the cursor on.
                 src.scanning = true;
                 src.backlog.clear();
+            }
+            if let Some(row) = src.replays.pop_front() {
+                return Some(row);
             }
             if let Some(row) = src.backlog.pop_front() {
                 if row.id > src.cursor {
@@ -162,7 +213,10 @@ impl Dispatcher {
             }
             tokio::select! {
                 _ = cancel.cancelled() => return None,
-                _ = src.poll.tick() => src.scanning = true,
+                _ = src.poll.tick() => {
+                    src.scanning = true;
+                    self.find_replays(src).await;
+                }
                 item = src.feed.rx.recv() => match item {
                     // Items at or below the cursor were already read from the spool.
                     Some(row) if row.id > src.cursor => src.backlog.push_back(row),
@@ -174,6 +228,24 @@ impl Dispatcher {
                     }
                 },
             }
+        }
+    }
+
+    /// Takes replays and dead-letter retries that an operator's connection committed with ids at or below
+    /// the cursor (ids are shared with the daemon's writer, so they can land behind deliveries already taken).
+    async fn find_replays(&self, src: &mut Source) {
+        src.taken_replays.retain(|_, finished| finished.is_none_or(|t| t.elapsed() < REPLAY_MEMORY));
+        if src.cursor == 0 {
+            return;
+        }
+        match self.store.pending_replays(&self.sink_id, 0, src.cursor, FETCH_MAX).await {
+            Ok(rows) => {
+                let queued: Vec<i64> = src.replays.iter().map(|r| r.id).collect();
+                src.replays.extend(
+                    rows.into_iter().filter(|r| !src.taken_replays.contains_key(&r.id) && !queued.contains(&r.id)),
+                );
+            }
+            Err(e) => tracing::error!(sink = %self.sink_id, error = %e, "cannot read replays"),
         }
     }
 
@@ -201,9 +273,12 @@ impl Dispatcher {
                     (Outcome::Dead(message), None)
                 }
                 Err(SinkError::Retryable { message, retry_after, .. }) => {
-                    let delay = backoff(&self.retry, attempts).max(retry_after.unwrap_or_default());
-                    let age = Duration::from_millis(u64::try_from(now_ms() - row.event.received_at_ms).unwrap_or(0));
-                    let too_old = age + delay > self.retry.max_age;
+                    // A peer's Retry-After is honoured, but never beyond the policy's horizon.
+                    let hint = retry_after.unwrap_or_default().min(self.retry.max_age);
+                    let delay = backoff(&self.retry, attempts).max(hint);
+                    // Age counts from the delivery's creation: a replay of an old event gets its own horizon.
+                    let age = Duration::from_millis(u64::try_from(now_ms() - row.created_at_ms).unwrap_or(0));
+                    let too_old = age.saturating_add(delay) > self.retry.max_age;
                     let too_many = self.retry.max_attempts.is_some_and(|max| attempts >= max);
                     if too_old || too_many {
                         self.metrics.delivery(&self.sink_id, "dead", seconds);
@@ -359,6 +434,89 @@ mod feed_tests {
         let got = sink.0.lock().unwrap().clone();
         assert_eq!(got, (0..300).map(|i| format!("{i:04}")).collect::<Vec<_>>());
         assert_eq!(store.gauges().snapshot().2, 0);
+        cancel.cancel();
+        task.await.unwrap();
+        store.close().await;
+    }
+}
+
+#[cfg(test)]
+mod replay_tests {
+    use super::*;
+    use crate::event::Event;
+    use crate::sinks::BoxFuture;
+    use crate::store::Operator;
+    use std::sync::Mutex;
+
+    #[derive(Debug, Default)]
+    struct Recorder(Mutex<Vec<String>>);
+
+    impl Sink for Recorder {
+        fn deliver<'a>(&'a self, event: &'a Event) -> BoxFuture<'a, Result<(), SinkError>> {
+            Box::pin(async move {
+                self.0.lock().unwrap().push(event.id.clone());
+                Ok(())
+            })
+        }
+    }
+
+    fn event(id: &str) -> Event {
+        Event {
+            id: id.into(),
+            source: "s".into(),
+            event_type: "E".into(),
+            received_at_ms: now_ms(),
+            headers: vec![],
+            body: bytes::Bytes::from_static(b"{}"),
+            dedup_key: id.into(),
+            ordering_key: None,
+        }
+    }
+
+    /// An operator's replay gets a delivery id below one the daemon commits right after; the dispatcher,
+    /// whose cursor has moved past it, still delivers it (and only once).
+    #[tokio::test]
+    async fn a_replay_committed_behind_the_cursor_is_delivered_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let feed = store.subscribe("r", 16);
+        let sink = Arc::new(Recorder::default());
+        let d = Dispatcher {
+            sink_id: "r".into(),
+            sink: sink.clone(),
+            store: store.clone(),
+            max_in_flight: 4,
+            retry: RetryPolicy {
+                initial_backoff: Duration::from_millis(10),
+                max_backoff: Duration::from_millis(10),
+                max_age: Duration::from_secs(60),
+                max_attempts: None,
+            },
+            metrics: Metrics::new().unwrap(),
+        };
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(d.run(feed, cancel.clone()));
+        store.insert(event("a"), vec!["r".into()], None).await.unwrap();
+        let wait = |n: usize| {
+            let sink = sink.clone();
+            async move {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while sink.0.lock().unwrap().len() < n {
+                    assert!(Instant::now() < deadline, "got {:?}", sink.0.lock().unwrap());
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        };
+        wait(1).await;
+        let mut op = Operator::open(dir.path()).unwrap();
+        let seqs = op.replay_targets(Some("a"), 0, 0).unwrap();
+        assert_eq!(op.replay(&seqs, None).unwrap(), 1);
+        store.insert(event("b"), vec!["r".into()], None).await.unwrap();
+        wait(3).await;
+        tokio::time::sleep(Duration::from_millis(2500)).await; // two more polls: nothing is taken twice
+        let mut got = sink.0.lock().unwrap().clone();
+        got.sort();
+        assert_eq!(got, ["a", "a", "b"]);
         cancel.cancel();
         task.await.unwrap();
         store.close().await;

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use rusqlite::{Connection, OpenFlags};
+use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
 pub use ops::{AttemptInfo, DeadLetter, DeliveryInfo, EventDetail, EventFilter, EventSummary};
@@ -88,6 +88,8 @@ pub struct PendingDelivery {
     pub replay: bool,
     /// The event.
     pub event: Event,
+    /// When this delivery was created (the event's receive time, or the replay's time), ms since the epoch.
+    pub created_at_ms: i64,
 }
 
 /// The result of inserting an event.
@@ -176,6 +178,8 @@ type Feeds = Arc<Mutex<HashMap<String, FeedSender>>>;
 pub struct Store {
     tx: mpsc::Sender<Op>,
     feeds: Feeds,
+    /// Held (locked) while any handle is alive.
+    lock: Arc<std::fs::File>,
     path: PathBuf,
     readers: Arc<Mutex<Vec<Connection>>>,
     gauges: Arc<SpoolGauges>,
@@ -193,6 +197,20 @@ impl Store {
     pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
         std::fs::create_dir_all(data_dir).map_err(|source| StoreError::Dir { path: data_dir.to_owned(), source })?;
         restrict_permissions(data_dir);
+        // One daemon per spool: two would both dispatch every pending delivery.
+        let lock_path = data_dir.join("lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|source| StoreError::Dir { path: lock_path.clone(), source })?;
+        lock.try_lock().map_err(|_| {
+            StoreError::Schema(format!(
+                "{} is in use by another hookbridge daemon (one daemon per data_dir)",
+                data_dir.display()
+            ))
+        })?;
         let path = data_dir.join(DB_FILE);
         let conn = Connection::open(&path)?;
         schema::prepare_writer(&conn)?;
@@ -208,6 +226,7 @@ impl Store {
         Ok(Store {
             tx,
             feeds,
+            lock: Arc::new(lock),
             path,
             readers: Arc::new(Mutex::new(Vec::new())),
             gauges,
@@ -281,7 +300,8 @@ impl Store {
         self.call(|reply| Op::Prune { before_ms, reply }).await
     }
 
-    /// Recounts the gauges from the database (after an operator changed it from another process).
+    /// Recounts the gauges from the database if another connection (an operator) changed it since the last
+    /// look (SQLite's `data_version`); cheap otherwise.
     pub async fn resync(&self) -> Result<(), StoreError> {
         self.call(|reply| Op::Resync { reply }).await
     }
@@ -289,7 +309,20 @@ impl Store {
     /// Pending deliveries for `sink` with id greater than `after`, in id order, at most `limit`.
     pub async fn pending(&self, sink: &str, after: i64, limit: usize) -> Result<Vec<PendingDelivery>, StoreError> {
         let sink = sink.to_owned();
-        self.read(move |conn| Ok(ops::pending(conn, &sink, after, limit)?)).await
+        self.read(move |conn| Ok(ops::pending(conn, &sink, after, limit, None)?)).await
+    }
+
+    /// Pending replays and dead-letter retries for `sink` with ids in `(after, up_to]`, in id order: an
+    /// operator's connection may commit them with ids below a dispatcher's cursor.
+    pub async fn pending_replays(
+        &self,
+        sink: &str,
+        after: i64,
+        up_to: i64,
+        limit: usize,
+    ) -> Result<Vec<PendingDelivery>, StoreError> {
+        let sink = sink.to_owned();
+        self.read(move |conn| Ok(ops::pending(conn, &sink, after, limit, Some(up_to))?)).await
     }
 
     /// Dead letters and oldest pending delivery per sink.
@@ -341,6 +374,8 @@ impl Store {
         if let Some(handle) = handle {
             let _ = tokio::task::spawn_blocking(move || handle.join()).await;
         }
+        // The writer is gone: another daemon may take the spool now.
+        let _ = self.lock.unlock();
     }
 }
 
@@ -392,7 +427,7 @@ impl Operator {
     /// Queues new deliveries (marked replay) for these events, to `sink` or to the sinks they were routed to,
     /// in one transaction. Returns how many deliveries were queued.
     pub fn replay(&mut self, seqs: &[i64], sink: Option<&str>) -> Result<usize, StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut n = 0;
         for seq in seqs {
             n += ops::replay(&tx, *seq, sink)?;
@@ -408,7 +443,7 @@ impl Operator {
 
     /// Retries dead letters by delivery id. Returns how many were dead letters (and are now pending again).
     pub fn retry_dead(&mut self, ids: &[i64]) -> Result<usize, StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut n = 0;
         for id in ids {
             n += usize::from(ops::retry_dead(&tx, *id)?);
@@ -419,7 +454,7 @@ impl Operator {
 
     /// Gives up dead letters by delivery id. Returns how many were dead letters.
     pub fn purge_dead(&mut self, ids: &[i64]) -> Result<usize, StoreError> {
-        let tx = self.conn.transaction()?;
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut n = 0;
         for id in ids {
             n += usize::from(ops::purge_dead(&tx, *id)?);

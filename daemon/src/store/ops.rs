@@ -4,7 +4,7 @@
 //! together; the daemon notices an operator's changes at its next poll.
 
 use bytes::Bytes;
-use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
 use super::{Attempt, Handshake, Inserted, Outcome, PendingDelivery};
@@ -31,7 +31,7 @@ fn event_from_row(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Event> {
 /// Inserts an event and one pending delivery per sink, unless an event with the same dedup key was received
 /// since `dedup_since_ms`. Returns the new deliveries' ids with their sinks.
 pub(super) fn insert(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     e: &Event,
     sinks: &[String],
     dedup_since_ms: Option<i64>,
@@ -40,9 +40,10 @@ pub(super) fn insert(
     if let Some(since) = dedup_since_ms {
         let original: Option<String> = tx
             .prepare_cached(
-                "SELECT id FROM events WHERE dedup_hash = ?1 AND dedup_key = ?2 AND received_at >= ?3 ORDER BY seq LIMIT 1",
+                "SELECT id FROM events WHERE dedup_hash = ?1 AND dedup_key = ?2 AND source = ?3 AND received_at >= ?4
+                 ORDER BY seq LIMIT 1",
             )?
-            .query_row(params![hash, e.dedup_key, since], |r| r.get(0))
+            .query_row(params![hash, e.dedup_key, e.source, since], |r| r.get(0))
             .optional()?;
         if let Some(id) = original {
             return Ok((Inserted::Duplicate { original: id }, Vec::new()));
@@ -91,7 +92,7 @@ pub(super) type Finished = (i64, i64, i64);
 /// Records one attempt and the delivery's new state. A delivery that is no longer pending (recorded twice,
 /// or purged meanwhile) is left alone.
 pub(super) fn record(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     delivery_id: i64,
     attempts: u32,
     outcome: &Outcome,
@@ -132,7 +133,7 @@ pub(super) fn record(
 }
 
 /// One delivery of event `seq` left the pending state: was it the event's last pending one?
-fn finish(tx: &Transaction<'_>, seq: i64) -> rusqlite::Result<Finished> {
+fn finish(tx: &Connection, seq: i64) -> rusqlite::Result<Finished> {
     let still: i64 = tx
         .prepare_cached("SELECT count(*) FROM deliveries WHERE event_seq = ?1 AND status = 'pending'")?
         .query_row([seq], |r| r.get(0))?;
@@ -147,7 +148,7 @@ fn finish(tx: &Transaction<'_>, seq: i64) -> rusqlite::Result<Finished> {
     Ok((1, 1, len))
 }
 
-pub(super) fn handshake(tx: &Transaction<'_>, source: &str, secret: &str, at: i64) -> rusqlite::Result<()> {
+pub(super) fn handshake(tx: &Connection, source: &str, secret: &str, at: i64) -> rusqlite::Result<()> {
     tx.execute(
         "INSERT INTO handshakes (source, secret, received_at) VALUES (?1, ?2, ?3)",
         params![source, secret, at],
@@ -163,7 +164,7 @@ pub(super) fn handshake(tx: &Transaction<'_>, source: &str, secret: &str, at: i6
 /// Deletes events received before `before_ms` none of whose deliveries is pending or dead (dead letters are
 /// kept until an operator retries or purges them), with their deliveries and attempt log. Returns the number
 /// of events deleted.
-pub(super) fn prune(tx: &Transaction<'_>, before_ms: i64) -> rusqlite::Result<u64> {
+pub(super) fn prune(tx: &Connection, before_ms: i64) -> rusqlite::Result<u64> {
     let keep = "EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = events.seq AND d.status IN ('pending', 'dead'))";
     tx.execute(
         &format!(
@@ -183,26 +184,29 @@ pub(super) fn prune(tx: &Transaction<'_>, before_ms: i64) -> rusqlite::Result<u6
     Ok(n as u64)
 }
 
-/// Pending deliveries for `sink` with id greater than `after`, in id order, at most `limit`.
+/// Pending deliveries for `sink` with id greater than `after`, in id order, at most `limit`; with
+/// `replays_up_to`, only replays (and dead-letter retries) with ids up to it.
 pub(super) fn pending(
     conn: &Connection,
     sink: &str,
     after: i64,
     limit: usize,
+    replays_up_to: Option<i64>,
 ) -> rusqlite::Result<Vec<PendingDelivery>> {
     let mut stmt = conn.prepare_cached(&format!(
-        "SELECT d.id, d.attempts, d.replay, {EVENT_COLUMNS}
+        "SELECT d.id, d.attempts, d.replay, {EVENT_COLUMNS}, d.created_at
          FROM deliveries d JOIN events e ON e.seq = d.event_seq
-         WHERE d.sink = ?1 AND d.status = 'pending' AND d.id > ?2
+         WHERE d.sink = ?1 AND d.status = 'pending' AND d.id > ?2 AND (?4 IS NULL OR (d.replay = 1 AND d.id <= ?4))
          ORDER BY d.id LIMIT ?3"
     ))?;
-    let rows = stmt.query_map(params![sink, after, limit as i64], |r| {
+    let rows = stmt.query_map(params![sink, after, limit as i64, replays_up_to], |r| {
         Ok(PendingDelivery {
             id: r.get(0)?,
             attempts: r.get(1)?,
             replay: r.get::<_, i64>(2)? != 0,
             seq: r.get(3)?,
             event: event_from_row(r, 3)?,
+            created_at_ms: r.get(12)?,
         })
     })?;
     rows.collect()
@@ -455,7 +459,7 @@ pub fn replay_targets(conn: &Connection, id: Option<&str>, since_ms: i64, until_
 
 /// Adds a new pending delivery (marked `replay`) of event `seq` to `sink`, or to every sink it was routed
 /// to when `sink` is `None`. Returns how many deliveries were added.
-pub fn replay(tx: &Transaction<'_>, seq: i64, sink: Option<&str>) -> rusqlite::Result<usize> {
+pub fn replay(tx: &Connection, seq: i64, sink: Option<&str>) -> rusqlite::Result<usize> {
     let sinks: Vec<String> = match sink {
         Some(s) => vec![s.to_owned()],
         None => {
@@ -468,7 +472,8 @@ pub fn replay(tx: &Transaction<'_>, seq: i64, sink: Option<&str>) -> rusqlite::R
     let now = now_ms();
     for s in &sinks {
         tx.prepare_cached(
-            "INSERT INTO deliveries (event_seq, sink, status, replay, created_at, updated_at) VALUES (?1, ?2, 'pending', 1, ?3, ?3)",
+            "INSERT INTO deliveries (event_seq, sink, status, replay, created_at, updated_at)
+             SELECT ?1, ?2, 'pending', 1, ?3, ?3 WHERE EXISTS (SELECT 1 FROM events WHERE seq = ?1)",
         )?
         .execute(params![seq, s, now])?;
     }
@@ -501,7 +506,7 @@ pub fn dead_letters(conn: &Connection, sink: Option<&str>) -> rusqlite::Result<V
 
 /// Retries a dead letter: it becomes `retried` and a new pending delivery (marked `replay`) takes its place.
 /// Returns false when `delivery_id` is not a dead letter.
-pub fn retry_dead(tx: &Transaction<'_>, delivery_id: i64) -> rusqlite::Result<bool> {
+pub fn retry_dead(tx: &Connection, delivery_id: i64) -> rusqlite::Result<bool> {
     let row: Option<(i64, String)> = tx
         .query_row("SELECT event_seq, sink FROM deliveries WHERE id = ?1 AND status = 'dead'", [delivery_id], |r| {
             Ok((r.get(0)?, r.get(1)?))
@@ -518,7 +523,7 @@ pub fn retry_dead(tx: &Transaction<'_>, delivery_id: i64) -> rusqlite::Result<bo
 
 /// Gives up a dead letter for good: it becomes `purged`, and the event is pruned with the rest once past
 /// retention. Returns false when `delivery_id` is not a dead letter.
-pub fn purge_dead(tx: &Transaction<'_>, delivery_id: i64) -> rusqlite::Result<bool> {
+pub fn purge_dead(tx: &Connection, delivery_id: i64) -> rusqlite::Result<bool> {
     let n = tx.execute(
         "UPDATE deliveries SET status = 'purged', updated_at = ?1 WHERE id = ?2 AND status = 'dead'",
         params![now_ms(), delivery_id],

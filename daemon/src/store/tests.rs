@@ -149,6 +149,15 @@ async fn operators_replay_retry_and_purge_beside_a_running_writer() {
 }
 
 #[tokio::test]
+async fn one_daemon_per_data_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let second = Store::open(dir.path());
+    assert!(matches!(&second, Err(StoreError::Schema(m)) if m.contains("in use")), "{second:?}");
+    store.close().await;
+}
+
+#[tokio::test]
 async fn handshakes_are_kept_bounded_and_listed() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open(dir.path()).unwrap();

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use rusqlite::Connection;
+use rusqlite::{Connection, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
 use super::ops;
@@ -94,12 +94,15 @@ pub(super) fn run(mut conn: Connection, mut rx: mpsc::Receiver<Op>, gauges: Arc<
         let mut fed: Vec<Committed> = Vec::new();
         let mut delta = Delta::default();
         let commit = (|| -> Result<(), rusqlite::Error> {
-            let tx = conn.transaction()?;
+            // IMMEDIATE: take the write lock up front, so that a batch waits (busy timeout) for an operator's
+            // transaction instead of failing when its first read would need upgrading to a write.
+            let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
             for op in batch {
                 match op {
                     Op::Shutdown { reply } => shutdown = Some(reply),
                     Op::Insert { event, sinks, dedup_since_ms, reply } => {
-                        let r = ops::insert(&tx, &event, &sinks, dedup_since_ms);
+                        // A savepoint per event: a failure midway leaves nothing of it in the commit.
+                        let r = in_savepoint(&mut tx, |c| ops::insert(c, &event, &sinks, dedup_since_ms));
                         if let Ok((Inserted::New { seq }, ids)) = &r
                             && !ids.is_empty()
                         {
@@ -111,7 +114,7 @@ pub(super) fn run(mut conn: Connection, mut rx: mpsc::Receiver<Op>, gauges: Arc<
                         done.push(Done::Inserted(reply, r.map(|(i, _)| i).map_err(StoreError::from)));
                     }
                     Op::Record { delivery_id, attempts, outcome, attempt, reply } => {
-                        let r = ops::record(&tx, delivery_id, attempts, &outcome, &attempt);
+                        let r = in_savepoint(&mut tx, |c| ops::record(c, delivery_id, attempts, &outcome, &attempt));
                         if let Ok((deliveries, events, bytes)) = r {
                             delta.deliveries -= deliveries;
                             delta.events -= events;
@@ -175,6 +178,17 @@ pub(super) fn run(mut conn: Connection, mut rx: mpsc::Receiver<Op>, gauges: Arc<
     let _ = conn.pragma_update(None, "wal_checkpoint", "TRUNCATE");
 }
 
+/// Runs `f` inside a savepoint of `tx`: committed into the transaction if it succeeds, rolled back if not.
+fn in_savepoint<T>(
+    tx: &mut rusqlite::Transaction<'_>,
+    f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
+    let sp = tx.savepoint()?;
+    let r = f(&sp)?;
+    sp.commit()?;
+    Ok(r)
+}
+
 fn data_version_of(conn: &Connection) -> i64 {
     conn.pragma_query_value(None, "data_version", |r| r.get(0)).unwrap_or(0)
 }
@@ -189,7 +203,8 @@ fn feed(feeds: &Feeds, committed: Vec<Committed>) {
     for (seq, event, deliveries) in committed {
         for (id, sink) in deliveries {
             if let Some(f) = feeds.get(&sink) {
-                let item = PendingDelivery { id, seq, attempts: 0, replay: false, event: event.clone() };
+                let created_at_ms = event.received_at_ms;
+                let item = PendingDelivery { id, seq, attempts: 0, replay: false, event: event.clone(), created_at_ms };
                 if f.tx.try_send(item).is_err() {
                     f.lagged.store(true, Ordering::Release);
                 }
