@@ -16,7 +16,7 @@ use crate::config::Config;
 use crate::dispatch::Dispatcher;
 use crate::event::now_ms;
 use crate::ingress::{Shared, router};
-use crate::limits::{DISPATCH_POLL, FEED_CAPACITY, PRUNE_INTERVAL};
+use crate::limits::{DISPATCH_POLL, FEED_CAPACITY, PRUNE_BATCH, PRUNE_INTERVAL};
 use crate::metrics::Metrics;
 use crate::route::RouteTable;
 use crate::sinks::{self, BuildError};
@@ -104,6 +104,7 @@ impl Bridge {
             max_pending_bytes: config.storage.max_pending_bytes.0,
             concurrency: Semaphore::new(config.server.max_concurrency),
             shutting_down: AtomicBool::new(false),
+            last_ready: std::sync::Mutex::new(None),
         });
         let shutdown_timeout = config.server.shutdown_timeout.0;
         Ok(Bridge { shared, config, store, cancel, tasks, shutdown_timeout })
@@ -175,10 +176,23 @@ async fn housekeeping(store: Store, retention: Duration, cancel: CancellationTok
         if last_prune.is_none_or(|t| t.elapsed() >= PRUNE_INTERVAL) {
             last_prune = Some(std::time::Instant::now());
             let before = now_ms() - retention.as_millis() as i64;
-            match store.prune(before).await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(events = n, "pruned finished events past retention"),
-                Err(e) => tracing::warn!(error = %e, "pruning failed"),
+            let mut total = 0;
+            loop {
+                match store.prune(before, PRUNE_BATCH).await {
+                    Ok(n) => {
+                        total += n;
+                        if (n as usize) < PRUNE_BATCH || cancel.is_cancelled() {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "pruning failed");
+                        break;
+                    }
+                }
+            }
+            if total > 0 {
+                tracing::info!(events = total, "pruned finished events past retention");
             }
         } else if let Err(e) = store.resync().await {
             tracing::warn!(error = %e, "cannot recount the spool");

@@ -74,6 +74,8 @@ pub const FILE_BATCH_WINDOW: Duration = Duration::from_millis(2);
 pub const HANDSHAKES_KEPT: i64 = 20;
 /// Longest accepted event type name.
 pub const MAX_EVENT_TYPE_LEN: usize = 128;
+/// Events pruned per writer transaction at most (pruning a long backlog never holds the writer for long).
+pub const PRUNE_BATCH: usize = 2000;
 /// How often finished events past retention are pruned.
 pub const PRUNE_INTERVAL: Duration = Duration::from_secs(600);
 /// How often a dispatcher reads the spool even when its feed is quiet (to pick up replays and dead-letter

@@ -250,6 +250,11 @@ impl Store {
         Feed { rx, lagged }
     }
 
+    /// True once the writer has stopped.
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
     /// Live counters.
     pub fn gauges(&self) -> &SpoolGauges {
         &self.gauges
@@ -294,10 +299,10 @@ impl Store {
         self.call(|reply| Op::Ping { reply }).await
     }
 
-    /// Deletes attempts and finished events older than `before_ms`; recounts the gauges. Returns the number
-    /// of events deleted.
-    pub async fn prune(&self, before_ms: i64) -> Result<u64, StoreError> {
-        self.call(|reply| Op::Prune { before_ms, reply }).await
+    /// Deletes finished events older than `before_ms` with their deliveries and attempts, at most `limit` of
+    /// them; recounts the gauges. Returns the number of events deleted (call again while it equals `limit`).
+    pub async fn prune(&self, before_ms: i64, limit: usize) -> Result<u64, StoreError> {
+        self.call(|reply| Op::Prune { before_ms, limit, reply }).await
     }
 
     /// Recounts the gauges from the database if another connection (an operator) changed it since the last

@@ -164,22 +164,24 @@ pub(super) fn handshake(tx: &Connection, source: &str, secret: &str, at: i64) ->
 /// Deletes events received before `before_ms` none of whose deliveries is pending or dead (dead letters are
 /// kept until an operator retries or purges them), with their deliveries and attempt log. Returns the number
 /// of events deleted.
-pub(super) fn prune(tx: &Connection, before_ms: i64) -> rusqlite::Result<u64> {
-    let keep = "EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = events.seq AND d.status IN ('pending', 'dead'))";
+pub(super) fn prune(tx: &Connection, before_ms: i64, limit: usize) -> rusqlite::Result<u64> {
+    // The oldest prunable events, at most `limit`, so that one prune never holds the writer for long.
+    tx.execute("DROP TABLE IF EXISTS temp.prunable", [])?;
     tx.execute(
-        &format!(
-            "DELETE FROM attempts WHERE delivery_id IN (SELECT d.id FROM deliveries d JOIN events ON events.seq = d.event_seq
-               WHERE events.received_at < ?1 AND NOT {keep})"
-        ),
-        [before_ms],
+        "CREATE TEMP TABLE prunable AS SELECT seq FROM events
+         WHERE received_at < ?1
+           AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = events.seq AND d.status IN ('pending', 'dead'))
+         ORDER BY seq LIMIT ?2",
+        params![before_ms, limit as i64],
     )?;
     tx.execute(
-        &format!(
-            "DELETE FROM deliveries WHERE event_seq IN (SELECT seq FROM events WHERE received_at < ?1 AND NOT {keep})"
-        ),
-        [before_ms],
+        "DELETE FROM attempts WHERE delivery_id IN
+           (SELECT d.id FROM deliveries d WHERE d.event_seq IN (SELECT seq FROM temp.prunable))",
+        [],
     )?;
-    let n = tx.execute(&format!("DELETE FROM events WHERE received_at < ?1 AND NOT {keep}"), [before_ms])?;
+    tx.execute("DELETE FROM deliveries WHERE event_seq IN (SELECT seq FROM temp.prunable)", [])?;
+    let n = tx.execute("DELETE FROM events WHERE seq IN (SELECT seq FROM temp.prunable)", [])?;
+    tx.execute("DROP TABLE temp.prunable", [])?;
     tx.execute("DELETE FROM handshakes WHERE received_at < ?1", [before_ms])?;
     Ok(n as u64)
 }

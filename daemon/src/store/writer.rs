@@ -23,7 +23,7 @@ pub(super) enum Op {
     Record { delivery_id: i64, attempts: u32, outcome: Outcome, attempt: Attempt, reply: Reply<()> },
     Handshake { source: String, secret: String, received_at_ms: i64, reply: Reply<()> },
     Ping { reply: Reply<()> },
-    Prune { before_ms: i64, reply: Reply<u64> },
+    Prune { before_ms: i64, limit: usize, reply: Reply<u64> },
     Resync { reply: Reply<()> },
     Shutdown { reply: oneshot::Sender<()> },
 }
@@ -135,8 +135,8 @@ pub(super) fn run(mut conn: Connection, mut rx: mpsc::Receiver<Op>, gauges: Arc<
                             .map(|_| ());
                         done.push(Done::Unit(reply, r.map_err(StoreError::from)));
                     }
-                    Op::Prune { before_ms, reply } => {
-                        let r = ops::prune(&tx, before_ms);
+                    Op::Prune { before_ms, limit, reply } => {
+                        let r = in_savepoint(&mut tx, |c| ops::prune(c, before_ms, limit));
                         delta.resync = true;
                         done.push(Done::Count(reply, r.map_err(StoreError::from)));
                     }
