@@ -364,10 +364,11 @@ mod tests {
 }
 
 #[cfg(test)]
-mod feed_tests {
+mod store_tests {
     use super::*;
     use crate::event::Event;
     use crate::sinks::BoxFuture;
+    use crate::store::Operator;
     use std::sync::Mutex;
 
     /// Records what it is given; the unit under test is the dispatcher, not a sink.
@@ -383,16 +384,40 @@ mod feed_tests {
         }
     }
 
-    fn event(i: usize) -> Event {
+    fn event(id: String, ordering_key: Option<String>) -> Event {
         Event {
-            id: format!("{i:04}"),
+            dedup_key: id.clone(),
+            id,
             source: "s".into(),
             event_type: "E".into(),
             received_at_ms: now_ms(),
             headers: vec![],
             body: bytes::Bytes::from_static(b"{}"),
-            dedup_key: format!("k{i}"),
-            ordering_key: Some(format!("entity-{}", i % 7)),
+            ordering_key,
+        }
+    }
+
+    fn dispatcher(store: &Store, sink: &Arc<Recorder>, max_in_flight: usize) -> Dispatcher {
+        Dispatcher {
+            sink_id: "r".into(),
+            sink: sink.clone(),
+            store: store.clone(),
+            max_in_flight,
+            retry: RetryPolicy {
+                initial_backoff: Duration::from_millis(10),
+                max_backoff: Duration::from_millis(10),
+                max_age: Duration::from_secs(60),
+                max_attempts: None,
+            },
+            metrics: Metrics::new().unwrap(),
+        }
+    }
+
+    async fn wait_for(sink: &Recorder, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while sink.0.lock().unwrap().len() < n {
+            assert!(Instant::now() < deadline, "only {:?}", sink.0.lock().unwrap());
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
@@ -402,34 +427,18 @@ mod feed_tests {
     async fn backlog_and_overflowing_feed_deliver_everything_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
+        let ev = |i: usize| event(format!("{i:04}"), Some(format!("entity-{}", i % 7)));
         for i in 0..30 {
-            store.insert(event(i), vec!["r".into()], None).await.unwrap();
+            store.insert(ev(i), vec!["r".into()], None).await.unwrap();
         }
         let feed = store.subscribe("r", 2);
         let sink = Arc::new(Recorder::default());
-        let d = Dispatcher {
-            sink_id: "r".into(),
-            sink: sink.clone(),
-            store: store.clone(),
-            max_in_flight: 1,
-            retry: RetryPolicy {
-                initial_backoff: Duration::from_millis(10),
-                max_backoff: Duration::from_millis(10),
-                max_age: Duration::from_secs(60),
-                max_attempts: None,
-            },
-            metrics: Metrics::new().unwrap(),
-        };
         let cancel = CancellationToken::new();
-        let task = tokio::spawn(d.run(feed, cancel.clone()));
+        let task = tokio::spawn(dispatcher(&store, &sink, 1).run(feed, cancel.clone()));
         for i in 30..300 {
-            store.insert(event(i), vec!["r".into()], None).await.unwrap();
+            store.insert(ev(i), vec!["r".into()], None).await.unwrap();
         }
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while sink.0.lock().unwrap().len() < 300 {
-            assert!(Instant::now() < deadline, "only {} delivered", sink.0.lock().unwrap().len());
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        wait_for(&sink, 300).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
         let got = sink.0.lock().unwrap().clone();
         assert_eq!(got, (0..300).map(|i| format!("{i:04}")).collect::<Vec<_>>());
@@ -437,40 +446,6 @@ mod feed_tests {
         cancel.cancel();
         task.await.unwrap();
         store.close().await;
-    }
-}
-
-#[cfg(test)]
-mod replay_tests {
-    use super::*;
-    use crate::event::Event;
-    use crate::sinks::BoxFuture;
-    use crate::store::Operator;
-    use std::sync::Mutex;
-
-    #[derive(Debug, Default)]
-    struct Recorder(Mutex<Vec<String>>);
-
-    impl Sink for Recorder {
-        fn deliver<'a>(&'a self, event: &'a Event) -> BoxFuture<'a, Result<(), SinkError>> {
-            Box::pin(async move {
-                self.0.lock().unwrap().push(event.id.clone());
-                Ok(())
-            })
-        }
-    }
-
-    fn event(id: &str) -> Event {
-        Event {
-            id: id.into(),
-            source: "s".into(),
-            event_type: "E".into(),
-            received_at_ms: now_ms(),
-            headers: vec![],
-            body: bytes::Bytes::from_static(b"{}"),
-            dedup_key: id.into(),
-            ordering_key: None,
-        }
     }
 
     /// An operator's replay gets a delivery id below one the daemon commits right after; the dispatcher,
@@ -481,38 +456,15 @@ mod replay_tests {
         let store = Store::open(dir.path()).unwrap();
         let feed = store.subscribe("r", 16);
         let sink = Arc::new(Recorder::default());
-        let d = Dispatcher {
-            sink_id: "r".into(),
-            sink: sink.clone(),
-            store: store.clone(),
-            max_in_flight: 4,
-            retry: RetryPolicy {
-                initial_backoff: Duration::from_millis(10),
-                max_backoff: Duration::from_millis(10),
-                max_age: Duration::from_secs(60),
-                max_attempts: None,
-            },
-            metrics: Metrics::new().unwrap(),
-        };
         let cancel = CancellationToken::new();
-        let task = tokio::spawn(d.run(feed, cancel.clone()));
-        store.insert(event("a"), vec!["r".into()], None).await.unwrap();
-        let wait = |n: usize| {
-            let sink = sink.clone();
-            async move {
-                let deadline = Instant::now() + Duration::from_secs(10);
-                while sink.0.lock().unwrap().len() < n {
-                    assert!(Instant::now() < deadline, "got {:?}", sink.0.lock().unwrap());
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            }
-        };
-        wait(1).await;
+        let task = tokio::spawn(dispatcher(&store, &sink, 4).run(feed, cancel.clone()));
+        store.insert(event("a".into(), None), vec!["r".into()], None).await.unwrap();
+        wait_for(&sink, 1).await;
         let mut op = Operator::open(dir.path()).unwrap();
         let seqs = op.replay_targets(Some("a"), 0, 0).unwrap();
         assert_eq!(op.replay(&seqs, None).unwrap(), 1);
-        store.insert(event("b"), vec!["r".into()], None).await.unwrap();
-        wait(3).await;
+        store.insert(event("b".into(), None), vec!["r".into()], None).await.unwrap();
+        wait_for(&sink, 3).await;
         tokio::time::sleep(Duration::from_millis(2500)).await; // two more polls: nothing is taken twice
         let mut got = sink.0.lock().unwrap().clone();
         got.sort();
