@@ -204,13 +204,45 @@ async fn housekeeping(store: Store, retention: Duration, cancel: CancellationTok
     }
 }
 
-/// Loads nothing, decides nothing: starts a bridge for `config` and serves it on `listener` until `signal`.
+/// Starts a bridge for `config` and serves it on `listener` until `signal`, with the admin API on its own
+/// address when `[admin]` is configured, and the systemd notify protocol (readiness, watchdog, stopping) when
+/// run by systemd.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     signal: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), BridgeError> {
     let bridge = Bridge::start(config).await?;
-    tracing::info!(addr = %listener.local_addr()?, "listening");
-    bridge.serve(listener, signal).await
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "listening");
+    let stop = CancellationToken::new();
+    let mut admin_task = None;
+    if let (Some(router), Some(spec)) = (bridge.admin_router(), bridge.config.admin.as_ref()) {
+        let admin_listener = TcpListener::bind(spec.listen).await?;
+        tracing::info!(addr = %admin_listener.local_addr()?, "admin API listening");
+        let stop = stop.clone();
+        admin_task = Some(tokio::spawn(async move {
+            let graceful = async move { stop.cancelled().await };
+            if let Err(e) = axum::serve(admin_listener, router).with_graceful_shutdown(graceful).await {
+                tracing::error!(error = %e, "admin API failed");
+            }
+        }));
+    }
+    let watchdog = tokio::spawn(crate::service::watchdog(bridge.store().clone(), stop.clone()));
+    let signal = {
+        let stop = stop.clone();
+        async move {
+            signal.await;
+            crate::service::stopping();
+            stop.cancel();
+        }
+    };
+    crate::service::ready(&addr.to_string());
+    let result = bridge.serve(listener, signal).await;
+    stop.cancel();
+    let _ = watchdog.await;
+    if let Some(t) = admin_task {
+        let _ = t.await;
+    }
+    result
 }

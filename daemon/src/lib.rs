@@ -27,6 +27,7 @@ pub mod metrics;
 pub mod operator;
 pub mod route;
 pub mod send;
+pub mod service;
 pub mod sinks;
 pub mod store;
 pub mod verify;

@@ -195,7 +195,9 @@ fn main() -> ExitCode {
 
 fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colours only on a terminal: journald and log files get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -211,9 +213,13 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Run { config } => {
             let config = load(&config)?;
-            let listener = tokio::net::TcpListener::bind(config.server.listen)
-                .await
-                .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.server.listen))?;
+            let listener = match hookbridge::service::inherited_listener()? {
+                // Socket activation: systemd holds the port across restarts, so no connection is refused.
+                Some(l) => tokio::net::TcpListener::from_std(l)?,
+                None => tokio::net::TcpListener::bind(config.server.listen)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.server.listen))?,
+            };
             hookbridge::run(config, listener, shutdown_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
@@ -409,13 +415,15 @@ async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
-            (Ok(mut term), Ok(mut int)) => {
+        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup())) {
+            (Ok(mut term), Ok(mut int), Ok(mut hup)) => loop {
                 tokio::select! {
-                    _ = term.recv() => tracing::info!("SIGTERM received"),
-                    _ = int.recv() => tracing::info!("SIGINT received"),
+                    _ = term.recv() => { tracing::info!("SIGTERM received"); break; }
+                    _ = int.recv() => { tracing::info!("SIGINT received"); break; }
+                    // Without a handler SIGHUP would kill the daemon; reloading is not implemented yet.
+                    _ = hup.recv() => tracing::warn!("SIGHUP received: configuration reload is not supported yet; restart the service to apply a new config"),
                 }
-            }
+            },
             _ => {
                 let _ = tokio::signal::ctrl_c().await;
             }

@@ -12,6 +12,9 @@ fn repo() -> &'static Path {
 
 #[test]
 fn every_shipped_config_passes_check() {
+    // The systemd example reads its secret as a credential.
+    let credentials = tempfile::tempdir().unwrap();
+    std::fs::write(credentials.path().join("clockify-webhook-secret"), "example-credential\n").unwrap();
     let mut checked = 0;
     for entry in std::fs::read_dir(repo().join("config")).unwrap() {
         let path = entry.unwrap().path();
@@ -28,6 +31,7 @@ fn every_shipped_config_passes_check() {
             .env("CLOCKODO_WEBHOOK_TOKEN", "example-clockodo-token")
             .env("GITHUB_WEBHOOK_SECRET", "example-github-secret")
             .env("CLOCKIFY_HMAC_SECRET", "example-hmac-secret")
+            .env("CREDENTIALS_DIRECTORY", credentials.path())
             .output()
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);

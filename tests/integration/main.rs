@@ -13,3 +13,4 @@ mod quickstart;
 mod reliability;
 mod routing;
 mod schemes;
+mod systemd;
