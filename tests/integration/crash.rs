@@ -32,6 +32,23 @@ async fn wait_healthy(url: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_acknowledged_event_survives_sigkill() {
+    acknowledged_events_survive(Stop::Kill).await;
+}
+
+/// SIGTERM under load: the daemon exits within its shutdown deadline, and everything it acknowledged is
+/// delivered (before it exits or after the restart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_acknowledged_event_survives_sigterm_under_load() {
+    acknowledged_events_survive(Stop::Term).await;
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Stop {
+    Kill,
+    Term,
+}
+
+async fn acknowledged_events_survive(stop: Stop) {
     let receiver = Receiver::start().await;
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
@@ -98,8 +115,24 @@ to = ["out"]
     poll_until(Duration::from_secs(60), || (acked.lock().unwrap().len() >= 300).then_some(()))
         .await
         .expect("load started");
-    child.kill().unwrap(); // SIGKILL
-    child.wait().unwrap();
+    match stop {
+        Stop::Kill => {
+            child.kill().unwrap(); // SIGKILL
+            child.wait().unwrap();
+        }
+        Stop::Term => {
+            let started = Instant::now();
+            assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+            let status = loop {
+                if let Some(s) = child.try_wait().unwrap() {
+                    break s;
+                }
+                assert!(started.elapsed() < Duration::from_secs(35), "no exit within shutdown_timeout (30s) + margin");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
+            assert!(status.success(), "{status:?}");
+        }
+    }
     for t in tasks {
         t.await.unwrap();
     }
