@@ -1,28 +1,31 @@
 //! The bridge: builds the running pieces from a validated [`Config`] (spool, sinks, dispatchers, router),
-//! serves, and shuts down in order. This is the embedding API; `main` is a thin layer over it.
+//! serves, reloads, and shuts down in order. This is the embedding API; `main` is a thin layer over it.
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
+use tokio::sync::{Mutex, Semaphore};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
+use crate::config::{Config, SinkSpec};
 use crate::dispatch::Dispatcher;
 use crate::event::now_ms;
-use crate::ingress::{Shared, router};
+use crate::ingress::{Settings, Shared, router};
 use crate::limits::{DISPATCH_POLL, FEED_CAPACITY, PRUNE_BATCH, PRUNE_INTERVAL};
 use crate::metrics::Metrics;
 use crate::route::RouteTable;
 use crate::sinks::{self, BuildError};
 use crate::store::{Store, StoreError};
 
-/// Why the bridge could not start.
+/// Why the bridge could not start (or a reload was refused).
 #[derive(Debug, thiserror::Error)]
 pub enum BridgeError {
     /// The spool could not be opened.
@@ -34,6 +37,9 @@ pub enum BridgeError {
     /// Routes did not compile (a config that did not go through validation).
     #[error("invalid routes: {0}")]
     Routes(String),
+    /// The new config is invalid.
+    #[error("invalid config:\n{0}")]
+    Config(String),
     /// Metrics registration failed.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
@@ -42,87 +48,139 @@ pub enum BridgeError {
     Io(#[from] std::io::Error),
 }
 
+/// A sink's dispatcher, running.
+struct RunningSink {
+    spec: SinkSpec,
+    cancel: CancellationToken,
+    handle: JoinHandle<()>,
+}
+
+/// What a reload swaps or restarts, shared by the bridge and its [`Reloader`]s.
+struct Inner {
+    shared: Arc<Shared>,
+    store: Store,
+    metrics: Metrics,
+    sinks: Mutex<HashMap<String, RunningSink>>,
+    cancel: CancellationToken,
+    shutdown_timeout: Duration,
+    /// The config as last applied.
+    config: std::sync::Mutex<Config>,
+}
+
 /// A running bridge: spool open, dispatchers running. Mount [`Bridge::router`] in any axum app, or call
 /// [`Bridge::serve`]. Call [`Bridge::shutdown`] at the end so deliveries stop cleanly and the spool closes.
-#[derive(Debug)]
 pub struct Bridge {
-    shared: Arc<Shared>,
-    config: Config,
-    store: Store,
-    cancel: CancellationToken,
-    tasks: JoinSet<()>,
-    shutdown_timeout: Duration,
+    inner: Arc<Inner>,
+    housekeeping: JoinHandle<()>,
+    admin: Option<crate::config::AdminSpec>,
+}
+
+impl std::fmt::Debug for Bridge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bridge").finish_non_exhaustive()
+    }
+}
+
+fn settings(config: &Config) -> Result<Settings, BridgeError> {
+    let routes = RouteTable::compile(&config.routes).map_err(|errors| {
+        BridgeError::Routes(
+            errors
+                .iter()
+                .map(|e| format!("routes[{}].{}: {}", e.index, e.field, e.message))
+                .collect::<Vec<_>>()
+                .join("; "),
+        )
+    })?;
+    Ok(Settings {
+        sources: config.sources.values().map(|s| (s.path.clone(), s.clone())).collect(),
+        routes,
+        max_body: config.server.max_body_size.0,
+        request_timeout: config.server.request_timeout.0,
+        sink_ids: config.sinks.keys().cloned().collect(),
+        dedup_window: Some(config.storage.dedup_window.0).filter(|w| !w.is_zero()),
+        max_pending_events: config.storage.max_pending_events,
+        max_pending_bytes: config.storage.max_pending_bytes.0,
+    })
+}
+
+impl Inner {
+    fn spawn_sink(&self, spec: &SinkSpec, sink: Arc<dyn sinks::Sink>) -> RunningSink {
+        let feed = self.store.subscribe(&spec.id, FEED_CAPACITY);
+        let d = Dispatcher {
+            sink_id: spec.id.clone(),
+            sink,
+            store: self.store.clone(),
+            max_in_flight: spec.max_in_flight,
+            retry: spec.retry,
+            metrics: self.metrics.clone(),
+        };
+        let cancel = self.cancel.child_token();
+        let handle = tokio::spawn(d.run(feed, cancel.clone()));
+        RunningSink { spec: spec.clone(), cancel, handle }
+    }
 }
 
 impl Bridge {
     /// Opens the spool, builds sinks and starts one dispatcher per sink. Pending deliveries left by an
     /// earlier run are picked up at once.
     pub async fn start(config: Config) -> Result<Bridge, BridgeError> {
-        let routes = RouteTable::compile(&config.routes).map_err(|errors| {
-            BridgeError::Routes(
-                errors
-                    .iter()
-                    .map(|e| format!("routes[{}].{}: {}", e.index, e.field, e.message))
-                    .collect::<Vec<_>>()
-                    .join("; "),
-            )
-        })?;
+        let settings = settings(&config)?;
         let metrics = Metrics::new()?;
         let mut built = Vec::new();
         for spec in config.sinks.values() {
             built.push((spec.clone(), sinks::build(spec)?));
         }
         let store = Store::open(&config.storage.data_dir)?;
-        let cancel = CancellationToken::new();
-        let mut tasks = JoinSet::new();
-        for (spec, sink) in built {
-            let feed = store.subscribe(&spec.id, FEED_CAPACITY);
-            let d = Dispatcher {
-                sink_id: spec.id.clone(),
-                sink,
-                store: store.clone(),
-                max_in_flight: spec.max_in_flight,
-                retry: spec.retry,
-                metrics: metrics.clone(),
-            };
-            tasks.spawn(d.run(feed, cancel.child_token()));
-        }
-        tasks.spawn(housekeeping(store.clone(), config.storage.retention.0, cancel.child_token()));
         for source in config.sources.values() {
             tracing::info!(source = %source.id, kind = source.scheme.kind(), path = %source.path, "source ready");
         }
         let shared = Arc::new(Shared {
-            sources: config.sources.values().map(|s| (s.path.clone(), s.clone())).collect(),
-            routes,
+            settings: ArcSwap::from_pointee(settings),
             store: store.clone(),
-            metrics,
-            max_body: config.server.max_body_size.0,
-            request_timeout: config.server.request_timeout.0,
-            sink_ids: config.sinks.keys().cloned().collect(),
-            dedup_window: Some(config.storage.dedup_window.0).filter(|w| !w.is_zero()),
-            max_pending_events: config.storage.max_pending_events,
-            max_pending_bytes: config.storage.max_pending_bytes.0,
+            metrics: metrics.clone(),
             concurrency: Semaphore::new(config.server.max_concurrency),
             shutting_down: AtomicBool::new(false),
             last_ready: std::sync::Mutex::new(None),
         });
-        let shutdown_timeout = config.server.shutdown_timeout.0;
-        Ok(Bridge { shared, config, store, cancel, tasks, shutdown_timeout })
+        let cancel = CancellationToken::new();
+        let inner = Arc::new(Inner {
+            shared,
+            store: store.clone(),
+            metrics,
+            sinks: Mutex::new(HashMap::new()),
+            cancel: cancel.clone(),
+            shutdown_timeout: config.server.shutdown_timeout.0,
+            config: std::sync::Mutex::new(config.clone()),
+        });
+        {
+            let mut running = inner.sinks.lock().await;
+            for (spec, sink) in built {
+                running.insert(spec.id.clone(), inner.spawn_sink(&spec, sink));
+            }
+        }
+        let housekeeping = tokio::spawn(housekeeping(store, config.storage.retention.0, cancel.child_token()));
+        Ok(Bridge { inner, housekeeping, admin: config.admin })
     }
 
     /// The HTTP routes (webhooks, `/healthz`, `/readyz`, `/metrics`), to serve or to mount.
     pub fn router(&self) -> axum::Router {
-        router(Arc::clone(&self.shared))
+        router(Arc::clone(&self.inner.shared))
     }
 
     /// The admin API's router, when `[admin]` is configured (serve it on its own, private listener).
     pub fn admin_router(&self) -> Option<axum::Router> {
-        self.config.admin.as_ref().map(|a| crate::admin::router(self.config.clone(), a.token.clone()))
+        let config = self.inner.config.lock().ok()?.clone();
+        self.admin.as_ref().map(|a| crate::admin::router(config, a.token.clone()))
     }
 
     /// The spool (for inspection in tests and tools).
     pub fn store(&self) -> &Store {
-        &self.store
+        &self.inner.store
+    }
+
+    /// A handle that applies new configs to this bridge while it serves.
+    pub fn reloader(&self) -> Reloader {
+        Reloader { inner: Arc::clone(&self.inner) }
     }
 
     /// Serves on `listener` until `signal` completes, then shuts down: stop accepting, let in-flight
@@ -133,7 +191,7 @@ impl Bridge {
         signal: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), BridgeError> {
         let app = self.router();
-        let shared = Arc::clone(&self.shared);
+        let shared = Arc::clone(&self.inner.shared);
         let graceful = async move {
             signal.await;
             shared.shutting_down.store(true, Ordering::Relaxed);
@@ -152,19 +210,122 @@ impl Bridge {
 
     /// Stops dispatchers (waiting at most the shutdown deadline for deliveries in progress) and closes the
     /// spool. Pending deliveries stay in the spool for the next start.
-    pub async fn shutdown(mut self) {
-        self.shared.shutting_down.store(true, Ordering::Relaxed);
-        self.cancel.cancel();
-        let drained =
-            tokio::time::timeout(self.shutdown_timeout, async { while self.tasks.join_next().await.is_some() {} })
-                .await;
+    pub async fn shutdown(self) {
+        self.inner.shared.shutting_down.store(true, Ordering::Relaxed);
+        self.inner.cancel.cancel();
+        let running: Vec<RunningSink> = self.inner.sinks.lock().await.drain().map(|(_, r)| r).collect();
+        let mut handles: Vec<JoinHandle<()>> = running.into_iter().map(|r| r.handle).collect();
+        handles.push(self.housekeeping);
+        let aborts: Vec<_> = handles.iter().map(JoinHandle::abort_handle).collect();
+        let drained = tokio::time::timeout(self.inner.shutdown_timeout, async {
+            for h in handles {
+                let _ = h.await;
+            }
+        })
+        .await;
         if drained.is_err() {
             tracing::warn!("shutdown deadline passed with deliveries in progress; they resume at the next start");
-            self.tasks.abort_all();
-            while self.tasks.join_next().await.is_some() {}
+            for a in aborts {
+                a.abort();
+            }
         }
-        self.store.close().await;
+        self.inner.store.close().await;
         tracing::info!("spool closed");
+    }
+}
+
+/// Applies a new config to a running bridge: see [`Reloader::reload`].
+#[derive(Clone)]
+pub struct Reloader {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Reloader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reloader").finish_non_exhaustive()
+    }
+}
+
+impl Reloader {
+    /// Applies `config`, all or nothing: new and changed sinks are built first (a failure leaves everything
+    /// as it was); then sources and routes are swapped atomically, so every request after this uses the new
+    /// ones; then each changed sink's dispatcher is stopped (deliveries in progress finish) and restarted
+    /// with the new settings. Sinks no longer in the config keep delivering what was routed to them before.
+    /// Settings that need a restart (listen address, data directory, admin API, concurrency, shutdown
+    /// deadline) are reported and left as they were.
+    pub async fn reload(&self, config: Config) -> Result<(), BridgeError> {
+        let new_settings = settings(&config)?;
+        let mut running = self.inner.sinks.lock().await;
+        let mut built = Vec::new();
+        for spec in config.sinks.values() {
+            let unchanged = running.get(&spec.id).is_some_and(|r| r.spec == *spec);
+            if !unchanged {
+                built.push((spec.clone(), sinks::build(spec)?));
+            }
+        }
+        if let Ok(old) = self.inner.config.lock() {
+            let mut restart = Vec::new();
+            if old.server.listen != config.server.listen {
+                restart.push("server.listen");
+            }
+            if old.server.max_concurrency != config.server.max_concurrency {
+                restart.push("server.max_concurrency");
+            }
+            if old.server.shutdown_timeout != config.server.shutdown_timeout {
+                restart.push("server.shutdown_timeout");
+            }
+            if old.storage.data_dir != config.storage.data_dir || old.storage.retention != config.storage.retention {
+                restart.push("storage");
+            }
+            if old.admin.as_ref().map(|a| (a.listen, a.token.clone()))
+                != config.admin.as_ref().map(|a| (a.listen, a.token.clone()))
+            {
+                restart.push("admin");
+            }
+            if !restart.is_empty() {
+                tracing::warn!(settings = ?restart, "these settings changed but apply only after a restart");
+            }
+        }
+        self.inner.shared.settings.store(Arc::new(new_settings));
+        for (spec, sink) in built {
+            if let Some(old) = running.remove(&spec.id) {
+                old.cancel.cancel();
+                let _ = old.handle.await;
+                tracing::info!(sink = %spec.id, "sink changed: restarted with the new settings");
+            } else {
+                tracing::info!(sink = %spec.id, "sink added");
+            }
+            running.insert(spec.id.clone(), self.inner.spawn_sink(&spec, sink));
+        }
+        for id in running.keys() {
+            if !config.sinks.contains_key(id) {
+                tracing::info!(sink = %id, "sink removed from the config: it keeps delivering what was routed to it");
+            }
+        }
+        drop(running);
+        if let Ok(mut c) = self.inner.config.lock() {
+            *c = config;
+        }
+        Ok(())
+    }
+
+    /// Loads `path` and applies it; counts and logs the outcome. An invalid file leaves the running config.
+    pub async fn reload_file(&self, path: &std::path::Path) -> Result<(), BridgeError> {
+        let result = match Config::load(path) {
+            Ok(config) => self.reload(config).await,
+            Err(e) => Err(BridgeError::Config(e.to_string())),
+        };
+        match &result {
+            Ok(()) => {
+                tracing::info!(config = %path.display(), "configuration reloaded");
+                self.inner.metrics.reload("ok");
+            }
+            Err(e) => {
+                tracing::error!(config = %path.display(), error = %e, "configuration reload refused; the running config stays");
+                self.inner.metrics.reload("error");
+            }
+        }
+        result
     }
 }
 
@@ -206,18 +367,19 @@ async fn housekeeping(store: Store, retention: Duration, cancel: CancellationTok
 
 /// Starts a bridge for `config` and serves it on `listener` until `signal`, with the admin API on its own
 /// address when `[admin]` is configured, and the systemd notify protocol (readiness, watchdog, stopping) when
-/// run by systemd.
+/// run by systemd. With `reload_from`, SIGHUP reloads the config from that file.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     signal: impl Future<Output = ()> + Send + 'static,
+    reload_from: Option<PathBuf>,
 ) -> Result<(), BridgeError> {
     let bridge = Bridge::start(config).await?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "listening");
     let stop = CancellationToken::new();
     let mut admin_task = None;
-    if let (Some(router), Some(spec)) = (bridge.admin_router(), bridge.config.admin.as_ref()) {
+    if let (Some(router), Some(spec)) = (bridge.admin_router(), bridge.admin.as_ref()) {
         let admin_listener = TcpListener::bind(spec.listen).await?;
         tracing::info!(addr = %admin_listener.local_addr()?, "admin API listening");
         let stop = stop.clone();
@@ -229,6 +391,7 @@ pub async fn run(
         }));
     }
     let watchdog = tokio::spawn(crate::service::watchdog(bridge.store().clone(), stop.clone()));
+    let reloads = reload_from.map(|path| tokio::spawn(reload_on_sighup(bridge.reloader(), path, stop.clone())));
     let signal = {
         let stop = stop.clone();
         async move {
@@ -241,8 +404,36 @@ pub async fn run(
     let result = bridge.serve(listener, signal).await;
     stop.cancel();
     let _ = watchdog.await;
+    if let Some(t) = reloads {
+        let _ = t.await;
+    }
     if let Some(t) = admin_task {
         let _ = t.await;
     }
     result
+}
+
+#[cfg(unix)]
+async fn reload_on_sighup(reloader: Reloader, path: PathBuf, stop: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP: configuration reload unavailable");
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP received: reloading the configuration");
+                crate::service::reloading();
+                let _ = reloader.reload_file(&path).await;
+                crate::service::reloaded();
+            }
+        }
+    }
+}
+
+#[cfg(not(unix))]
+async fn reload_on_sighup(_reloader: Reloader, _path: PathBuf, stop: CancellationToken) {
+    stop.cancelled().await;
 }

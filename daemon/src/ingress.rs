@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwap;
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -33,14 +34,27 @@ use crate::verify::{Scheme, handshake_secret, verify};
 /// What the handlers share.
 #[derive(Debug)]
 pub struct Shared {
-    /// Sources by URL path.
-    pub sources: HashMap<String, Source>,
-    /// Compiled routes.
-    pub routes: RouteTable,
+    /// What a config reload replaces, swapped atomically: a request uses one version from start to end.
+    pub settings: ArcSwap<Settings>,
     /// The spool.
     pub store: Store,
     /// Telemetry.
     pub metrics: Metrics,
+    /// Webhook requests in progress.
+    pub concurrency: Semaphore,
+    /// Set once shutdown begins (readiness turns 503).
+    pub shutting_down: AtomicBool,
+    /// When readiness last proved the spool writable.
+    pub last_ready: std::sync::Mutex<Option<Instant>>,
+}
+
+/// The reloadable part of the ingress.
+#[derive(Debug)]
+pub struct Settings {
+    /// Sources by URL path.
+    pub sources: HashMap<String, Source>,
+    /// Compiled routes.
+    pub routes: RouteTable,
     /// Largest body.
     pub max_body: u64,
     /// Per-request time limit.
@@ -53,12 +67,6 @@ pub struct Shared {
     pub max_pending_events: u64,
     /// Spool bounds.
     pub max_pending_bytes: u64,
-    /// Webhook requests in progress.
-    pub concurrency: Semaphore,
-    /// Set once shutdown begins (readiness turns 503).
-    pub shutting_down: AtomicBool,
-    /// When readiness last proved the spool writable.
-    pub last_ready: std::sync::Mutex<Option<Instant>>,
 }
 
 /// The router: `/healthz`, `/readyz`, `/metrics`, and every source's path (everything else is 404).
@@ -106,7 +114,8 @@ async fn readyz(State(s): State<Arc<Shared>>) -> Response {
 }
 
 async fn metrics(State(s): State<Arc<Shared>>) -> Response {
-    let mut sinks: Vec<(String, i64, Option<i64>)> = s.sink_ids.iter().map(|id| (id.clone(), 0, None)).collect();
+    let settings = s.settings.load_full();
+    let mut sinks: Vec<(String, i64, Option<i64>)> = settings.sink_ids.iter().map(|id| (id.clone(), 0, None)).collect();
     match s.store.sink_stats().await {
         Ok(stats) => {
             for st in stats {
@@ -133,16 +142,17 @@ fn unavailable(message: &str) -> Response {
 
 async fn webhook(State(s): State<Arc<Shared>>, request: Request) -> Response {
     let started = Instant::now();
-    let Some(source) = s.sources.get(request.uri().path()) else {
+    let settings = s.settings.load_full();
+    let Some(source) = settings.sources.get(request.uri().path()) else {
         s.metrics.request(NO_SOURCE, 404, started.elapsed().as_secs_f64());
         return error(StatusCode::NOT_FOUND, "no webhook source at this path");
     };
-    let response = handle(&s, source, request).await;
+    let response = handle(&s, &settings, source, request).await;
     s.metrics.request(&source.id, response.status().as_u16(), started.elapsed().as_secs_f64());
     response
 }
 
-async fn handle(s: &Shared, source: &Source, request: Request) -> Response {
+async fn handle(s: &Shared, cfg: &Settings, source: &Source, request: Request) -> Response {
     if request.method() != Method::POST {
         let mut r = error(StatusCode::METHOD_NOT_ALLOWED, "webhooks are POSTed");
         r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST"));
@@ -158,11 +168,11 @@ async fn handle(s: &Shared, source: &Source, request: Request) -> Response {
     };
     let (parts, body) = request.into_parts();
     let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > s.max_body) {
+    if declared.is_some_and(|n| n > cfg.max_body) {
         s.metrics.rejected(&source.id, "body_too_large");
         return error(StatusCode::PAYLOAD_TOO_LARGE, "body too large");
     }
-    let body = match tokio::time::timeout(s.request_timeout, read_body(body, s.max_body)).await {
+    let body = match tokio::time::timeout(cfg.request_timeout, read_body(body, cfg.max_body)).await {
         Ok(Ok(b)) => b,
         Ok(Err(BodyError::TooLarge)) => {
             s.metrics.rejected(&source.id, "body_too_large");
@@ -177,7 +187,9 @@ async fn handle(s: &Shared, source: &Source, request: Request) -> Response {
             return error(StatusCode::REQUEST_TIMEOUT, "body not received in time");
         }
     };
-    match tokio::time::timeout(s.request_timeout, accept(s, source, &parts.headers, parts.uri.query(), body)).await {
+    match tokio::time::timeout(cfg.request_timeout, accept(s, cfg, source, &parts.headers, parts.uri.query(), body))
+        .await
+    {
         Ok(r) => r,
         Err(_) => {
             // The event may still be committed: the provider retries and gets a duplicate, never a loss.
@@ -202,7 +214,14 @@ async fn read_body(body: Body, limit: u64) -> Result<Bytes, BodyError> {
 }
 
 /// Verify, classify, route, spool. Answers 2xx only after the spool commit.
-async fn accept(s: &Shared, source: &Source, headers: &HeaderMap, query: Option<&str>, body: Bytes) -> Response {
+async fn accept(
+    s: &Shared,
+    cfg: &Settings,
+    source: &Source,
+    headers: &HeaderMap,
+    query: Option<&str>,
+    body: Bytes,
+) -> Response {
     if let Scheme::Clockodo { .. } = source.scheme
         && let Some(secret) = handshake_secret(query, &body)
     {
@@ -236,13 +255,14 @@ async fn accept(s: &Shared, source: &Source, headers: &HeaderMap, query: Option<
         };
         (visible_headers(&source.scheme, headers), body)
     };
-    let decision = s.routes.route(&RouteInput { source: &source.id, event: &classified.event_type, details: &details });
+    let decision =
+        cfg.routes.route(&RouteInput { source: &source.id, event: &classified.event_type, details: &details });
     for (route, err) in &decision.predicate_errors {
         s.metrics.predicate_error(route, err);
     }
     if !decision.sinks.is_empty() {
         let (events, bytes, _) = s.store.gauges().snapshot();
-        if events >= s.max_pending_events || bytes.saturating_add(body.len() as u64) > s.max_pending_bytes {
+        if events >= cfg.max_pending_events || bytes.saturating_add(body.len() as u64) > cfg.max_pending_bytes {
             s.metrics.rejected(&source.id, "spool_full");
             return unavailable("spool is full; retry later");
         }
@@ -259,7 +279,7 @@ async fn accept(s: &Shared, source: &Source, headers: &HeaderMap, query: Option<
     };
     let id = event.id.clone();
     let event_type = event.event_type.clone();
-    let dedup_since = s.dedup_window.map(|w| now_ms() - w.as_millis() as i64);
+    let dedup_since = cfg.dedup_window.map(|w| now_ms() - w.as_millis() as i64);
     match s.store.insert(event, decision.sinks.clone(), dedup_since).await {
         Ok(Inserted::Duplicate { original }) => {
             // The provider must stop retrying: 200, and nothing is delivered again.

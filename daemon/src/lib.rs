@@ -32,5 +32,5 @@ pub mod sinks;
 pub mod store;
 pub mod verify;
 
-pub use bridge::{Bridge, BridgeError, run};
+pub use bridge::{Bridge, BridgeError, Reloader, run};
 pub use config::{Config, ConfigErrors};

@@ -211,8 +211,8 @@ fn load(config: &std::path::Path) -> anyhow::Result<hookbridge::Config> {
 #[allow(clippy::print_stdout)]
 async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Run { config } => {
-            let config = load(&config)?;
+        Command::Run { config: path } => {
+            let config = load(&path)?;
             let listener = match hookbridge::service::inherited_listener()? {
                 // Socket activation: systemd holds the port across restarts, so no connection is refused.
                 Some(l) => tokio::net::TcpListener::from_std(l)?,
@@ -220,7 +220,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                     .await
                     .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.server.listen))?,
             };
-            hookbridge::run(config, listener, shutdown_signal()).await?;
+            hookbridge::run(config, listener, shutdown_signal(), Some(path)).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Check { config: path } => match hookbridge::Config::load(&path) {
@@ -415,15 +415,13 @@ async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
-        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt()), signal(SignalKind::hangup())) {
-            (Ok(mut term), Ok(mut int), Ok(mut hup)) => loop {
+        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            (Ok(mut term), Ok(mut int)) => {
                 tokio::select! {
-                    _ = term.recv() => { tracing::info!("SIGTERM received"); break; }
-                    _ = int.recv() => { tracing::info!("SIGINT received"); break; }
-                    // Without a handler SIGHUP would kill the daemon; reloading is not implemented yet.
-                    _ = hup.recv() => tracing::warn!("SIGHUP received: configuration reload is not supported yet; restart the service to apply a new config"),
+                    _ = term.recv() => tracing::info!("SIGTERM received"),
+                    _ = int.recv() => tracing::info!("SIGINT received"),
                 }
-            },
+            }
             _ => {
                 let _ = tokio::signal::ctrl_c().await;
             }

@@ -23,6 +23,8 @@ pub const DUPLICATES_TOTAL: &str = "hookbridge_duplicates_total";
 pub const DEAD_LETTERS: &str = "hookbridge_dead_letters";
 /// `hookbridge_oldest_pending_age_seconds{sink}`: age of the oldest event with a pending delivery.
 pub const OLDEST_PENDING_AGE: &str = "hookbridge_oldest_pending_age_seconds";
+/// `hookbridge_config_reloads_total{result}`: configuration reloads, `ok` or `error` (the old config stays).
+pub const RELOADS_TOTAL: &str = "hookbridge_config_reloads_total";
 /// `hookbridge_handshakes_total{source}`: Clockodo validation handshakes received.
 pub const HANDSHAKES_TOTAL: &str = "hookbridge_handshakes_total";
 /// `hookbridge_route_predicate_errors_total{route}`: `when` predicates that failed to evaluate.
@@ -51,6 +53,7 @@ pub struct Metrics {
     routed: IntCounterVec,
     unrouted: IntCounterVec,
     handshakes: IntCounterVec,
+    reloads: IntCounterVec,
     duplicates: IntCounterVec,
     dead_letters: IntGaugeVec,
     oldest_pending: prometheus::GaugeVec,
@@ -102,6 +105,7 @@ impl Metrics {
             routed: counter(&r, ROUTED_TOTAL, "Events accepted and routed to at least one sink.", &["source"])?,
             unrouted: counter(&r, UNROUTED_TOTAL, "Events accepted that matched no route.", &["source"])?,
             handshakes: counter(&r, HANDSHAKES_TOTAL, "Clockodo validation handshakes received.", &["source"])?,
+            reloads: counter(&r, RELOADS_TOTAL, "Configuration reloads by result.", &["result"])?,
             duplicates: counter(
                 &r,
                 DUPLICATES_TOTAL,
@@ -177,6 +181,11 @@ impl Metrics {
             tracing::debug!(source, event_type, id, sinks = ?sinks, "event accepted");
             self.routed.with_label_values(&[source]).inc();
         }
+    }
+
+    /// A configuration reload ended (`ok` or `error`); the caller logs the details.
+    pub fn reload(&self, result: &str) {
+        self.reloads.with_label_values(&[result]).inc();
     }
 
     /// A webhook was a duplicate of an event already stored.

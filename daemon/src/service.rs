@@ -25,6 +25,19 @@ pub fn stopping() {
     notify(&[NotifyState::Stopping, NotifyState::Status("shutting down: finishing requests and deliveries")]);
 }
 
+/// A configuration reload has begun (systemd 253+ needs the monotonic timestamp with it).
+pub fn reloading() {
+    match NotifyState::monotonic_usec_now() {
+        Ok(now) => notify(&[NotifyState::Reloading, now]),
+        Err(_) => notify(&[NotifyState::Reloading]),
+    }
+}
+
+/// The reload is over (applied or refused): ready again.
+pub fn reloaded() {
+    notify(&[NotifyState::Ready]);
+}
+
 /// A free-form status line.
 pub fn status(text: &str) {
     notify(&[NotifyState::Status(text)]);

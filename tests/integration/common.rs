@@ -321,3 +321,32 @@ pub fn free_port() -> u16 {
         }
     }
 }
+
+/// A receiver that is down: it holds its port (so no other test can take it) and closes every connection
+/// at once, before reading a request. `up()` hands the port back to serve a real `Receiver`.
+pub struct DownPort {
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<TcpListener>,
+}
+
+impl DownPort {
+    pub async fn up(self) -> TcpListener {
+        let _ = self.stop.send(());
+        self.task.await.unwrap()
+    }
+}
+
+pub async fn hung_receiver() -> (DownPort, std::net::SocketAddr) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = &mut stopped => return listener,
+                conn = listener.accept() => drop(conn),
+            }
+        }
+    });
+    (DownPort { stop, task }, addr)
+}

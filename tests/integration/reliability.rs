@@ -61,6 +61,7 @@ async fn server_errors_are_retried_with_backoff_and_retry_after_is_honoured() {
     post(&bridge, "NEW_TIME_ENTRY", &entry("entry-429", "rate limited once")).await;
     let got = receiver.wait_for(2, Duration::from_secs(20)).await;
     assert_eq!(got.len(), 2);
+    bridge.wait_metric(r#"hookbridge_deliveries_total{outcome="delivered",sink="out"}"#, 2.0).await;
 
     // Three attempts for the first, with backoff between them, all in the attempt log.
     let hits: Vec<Hit> =
@@ -127,6 +128,8 @@ async fn a_client_error_is_dead_lettered_at_once_and_delivered_after_dlq_retry()
     assert!(bridge.cli(&["dlq", "retry", &delivery]).contains("1 dead letter(s) queued"));
     let got = receiver.wait_for(1, Duration::from_secs(20)).await;
     assert!(String::from_utf8_lossy(&got[0].body).contains("entry-400"));
+    // The receiver has it; the outcome is recorded right after.
+    bridge.wait_metric(r#"hookbridge_deliveries_total{outcome="delivered",sink="out"}"#, 1.0).await;
     assert_eq!(json(&bridge.cli(&["dlq", "list", "--json"])), Value::Array(vec![]));
     let shown = json(&bridge.cli(&["events", "show", &id, "--json"]));
     let statuses: Vec<(&str, bool)> = shown["deliveries"]
@@ -136,7 +139,6 @@ async fn a_client_error_is_dead_lettered_at_once_and_delivered_after_dlq_retry()
         .map(|d| (d["status"].as_str().unwrap(), d["replay"].as_bool().unwrap()))
         .collect();
     assert_eq!(statuses, [("retried", false), ("delivered", true)]);
-    bridge.wait_metric(r#"hookbridge_deliveries_total{outcome="delivered",sink="out"}"#, 1.0).await;
     let m = bridge.metrics().await;
     assert_eq!(metric(&m, r#"hookbridge_dead_letters{sink="out"}"#), 0.0);
     bridge.stop().await;

@@ -174,3 +174,106 @@ fn the_unit_files_pass_systemd_analyze_verify() {
     let ours: Vec<&str> = stderr.lines().filter(|l| l.contains("hookbridge")).collect();
     assert!(out.status.success() && ours.is_empty(), "systemd-analyze verify: {stderr}");
 }
+
+/// Writes `text` as the config and sends SIGHUP; waits until the reload counter for `result` moves.
+async fn reload(
+    child: &std::process::Child,
+    config: &std::path::Path,
+    text: &str,
+    port: u16,
+    result: &str,
+    times: f64,
+) {
+    std::fs::write(config, text).unwrap();
+    assert!(Command::new("kill").args(["-HUP", &child.id().to_string()]).status().unwrap().success());
+    let name = format!(r#"hookbridge_config_reloads_total{{result="{result}"}}"#);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = client().get(format!("http://127.0.0.1:{port}/metrics")).send().await.unwrap().text().await.unwrap();
+        if metric(&m, &name) >= times {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no {name} >= {times}:\n{m}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn sighup_swaps_routes_keeps_old_deliveries_and_refuses_a_broken_config() {
+    let (down, receiver_addr) = hung_receiver().await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = dir.path().join("hookbridge.toml");
+    let base = |routes_to: &str, old_sink: bool| {
+        let old = if old_sink {
+            format!(
+                "[sinks.old]\nkind = \"http\"\nurl = \"http://{receiver_addr}/in\"\nretry = {{ initial_backoff = \"50ms\", max_backoff = \"200ms\" }}\n"
+            )
+        } else {
+            String::new()
+        };
+        format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\n[storage]\ndata_dir = \"data\"\n[sources.clockify]\nkind = \"clockify\"\nsecrets = [\"{SECRET}\"]\n{old}[sinks.new]\nkind = \"file\"\npath = \"new.jsonl\"\n[[routes]]\nname = \"r\"\nto = [\"{routes_to}\"]\n"
+        )
+    };
+    std::fs::write(&config, base("old", true)).unwrap();
+    let mut child = Command::new(binary())
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}/hooks/clockify");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while client().get(format!("http://127.0.0.1:{port}/healthz")).send().await.is_err() {
+        assert!(Instant::now() < deadline, "daemon not up");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let post = |id: &'static str| {
+        let url = url.clone();
+        async move {
+            let r = client()
+                .post(&url)
+                .header("clockify-signature", SECRET)
+                .header("clockify-webhook-event-type", "NEW_TIME_ENTRY")
+                .body(format!(r#"{{"id":"{id}"}}"#))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 200);
+        }
+    };
+    // Accepted under the old config, for a sink that is down.
+    post("before-reload").await;
+
+    // New config: the route goes to `new`, and `old` is gone from the config altogether.
+    reload(&child, &config, &base("new", false), port, "ok", 1.0).await;
+    post("after-reload").await;
+    let new_file = dir.path().join("new.jsonl");
+    let text =
+        poll_until(Duration::from_secs(20), || std::fs::read_to_string(&new_file).ok().filter(|t| !t.is_empty()))
+            .await
+            .expect("the new route delivers");
+    assert!(text.contains("after-reload") && !text.contains("before-reload"), "{text}");
+
+    // The event accepted before the reload still reaches its old sink once that is up.
+    let receiver = Receiver::start_on(down.up().await).await;
+    let got = receiver.wait_for(1, Duration::from_secs(20)).await;
+    assert!(String::from_utf8_lossy(&got[0].body).contains("before-reload"));
+
+    // A broken config is refused; the running one stays.
+    reload(&child, &config, "[sources.clockify]\nkind = \"clockify\"\nsecrets = []\n", port, "error", 1.0).await;
+    post("after-broken-reload").await;
+    poll_until(Duration::from_secs(20), || {
+        std::fs::read_to_string(&new_file).ok().filter(|t| t.contains("after-broken-reload"))
+    })
+    .await
+    .expect("still routed by the last good config");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(receiver.received().len(), 1, "nothing else reached the removed sink");
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    assert!(child.wait().unwrap().success());
+    receiver.stop().await;
+}

@@ -38,7 +38,7 @@ pub struct Source {
 }
 
 /// Retry policy of a sink.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {
     /// First backoff.
     pub initial_backoff: Duration,
@@ -51,7 +51,7 @@ pub struct RetryPolicy {
 }
 
 /// A validated `http` sink.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpSinkSpec {
     /// Target.
     pub url: reqwest::Url,
@@ -62,14 +62,14 @@ pub struct HttpSinkSpec {
 }
 
 /// A validated `file` sink.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileSinkSpec {
     /// Absolute path of the JSON-lines file.
     pub path: PathBuf,
 }
 
 /// What kind of sink, with its settings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SinkKind {
     /// POST to a URL.
     Http(HttpSinkSpec),
@@ -78,7 +78,7 @@ pub enum SinkKind {
 }
 
 /// A validated sink.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SinkSpec {
     /// The id (`[sinks.<id>]`).
     pub id: String,
