@@ -97,7 +97,7 @@ async fn tells_systemd_ready_watchdog_and_stopping() {
     let seen = receive_until(&socket, "WATCHDOG=1");
     assert!(seen.last().unwrap().contains("STATUS=accepting webhooks;"), "{seen:?}");
 
-    // SIGHUP does not kill it (reload is not implemented; it says so in the log).
+    // SIGHUP reloads (the same file here) and does not stop it.
     assert!(Command::new("kill").args(["-HUP", &child.id().to_string()]).status().unwrap().success());
     receive_until(&socket, "WATCHDOG=1");
     assert!(child.try_wait().unwrap().is_none(), "SIGHUP must not stop the daemon");
@@ -160,8 +160,8 @@ fn the_unit_files_pass_systemd_analyze_verify() {
     // verify checks that ExecStart= binaries exist: point the units at the binary under test.
     for unit in ["hookbridge.service", "hookbridge.socket"] {
         let text = std::fs::read_to_string(repo.join("config").join(unit)).unwrap();
-        assert!(unit.ends_with(".socket") || text.contains("/usr/local/bin/hookbridge"));
-        std::fs::write(dir.path().join(unit), text.replace("/usr/local/bin/hookbridge", binary())).unwrap();
+        assert!(unit.ends_with(".socket") || text.contains("/usr/bin/hookbridge"));
+        std::fs::write(dir.path().join(unit), text.replace("/usr/bin/hookbridge", binary())).unwrap();
     }
     let out = Command::new("systemd-analyze")
         .arg("verify")
