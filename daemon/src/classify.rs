@@ -7,7 +7,7 @@ use axum::http::HeaderMap;
 use sha2::{Digest, Sha256};
 
 use crate::limits::MAX_EVENT_TYPE_LEN;
-use crate::verify::{ClockodoEnvelope, HmacScheme, Locator, Scheme};
+use crate::verify::{ClockodoEnvelope, HmacScheme, Locator, Scheme, StandardScheme};
 
 /// Headers stored with every event when present (besides the event-type and id headers of the scheme).
 const KEPT_HEADERS: [&str; 6] =
@@ -138,12 +138,25 @@ pub fn classify(scheme: &Scheme, headers: &HeaderMap, raw: &[u8]) -> Result<Clas
             let key = id.as_ref().and_then(|l| locate(l, headers, parsed.as_ref())).unwrap_or_else(body_hash);
             (ty, format!("{}:{key}", scheme.kind()), locator_headers(event, id.as_ref()))
         }
+        Scheme::Standard(StandardScheme { event, .. }) => {
+            if matches!(event, Locator::Pointer(_)) {
+                let v = serde_json::from_slice::<serde_json::Value>(raw).map_err(invalid_json)?;
+                entity = v.get("id").and_then(id_text);
+                parsed = Some(v);
+            } else {
+                entity = top_id()?;
+            }
+            let ty = locate(event, headers, parsed.as_ref());
+            // `webhook-id` is the message id: the same on every retry of one message.
+            let key = header(headers, "webhook-id").unwrap_or_else(body_hash);
+            (ty, format!("standard-webhooks:{key}"), locator_headers(event, None))
+        }
     };
 
     let event_type = event_type.ok_or(ClassifyError::MissingEventType(match scheme {
         Scheme::Clockify { .. } => "header clockify-webhook-event-type",
         Scheme::Clockodo { .. } => "body field event_name",
-        Scheme::Hmac(_) | Scheme::None { .. } => "configured event header or pointer",
+        Scheme::Hmac(_) | Scheme::None { .. } | Scheme::Standard(_) => "configured event header or pointer",
     }))?;
     if event_type.is_empty() {
         return Err(ClassifyError::MissingEventType("empty"));

@@ -42,6 +42,9 @@ pub(crate) fn default_initial_backoff() -> HumanDuration {
 pub(crate) fn default_max_backoff() -> HumanDuration {
     HumanDuration(Duration::from_secs(3600))
 }
+pub(crate) fn default_standard_tolerance() -> HumanDuration {
+    HumanDuration(Duration::from_secs(300))
+}
 pub(crate) fn default_max_age() -> HumanDuration {
     HumanDuration(Duration::from_secs(72 * 3600))
 }

@@ -82,6 +82,12 @@ pub fn sign(source: &Source, event: Option<&str>, body: &[u8]) -> Result<SignedR
             place_event(loc, event, body, &mut headers)?;
             Bytes::copy_from_slice(body)
         }
+        Scheme::Standard(s) => {
+            place_event(&s.event, event, body, &mut headers)?;
+            let id = format!("msg_{}", uuid::Uuid::now_v7().simple());
+            headers.extend(s.sign_headers(first(&s.secrets)?, &id, std::time::SystemTime::now(), body));
+            Bytes::copy_from_slice(body)
+        }
     };
     Ok(SignedRequest { headers, body })
 }

@@ -265,3 +265,77 @@ async fn clockodo_handshake_is_answered_stored_and_shown_by_the_cli() {
     bridge.stop().await;
     receiver.stop().await;
 }
+
+/// Standard Webhooks: `v1,` signatures over `id.timestamp.body`, a tolerance window, rotation, dedup by id.
+#[tokio::test]
+async fn standard_webhooks_verify_tolerate_rotate_and_dedup() {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    let receiver = Receiver::start().await;
+    let key = b"a-test-key-for-standard-webhooks";
+    let secret = format!("whsec_{}", STANDARD.encode(key));
+    let toml = format!(
+        r#"
+[storage]
+data_dir = "{{dir}}/data"
+[sources.sw]
+kind = "standard-webhooks"
+secrets = ["{secret}"]
+tolerance = "5m"
+[sinks.out]
+kind = "http"
+url = "{url}"
+[[routes]]
+name = "all"
+to = ["out"]
+"#,
+        url = receiver.url()
+    );
+    let bridge = TestBridge::start(&toml).await;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let sig = |id: &str, ts: u64, body: &str, key: &[u8]| {
+        let mut m = Hmac::<Sha256>::new_from_slice(key).unwrap();
+        m.update(format!("{id}.{ts}.{body}").as_bytes());
+        format!("v1,{}", STANDARD.encode(m.finalize().into_bytes()))
+    };
+    let send = |id: &'static str, ts: u64, body: &'static str, signature: String| {
+        let bridge = &bridge;
+        async move {
+            let ts = ts.to_string();
+            let headers =
+                [("webhook-id", id), ("webhook-timestamp", ts.as_str()), ("webhook-signature", signature.as_str())];
+            bridge.post("/hooks/sw", &headers, body).await
+        }
+    };
+    let body = r#"{"type":"invoice.paid","timestamp":"2026-11-22T08:00:00Z","data":{"id":"inv_1"}}"#;
+    let (s, text) = send("msg_1", now, body, sig("msg_1", now, body, key)).await;
+    assert_eq!(s, 200, "{text}");
+    // Outside the window (and a signature that is otherwise right).
+    let old = now - 600;
+    assert_eq!(send("msg_2", old, body, sig("msg_2", old, body, key)).await.0, 401);
+    // Tampered body.
+    let tampered = r#"{"type":"invoice.paid","timestamp":"2026-11-22T08:00:00Z","data":{"id":"inv_2"}}"#;
+    assert_eq!(send("msg_3", now, tampered, sig("msg_3", now, body, key)).await.0, 401);
+    // Rotation: an old key's signature first, the valid one second.
+    let both = format!("{} {}", sig("msg_4", now, tampered, b"an-old-retired-key"), sig("msg_4", now, tampered, key));
+    assert_eq!(send("msg_4", now, tampered, both).await.0, 200);
+    // The provider retries msg_1: answered 200, not delivered again.
+    let (s, text) = send("msg_1", now, body, sig("msg_1", now, body, key)).await;
+    assert_eq!((s, text.contains("duplicate")), (200, true), "{text}");
+
+    let got = receiver.wait_for(2, Duration::from_secs(20)).await;
+    assert_eq!(got[0].headers["ce-type"], "invoice.paid");
+    assert!(got[0].headers.get("webhook-signature").is_none());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(receiver.received().len(), 2);
+    let m = bridge.metrics().await;
+    assert_eq!(
+        metric(&m, r#"hookbridge_rejections_total{reason="timestamp_out_of_tolerance",source="sw"}"#),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(metric(&m, r#"hookbridge_rejections_total{reason="bad_signature",source="sw"}"#), 1.0);
+    assert_eq!(metric(&m, r#"hookbridge_duplicates_total{source="sw"}"#), 1.0);
+    bridge.stop().await;
+    receiver.stop().await;
+}

@@ -358,6 +358,7 @@ enum RawSource {
     Clockify(ClockifySourceConfig),
     Clockodo(ClockodoSourceConfig),
     Hmac(HmacSourceConfig),
+    Standard(StandardSourceConfig),
     None(NoneSourceConfig),
 }
 
@@ -366,12 +367,13 @@ fn de_source(errs: &mut ConfigErrors, at: &str, entry: &Spanned<DeValue<'_>>) ->
         "clockify" => de(errs, at, entry).map(RawSource::Clockify),
         "clockodo" => de(errs, at, entry).map(RawSource::Clockodo),
         "hmac" => de(errs, at, entry).map(RawSource::Hmac),
+        "standard-webhooks" => de(errs, at, entry).map(RawSource::Standard),
         "none" => de(errs, at, entry).map(RawSource::None),
         other => {
             errs.push_span(
                 Some(entry.span()),
                 &format!("{at}.kind"),
-                format!("unknown source kind {other:?} (expected clockify, clockodo, hmac, none)"),
+                format!("unknown source kind {other:?} (expected clockify, clockodo, hmac, standard-webhooks, none)"),
             );
             None
         }
@@ -384,6 +386,7 @@ impl RawSource {
             RawSource::Clockify(c) => c.path.as_deref(),
             RawSource::Clockodo(c) => c.path.as_deref(),
             RawSource::Hmac(c) => c.path.as_deref(),
+            RawSource::Standard(c) => c.path.as_deref(),
             RawSource::None(c) => c.path.as_deref(),
         }
     }
@@ -422,6 +425,35 @@ impl RawSource {
                     event??,
                     id?,
                 )))
+            }
+            RawSource::Standard(c) => {
+                let secrets = resolve_secrets(at, &c.secrets, root, errs, base, env)?;
+                let mut ok = true;
+                for (i, secret) in secrets.iter().enumerate() {
+                    if crate::verify::standard_key_bytes(secret.expose()).is_none() {
+                        errs.locate(
+                            &format!("{at}.secrets[{i}]"),
+                            root,
+                            "not a Standard Webhooks secret (whsec_ followed by base64)",
+                        );
+                        ok = false;
+                    }
+                }
+                let pointer = if c.event_header.is_none() && c.event_pointer.is_none() {
+                    Some("/type".to_owned())
+                } else {
+                    c.event_pointer
+                };
+                let event = locator(at, "event", c.event_header, pointer, true, root, errs)??;
+                if c.tolerance.0.is_zero() {
+                    errs.locate(&format!("{at}.tolerance"), root, "must be more than 0");
+                    ok = false;
+                }
+                ok.then_some(Scheme::Standard(crate::verify::StandardScheme {
+                    secrets,
+                    tolerance: c.tolerance.0,
+                    event,
+                }))
             }
             RawSource::None(c) => {
                 let event = locator(at, "event", c.event_header, c.event_pointer, true, root, errs);

@@ -169,6 +169,26 @@ pub struct HmacSourceConfig {
     pub id_pointer: Option<String>,
 }
 
+/// `[sources.<id>] kind = "standard-webhooks"`: the Standard Webhooks scheme (`webhook-id`,
+/// `webhook-timestamp`, `webhook-signature: v1,<base64>`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StandardSourceConfig {
+    /// Always `"standard-webhooks"`.
+    pub kind: String,
+    /// URL path; default `/hooks/<id>`.
+    pub path: Option<String>,
+    /// Signing secret(s), `whsec_<base64>`; several during a rotation.
+    pub secrets: Vec<SecretSpec>,
+    /// Largest accepted distance between `webhook-timestamp` and now. Default `5m`.
+    #[serde(default = "limits::default_standard_tolerance")]
+    pub tolerance: HumanDuration,
+    /// Header carrying the event type (instead of `event_pointer`).
+    pub event_header: Option<String>,
+    /// JSON pointer to the event type in the body. Default `/type` (the Standard Webhooks payload shape).
+    pub event_pointer: Option<String>,
+}
+
 /// `[sources.<id>] kind = "none"`: no verification at all. Only for trusted networks; warns at start-up.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

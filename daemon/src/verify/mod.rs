@@ -5,6 +5,7 @@
 mod clockify;
 mod clockodo;
 mod hmac;
+mod standard;
 
 use axum::http::HeaderMap;
 use sha2::{Digest, Sha256};
@@ -13,6 +14,7 @@ use subtle::ConstantTimeEq;
 use crate::config::SecretString;
 pub use crate::config::types::{HmacAlgorithm, SignatureEncoding};
 pub use hmac::HmacScheme;
+pub use standard::{StandardScheme, key_bytes as standard_key_bytes};
 
 /// Where a generic source finds a value (event type or delivery id).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,6 +40,8 @@ pub enum Scheme {
     },
     /// Generic HMAC over the raw body.
     Hmac(HmacScheme),
+    /// Standard Webhooks.
+    Standard(StandardScheme),
     /// No verification (explicitly configured).
     None {
         /// Where the event type is.
@@ -54,6 +58,7 @@ impl Scheme {
             Scheme::Clockify { .. } => "clockify",
             Scheme::Clockodo { .. } => "clockodo",
             Scheme::Hmac(_) => "hmac",
+            Scheme::Standard(_) => "standard-webhooks",
             Scheme::None { .. } => "none",
         }
     }
@@ -66,6 +71,7 @@ impl Scheme {
         }
         match self {
             Scheme::Hmac(h) => name == h.header,
+            Scheme::Standard(_) => name == "webhook-signature",
             Scheme::Clockify { .. } | Scheme::Clockodo { .. } | Scheme::None { .. } => false,
         }
     }
@@ -83,6 +89,9 @@ pub enum VerifyError {
     /// The signature matches none of the secrets.
     #[error("signature mismatch")]
     BadSignature,
+    /// The signed timestamp is outside the tolerance window (a replay, or a clock far off).
+    #[error("timestamp outside the tolerance")]
+    Expired,
 }
 
 impl VerifyError {
@@ -92,6 +101,7 @@ impl VerifyError {
             VerifyError::MissingSignature => "missing_signature",
             VerifyError::MalformedSignature => "malformed_signature",
             VerifyError::BadSignature => "bad_signature",
+            VerifyError::Expired => "timestamp_out_of_tolerance",
         }
     }
 }
@@ -102,6 +112,7 @@ pub fn verify(scheme: &Scheme, headers: &HeaderMap, body: &[u8]) -> Result<(), V
         Scheme::Clockify { secrets } => clockify::verify(secrets, headers),
         Scheme::Clockodo { secrets } => clockodo::verify(secrets, body),
         Scheme::Hmac(h) => h.verify(headers, body),
+        Scheme::Standard(s) => s.verify(headers, body, std::time::SystemTime::now()),
         Scheme::None { .. } => Ok(()),
     }
 }
