@@ -236,9 +236,13 @@ async fn accept(
             }
         };
     }
-    if let Err(e) = verify(&source.scheme, headers, &body) {
-        s.metrics.rejected(&source.id, e.reason());
-        return error(StatusCode::UNAUTHORIZED, "verification failed");
+    match verify(&source.scheme, headers, &body) {
+        Ok(Some(secret)) => s.metrics.secret_matched(&source.id, secret),
+        Ok(None) => {}
+        Err(e) => {
+            s.metrics.rejected(&source.id, e.reason());
+            return error(StatusCode::UNAUTHORIZED, "verification failed");
+        }
     }
     let classified = match classify(&source.scheme, headers, &body) {
         Ok(c) => c,

@@ -25,6 +25,9 @@ pub const DEAD_LETTERS: &str = "hookbridge_dead_letters";
 pub const OLDEST_PENDING_AGE: &str = "hookbridge_oldest_pending_age_seconds";
 /// `hookbridge_config_reloads_total{result}`: configuration reloads, `ok` or `error` (the old config stays).
 pub const RELOADS_TOTAL: &str = "hookbridge_config_reloads_total";
+/// `hookbridge_secret_matches_total{source,secret}`: verified requests by which configured secret matched
+/// (`secret` is its position in the source's `secrets`, from 0): shows when an old secret stops being used.
+pub const SECRET_MATCHES_TOTAL: &str = "hookbridge_secret_matches_total";
 /// `hookbridge_handshakes_total{source}`: Clockodo validation handshakes received.
 pub const HANDSHAKES_TOTAL: &str = "hookbridge_handshakes_total";
 /// `hookbridge_route_predicate_errors_total{route}`: `when` predicates that failed to evaluate.
@@ -54,6 +57,7 @@ pub struct Metrics {
     unrouted: IntCounterVec,
     handshakes: IntCounterVec,
     reloads: IntCounterVec,
+    secret_matches: IntCounterVec,
     duplicates: IntCounterVec,
     dead_letters: IntGaugeVec,
     oldest_pending: prometheus::GaugeVec,
@@ -105,6 +109,12 @@ impl Metrics {
             routed: counter(&r, ROUTED_TOTAL, "Events accepted and routed to at least one sink.", &["source"])?,
             unrouted: counter(&r, UNROUTED_TOTAL, "Events accepted that matched no route.", &["source"])?,
             handshakes: counter(&r, HANDSHAKES_TOTAL, "Clockodo validation handshakes received.", &["source"])?,
+            secret_matches: counter(
+                &r,
+                SECRET_MATCHES_TOTAL,
+                "Verified requests by the position of the secret that matched.",
+                &["source", "secret"],
+            )?,
             reloads: counter(&r, RELOADS_TOTAL, "Configuration reloads by result.", &["result"])?,
             duplicates: counter(
                 &r,
@@ -181,6 +191,13 @@ impl Metrics {
             tracing::debug!(source, event_type, id, sinks = ?sinks, "event accepted");
             self.routed.with_label_values(&[source]).inc();
         }
+    }
+
+    /// A request was verified with the source's `index`-th secret.
+    pub fn secret_matched(&self, source: &str, index: usize) {
+        const LABELS: [&str; 8] = ["0", "1", "2", "3", "4", "5", "6", "7"];
+        let label = LABELS.get(index).copied().unwrap_or("8+");
+        self.secret_matches.with_label_values(&[source, label]).inc();
     }
 
     /// A configuration reload ended (`ok` or `error`); the caller logs the details.

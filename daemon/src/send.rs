@@ -92,8 +92,13 @@ pub fn sign(source: &Source, event: Option<&str>, body: &[u8]) -> Result<SignedR
     Ok(SignedRequest { headers, body })
 }
 
+/// The first secret that is usable now (a provider signs with its current secret).
 fn first(secrets: &[crate::config::SecretString]) -> Result<&crate::config::SecretString, SendError> {
-    secrets.first().ok_or_else(|| SendError::Event("the source has no secret".into()))
+    let now = std::time::SystemTime::now();
+    secrets
+        .iter()
+        .find(|s| s.usable_at(now))
+        .ok_or_else(|| SendError::Event("the source has no secret usable now".into()))
 }
 
 fn place_event(
@@ -185,13 +190,13 @@ mod tests {
 
         let clockify = source(Scheme::Clockify { secrets: secrets.clone() });
         let signed = sign(&clockify, Some("NEW_TIME_ENTRY"), body).unwrap();
-        assert_eq!(verify(&clockify.scheme, &headers(&signed), &signed.body), Ok(()));
+        assert_eq!(verify(&clockify.scheme, &headers(&signed), &signed.body), Ok(Some(0)));
         assert_eq!(&signed.body[..], body);
         assert!(sign(&clockify, None, body).is_err(), "clockify needs --event");
 
         let clockodo = source(Scheme::Clockodo { secrets: secrets.clone() });
         let signed = sign(&clockodo, Some("entry.created"), b"{\"payload\":{}}").unwrap();
-        assert_eq!(verify(&clockodo.scheme, &headers(&signed), &signed.body), Ok(()));
+        assert_eq!(verify(&clockodo.scheme, &headers(&signed), &signed.body), Ok(Some(0)));
         let v: serde_json::Value = serde_json::from_slice(&signed.body).unwrap();
         assert_eq!(v["event_name"], "entry.created");
         assert!(sign(&clockodo, None, b"{}").is_err(), "no event_name anywhere");
@@ -206,7 +211,7 @@ mod tests {
             None,
         )));
         let signed = sign(&hmac, None, body).unwrap();
-        assert_eq!(verify(&hmac.scheme, &headers(&signed), &signed.body), Ok(()));
+        assert_eq!(verify(&hmac.scheme, &headers(&signed), &signed.body), Ok(Some(0)));
         assert!(sign(&hmac, Some("OTHER"), body).is_err(), "--event must agree with the body");
     }
 }

@@ -339,3 +339,51 @@ to = ["out"]
     bridge.stop().await;
     receiver.stop().await;
 }
+
+/// Rotation with validity windows: a secret past its `not_after` is refused; the matched-secret metric shows
+/// which secret requests use.
+#[tokio::test]
+async fn secrets_past_their_window_are_refused_and_matches_are_counted() {
+    let receiver = Receiver::start().await;
+    let toml = format!(
+        r#"
+[storage]
+data_dir = "{{dir}}/data"
+[sources.clockify]
+kind = "clockify"
+secrets = [
+  {{ value = "retired-secret", not_after = "2020-01-01T00:00:00Z" }},
+  {{ value = "current-secret", not_before = "2020-01-01T00:00:00Z" }},
+  {{ value = "future-secret", not_before = "2999-01-01T00:00:00Z" }},
+]
+[sinks.out]
+kind = "http"
+url = "{url}"
+[[routes]]
+name = "all"
+to = ["out"]
+"#,
+        url = receiver.url()
+    );
+    let bridge = TestBridge::start(&toml).await;
+    let body = read_fixture("clockify/NEW_TIME_ENTRY.json");
+    assert_eq!(
+        bridge.post("/hooks/clockify", &clockify_headers("retired-secret", "NEW_TIME_ENTRY"), body.clone()).await.0,
+        401
+    );
+    assert_eq!(
+        bridge.post("/hooks/clockify", &clockify_headers("future-secret", "NEW_TIME_ENTRY"), body.clone()).await.0,
+        401
+    );
+    assert_eq!(
+        bridge.post("/hooks/clockify", &clockify_headers("current-secret", "NEW_TIME_ENTRY"), body.clone()).await.0,
+        200
+    );
+    let m = bridge.metrics().await;
+    assert_eq!(metric(&m, r#"hookbridge_secret_matches_total{secret="1",source="clockify"}"#), 1.0, "{m}");
+    assert_eq!(metric(&m, r#"hookbridge_secret_matches_total{secret="0",source="clockify"}"#), 0.0);
+    assert_eq!(metric(&m, r#"hookbridge_rejections_total{reason="bad_signature",source="clockify"}"#), 2.0);
+    receiver.wait_for(1, Duration::from_secs(20)).await;
+    bridge.stop().await;
+    receiver.stop().await;
+}

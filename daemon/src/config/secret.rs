@@ -3,22 +3,38 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use serde::Deserialize;
 
 /// A resolved secret. `Debug` and `Display` print `REDACTED`; the value is reachable only through
-/// [`SecretString::expose`], so it cannot slip into a log line by accident.
+/// [`SecretString::expose`], so it cannot slip into a log line by accident. A secret may be valid only
+/// within a window (`not_before` / `not_after`), for planned rotations.
 #[derive(Clone, PartialEq, Eq)]
-pub struct SecretString(String);
+pub struct SecretString {
+    value: String,
+    not_before: Option<SystemTime>,
+    not_after: Option<SystemTime>,
+}
 
 impl SecretString {
-    /// Wraps a value.
+    /// Wraps a value, valid at all times.
     pub fn new(value: impl Into<String>) -> Self {
-        SecretString(value.into())
+        SecretString { value: value.into(), not_before: None, not_after: None }
+    }
+    /// The same secret, valid only from `not_before` and until `not_after` (each optional).
+    pub fn with_window(mut self, not_before: Option<SystemTime>, not_after: Option<SystemTime>) -> Self {
+        self.not_before = not_before;
+        self.not_after = not_after;
+        self
     }
     /// The secret itself. Call only where the value is used (comparison, signing, an outgoing header).
     pub fn expose(&self) -> &str {
-        &self.0
+        &self.value
+    }
+    /// Whether the secret may be used at `t`.
+    pub fn usable_at(&self, t: SystemTime) -> bool {
+        self.not_before.is_none_or(|nb| t >= nb) && self.not_after.is_none_or(|na| t <= na)
     }
 }
 
@@ -54,6 +70,19 @@ pub enum SecretSpec {
     From(SecretFrom),
 }
 
+impl fmt::Debug for SecretFrom {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SecretFrom")
+            .field("value", &self.value.as_ref().map(|_| "REDACTED"))
+            .field("env", &self.env)
+            .field("file", &self.file)
+            .field("credential", &self.credential)
+            .field("not_before", &self.not_before)
+            .field("not_after", &self.not_after)
+            .finish()
+    }
+}
+
 impl fmt::Debug for SecretSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -63,10 +92,17 @@ impl fmt::Debug for SecretSpec {
     }
 }
 
-/// The table form of [`SecretSpec`]: exactly one key.
-#[derive(Clone, Debug, Deserialize)]
+/// The table form of [`SecretSpec`]: exactly one of `value`, `env`, `file`, `credential`, and optionally a
+/// validity window (RFC 3339 times) for a planned rotation.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SecretFrom {
+    /// The secret inline (with `${NAME}` expansion), when a window is needed.
+    pub value: Option<String>,
+    /// Not accepted before this time, e.g. `"2026-12-01T00:00:00Z"`.
+    pub not_before: Option<String>,
+    /// Not accepted after this time.
+    pub not_after: Option<String>,
     /// Name of an environment variable holding the secret.
     pub env: Option<String>,
     /// Path of a file holding the secret (relative paths are relative to the config file's folder).
@@ -97,11 +133,12 @@ impl SecretSpec {
         let value = match self {
             SecretSpec::Text(text) => expand(text, env)?,
             SecretSpec::From(from) => match (&from.env, &from.file, &from.credential) {
-                (Some(name), None, None) => {
+                (None, None, None) if from.value.is_some() => expand(from.value.as_deref().unwrap_or(""), env)?,
+                (Some(name), None, None) if from.value.is_none() => {
                     env.var(name).ok_or_else(|| format!("environment variable {name} is not set"))?
                 }
-                (None, Some(path), None) => read_secret_file(&base.join(path))?,
-                (None, None, Some(name)) => {
+                (None, Some(path), None) if from.value.is_none() => read_secret_file(&base.join(path))?,
+                (None, None, Some(name)) if from.value.is_none() => {
                     let dir = env.var("CREDENTIALS_DIRECTORY").ok_or_else(|| {
                         format!("credential {name:?} asked for, but $CREDENTIALS_DIRECTORY is not set (use LoadCredential= in the unit)")
                     })?;
@@ -111,15 +148,32 @@ impl SecretSpec {
                     read_secret_file(&Path::new(&dir).join(name))?
                 }
                 _ => {
-                    return Err("a secret table takes exactly one of `env`, `file`, `credential`".into());
+                    return Err("a secret table takes exactly one of `value`, `env`, `file`, `credential`".into());
                 }
             },
         };
         if value.is_empty() {
             return Err("the secret is empty".into());
         }
-        Ok(SecretString(value))
+        let (not_before, not_after) = match self {
+            SecretSpec::Text(_) => (None, None),
+            SecretSpec::From(from) => (time(from.not_before.as_deref())?, time(from.not_after.as_deref())?),
+        };
+        if let (Some(nb), Some(na)) = (not_before, not_after)
+            && nb >= na
+        {
+            return Err("not_before must be earlier than not_after".into());
+        }
+        Ok(SecretString::new(value).with_window(not_before, not_after))
     }
+}
+
+fn time(text: Option<&str>) -> Result<Option<SystemTime>, String> {
+    text.map(|t| {
+        humantime::parse_rfc3339_weak(t)
+            .map_err(|e| format!("invalid time {t:?} ({e}); write e.g. \"2026-12-01T00:00:00Z\""))
+    })
+    .transpose()
 }
 
 fn read_secret_file(path: &Path) -> Result<String, String> {
@@ -186,12 +240,30 @@ mod tests {
     fn reads_files_and_credentials() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("s"), "from-file\n").unwrap();
-        let spec = SecretSpec::From(SecretFrom { env: None, file: Some("s".into()), credential: None });
+        let spec = SecretSpec::From(SecretFrom {
+            value: None,
+            not_before: None,
+            not_after: None,
+            env: None,
+            file: Some("s".into()),
+            credential: None,
+        });
         assert_eq!(spec.resolve(dir.path(), &env()).unwrap().expose(), "from-file");
         let mut e = env();
         e.0.insert("CREDENTIALS_DIRECTORY".into(), dir.path().display().to_string());
-        let spec = SecretSpec::From(SecretFrom { env: None, file: None, credential: Some("s".into()) });
-        assert_eq!(spec.resolve(Path::new("/"), &e).unwrap().expose(), "from-file");
+        let spec = SecretSpec::From(SecretFrom {
+            value: None,
+            not_before: Some("2020-01-01T00:00:00Z".into()),
+            not_after: Some("2020-02-01T00:00:00Z".into()),
+            env: None,
+            file: None,
+            credential: Some("s".into()),
+        });
+        let windowed = spec.resolve(Path::new("/"), &e).unwrap();
+        assert_eq!(windowed.expose(), "from-file");
+        assert!(windowed.usable_at(humantime::parse_rfc3339("2020-01-15T00:00:00Z").unwrap()));
+        assert!(!windowed.usable_at(humantime::parse_rfc3339("2020-02-02T00:00:00Z").unwrap()));
+        assert!(!windowed.usable_at(humantime::parse_rfc3339("2019-12-31T00:00:00Z").unwrap()));
     }
 
     #[test]

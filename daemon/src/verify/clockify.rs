@@ -2,15 +2,17 @@
 
 use axum::http::HeaderMap;
 
-use super::{VerifyError, matches_any};
+use std::time::SystemTime;
+
+use super::{VerifyError, matching_secret};
 use crate::config::SecretString;
 
-pub(super) fn verify(secrets: &[SecretString], headers: &HeaderMap) -> Result<(), VerifyError> {
+pub(super) fn verify(secrets: &[SecretString], headers: &HeaderMap, now: SystemTime) -> Result<usize, VerifyError> {
     let presented = headers.get("clockify-signature").ok_or(VerifyError::MissingSignature)?;
     if presented.is_empty() {
         return Err(VerifyError::MissingSignature);
     }
-    if matches_any(presented.as_bytes(), secrets) { Ok(()) } else { Err(VerifyError::BadSignature) }
+    matching_secret(presented.as_bytes(), secrets, now).ok_or(VerifyError::BadSignature)
 }
 
 #[cfg(test)]
@@ -21,10 +23,17 @@ mod tests {
     fn accepts_the_secret_and_rejects_others() {
         let secrets = vec![SecretString::new("YC6Je9nBl50faeycgNIAqlztlAwpGAAi")];
         let mut h = HeaderMap::new();
-        assert_eq!(verify(&secrets, &h), Err(VerifyError::MissingSignature));
+        let now = SystemTime::now();
+        assert_eq!(verify(&secrets, &h, now), Err(VerifyError::MissingSignature));
         h.insert("clockify-signature", "YC6Je9nBl50faeycgNIAqlztlAwpGAAi".parse().unwrap());
-        assert_eq!(verify(&secrets, &h), Ok(()));
+        assert_eq!(verify(&secrets, &h, now), Ok(0));
         h.insert("clockify-signature", "YC6Je9nBl50faeycgNIAqlztlAwpGAAj".parse().unwrap());
-        assert_eq!(verify(&secrets, &h), Err(VerifyError::BadSignature));
+        assert_eq!(verify(&secrets, &h, now), Err(VerifyError::BadSignature));
+        // A secret past its not_after is refused.
+        let retired = vec![
+            SecretString::new("YC6Je9nBl50faeycgNIAqlztlAwpGAAj")
+                .with_window(None, Some(now - std::time::Duration::from_secs(1))),
+        ];
+        assert_eq!(verify(&retired, &h, now), Err(VerifyError::BadSignature));
     }
 }

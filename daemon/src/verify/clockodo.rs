@@ -4,7 +4,9 @@
 
 use serde::Deserialize;
 
-use super::{VerifyError, matches_any};
+use std::time::SystemTime;
+
+use super::{VerifyError, matching_secret};
 use crate::config::SecretString;
 
 /// The fields of a Clockodo envelope that hookbridge reads.
@@ -30,11 +32,11 @@ pub struct ClockodoEnvelope {
     pub payload: Option<serde_json::Value>,
 }
 
-pub(super) fn verify(secrets: &[SecretString], body: &[u8]) -> Result<(), VerifyError> {
+pub(super) fn verify(secrets: &[SecretString], body: &[u8], now: SystemTime) -> Result<usize, VerifyError> {
     // The token is inside the body; a body that is not a JSON object has no token.
     let envelope: ClockodoEnvelope = serde_json::from_slice(body).map_err(|_| VerifyError::MissingSignature)?;
     let token = envelope.token.filter(|t| !t.is_empty()).ok_or(VerifyError::MissingSignature)?;
-    if matches_any(token.as_bytes(), secrets) { Ok(()) } else { Err(VerifyError::BadSignature) }
+    matching_secret(token.as_bytes(), secrets, now).ok_or(VerifyError::BadSignature)
 }
 
 /// The handshake secret, if this request is Clockodo's validation handshake: a `secret` query parameter, or
@@ -70,13 +72,16 @@ mod tests {
     #[test]
     fn token_must_match() {
         let secrets = vec![SecretString::new("tok")];
-        assert_eq!(verify(&secrets, br#"{"event_name":"entry.created","token":"tok"}"#), Ok(()));
+        assert_eq!(verify(&secrets, br#"{"event_name":"entry.created","token":"tok"}"#, SystemTime::now()), Ok(0));
         assert_eq!(
-            verify(&secrets, br#"{"event_name":"entry.created","token":"bad"}"#),
+            verify(&secrets, br#"{"event_name":"entry.created","token":"bad"}"#, SystemTime::now()),
             Err(VerifyError::BadSignature)
         );
-        assert_eq!(verify(&secrets, br#"{"event_name":"entry.created"}"#), Err(VerifyError::MissingSignature));
-        assert_eq!(verify(&secrets, b"not json"), Err(VerifyError::MissingSignature));
+        assert_eq!(
+            verify(&secrets, br#"{"event_name":"entry.created"}"#, SystemTime::now()),
+            Err(VerifyError::MissingSignature)
+        );
+        assert_eq!(verify(&secrets, b"not json", SystemTime::now()), Err(VerifyError::MissingSignature));
     }
 
     #[test]

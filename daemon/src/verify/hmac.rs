@@ -2,6 +2,8 @@
 //! prefix. Covers GitHub-style `X-Hub-Signature-256: sha256=<hex>` and the community Clockify boilerplate's
 //! `clockify-webhook-signature: sha256=<hex>`.
 
+use std::time::SystemTime;
+
 use axum::http::HeaderMap;
 use base64::Engine;
 use hmac::{Hmac, Mac};
@@ -44,7 +46,7 @@ impl HmacScheme {
         HmacScheme { header, prefix, encoding, algorithm, secrets, event, id }
     }
 
-    pub(super) fn verify(&self, headers: &HeaderMap, body: &[u8]) -> Result<(), VerifyError> {
+    pub(super) fn verify(&self, headers: &HeaderMap, body: &[u8], now: SystemTime) -> Result<usize, VerifyError> {
         let value = headers.get(self.header.as_str()).ok_or(VerifyError::MissingSignature)?;
         let value = value.to_str().map_err(|_| VerifyError::MalformedSignature)?.trim();
         if value.is_empty() {
@@ -56,12 +58,14 @@ impl HmacScheme {
             SignatureEncoding::Base64 => base64_decode(encoded).ok_or(hex::FromHexError::InvalidStringLength),
         }
         .map_err(|_| VerifyError::MalformedSignature)?;
-        let mut ok = false;
-        for secret in &self.secrets {
-            // `verify_slice` compares in constant time; every secret is tried.
-            ok |= self.mac_matches(secret.expose().as_bytes(), body, &presented);
+        let mut matched = None;
+        for (i, secret) in self.secrets.iter().enumerate() {
+            // `verify_slice` compares in constant time; every usable secret is tried.
+            if secret.usable_at(now) && self.mac_matches(secret.expose().as_bytes(), body, &presented) {
+                matched = matched.or(Some(i));
+            }
         }
-        if ok { Ok(()) } else { Err(VerifyError::BadSignature) }
+        matched.ok_or(VerifyError::BadSignature)
     }
 
     fn mac_matches(&self, key: &[u8], body: &[u8], presented: &[u8]) -> bool {
@@ -118,14 +122,14 @@ mod tests {
         let s = scheme(SignatureEncoding::Hex, HmacAlgorithm::Sha256, "sha256=");
         let body = br#"{"zen":"Keep it logically awesome."}"#;
         let mut h = HeaderMap::new();
-        assert_eq!(s.verify(&h, body), Err(VerifyError::MissingSignature));
+        assert_eq!(s.verify(&h, body, SystemTime::now()), Err(VerifyError::MissingSignature));
         h.insert("x-hub-signature-256", s.sign(&SecretString::new("new"), body).parse().unwrap());
-        assert_eq!(s.verify(&h, body), Ok(()));
-        assert_eq!(s.verify(&h, b"tampered"), Err(VerifyError::BadSignature));
+        assert_eq!(s.verify(&h, body, SystemTime::now()), Ok(1));
+        assert_eq!(s.verify(&h, b"tampered", SystemTime::now()), Err(VerifyError::BadSignature));
         h.insert("x-hub-signature-256", "sha1=abc".parse().unwrap());
-        assert_eq!(s.verify(&h, body), Err(VerifyError::MalformedSignature));
+        assert_eq!(s.verify(&h, body, SystemTime::now()), Err(VerifyError::MalformedSignature));
         h.insert("x-hub-signature-256", "sha256=zz".parse().unwrap());
-        assert_eq!(s.verify(&h, body), Err(VerifyError::MalformedSignature));
+        assert_eq!(s.verify(&h, body, SystemTime::now()), Err(VerifyError::MalformedSignature));
     }
 
     #[test]
@@ -152,8 +156,8 @@ mod tests {
         let body = b"{}";
         let mut h = HeaderMap::new();
         h.insert("x-hub-signature-256", s.sign(&SecretString::new("old"), body).parse().unwrap());
-        assert_eq!(s.verify(&h, body), Ok(()));
+        assert_eq!(s.verify(&h, body, SystemTime::now()), Ok(0));
         h.insert("x-hub-signature-256", s.sign(&SecretString::new("other"), body).parse().unwrap());
-        assert_eq!(s.verify(&h, body), Err(VerifyError::BadSignature));
+        assert_eq!(s.verify(&h, body, SystemTime::now()), Err(VerifyError::BadSignature));
     }
 }

@@ -106,27 +106,38 @@ impl VerifyError {
     }
 }
 
-/// Verifies one request. `Ok(())` means: authentic by the source's scheme.
-pub fn verify(scheme: &Scheme, headers: &HeaderMap, body: &[u8]) -> Result<(), VerifyError> {
+/// Verifies one request. `Ok(Some(i))` means: authentic by the source's scheme, with its `i`-th secret
+/// (counted in metrics, so an operator sees when an old secret stops being used); `Ok(None)`: `none`.
+/// Secrets outside their `not_before` / `not_after` window are not tried.
+pub fn verify(scheme: &Scheme, headers: &HeaderMap, body: &[u8]) -> Result<Option<usize>, VerifyError> {
+    let now = std::time::SystemTime::now();
     match scheme {
-        Scheme::Clockify { secrets } => clockify::verify(secrets, headers),
-        Scheme::Clockodo { secrets } => clockodo::verify(secrets, body),
-        Scheme::Hmac(h) => h.verify(headers, body),
-        Scheme::Standard(s) => s.verify(headers, body, std::time::SystemTime::now()),
-        Scheme::None { .. } => Ok(()),
+        Scheme::Clockify { secrets } => clockify::verify(secrets, headers, now).map(Some),
+        Scheme::Clockodo { secrets } => clockodo::verify(secrets, body, now).map(Some),
+        Scheme::Hmac(h) => h.verify(headers, body, now).map(Some),
+        Scheme::Standard(s) => s.verify(headers, body, now).map(Some),
+        Scheme::None { .. } => Ok(None),
     }
 }
 
-/// True when `presented` equals one of `secrets`, in time independent of where they differ and of which
-/// secret matched: both sides are hashed to a fixed length first, and every secret is compared.
-pub fn matches_any(presented: &[u8], secrets: &[SecretString]) -> bool {
+/// Which of `secrets` (usable at `now`) `presented` equals, if any. Every usable secret is compared, each
+/// comparison in constant time over fixed-length hashes, so timing says nothing about the secrets.
+pub fn matching_secret(presented: &[u8], secrets: &[SecretString], now: std::time::SystemTime) -> Option<usize> {
     let presented = Sha256::digest(presented);
-    let mut found = subtle::Choice::from(0u8);
-    for secret in secrets {
+    let mut found = None;
+    for (i, secret) in secrets.iter().enumerate() {
         let expected = Sha256::digest(secret.expose().as_bytes());
-        found |= presented.ct_eq(&expected);
+        let equal: bool = presented.ct_eq(&expected).into();
+        if equal && secret.usable_at(now) && found.is_none() {
+            found = Some(i);
+        }
     }
-    found.into()
+    found
+}
+
+/// True when `presented` equals one of `secrets` (see [`matching_secret`]).
+pub fn matches_any(presented: &[u8], secrets: &[SecretString]) -> bool {
+    matching_secret(presented, secrets, std::time::SystemTime::now()).is_some()
 }
 
 pub use clockodo::{ClockodoEnvelope, handshake_secret};
@@ -138,6 +149,12 @@ mod tests {
     #[test]
     fn matches_any_checks_every_secret() {
         let secrets = vec![SecretString::new("old"), SecretString::new("new")];
+        let now = std::time::SystemTime::now();
+        assert_eq!(matching_secret(b"new", &secrets, now), Some(1));
+        let retired = vec![SecretString::new("old").with_window(None, Some(now - std::time::Duration::from_secs(60)))];
+        assert_eq!(matching_secret(b"old", &retired, now), None);
+        let future = vec![SecretString::new("old").with_window(Some(now + std::time::Duration::from_secs(60)), None)];
+        assert_eq!(matching_secret(b"old", &future, now), None);
         assert!(matches_any(b"old", &secrets));
         assert!(matches_any(b"new", &secrets));
         assert!(!matches_any(b"ne", &secrets));

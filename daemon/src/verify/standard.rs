@@ -45,12 +45,12 @@ fn sign(key: &[u8], id: &str, timestamp: &str, body: &[u8]) -> Option<Vec<u8>> {
 }
 
 impl StandardScheme {
-    pub(super) fn verify(&self, headers: &HeaderMap, body: &[u8], now: SystemTime) -> Result<(), VerifyError> {
+    pub(super) fn verify(&self, headers: &HeaderMap, body: &[u8], at: SystemTime) -> Result<usize, VerifyError> {
         let id = header(headers, "webhook-id").ok_or(VerifyError::MissingSignature)?;
         let timestamp = header(headers, "webhook-timestamp").ok_or(VerifyError::MissingSignature)?;
         let signatures = header(headers, "webhook-signature").ok_or(VerifyError::MissingSignature)?;
         let ts: u64 = timestamp.parse().map_err(|_| VerifyError::MalformedSignature)?;
-        let now = now.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let now = at.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         if now.abs_diff(ts) > self.tolerance.as_secs() {
             return Err(VerifyError::Expired);
         }
@@ -62,18 +62,23 @@ impl StandardScheme {
         if presented.is_empty() {
             return Err(VerifyError::MalformedSignature);
         }
-        let mut ok = false;
-        for secret in &self.secrets {
+        let mut matched = None;
+        for (i, secret) in self.secrets.iter().enumerate() {
+            if !secret.usable_at(at) {
+                continue;
+            }
             let Some(key) = key_bytes(secret.expose()) else { continue };
             let Ok(mac) = Hmac::<Sha256>::new_from_slice(&key) else { continue };
             let mac = mac.chain_update(id.as_bytes()).chain_update(b".").chain_update(timestamp.as_bytes());
             let mac = mac.chain_update(b".").chain_update(body);
             for p in &presented {
                 // `verify_slice` compares in constant time; every secret and signature is tried.
-                ok |= mac.clone().verify_slice(p).is_ok();
+                if mac.clone().verify_slice(p).is_ok() {
+                    matched = matched.or(Some(i));
+                }
             }
         }
-        if ok { Ok(()) } else { Err(VerifyError::BadSignature) }
+        matched.ok_or(VerifyError::BadSignature)
     }
 
     /// The headers a sender adds for `body` (used by `hookbridge send`): id, timestamp, signature.
@@ -106,7 +111,7 @@ mod tests {
         h.insert("webhook-timestamp", "1614265330".parse().unwrap());
         h.insert("webhook-signature", "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=".parse().unwrap());
         let at = UNIX_EPOCH + Duration::from_secs(1614265330 + 10);
-        assert_eq!(scheme.verify(&h, body, at), Ok(()));
+        assert_eq!(scheme.verify(&h, body, at), Ok(0));
         assert_eq!(scheme.verify(&h, b"{\"test\": 1}", at), Err(VerifyError::BadSignature));
         assert_eq!(scheme.verify(&h, body, at + Duration::from_secs(600)), Err(VerifyError::Expired));
         // A second signature (rotation): the valid one among them is enough.
@@ -116,7 +121,7 @@ mod tests {
                 .parse()
                 .unwrap(),
         );
-        assert_eq!(scheme.verify(&h, body, at), Ok(()));
+        assert_eq!(scheme.verify(&h, body, at), Ok(0));
         h.insert("webhook-signature", "v2,abc".parse().unwrap());
         assert_eq!(scheme.verify(&h, body, at), Err(VerifyError::MalformedSignature));
         h.remove("webhook-id");
@@ -127,6 +132,6 @@ mod tests {
         for (k, v) in signed {
             h.insert(axum::http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
         }
-        assert_eq!(scheme.verify(&h, body, at), Ok(()));
+        assert_eq!(scheme.verify(&h, body, at), Ok(0));
     }
 }
