@@ -97,6 +97,7 @@ fn settings(config: &Config) -> Result<Settings, BridgeError> {
         max_body: config.server.max_body_size.0,
         request_timeout: config.server.request_timeout.0,
         sink_ids: config.sinks.keys().cloned().collect(),
+        route_configs: config.routes.clone(),
         dedup_window: Some(config.storage.dedup_window.0).filter(|w| !w.is_zero()),
         max_pending_events: config.storage.max_pending_events,
         max_pending_bytes: config.storage.max_pending_bytes.0,
@@ -134,9 +135,11 @@ impl Bridge {
         for source in config.sources.values() {
             tracing::info!(source = %source.id, kind = source.scheme.kind(), path = %source.path, "source ready");
         }
+        let installations = crate::addon::Installations::load(&store).await?;
         let shared = Arc::new(Shared {
             settings: ArcSwap::from_pointee(settings),
             store: store.clone(),
+            installations,
             metrics: metrics.clone(),
             concurrency: Semaphore::new(config.server.max_concurrency),
             shutting_down: AtomicBool::new(false),

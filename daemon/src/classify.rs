@@ -100,7 +100,7 @@ pub fn classify(scheme: &Scheme, headers: &HeaderMap, raw: &[u8]) -> Result<Clas
     let mut parsed = None;
     let entity: Option<String>;
     let (event_type, dedup_key, extra_kept): (Option<String>, String, Vec<&str>) = match scheme {
-        Scheme::Clockify { .. } => {
+        Scheme::Clockify { .. } | Scheme::ClockifyAddon(_) => {
             entity = top_id()?;
             let ty = header(headers, "clockify-webhook-event-type");
             let mut h = Sha256::new();
@@ -154,7 +154,7 @@ pub fn classify(scheme: &Scheme, headers: &HeaderMap, raw: &[u8]) -> Result<Clas
     };
 
     let event_type = event_type.ok_or(ClassifyError::MissingEventType(match scheme {
-        Scheme::Clockify { .. } => "header clockify-webhook-event-type",
+        Scheme::Clockify { .. } | Scheme::ClockifyAddon(_) => "header clockify-webhook-event-type",
         Scheme::Clockodo { .. } => "body field event_name",
         Scheme::Hmac(_) | Scheme::None { .. } | Scheme::Standard(_) => "configured event header or pointer",
     }))?;

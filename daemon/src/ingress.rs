@@ -38,6 +38,8 @@ pub struct Shared {
     pub settings: ArcSwap<Settings>,
     /// The spool.
     pub store: Store,
+    /// Clockify add-on installations.
+    pub installations: crate::addon::Installations,
     /// Telemetry.
     pub metrics: Metrics,
     /// Webhook requests in progress.
@@ -61,6 +63,8 @@ pub struct Settings {
     pub request_timeout: Duration,
     /// Configured sink ids (for per-sink gauges).
     pub sink_ids: Vec<String>,
+    /// The routes as configured (for add-on manifests).
+    pub route_configs: Vec<crate::config::types::RouteConfig>,
     /// Dedup window (`None`: dedup off).
     pub dedup_window: Option<Duration>,
     /// Spool bounds.
@@ -140,19 +144,41 @@ fn unavailable(message: &str) -> Response {
     r
 }
 
+/// The source serving `path`: an exact path, or a path under a `clockify-addon` source's path (then with
+/// the rest of the path, e.g. `/webhook/NEW_TIME_ENTRY`).
+fn find_source<'a>(cfg: &'a Settings, path: &str) -> Option<(&'a Source, Option<String>)> {
+    if let Some(source) = cfg.sources.get(path)
+        && !matches!(source.scheme, Scheme::ClockifyAddon(_))
+    {
+        return Some((source, None));
+    }
+    cfg.sources.values().filter(|s| matches!(s.scheme, Scheme::ClockifyAddon(_))).find_map(|s| {
+        let rest = path.strip_prefix(s.path.as_str())?;
+        rest.starts_with('/').then(|| (s, Some(rest.to_owned())))
+    })
+}
+
 async fn webhook(State(s): State<Arc<Shared>>, request: Request) -> Response {
     let started = Instant::now();
     let settings = s.settings.load_full();
-    let Some(source) = settings.sources.get(request.uri().path()) else {
+    let Some((source, sub)) = find_source(&settings, request.uri().path()) else {
         s.metrics.request(NO_SOURCE, 404, started.elapsed().as_secs_f64());
         return error(StatusCode::NOT_FOUND, "no webhook source at this path");
     };
-    let response = handle(&s, &settings, source, request).await;
+    let response = handle(&s, &settings, source, sub.as_deref(), request).await;
     s.metrics.request(&source.id, response.status().as_u16(), started.elapsed().as_secs_f64());
     response
 }
 
-async fn handle(s: &Shared, cfg: &Settings, source: &Source, request: Request) -> Response {
+async fn handle(s: &Shared, cfg: &Settings, source: &Source, sub: Option<&str>, request: Request) -> Response {
+    if let (Scheme::ClockifyAddon(a), Some("/manifest")) = (&source.scheme, sub) {
+        if request.method() != Method::GET {
+            let mut r = error(StatusCode::METHOD_NOT_ALLOWED, "the manifest is read with GET");
+            r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("GET"));
+            return r;
+        }
+        return axum::Json(crate::addon::manifest(&source.id, a, &cfg.route_configs)).into_response();
+    }
     if request.method() != Method::POST {
         let mut r = error(StatusCode::METHOD_NOT_ALLOWED, "webhooks are POSTed");
         r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST"));
@@ -187,8 +213,11 @@ async fn handle(s: &Shared, cfg: &Settings, source: &Source, request: Request) -
             return error(StatusCode::REQUEST_TIMEOUT, "body not received in time");
         }
     };
-    match tokio::time::timeout(cfg.request_timeout, accept(s, cfg, source, &parts.headers, parts.uri.query(), body))
-        .await
+    match tokio::time::timeout(
+        cfg.request_timeout,
+        accept(s, cfg, source, (parts.uri.path(), sub), &parts.headers, parts.uri.query(), body),
+    )
+    .await
     {
         Ok(r) => r,
         Err(_) => {
@@ -218,10 +247,35 @@ async fn accept(
     s: &Shared,
     cfg: &Settings,
     source: &Source,
+    (path, sub): (&str, Option<&str>),
     headers: &HeaderMap,
     query: Option<&str>,
     body: Bytes,
 ) -> Response {
+    let mut paused = false;
+    if let Scheme::ClockifyAddon(a) = &source.scheme {
+        use crate::addon::Outcome;
+        let req =
+            crate::addon::Request { source: &source.id, scheme: a, path, sub: sub.unwrap_or(""), headers, body: &body };
+        match crate::addon::check(&s.store, &s.installations, req).await {
+            Outcome::Webhook { paused: p } => paused = p,
+            Outcome::Lifecycle(what) => return axum::Json(json!({"status": what})).into_response(),
+            Outcome::Unauthorized(reason) => {
+                s.metrics.rejected(&source.id, reason);
+                return error(StatusCode::UNAUTHORIZED, "verification failed");
+            }
+            Outcome::BadRequest(m) => {
+                s.metrics.rejected(&source.id, "invalid_lifecycle_body");
+                return error(StatusCode::BAD_REQUEST, &m);
+            }
+            Outcome::NotFound => return error(StatusCode::NOT_FOUND, "no such add-on path"),
+            Outcome::Unavailable(e) => {
+                tracing::error!(source = %source.id, error = %e, "cannot store the add-on installation");
+                s.metrics.rejected(&source.id, "store_error");
+                return unavailable("cannot store the installation; retry later");
+            }
+        }
+    }
     if let Scheme::Clockodo { .. } = source.scheme
         && let Some(secret) = handshake_secret(query, &body)
     {
@@ -236,12 +290,14 @@ async fn accept(
             }
         };
     }
-    match verify(&source.scheme, headers, &body) {
-        Ok(Some(secret)) => s.metrics.secret_matched(&source.id, secret),
-        Ok(None) => {}
-        Err(e) => {
-            s.metrics.rejected(&source.id, e.reason());
-            return error(StatusCode::UNAUTHORIZED, "verification failed");
+    if !matches!(source.scheme, Scheme::ClockifyAddon(_)) {
+        match verify(&source.scheme, headers, &body) {
+            Ok(Some(secret)) => s.metrics.secret_matched(&source.id, secret),
+            Ok(None) => {}
+            Err(e) => {
+                s.metrics.rejected(&source.id, e.reason());
+                return error(StatusCode::UNAUTHORIZED, "verification failed");
+            }
         }
     }
     let classified = match classify(&source.scheme, headers, &body) {
@@ -259,10 +315,14 @@ async fn accept(
         };
         (visible_headers(&source.scheme, headers), body)
     };
-    let decision =
+    let mut decision =
         cfg.routes.route(&RouteInput { source: &source.id, event: &classified.event_type, details: &details });
     for (route, err) in &decision.predicate_errors {
         s.metrics.predicate_error(route, err);
+    }
+    if paused {
+        // The add-on is INACTIVE in this workspace: accepted and stored, not routed.
+        decision.sinks.clear();
     }
     if !decision.sinks.is_empty() {
         let (events, bytes, _) = s.store.gauges().snapshot();

@@ -15,6 +15,7 @@
 //!
 //! See `ARCHITECTURE.md` for the map of the modules and the invariants they keep.
 
+pub mod addon;
 pub mod admin;
 pub mod bridge;
 pub mod classify;

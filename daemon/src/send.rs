@@ -82,6 +82,11 @@ pub fn sign(source: &Source, event: Option<&str>, body: &[u8]) -> Result<SignedR
             place_event(loc, event, body, &mut headers)?;
             Bytes::copy_from_slice(body)
         }
+        Scheme::ClockifyAddon(_) => {
+            return Err(SendError::Event(
+                "clockify-addon sources are not supported by send yet (their tokens come from an installation)".into(),
+            ));
+        }
         Scheme::Standard(s) => {
             place_event(&s.event, event, body, &mut headers)?;
             let id = format!("msg_{}", uuid::Uuid::now_v7().simple());

@@ -5,6 +5,8 @@
 
 mod common;
 
+mod addon;
+
 mod config_check;
 mod crash;
 mod delivery;

@@ -359,6 +359,7 @@ enum RawSource {
     Clockodo(ClockodoSourceConfig),
     Hmac(HmacSourceConfig),
     Standard(StandardSourceConfig),
+    Addon(AddonSourceConfig),
     None(NoneSourceConfig),
 }
 
@@ -368,12 +369,13 @@ fn de_source(errs: &mut ConfigErrors, at: &str, entry: &Spanned<DeValue<'_>>) ->
         "clockodo" => de(errs, at, entry).map(RawSource::Clockodo),
         "hmac" => de(errs, at, entry).map(RawSource::Hmac),
         "standard-webhooks" => de(errs, at, entry).map(RawSource::Standard),
+        "clockify-addon" => de(errs, at, entry).map(RawSource::Addon),
         "none" => de(errs, at, entry).map(RawSource::None),
         other => {
             errs.push_span(
                 Some(entry.span()),
                 &format!("{at}.kind"),
-                format!("unknown source kind {other:?} (expected clockify, clockodo, hmac, standard-webhooks, none)"),
+                format!("unknown source kind {other:?} (expected clockify, clockify-addon, clockodo, hmac, standard-webhooks, none)"),
             );
             None
         }
@@ -387,6 +389,7 @@ impl RawSource {
             RawSource::Clockodo(c) => c.path.as_deref(),
             RawSource::Hmac(c) => c.path.as_deref(),
             RawSource::Standard(c) => c.path.as_deref(),
+            RawSource::Addon(c) => c.path.as_deref(),
             RawSource::None(c) => c.path.as_deref(),
         }
     }
@@ -425,6 +428,47 @@ impl RawSource {
                     event??,
                     id?,
                 )))
+            }
+            RawSource::Addon(c) => {
+                let pem = match (&c.public_key, &c.public_key_file) {
+                    (Some(_), Some(_)) => {
+                        errs.locate(at, root, "set only one of `public_key` and `public_key_file`");
+                        return None;
+                    }
+                    (Some(pem), None) => pem.clone(),
+                    (None, Some(file)) => match std::fs::read_to_string(base.join(file)) {
+                        Ok(pem) => pem,
+                        Err(e) => {
+                            errs.locate(
+                                &format!("{at}.public_key_file"),
+                                root,
+                                &format!("cannot read {}: {e}", file.display()),
+                            );
+                            return None;
+                        }
+                    },
+                    (None, None) => crate::verify::CLOCKIFY_PUBLIC_KEY.to_owned(),
+                };
+                if c.addon_key.trim().is_empty() {
+                    errs.locate(&format!("{at}.addon_key"), root, "the add-on key must not be empty");
+                    return None;
+                }
+                if !(c.base_url.starts_with("https://") || c.base_url.starts_with("http://")) {
+                    errs.locate(
+                        &format!("{at}.base_url"),
+                        root,
+                        "must be the public http(s) URL of this source's path",
+                    );
+                    return None;
+                }
+                let name = c.name.clone().unwrap_or_else(|| c.addon_key.clone());
+                match crate::verify::AddonScheme::new(c.addon_key, name, c.base_url, c.scopes, &pem) {
+                    Ok(s) => Some(Scheme::ClockifyAddon(s)),
+                    Err(m) => {
+                        errs.locate(&format!("{at}.public_key"), root, &m);
+                        None
+                    }
+                }
             }
             RawSource::Standard(c) => {
                 let secrets = resolve_secrets(at, &c.secrets, root, errs, base, env)?;

@@ -189,6 +189,31 @@ pub struct StandardSourceConfig {
     pub event_pointer: Option<String>,
 }
 
+/// `[sources.<id>] kind = "clockify-addon"`: a Clockify Marketplace add-on (RS256 JWTs, lifecycle calls,
+/// per-installation webhook tokens).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddonSourceConfig {
+    /// Always `"clockify-addon"`.
+    pub kind: String,
+    /// URL path; default `/hooks/<id>`. Webhooks arrive at `<path>/webhook/<EVENT>`, lifecycle calls at
+    /// `<path>/lifecycle/...`, and the manifest is served at `<path>/manifest`.
+    pub path: Option<String>,
+    /// The add-on key (manifest `key`; tokens' `sub` must equal it).
+    pub addon_key: String,
+    /// Manifest `name`. Default: the add-on key.
+    pub name: Option<String>,
+    /// Public URL of this source's path, as Clockify reaches it (manifest `baseUrl`).
+    pub base_url: String,
+    /// Manifest `scopes`, e.g. `["TIME_ENTRY_READ"]`.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// RSA public key (PEM) that signs the tokens. Default: Clockify's published key.
+    pub public_key: Option<String>,
+    /// The same, read from a file (relative to the config file).
+    pub public_key_file: Option<std::path::PathBuf>,
+}
+
 /// `[sources.<id>] kind = "none"`: no verification at all. Only for trusted networks; warns at start-up.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

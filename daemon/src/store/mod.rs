@@ -214,6 +214,7 @@ impl Store {
         let path = data_dir.join(DB_FILE);
         let conn = Connection::open(&path)?;
         schema::prepare_writer(&conn)?;
+        restrict_file(&path);
         let gauges = Arc::new(schema::load_gauges(&conn)?);
         let (tx, rx) = mpsc::channel(WRITER_QUEUE);
         let g = Arc::clone(&gauges);
@@ -292,6 +293,28 @@ impl Store {
     pub async fn record_handshake(&self, source: &str, secret: &str, received_at_ms: i64) -> Result<(), StoreError> {
         let (source, secret) = (source.to_owned(), secret.to_owned());
         self.call(|reply| Op::Handshake { source, secret, received_at_ms, reply }).await
+    }
+
+    /// Stores (replaces) an add-on installation record, durably.
+    pub async fn save_installation(
+        &self,
+        source: &str,
+        workspace: &str,
+        addon_id: &str,
+        record: String,
+    ) -> Result<(), StoreError> {
+        let (source, workspace, addon_id) = (source.to_owned(), workspace.to_owned(), addon_id.to_owned());
+        self.call(|reply| Op::Installation { source, workspace, addon_id, record, reply }).await
+    }
+
+    /// Every add-on installation record: (source, workspace, add-on id, record).
+    pub async fn installations(&self) -> Result<Vec<(String, String, String, String)>, StoreError> {
+        self.read(|conn| {
+            let mut stmt = conn.prepare("SELECT source, workspace_id, addon_id, record FROM installations")?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
     }
 
     /// A small durable write: proves the store is writable (readiness).
@@ -489,6 +512,16 @@ fn restrict_permissions(dir: &Path) {
 
 #[cfg(not(unix))]
 fn restrict_permissions(_dir: &Path) {}
+
+/// The database holds credentials (add-on installation tokens): owner read/write only.
+#[cfg(unix)]
+fn restrict_file(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600));
+}
+
+#[cfg(not(unix))]
+fn restrict_file(_path: &Path) {}
 
 #[cfg(test)]
 mod tests;

@@ -15,6 +15,8 @@ const SCHEMA_VERSION: i64 = 3;
 ///   that was retried as a new delivery row) or `purged` (a dead letter given up by an operator).
 /// - `attempts`: the attempt log, one row per delivery attempt; pruned with its event.
 /// - `handshakes`: Clockodo validation secrets (bounded per source).
+/// - `installations`: Clockify add-on installations (JSON records holding credentials: the spool folder and
+///   files are owner-only).
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS events (
     seq          INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -62,6 +64,14 @@ CREATE TABLE IF NOT EXISTS handshakes (
     source      TEXT NOT NULL,
     secret      TEXT NOT NULL,
     received_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS installations (
+    source       TEXT NOT NULL,
+    workspace_id TEXT NOT NULL,
+    addon_id     TEXT NOT NULL,
+    record       TEXT NOT NULL,
+    updated_at   INTEGER NOT NULL,
+    PRIMARY KEY (source, workspace_id, addon_id)
 );
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
 ";

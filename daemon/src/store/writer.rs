@@ -23,6 +23,7 @@ pub(super) enum Op {
     Record { delivery_id: i64, attempts: u32, outcome: Outcome, attempt: Attempt, reply: Reply<()> },
     Handshake { source: String, secret: String, received_at_ms: i64, reply: Reply<()> },
     Ping { reply: Reply<()> },
+    Installation { source: String, workspace: String, addon_id: String, record: String, reply: Reply<()> },
     Prune { before_ms: i64, limit: usize, reply: Reply<u64> },
     Resync { reply: Reply<()> },
     Shutdown { reply: oneshot::Sender<()> },
@@ -124,6 +125,18 @@ pub(super) fn run(mut conn: Connection, mut rx: mpsc::Receiver<Op>, gauges: Arc<
                     }
                     Op::Handshake { source, secret, received_at_ms, reply } => {
                         let r = ops::handshake(&tx, &source, &secret, received_at_ms);
+                        done.push(Done::Unit(reply, r.map_err(StoreError::from)));
+                    }
+                    Op::Installation { source, workspace, addon_id, record, reply } => {
+                        let r = tx
+                            .execute(
+                                "INSERT INTO installations (source, workspace_id, addon_id, record, updated_at)
+                                 VALUES (?1, ?2, ?3, ?4, ?5)
+                                 ON CONFLICT (source, workspace_id, addon_id) DO UPDATE
+                                 SET record = excluded.record, updated_at = excluded.updated_at",
+                                rusqlite::params![source, workspace, addon_id, record, now_ms()],
+                            )
+                            .map(|_| ());
                         done.push(Done::Unit(reply, r.map_err(StoreError::from)));
                     }
                     Op::Ping { reply } => {

@@ -2,6 +2,7 @@
 //! headers and the **raw body bytes**, run before anything parses the body (Clockodo is the one exception:
 //! its token travels inside the JSON envelope, so `clockodo` reads that one field). Constant-time throughout.
 
+mod addon;
 mod clockify;
 mod clockodo;
 mod hmac;
@@ -13,6 +14,7 @@ use subtle::ConstantTimeEq;
 
 use crate::config::SecretString;
 pub use crate::config::types::{HmacAlgorithm, SignatureEncoding};
+pub use addon::{AddonClaims, AddonScheme, CLOCKIFY_PUBLIC_KEY};
 pub use hmac::HmacScheme;
 pub use standard::{StandardScheme, key_bytes as standard_key_bytes};
 
@@ -42,6 +44,8 @@ pub enum Scheme {
     Hmac(HmacScheme),
     /// Standard Webhooks.
     Standard(StandardScheme),
+    /// Clockify Marketplace add-on (RS256 JWTs, installations); handled by [`crate::addon`].
+    ClockifyAddon(AddonScheme),
     /// No verification (explicitly configured).
     None {
         /// Where the event type is.
@@ -59,6 +63,7 @@ impl Scheme {
             Scheme::Clockodo { .. } => "clockodo",
             Scheme::Hmac(_) => "hmac",
             Scheme::Standard(_) => "standard-webhooks",
+            Scheme::ClockifyAddon(_) => "clockify-addon",
             Scheme::None { .. } => "none",
         }
     }
@@ -66,13 +71,16 @@ impl Scheme {
     /// True for a header (lower-case name) that carries a credential under this scheme, or under any
     /// scheme in general (`authorization`, `cookie`): such headers are never stored nor shown to predicates.
     pub fn is_secret_header(&self, name: &str) -> bool {
-        if matches!(name, "authorization" | "proxy-authorization" | "cookie" | "clockify-signature") {
+        if matches!(
+            name,
+            "authorization" | "proxy-authorization" | "cookie" | "clockify-signature" | "x-addon-lifecycle-token"
+        ) {
             return true;
         }
         match self {
             Scheme::Hmac(h) => name == h.header,
             Scheme::Standard(_) => name == "webhook-signature",
-            Scheme::Clockify { .. } | Scheme::Clockodo { .. } | Scheme::None { .. } => false,
+            Scheme::Clockify { .. } | Scheme::Clockodo { .. } | Scheme::None { .. } | Scheme::ClockifyAddon(_) => false,
         }
     }
 }
@@ -117,6 +125,8 @@ pub fn verify(scheme: &Scheme, headers: &HeaderMap, body: &[u8]) -> Result<Optio
         Scheme::Hmac(h) => h.verify(headers, body, now).map(Some),
         Scheme::Standard(s) => s.verify(headers, body, now).map(Some),
         Scheme::None { .. } => Ok(None),
+        // Add-on requests are verified with their installation by `crate::addon::check`, never here.
+        Scheme::ClockifyAddon(_) => Err(VerifyError::MissingSignature),
     }
 }
 

@@ -1,0 +1,368 @@
+//! Clockify Marketplace add-ons: installations (kept from the INSTALLED lifecycle call, durably), the
+//! lifecycle endpoints, the per-webhook token check, and the manifest generated from the config.
+//!
+//! Paths under an add-on source's path `P`: `POST P/webhook/<EVENT>`, `POST P/lifecycle/installed`,
+//! `.../deleted`, `.../status-changed`, `.../settings-updated`, and `GET P/manifest`.
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+
+use axum::http::HeaderMap;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::config::SecretString;
+use crate::config::types::RouteConfig;
+use crate::store::{Store, StoreError};
+use crate::verify::{AddonScheme, VerifyError, matches_any};
+
+/// Event names Clockify sends (PROTOCOLS.md); globs in routes are expanded against them for the manifest.
+pub const CLOCKIFY_EVENTS: [&str; 50] = [
+    "NEW_PROJECT",
+    "PROJECT_UPDATED",
+    "PROJECT_DELETED",
+    "NEW_TASK",
+    "TASK_UPDATED",
+    "TASK_DELETED",
+    "NEW_CLIENT",
+    "CLIENT_UPDATED",
+    "CLIENT_DELETED",
+    "NEW_TAG",
+    "TAG_UPDATED",
+    "TAG_DELETED",
+    "NEW_TIMER_STARTED",
+    "TIMER_STOPPED",
+    "NEW_TIME_ENTRY",
+    "TIME_ENTRY_UPDATED",
+    "TIME_ENTRY_DELETED",
+    "TIME_ENTRY_SPLIT",
+    "TIME_ENTRY_RESTORED",
+    "NEW_INVOICE",
+    "INVOICE_UPDATED",
+    "USER_JOINED_WORKSPACE",
+    "USER_DELETED_FROM_WORKSPACE",
+    "USER_DEACTIVATED_ON_WORKSPACE",
+    "USER_ACTIVATED_ON_WORKSPACE",
+    "USER_EMAIL_CHANGED",
+    "USER_UPDATED",
+    "USERS_INVITED_TO_WORKSPACE",
+    "LIMITED_USERS_ADDED_TO_WORKSPACE",
+    "NEW_APPROVAL_REQUEST",
+    "APPROVAL_REQUEST_STATUS_UPDATED",
+    "TIME_OFF_REQUESTED",
+    "TIME_OFF_REQUEST_UPDATED",
+    "TIME_OFF_REQUEST_APPROVED",
+    "TIME_OFF_REQUEST_REJECTED",
+    "TIME_OFF_REQUEST_WITHDRAWN",
+    "BALANCE_UPDATED",
+    "USER_GROUP_CREATED",
+    "USER_GROUP_UPDATED",
+    "USER_GROUP_DELETED",
+    "EXPENSE_CREATED",
+    "EXPENSE_UPDATED",
+    "EXPENSE_DELETED",
+    "EXPENSE_RESTORED",
+    "ASSIGNMENT_CREATED",
+    "ASSIGNMENT_UPDATED",
+    "ASSIGNMENT_DELETED",
+    "ASSIGNMENT_PUBLISHED",
+    "COST_RATE_UPDATED",
+    "BILLABLE_RATE_UPDATED",
+];
+
+/// One webhook's token, from the INSTALLED call.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct WebhookToken {
+    /// The webhook's path as Clockify sent it (a full URL or the manifest path).
+    pub path: String,
+    /// Its token (a credential).
+    #[serde(rename = "authToken")]
+    pub auth_token: String,
+}
+
+/// An installation of the add-on in one workspace.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct Installation {
+    /// The installation id.
+    pub addon_id: String,
+    /// The workspace.
+    pub workspace_id: String,
+    /// The installation token for Clockify's API (a credential; never logged).
+    pub auth_token: String,
+    /// The API base URL for this installation.
+    pub api_url: Option<String>,
+    /// Per-webhook tokens.
+    pub webhooks: Vec<WebhookToken>,
+    /// `ACTIVE` or `INACTIVE` (STATUS_CHANGED); inactive installations' webhooks are not routed.
+    pub status: String,
+    /// The last SETTINGS_UPDATED settings (for plugins).
+    pub settings: Option<serde_json::Value>,
+    /// Set by DELETED: every token is invalid from then on.
+    pub deleted: bool,
+}
+
+impl std::fmt::Debug for WebhookToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookToken").field("path", &self.path).field("auth_token", &"REDACTED").finish()
+    }
+}
+
+impl std::fmt::Debug for Installation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Installation")
+            .field("addon_id", &self.addon_id)
+            .field("workspace_id", &self.workspace_id)
+            .field("auth_token", &"REDACTED")
+            .field("status", &self.status)
+            .field("deleted", &self.deleted)
+            .finish_non_exhaustive()
+    }
+}
+
+type Key = (String, String, String);
+
+/// Installations by (source, workspace, add-on id): cached in memory, written through to the spool.
+#[derive(Default)]
+pub struct Installations {
+    map: RwLock<HashMap<Key, Installation>>,
+}
+
+impl std::fmt::Debug for Installations {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.map.read().map(|m| m.len()).unwrap_or(0);
+        f.debug_struct("Installations").field("count", &n).finish()
+    }
+}
+
+impl Installations {
+    /// Loads every stored installation.
+    pub async fn load(store: &Store) -> Result<Installations, StoreError> {
+        let mut map = HashMap::new();
+        for (source, workspace, addon, record) in store.installations().await? {
+            match serde_json::from_str::<Installation>(&record) {
+                Ok(i) => {
+                    map.insert((source, workspace, addon), i);
+                }
+                Err(e) => tracing::error!(source, workspace, error = %e, "unreadable add-on installation record"),
+            }
+        }
+        Ok(Installations { map: RwLock::new(map) })
+    }
+
+    fn get(&self, key: &Key) -> Option<Installation> {
+        self.map.read().ok()?.get(key).cloned()
+    }
+
+    async fn put(&self, store: &Store, source: &str, i: Installation) -> Result<(), StoreError> {
+        let record = serde_json::to_string(&i).map_err(|e| StoreError::Schema(e.to_string()))?;
+        store.save_installation(source, &i.workspace_id, &i.addon_id, record).await?;
+        if let Ok(mut m) = self.map.write() {
+            m.insert((source.to_owned(), i.workspace_id.clone(), i.addon_id.clone()), i);
+        }
+        Ok(())
+    }
+
+    /// Live installations of `source`: (workspace, add-on id, status).
+    pub fn list(&self, source: &str) -> Vec<(String, String, String)> {
+        let Ok(m) = self.map.read() else { return Vec::new() };
+        let mut out: Vec<_> = m
+            .iter()
+            .filter(|((s, _, _), i)| s == source && !i.deleted)
+            .map(|((_, w, a), i)| (w.clone(), a.clone(), i.status.clone()))
+            .collect();
+        out.sort();
+        out
+    }
+}
+
+/// What an add-on request turned out to be.
+#[derive(Debug)]
+pub enum Outcome {
+    /// A verified webhook; `paused` when its installation is INACTIVE (accepted, not routed).
+    Webhook {
+        /// Routing is paused for the workspace.
+        paused: bool,
+    },
+    /// A lifecycle call, handled: answer 200.
+    Lifecycle(&'static str),
+    /// Refused: 401, with a reason for logs and metrics.
+    Unauthorized(&'static str),
+    /// A malformed lifecycle body: 400.
+    BadRequest(String),
+    /// No such add-on path: 404.
+    NotFound,
+    /// The installation could not be stored: 503.
+    Unavailable(StoreError),
+}
+
+fn claims_of(scheme: &AddonScheme, token: Option<&str>) -> Result<(String, String), &'static str> {
+    let token = token.ok_or("missing_signature")?;
+    let claims = scheme.verify_token(token).map_err(VerifyError::reason)?;
+    match (claims.workspace_id, claims.addon_id) {
+        (Some(w), Some(a)) => Ok((w, a)),
+        _ => Err("bad_signature"),
+    }
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty())
+}
+
+/// The URL path of a webhook path as Clockify sent it (a full URL or a manifest path).
+fn path_part(p: &str) -> &str {
+    match p.find("://") {
+        Some(i) => p[i + 3..].find('/').map(|j| &p[i + 3 + j..]).unwrap_or("/"),
+        None => p,
+    }
+}
+
+/// A request to an add-on source.
+#[derive(Debug)]
+pub struct Request<'a> {
+    /// Source id.
+    pub source: &'a str,
+    /// Its scheme.
+    pub scheme: &'a AddonScheme,
+    /// The whole request path.
+    pub path: &'a str,
+    /// The part after the source's path, e.g. `/webhook/NEW_TIME_ENTRY`.
+    pub sub: &'a str,
+    /// Headers.
+    pub headers: &'a HeaderMap,
+    /// Raw body.
+    pub body: &'a [u8],
+}
+
+/// Handles a request to an add-on source: a webhook (verified against its installation) or a lifecycle call.
+pub async fn check(store: &Store, installations: &Installations, req: Request<'_>) -> Outcome {
+    let Request { source, scheme, path: request_path, sub, headers, body } = req;
+    if let Some(event) = sub.strip_prefix("/webhook/") {
+        let token = header(headers, "clockify-signature");
+        let (workspace, addon) = match claims_of(scheme, token) {
+            Ok(c) => c,
+            Err(reason) => return Outcome::Unauthorized(reason),
+        };
+        if header(headers, "clockify-webhook-event-type") != Some(event) {
+            return Outcome::Unauthorized("unexpected_event");
+        }
+        let Some(inst) = installations.get(&(source.to_owned(), workspace, addon)) else {
+            return Outcome::Unauthorized("not_installed");
+        };
+        if inst.deleted {
+            return Outcome::Unauthorized("not_installed");
+        }
+        let expected: Vec<SecretString> = inst
+            .webhooks
+            .iter()
+            .filter(|w| {
+                let p = path_part(&w.path);
+                request_path.ends_with(p) || p.ends_with(sub)
+            })
+            .map(|w| SecretString::new(w.auth_token.clone()))
+            .collect();
+        if expected.is_empty() || !matches_any(token.unwrap_or("").as_bytes(), &expected) {
+            return Outcome::Unauthorized("token_mismatch");
+        }
+        return Outcome::Webhook { paused: inst.status == "INACTIVE" };
+    }
+    let Some(kind) = sub.strip_prefix("/lifecycle/") else { return Outcome::NotFound };
+    if !matches!(kind, "installed" | "deleted" | "status-changed" | "settings-updated") {
+        return Outcome::NotFound;
+    }
+    let (workspace, addon) = match claims_of(scheme, header(headers, "x-addon-lifecycle-token")) {
+        Ok(c) => c,
+        Err(reason) => return Outcome::Unauthorized(reason),
+    };
+    let body: serde_json::Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => return Outcome::BadRequest(format!("body is not valid JSON: {e}")),
+    };
+    let field = |name: &str| body.get(name).and_then(|v| v.as_str()).map(str::to_owned);
+    if field("workspaceId").is_some_and(|w| w != workspace) || field("addonId").is_some_and(|a| a != addon) {
+        return Outcome::Unauthorized("claims_mismatch");
+    }
+    let key = (source.to_owned(), workspace.clone(), addon.clone());
+    let updated = match kind {
+        "installed" => {
+            #[derive(Deserialize)]
+            struct Installed {
+                #[serde(rename = "authToken")]
+                auth_token: String,
+                #[serde(rename = "apiUrl", default)]
+                api_url: Option<String>,
+                #[serde(default)]
+                webhooks: Vec<WebhookToken>,
+            }
+            let i: Installed = match serde_json::from_value(body.clone()) {
+                Ok(i) => i,
+                Err(e) => return Outcome::BadRequest(format!("INSTALLED body: {e}")),
+            };
+            Installation {
+                addon_id: addon,
+                workspace_id: workspace,
+                auth_token: i.auth_token,
+                api_url: i.api_url,
+                webhooks: i.webhooks,
+                status: "ACTIVE".into(),
+                settings: None,
+                deleted: false,
+            }
+        }
+        other => {
+            let Some(mut inst) = installations.get(&key) else { return Outcome::Unauthorized("not_installed") };
+            match other {
+                "deleted" => inst.deleted = true,
+                "status-changed" => match field("status").as_deref() {
+                    Some(s @ ("ACTIVE" | "INACTIVE")) => inst.status = s.to_owned(),
+                    _ => return Outcome::BadRequest("STATUS_CHANGED needs status ACTIVE or INACTIVE".into()),
+                },
+                _ => inst.settings = body.get("settings").cloned(),
+            }
+            inst
+        }
+    };
+    match installations.put(store, source, updated).await {
+        Ok(()) => {
+            tracing::info!(source, workspace = %key.1, lifecycle = kind, "add-on lifecycle call applied");
+            Outcome::Lifecycle(match kind {
+                "installed" => "installed",
+                "deleted" => "deleted",
+                "status-changed" => "status changed",
+                _ => "settings updated",
+            })
+        }
+        Err(e) => Outcome::Unavailable(e),
+    }
+}
+
+/// The add-on manifest for `source`: key, name, base URL, scopes, lifecycle paths, and one webhook per
+/// Clockify event that a route of this source takes (globs expanded against [`CLOCKIFY_EVENTS`]).
+pub fn manifest(source: &str, scheme: &AddonScheme, routes: &[RouteConfig]) -> serde_json::Value {
+    let mut events: Vec<&str> = Vec::new();
+    for r in routes.iter().filter(|r| r.sources.is_empty() || r.sources.iter().any(|s| s == source)) {
+        let patterns: Vec<&str> =
+            if r.events.is_empty() { vec!["*"] } else { r.events.iter().map(String::as_str).collect() };
+        for p in patterns {
+            let Ok(glob) = globset::Glob::new(p).map(|g| g.compile_matcher()) else { continue };
+            for e in CLOCKIFY_EVENTS.iter().filter(|e| glob.is_match(e)) {
+                if !events.contains(e) {
+                    events.push(e);
+                }
+            }
+        }
+    }
+    json!({
+        "schemaVersion": "1.3",
+        "key": scheme.key,
+        "name": scheme.name,
+        "baseUrl": scheme.base_url,
+        "scopes": scheme.scopes,
+        "lifecycle": [
+            {"type": "INSTALLED", "path": "/lifecycle/installed"},
+            {"type": "DELETED", "path": "/lifecycle/deleted"},
+            {"type": "STATUS_CHANGED", "path": "/lifecycle/status-changed"},
+            {"type": "SETTINGS_UPDATED", "path": "/lifecycle/settings-updated"},
+        ],
+        "webhooks": events.iter().map(|e| json!({"event": e, "path": format!("/webhook/{e}")})).collect::<Vec<_>>(),
+    })
+}
