@@ -54,8 +54,18 @@ enum Command {
         /// Target URL (default: the daemon's listen address and the source's path).
         #[arg(long)]
         url: Option<String>,
+        /// For a clockify-addon source: the RSA private key (PEM) matching the source's public key; `send`
+        /// installs a test installation, then sends the webhook with its token.
+        #[arg(long)]
+        private_key: Option<PathBuf>,
         /// JSON body file.
         body: PathBuf,
+    },
+    /// List Clockify add-on installations (never their tokens).
+    Installations {
+        /// Config file (for the data directory).
+        #[arg(long, short, env = "HOOKBRIDGE_CONFIG")]
+        config: PathBuf,
     },
     /// Inspect and replay stored events (works beside a running daemon).
     Events {
@@ -239,15 +249,37 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::FAILURE)
             }
         },
-        Command::Send { config, source, event, url, body } => {
+        Command::Send { config, source, event, url, private_key, body } => {
             let config = load(&config)?;
             let bytes = std::fs::read(&body).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", body.display()))?;
-            let r = hookbridge::send::send(&config, &source, event.as_deref(), &bytes, url.as_deref()).await?;
+            let key = private_key
+                .map(|p| std::fs::read(&p).map_err(|e| anyhow::anyhow!("cannot read {}: {e}", p.display())))
+                .transpose()?;
+            let r = hookbridge::send::send(&config, &source, event.as_deref(), &bytes, url.as_deref(), key.as_deref())
+                .await?;
             println!("{} -> {}\n{}", r.url, r.status, r.body);
             Ok(if (200..300).contains(&r.status) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Command::Events { command } => events(command),
         Command::Dlq { command } => dlq(command),
+        Command::Installations { config } => {
+            let config = load(&config)?;
+            let list = hookbridge::store::list_installations(&config.storage.data_dir)?;
+            if list.is_empty() {
+                println!("no add-on installation");
+            }
+            for (source, workspace, addon, record) in list {
+                let state = serde_json::from_str::<hookbridge::addon::Installation>(&record)
+                    .map(|i| {
+                        let state = if i.deleted { "DELETED".to_owned() } else { i.status };
+                        let api = i.api_url.unwrap_or_default();
+                        format!("{state}\t{} webhook(s)\t{api}", i.webhooks.len())
+                    })
+                    .unwrap_or_else(|e| format!("unreadable record: {e}"));
+                println!("{source}\tworkspace {workspace}\tinstallation {addon}\t{state}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Handshakes { config } => {
             let config = load(&config)?;
             let list = hookbridge::store::list_handshakes(&config.storage.data_dir)?;

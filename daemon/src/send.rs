@@ -83,9 +83,7 @@ pub fn sign(source: &Source, event: Option<&str>, body: &[u8]) -> Result<SignedR
             Bytes::copy_from_slice(body)
         }
         Scheme::ClockifyAddon(_) => {
-            return Err(SendError::Event(
-                "clockify-addon sources are not supported by send yet (their tokens come from an installation)".into(),
-            ));
+            return Err(SendError::Event("clockify-addon requests are sent by `send` with --private-key".into()));
         }
         Scheme::Standard(s) => {
             place_event(&s.event, event, body, &mut headers)?;
@@ -135,6 +133,60 @@ fn place_event(
     Ok(())
 }
 
+/// Plays Clockify for an add-on: an INSTALLED lifecycle call (workspace and installation `hookbridge-send`)
+/// that registers a webhook token for `event`, then that webhook, both signed with `private_key` (the
+/// counterpart of the source's configured public key). `base` is the source's URL.
+async fn send_addon(
+    client: &reqwest::Client,
+    scheme: &crate::verify::AddonScheme,
+    base: &str,
+    event: &str,
+    body: &[u8],
+    private_key: &[u8],
+) -> Result<SendResult, SendError> {
+    use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+    let key = EncodingKey::from_rsa_pem(private_key).map_err(|e| SendError::Body(format!("--private-key: {e}")))?;
+    let token = |purpose: &str| {
+        let claims = serde_json::json!({
+            "iss": "clockify", "sub": scheme.key, "type": "addon",
+            "workspaceId": "hookbridge-send", "addonId": "hookbridge-send", "purpose": purpose,
+            "nonce": uuid::Uuid::now_v7().to_string(),
+        });
+        encode(&Header::new(Algorithm::RS256), &claims, &key).map_err(|e| SendError::Body(format!("cannot sign: {e}")))
+    };
+    let webhook_token = token("webhook")?;
+    let installed = serde_json::json!({
+        "addonId": "hookbridge-send", "workspaceId": "hookbridge-send", "authToken": "hookbridge-send-installation",
+        "asUser": "hookbridge-send", "apiUrl": "https://api.clockify.me/api",
+        "webhooks": [{"path": format!("/webhook/{event}"), "webhookType": "ADDON", "authToken": webhook_token}],
+    });
+    let install_url = format!("{base}/lifecycle/installed");
+    let r = client
+        .post(&install_url)
+        .header("x-addon-lifecycle-token", token("lifecycle")?)
+        .header("content-type", "application/json")
+        .body(installed.to_string())
+        .send()
+        .await
+        .map_err(|e| SendError::Http { url: install_url.clone(), source: e })?;
+    if !r.status().is_success() {
+        let status = r.status().as_u16();
+        return Ok(SendResult { url: install_url, status, body: r.text().await.unwrap_or_default() });
+    }
+    let url = format!("{base}/webhook/{event}");
+    let response = client
+        .post(&url)
+        .header("clockify-signature", webhook_token)
+        .header("clockify-webhook-event-type", event)
+        .header("content-type", "application/json")
+        .body(body.to_vec())
+        .send()
+        .await
+        .map_err(|e| SendError::Http { url: url.clone(), source: e })?;
+    let status = response.status().as_u16();
+    Ok(SendResult { url, status, body: response.text().await.unwrap_or_default() })
+}
+
 /// The URL the daemon in `config` serves `source` at.
 pub fn default_url(config: &Config, source: &Source) -> String {
     let mut addr = config.server.listen;
@@ -151,14 +203,21 @@ pub async fn send(
     event: Option<&str>,
     body: &[u8],
     url: Option<&str>,
+    private_key: Option<&[u8]>,
 ) -> Result<SendResult, SendError> {
     let source = config.sources.get(source_id).ok_or_else(|| SendError::UnknownSource(source_id.to_owned()))?;
-    let signed = sign(source, event, body)?;
-    let url = url.map(str::to_owned).unwrap_or_else(|| default_url(config, source));
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()
-        .map_err(|e| SendError::Http { url: url.clone(), source: e })?;
+        .map_err(|e| SendError::Http { url: default_url(config, source), source: e })?;
+    if let Scheme::ClockifyAddon(a) = &source.scheme {
+        let key = private_key.ok_or_else(|| SendError::Event("a clockify-addon source needs --private-key".into()))?;
+        let event = event.ok_or_else(|| SendError::Event(format!("source {} needs --event", source.id)))?;
+        let base = url.map(str::to_owned).unwrap_or_else(|| default_url(config, source));
+        return send_addon(&client, a, &base, event, body, key).await;
+    }
+    let signed = sign(source, event, body)?;
+    let url = url.map(str::to_owned).unwrap_or_else(|| default_url(config, source));
     let mut request = client.post(&url).body(signed.body);
     for (k, v) in &signed.headers {
         request = request.header(k, v);

@@ -44,7 +44,8 @@ fn rs256(key: &[u8], claims: &Value) -> String {
     encode(&Header::new(Algorithm::RS256), claims, &EncodingKey::from_rsa_pem(key).unwrap()).unwrap()
 }
 
-#[tokio::test]
+// Multi-threaded: the test waits on `hookbridge send` (a blocking child process) that talks to the bridge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn addon_tokens_lifecycle_and_manifest() {
     let keys = tempfile::tempdir().unwrap();
     let (private, public) = keypair(keys.path(), "clockify");
@@ -214,8 +215,41 @@ to = ["out"]
         bridge.post("/hooks/addon/lifecycle/installed", &[("x-addon-lifecycle-token", forged.as_str())], "{}").await;
     assert_eq!(r.0, 401);
 
+    // `hookbridge send` plays Clockify with the private key: it installs, then sends the webhook.
+    let key_file = keys.path().join("clockify.key");
+    // (A body of its own: the fixture was delivered already, and a repeat would be answered as a duplicate.)
+    let fixture_path = keys.path().join("entry.json");
+    std::fs::write(&fixture_path, r#"{"id":"sent-by-hookbridge-send","description":"test webhook"}"#).unwrap();
+    let out = Command::new(binary())
+        .args([
+            "send",
+            "--source",
+            "addon",
+            "--event",
+            "NEW_TIME_ENTRY",
+            "--url",
+            &bridge.url("/hooks/addon"),
+            "--private-key",
+        ])
+        .arg(&key_file)
+        .arg("--config")
+        .arg(bridge.config_file())
+        .arg(&fixture_path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("/hooks/addon/webhook/NEW_TIME_ENTRY -> 200"), "{stdout}");
+    receiver.wait_for(2, Duration::from_secs(20)).await;
+
+    // The installations are listed by the CLI, without their tokens.
+    let listed = bridge.cli(&["installations"]);
+    assert!(listed.contains("addon\tworkspace ws1\tinstallation inst1\tDELETED"), "{listed}");
+    assert!(listed.contains("workspace hookbridge-send\tinstallation hookbridge-send\tACTIVE"), "{listed}");
+    assert!(!listed.contains("installation-token"));
+
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(receiver.received().len(), 1, "only the one valid webhook was delivered");
+    assert_eq!(receiver.received().len(), 2, "the valid webhook and the one `send` made, nothing else");
     let m = bridge.metrics().await;
     assert_eq!(metric(&m, r#"hookbridge_rejections_total{reason="not_installed",source="addon"}"#), 1.0, "{m}");
     assert!(!m.contains("installation-token"));

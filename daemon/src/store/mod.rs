@@ -497,6 +497,16 @@ impl Operator {
     }
 }
 
+/// Add-on installation records stored in the spool at `data_dir` (source, workspace, add-on id, JSON record
+/// holding credentials: show only what is safe), read-only.
+pub fn list_installations(data_dir: &Path) -> Result<Vec<(String, String, String, String)>, StoreError> {
+    let conn = open_reader(&data_dir.join(DB_FILE))?;
+    let mut stmt =
+        conn.prepare("SELECT source, workspace_id, addon_id, record FROM installations ORDER BY source, workspace_id")?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+    rows.collect::<Result<Vec<_>, _>>().map_err(StoreError::from)
+}
+
 /// Handshakes stored in the spool at `data_dir`, newest first, read-only (safe while a daemon runs).
 pub fn list_handshakes(data_dir: &Path) -> Result<Vec<Handshake>, StoreError> {
     let conn = open_reader(&data_dir.join(DB_FILE))?;
