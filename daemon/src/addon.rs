@@ -366,3 +366,49 @@ pub fn manifest(source: &str, scheme: &AddonScheme, routes: &[RouteConfig]) -> s
         "webhooks": events.iter().map(|e| json!({"event": e, "path": format!("/webhook/{e}")})).collect::<Vec<_>>(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn installations_survive_a_restart_without_tokens_in_debug_output() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let installations = Installations::load(&store).await.unwrap();
+        let inst = Installation {
+            addon_id: "inst1".into(),
+            workspace_id: "ws1".into(),
+            auth_token: "installation-secret".into(),
+            api_url: Some("https://api.clockify.me/api".into()),
+            webhooks: vec![WebhookToken {
+                path: "/webhook/NEW_TIME_ENTRY".into(),
+                auth_token: "webhook-secret".into(),
+            }],
+            status: "ACTIVE".into(),
+            settings: None,
+            deleted: false,
+        };
+        assert!(!format!("{inst:?}").contains("secret"));
+        installations.put(&store, "addon", inst).await.unwrap();
+        store.close().await;
+        drop(store);
+
+        let store = Store::open(dir.path()).unwrap();
+        let again = Installations::load(&store).await.unwrap();
+        let got = again.get(&("addon".into(), "ws1".into(), "inst1".into())).unwrap();
+        assert_eq!(
+            (got.auth_token.as_str(), got.webhooks[0].auth_token.as_str()),
+            ("installation-secret", "webhook-secret")
+        );
+        assert_eq!(again.list("addon"), [("ws1".to_owned(), "inst1".to_owned(), "ACTIVE".to_owned())]);
+        store.close().await;
+    }
+
+    #[test]
+    fn webhook_paths_match_as_urls_or_manifest_paths() {
+        assert_eq!(path_part("https://bridge.example/hooks/addon/webhook/X"), "/hooks/addon/webhook/X");
+        assert_eq!(path_part("/webhook/X"), "/webhook/X");
+        assert_eq!(path_part("https://bridge.example"), "/");
+    }
+}
