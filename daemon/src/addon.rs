@@ -256,7 +256,7 @@ pub async fn check(store: &Store, installations: &Installations, req: Request<'_
             .iter()
             .filter(|w| {
                 let p = path_part(&w.path);
-                request_path.ends_with(p) || p.ends_with(sub)
+                p.len() > 1 && (request_path.ends_with(p) || p.ends_with(sub))
             })
             .map(|w| SecretString::new(w.auth_token.clone()))
             .collect();
