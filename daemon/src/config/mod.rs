@@ -299,6 +299,22 @@ impl Config {
             let _ = span;
             routes.push(r);
         }
+        // Clockify accepts at most 10 webhooks in an add-on manifest.
+        for source in sources.values() {
+            if let Scheme::ClockifyAddon(a) = &source.scheme {
+                let manifest = crate::addon::manifest(&source.id, a, &routes);
+                let n = manifest["webhooks"].as_array().map(Vec::len).unwrap_or(0);
+                if n > 10 {
+                    errs.locate(
+                        &format!("sources.{}", source.id),
+                        &root,
+                        &format!(
+                            "the routes give this add-on {n} webhook events; Clockify allows at most 10 in a manifest"
+                        ),
+                    );
+                }
+            }
+        }
         if let Err(route_errors) = RouteTable::compile(&routes) {
             for e in route_errors {
                 errs.locate(&format!("routes[{}].{}", e.index, e.field), &root, &e.message);
