@@ -7,7 +7,7 @@ use axum::http::HeaderMap;
 use sha2::{Digest, Sha256};
 
 use crate::limits::MAX_EVENT_TYPE_LEN;
-use crate::verify::{ClockodoEnvelope, HmacScheme, Locator, Scheme, StandardScheme};
+use crate::verify::{ClockodoEnvelope, HmacScheme, Locator, Scheme, StandardScheme, text_header};
 
 /// Headers stored with every event when present (besides the event-type and id headers of the scheme).
 const KEPT_HEADERS: [&str; 6] =
@@ -65,7 +65,7 @@ pub fn visible_headers(scheme: &Scheme, headers: &HeaderMap) -> BTreeMap<String,
 }
 
 fn header(headers: &HeaderMap, name: &str) -> Option<String> {
-    headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
+    text_header(headers, name).map(str::to_owned)
 }
 
 fn invalid_json(e: serde_json::Error) -> ClassifyError {

@@ -154,33 +154,25 @@ enum DlqCommand {
         sink: Option<String>,
     },
     /// Deliver dead letters again: one by delivery id, or --all (of a --sink).
-    Retry {
-        #[command(flatten)]
-        common: Common,
-        /// Delivery id (from `dlq list`).
-        #[arg(required_unless_present = "all", conflicts_with = "all")]
-        id: Option<i64>,
-        /// Every dead letter.
-        #[arg(long)]
-        all: bool,
-        /// With --all: only this sink.
-        #[arg(long, requires = "all")]
-        sink: Option<String>,
-    },
+    Retry(DeadTarget),
     /// Give dead letters up for good: one by delivery id, or --all (of a --sink).
-    Purge {
-        #[command(flatten)]
-        common: Common,
-        /// Delivery id (from `dlq list`).
-        #[arg(required_unless_present = "all", conflicts_with = "all")]
-        id: Option<i64>,
-        /// Every dead letter.
-        #[arg(long)]
-        all: bool,
-        /// With --all: only this sink.
-        #[arg(long, requires = "all")]
-        sink: Option<String>,
-    },
+    Purge(DeadTarget),
+}
+
+/// Which dead letters `dlq retry` / `dlq purge` act on.
+#[derive(clap::Args)]
+struct DeadTarget {
+    #[command(flatten)]
+    common: Common,
+    /// Delivery id (from `dlq list`).
+    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    id: Option<i64>,
+    /// Every dead letter.
+    #[arg(long)]
+    all: bool,
+    /// With --all: only this sink.
+    #[arg(long, requires = "all")]
+    sink: Option<String>,
 }
 
 #[allow(clippy::print_stderr)] // the CLI reports a fatal error on stderr, after logging may have failed
@@ -399,6 +391,15 @@ fn events(command: EventsCommand) -> anyhow::Result<ExitCode> {
 }
 
 #[allow(clippy::print_stdout)]
+fn report(json: bool, key: &str, n: usize, text: &str) -> anyhow::Result<()> {
+    if json {
+        return print_json(&serde_json::json!({ key: n }));
+    }
+    println!("{n} {text}");
+    Ok(())
+}
+
+#[allow(clippy::print_stdout)]
 fn dlq(command: DlqCommand) -> anyhow::Result<ExitCode> {
     use hookbridge::operator::{self, DeadSelection, format_time};
     let selection = |id: Option<i64>, sink: Option<String>| match id {
@@ -429,15 +430,15 @@ fn dlq(command: DlqCommand) -> anyhow::Result<ExitCode> {
                 println!("no dead letters");
             }
         }
-        DlqCommand::Retry { common, id, all: _, sink } => {
-            let config = load(&common.config)?;
-            let n = operator::retry_dead(&config, &selection(id, sink))?;
-            println!("{n} dead letter(s) queued for delivery again");
+        DlqCommand::Retry(t) => {
+            let config = load(&t.common.config)?;
+            let n = operator::retry_dead(&config, &selection(t.id, t.sink))?;
+            report(t.common.json, "retried", n, "dead letter(s) queued for delivery again")?;
         }
-        DlqCommand::Purge { common, id, all: _, sink } => {
-            let config = load(&common.config)?;
-            let n = operator::purge_dead(&config, &selection(id, sink))?;
-            println!("{n} dead letter(s) purged");
+        DlqCommand::Purge(t) => {
+            let config = load(&t.common.config)?;
+            let n = operator::purge_dead(&config, &selection(t.id, t.sink))?;
+            report(t.common.json, "purged", n, "dead letter(s) purged")?;
         }
     }
     Ok(ExitCode::SUCCESS)

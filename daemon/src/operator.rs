@@ -149,28 +149,26 @@ fn dead_ids(op: &Operator, selection: &DeadSelection) -> Result<Vec<i64>, Operat
 
 /// `dlq retry`: each selected dead letter becomes a new pending delivery. Returns how many.
 pub fn retry_dead(config: &Config, selection: &DeadSelection) -> Result<usize, OperatorError> {
-    if let DeadSelection::All(sink) = selection {
-        check_sink(config, sink.as_deref())?;
-    }
-    let mut op = open(config)?;
-    let ids = dead_ids(&op, selection)?;
-    let n = op.retry_dead(&ids)?;
-    if let DeadSelection::One(id) = selection
-        && n == 0
-    {
-        return Err(OperatorError::NotFound(format!("no dead letter with delivery id {id}")));
-    }
-    Ok(n)
+    on_dead(config, selection, Operator::retry_dead)
 }
 
 /// `dlq purge`: gives the selected dead letters up for good. Returns how many.
 pub fn purge_dead(config: &Config, selection: &DeadSelection) -> Result<usize, OperatorError> {
+    on_dead(config, selection, Operator::purge_dead)
+}
+
+/// Applies `action` to the selected dead letters; one id that is not a dead letter is an error.
+fn on_dead(
+    config: &Config,
+    selection: &DeadSelection,
+    action: fn(&mut Operator, &[i64]) -> Result<usize, StoreError>,
+) -> Result<usize, OperatorError> {
     if let DeadSelection::All(sink) = selection {
         check_sink(config, sink.as_deref())?;
     }
     let mut op = open(config)?;
     let ids = dead_ids(&op, selection)?;
-    let n = op.purge_dead(&ids)?;
+    let n = action(&mut op, &ids)?;
     if let DeadSelection::One(id) = selection
         && n == 0
     {

@@ -309,12 +309,7 @@ impl Store {
 
     /// Every add-on installation record: (source, workspace, add-on id, record).
     pub async fn installations(&self) -> Result<Vec<(String, String, String, String)>, StoreError> {
-        self.read(|conn| {
-            let mut stmt = conn.prepare("SELECT source, workspace_id, addon_id, record FROM installations")?;
-            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
-            Ok(rows.collect::<Result<Vec<_>, _>>()?)
-        })
-        .await
+        self.read(|conn| Ok(ops::installations(conn)?)).await
     }
 
     /// A small durable write: proves the store is writable (readiness).
@@ -490,21 +485,13 @@ impl Operator {
         tx.commit()?;
         Ok(n)
     }
-
-    /// Clockodo handshakes, newest first.
-    pub fn handshakes(&self) -> Result<Vec<Handshake>, StoreError> {
-        Ok(ops::list_handshakes(&self.conn)?)
-    }
 }
 
 /// Add-on installation records stored in the spool at `data_dir` (source, workspace, add-on id, JSON record
 /// holding credentials: show only what is safe), read-only.
 pub fn list_installations(data_dir: &Path) -> Result<Vec<(String, String, String, String)>, StoreError> {
     let conn = open_reader(&data_dir.join(DB_FILE))?;
-    let mut stmt =
-        conn.prepare("SELECT source, workspace_id, addon_id, record FROM installations ORDER BY source, workspace_id")?;
-    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
-    rows.collect::<Result<Vec<_>, _>>().map_err(StoreError::from)
+    Ok(ops::installations(&conn)?)
 }
 
 /// Handshakes stored in the spool at `data_dir`, newest first, read-only (safe while a daemon runs).

@@ -226,6 +226,14 @@ pub(super) fn sink_stats(conn: &Connection) -> rusqlite::Result<Vec<(String, i64
     rows.collect()
 }
 
+/// Add-on installation records: (source, workspace, add-on id, JSON record).
+pub(super) fn installations(conn: &Connection) -> rusqlite::Result<Vec<(String, String, String, String)>> {
+    let mut stmt =
+        conn.prepare("SELECT source, workspace_id, addon_id, record FROM installations ORDER BY source, workspace_id")?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+    rows.collect()
+}
+
 pub(super) fn list_handshakes(conn: &Connection) -> rusqlite::Result<Vec<Handshake>> {
     let mut stmt =
         conn.prepare("SELECT source, secret, received_at FROM handshakes ORDER BY received_at DESC, id DESC")?;

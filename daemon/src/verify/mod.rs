@@ -130,6 +130,11 @@ pub fn verify(scheme: &Scheme, headers: &HeaderMap, body: &[u8]) -> Result<Optio
     }
 }
 
+/// A header's value as text, trimmed; `None` when absent, empty or not text.
+pub fn text_header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty())
+}
+
 /// Which of `secrets` (usable at `now`) `presented` equals, if any. Every usable secret is compared, each
 /// comparison in constant time over fixed-length hashes, so timing says nothing about the secrets.
 pub fn matching_secret(presented: &[u8], secrets: &[SecretString], now: std::time::SystemTime) -> Option<usize> {

@@ -11,7 +11,7 @@ use base64::engine::general_purpose::STANDARD;
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use super::{Locator, VerifyError};
+use super::{Locator, VerifyError, text_header};
 use crate::config::SecretString;
 
 /// Settings of a `standard-webhooks` source.
@@ -30,10 +30,6 @@ pub fn key_bytes(secret: &str) -> Option<Vec<u8>> {
     STANDARD.decode(secret.strip_prefix("whsec_").unwrap_or(secret)).ok().filter(|k| !k.is_empty())
 }
 
-fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty())
-}
-
 fn sign(key: &[u8], id: &str, timestamp: &str, body: &[u8]) -> Option<Vec<u8>> {
     let mut mac = Hmac::<Sha256>::new_from_slice(key).ok()?;
     mac.update(id.as_bytes());
@@ -46,9 +42,9 @@ fn sign(key: &[u8], id: &str, timestamp: &str, body: &[u8]) -> Option<Vec<u8>> {
 
 impl StandardScheme {
     pub(super) fn verify(&self, headers: &HeaderMap, body: &[u8], at: SystemTime) -> Result<usize, VerifyError> {
-        let id = header(headers, "webhook-id").ok_or(VerifyError::MissingSignature)?;
-        let timestamp = header(headers, "webhook-timestamp").ok_or(VerifyError::MissingSignature)?;
-        let signatures = header(headers, "webhook-signature").ok_or(VerifyError::MissingSignature)?;
+        let id = text_header(headers, "webhook-id").ok_or(VerifyError::MissingSignature)?;
+        let timestamp = text_header(headers, "webhook-timestamp").ok_or(VerifyError::MissingSignature)?;
+        let signatures = text_header(headers, "webhook-signature").ok_or(VerifyError::MissingSignature)?;
         let ts: u64 = timestamp.parse().map_err(|_| VerifyError::MalformedSignature)?;
         let now = at.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         if now.abs_diff(ts) > self.tolerance.as_secs() {
