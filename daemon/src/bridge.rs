@@ -106,6 +106,9 @@ fn settings(config: &Config) -> Result<Settings, BridgeError> {
 
 impl Inner {
     fn spawn_sink(&self, spec: &SinkSpec, sink: Arc<dyn sinks::Sink>) -> RunningSink {
+        if let Ok(mut all) = self.shared.sinks.lock() {
+            all.insert(spec.id.clone(), Arc::clone(&sink));
+        }
         let feed = self.store.subscribe(&spec.id, FEED_CAPACITY);
         let d = Dispatcher {
             sink_id: spec.id.clone(),
@@ -144,6 +147,7 @@ impl Bridge {
             concurrency: Semaphore::new(config.server.max_concurrency),
             shutting_down: AtomicBool::new(false),
             last_ready: std::sync::Mutex::new(None),
+            sinks: std::sync::Mutex::new(std::collections::BTreeMap::new()),
         });
         let cancel = CancellationToken::new();
         let inner = Arc::new(Inner {

@@ -94,6 +94,9 @@ impl Dispatcher {
     /// call in progress is awaited, bounded by the sink's own timeout and the caller's shutdown deadline).
     pub async fn run(self, feed: Feed, cancel: CancellationToken) {
         let this = Arc::new(self);
+        // A sink with a connection opens it now, beside the first deliveries.
+        let sink = Arc::clone(&this.sink);
+        let starting = tokio::spawn(async move { sink.start().await });
         let slots = Arc::new(Semaphore::new(this.max_in_flight));
         let tracker = TaskTracker::new();
         let mut poll = tokio::time::interval(DISPATCH_POLL);
@@ -154,6 +157,7 @@ impl Dispatcher {
                 }
             }
         }
+        starting.abort();
         tracker.close();
         tracker.wait().await;
     }

@@ -48,6 +48,16 @@ pub struct Shared {
     pub shutting_down: AtomicBool,
     /// When readiness last proved the spool writable.
     pub last_ready: std::sync::Mutex<Option<Instant>>,
+    /// Running sinks by id (for their connection state in `/readyz` and `/metrics`).
+    pub sinks: std::sync::Mutex<std::collections::BTreeMap<String, Arc<dyn crate::sinks::Sink>>>,
+}
+
+impl Shared {
+    /// Connection state of every sink that keeps a connection, by sink id.
+    pub fn connections(&self) -> Vec<(String, crate::sinks::Connection)> {
+        let sinks = self.sinks.lock().map(|s| s.clone()).unwrap_or_default();
+        sinks.into_iter().filter_map(|(id, s)| s.connection().map(|c| (id, c))).collect()
+    }
 }
 
 /// The reloadable part of the ingress.
@@ -104,9 +114,12 @@ async fn readyz(State(s): State<Arc<Shared>>) -> Response {
         r
     };
     match ping.await {
+        // Ready means ready to accept webhooks: a broker that is away does not change that (events wait in
+        // the spool), so connection states are reported, not judged.
         Ok(Ok(())) => axum::Json(json!({
             "status": "ready",
             "spool": {"pending_events": events, "pending_bytes": bytes, "pending_deliveries": deliveries},
+            "sinks": s.connections().into_iter().map(|(id, c)| (id, json!(c))).collect::<serde_json::Map<_, _>>(),
         }))
         .into_response(),
         Ok(Err(e)) => {
@@ -130,7 +143,7 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
         }
         Err(e) => tracing::warn!(error = %e, "cannot read sink statistics for /metrics"),
     }
-    let body = s.metrics.render(s.store.gauges(), &sinks);
+    let body = s.metrics.render(s.store.gauges(), &sinks, &s.connections());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
 }
 

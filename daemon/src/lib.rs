@@ -31,6 +31,7 @@ pub mod send;
 pub mod service;
 pub mod sinks;
 pub mod store;
+pub mod template;
 pub mod verify;
 
 pub use bridge::{Bridge, BridgeError, Reloader, run};

@@ -51,6 +51,27 @@ pub(crate) fn default_max_age() -> HumanDuration {
 pub(crate) fn default_dedup_window() -> HumanDuration {
     HumanDuration(Duration::from_secs(73 * 3600))
 }
+pub(crate) fn default_broker_max_backoff() -> HumanDuration {
+    HumanDuration(Duration::from_secs(60))
+}
+pub(crate) fn default_broker_in_flight() -> usize {
+    256
+}
+pub(crate) fn default_kafka_message_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
+}
+pub(crate) fn default_kafka_queue_max_messages() -> u32 {
+    100_000
+}
+pub(crate) fn default_kafka_linger() -> HumanDuration {
+    HumanDuration(Duration::from_millis(5))
+}
+pub(crate) fn default_amqp_exchange_type() -> String {
+    "topic".to_owned()
+}
+pub(crate) fn yes() -> bool {
+    true
+}
 pub(crate) fn default_sink_timeout() -> HumanDuration {
     HumanDuration(Duration::from_secs(10))
 }

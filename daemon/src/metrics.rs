@@ -23,6 +23,8 @@ pub const DUPLICATES_TOTAL: &str = "hookbridge_duplicates_total";
 pub const DEAD_LETTERS: &str = "hookbridge_dead_letters";
 /// `hookbridge_oldest_pending_age_seconds{sink}`: age of the oldest event with a pending delivery.
 pub const OLDEST_PENDING_AGE: &str = "hookbridge_oldest_pending_age_seconds";
+/// `hookbridge_sink_connected{sink}`: 1 while a broker sink (`kafka`, `amqp`) is connected, else 0.
+pub const SINK_CONNECTED: &str = "hookbridge_sink_connected";
 /// `hookbridge_config_reloads_total{result}`: configuration reloads, `ok` or `error` (the old config stays).
 pub const RELOADS_TOTAL: &str = "hookbridge_config_reloads_total";
 /// `hookbridge_secret_matches_total{source,secret}`: verified requests by which configured secret matched
@@ -61,6 +63,7 @@ pub struct Metrics {
     duplicates: IntCounterVec,
     dead_letters: IntGaugeVec,
     oldest_pending: prometheus::GaugeVec,
+    sink_connected: IntGaugeVec,
     predicate_errors: IntCounterVec,
     deliveries: IntCounterVec,
     delivery_duration: HistogramVec,
@@ -135,6 +138,14 @@ impl Metrics {
                 r.register(Box::new(g.clone()))?;
                 g
             },
+            sink_connected: {
+                let g = IntGaugeVec::new(
+                    Opts::new(SINK_CONNECTED, "1 while a broker sink is connected to its broker, else 0."),
+                    &["sink"],
+                )?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
             predicate_errors: counter(
                 &r,
                 PREDICATE_ERRORS_TOTAL,
@@ -151,9 +162,18 @@ impl Metrics {
     }
 
     /// Prometheus text exposition, with spool gauges read now. `sinks` lists every configured sink with its
-    /// dead letters and oldest pending receive time (ms), so that a sink with none shows 0.
-    pub fn render(&self, spool: &SpoolGauges, sinks: &[(String, i64, Option<i64>)]) -> String {
+    /// dead letters and oldest pending receive time (ms), so that a sink with none shows 0; `connections`
+    /// the connection state of the sinks that keep one.
+    pub fn render(
+        &self,
+        spool: &SpoolGauges,
+        sinks: &[(String, i64, Option<i64>)],
+        connections: &[(String, crate::sinks::Connection)],
+    ) -> String {
         let now = crate::event::now_ms();
+        for (sink, c) in connections {
+            self.sink_connected.with_label_values(&[sink.as_str()]).set(i64::from(c.connected));
+        }
         for (sink, dead, oldest) in sinks {
             self.dead_letters.with_label_values(&[sink.as_str()]).set(*dead);
             let age = oldest.map(|t| (now - t).max(0) as f64 / 1000.0).unwrap_or(0.0);

@@ -31,6 +31,7 @@ fn every_shipped_config_passes_check() {
             .env("CLOCKODO_WEBHOOK_TOKEN", "example-clockodo-token")
             .env("GITHUB_WEBHOOK_SECRET", "example-github-secret")
             .env("CLOCKIFY_HMAC_SECRET", "example-hmac-secret")
+            .env("HOOKBRIDGE_AMQP_URL", "amqp://hookbridge:example@rabbitmq.internal.example:5672/%2f")
             .env("STANDARD_WEBHOOK_SECRET", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
             .env("CREDENTIALS_DIRECTORY", credentials.path())
             .output()

@@ -6,6 +6,7 @@
 mod common;
 
 mod addon;
+mod brokers;
 
 mod config_check;
 mod crash;

@@ -6,12 +6,12 @@
 
 mod errors;
 pub mod secret;
+mod sinks;
 pub mod types;
 pub mod units;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use axum::http::HeaderName;
 use serde::Deserialize;
@@ -21,6 +21,10 @@ use toml::de::{DeTable, DeValue};
 
 pub use errors::{ConfigError, ConfigErrors};
 pub use secret::{Env, ProcessEnv, SecretSpec, SecretString};
+use sinks::de_sink;
+pub use sinks::{
+    AmqpSinkSpec, FileSinkSpec, HttpSinkSpec, KafkaSinkSpec, RetryPolicy, SinkKind, SinkSpec, kafka_topic_name,
+};
 use types::*;
 
 use crate::route::RouteTable;
@@ -35,59 +39,6 @@ pub struct Source {
     pub path: String,
     /// Verification scheme and settings.
     pub scheme: Scheme,
-}
-
-/// Retry policy of a sink.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RetryPolicy {
-    /// First backoff.
-    pub initial_backoff: Duration,
-    /// Cap.
-    pub max_backoff: Duration,
-    /// Dead-letter a delivery whose event is older than this.
-    pub max_age: Duration,
-    /// Dead-letter after this many attempts.
-    pub max_attempts: Option<u32>,
-}
-
-/// A validated `http` sink.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HttpSinkSpec {
-    /// Target.
-    pub url: reqwest::Url,
-    /// Per-request timeout.
-    pub timeout: Duration,
-    /// Extra headers (values are secrets).
-    pub headers: Vec<(HeaderName, SecretString)>,
-}
-
-/// A validated `file` sink.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FileSinkSpec {
-    /// Absolute path of the JSON-lines file.
-    pub path: PathBuf,
-}
-
-/// What kind of sink, with its settings.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum SinkKind {
-    /// POST to a URL.
-    Http(HttpSinkSpec),
-    /// Append JSON lines to a file.
-    File(FileSinkSpec),
-}
-
-/// A validated sink.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SinkSpec {
-    /// The id (`[sinks.<id>]`).
-    pub id: String,
-    /// Kind and settings.
-    pub kind: SinkKind,
-    /// Deliveries in flight at once.
-    pub max_in_flight: usize,
-    /// Retry backoff.
-    pub retry: RetryPolicy,
 }
 
 /// The validated `[admin]` section.
@@ -334,7 +285,11 @@ fn valid_id(id: &str) -> bool {
 }
 
 /// Deserializes one section, recording an error (with its span and key path) on failure.
-fn de<T: for<'de> Deserialize<'de>>(errs: &mut ConfigErrors, at: &str, value: &Spanned<DeValue<'_>>) -> Option<T> {
+pub(crate) fn de<T: for<'de> Deserialize<'de>>(
+    errs: &mut ConfigErrors,
+    at: &str,
+    value: &Spanned<DeValue<'_>>,
+) -> Option<T> {
     let span = value.span();
     let deserializer = value.clone().into_deserializer();
     match serde_path_to_error::deserialize::<_, T>(deserializer) {
@@ -350,7 +305,7 @@ fn de<T: for<'de> Deserialize<'de>>(errs: &mut ConfigErrors, at: &str, value: &S
 }
 
 /// The `kind` of a source or sink table.
-fn kind_of<'a>(errs: &mut ConfigErrors, at: &str, entry: &'a Spanned<DeValue<'_>>) -> Option<&'a str> {
+pub(crate) fn kind_of<'a>(errs: &mut ConfigErrors, at: &str, entry: &'a Spanned<DeValue<'_>>) -> Option<&'a str> {
     let DeValue::Table(table) = entry.get_ref() else {
         errs.push_span(Some(entry.span()), at, "must be a table".into());
         return None;
@@ -589,108 +544,5 @@ fn locator(
             None
         }
         (None, None) => Some(None),
-    }
-}
-
-enum RawSink {
-    Http(HttpSinkConfig),
-    File(FileSinkConfig),
-}
-
-fn de_sink(errs: &mut ConfigErrors, at: &str, entry: &Spanned<DeValue<'_>>) -> Option<RawSink> {
-    match kind_of(errs, at, entry)? {
-        "http" => de(errs, at, entry).map(RawSink::Http),
-        "file" => de(errs, at, entry).map(RawSink::File),
-        other => {
-            errs.push_span(
-                Some(entry.span()),
-                &format!("{at}.kind"),
-                format!("unknown sink kind {other:?} (expected http, file)"),
-            );
-            None
-        }
-    }
-}
-
-impl RawSink {
-    fn validate(
-        self,
-        id: &str,
-        at: &str,
-        root: &DeTable<'_>,
-        errs: &mut ConfigErrors,
-        base: &Path,
-        env: &dyn Env,
-    ) -> Option<SinkSpec> {
-        let (max_in_flight, retry) = match &self {
-            RawSink::Http(c) => (c.max_in_flight, c.retry),
-            RawSink::File(c) => (c.max_in_flight, c.retry),
-        };
-        let mut ok = true;
-        if max_in_flight == 0 {
-            errs.locate(&format!("{at}.max_in_flight"), root, "must be at least 1");
-            ok = false;
-        }
-        if retry.initial_backoff.0.is_zero() || retry.initial_backoff > retry.max_backoff {
-            errs.locate(&format!("{at}.retry"), root, "initial_backoff must be more than 0 and at most max_backoff");
-            ok = false;
-        }
-        if retry.max_attempts == Some(0) {
-            errs.locate(&format!("{at}.retry.max_attempts"), root, "must be at least 1");
-            ok = false;
-        }
-        let kind = match self {
-            RawSink::Http(c) => {
-                let url = match reqwest::Url::parse(&c.url) {
-                    Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Some(u),
-                    Ok(_) => {
-                        errs.locate(&format!("{at}.url"), root, &format!("{:?} is not an http(s) URL", c.url));
-                        None
-                    }
-                    Err(e) => {
-                        errs.locate(&format!("{at}.url"), root, &format!("invalid URL {:?}: {e}", c.url));
-                        None
-                    }
-                };
-                if c.timeout.0.is_zero() {
-                    errs.locate(&format!("{at}.timeout"), root, "must be more than 0");
-                    ok = false;
-                }
-                let mut headers = Vec::new();
-                for (name, spec) in &c.headers {
-                    let key = format!("{at}.headers.{name}");
-                    match HeaderName::from_bytes(name.as_bytes()) {
-                        Ok(h) => match spec.resolve(base, env) {
-                            Ok(v) if axum::http::HeaderValue::from_str(v.expose()).is_ok() => headers.push((h, v)),
-                            Ok(_) => {
-                                errs.locate(&key, root, "the value is not a valid header value");
-                                ok = false;
-                            }
-                            Err(m) => {
-                                errs.locate(&key, root, &m);
-                                ok = false;
-                            }
-                        },
-                        Err(_) => {
-                            errs.locate(&key, root, &format!("{name:?} is not a valid header name"));
-                            ok = false;
-                        }
-                    }
-                }
-                SinkKind::Http(HttpSinkSpec { url: url?, timeout: c.timeout.0, headers })
-            }
-            RawSink::File(c) => SinkKind::File(FileSinkSpec { path: base.join(&c.path) }),
-        };
-        ok.then(|| SinkSpec {
-            id: id.to_owned(),
-            kind,
-            max_in_flight,
-            retry: RetryPolicy {
-                initial_backoff: retry.initial_backoff.0,
-                max_backoff: retry.max_backoff.0,
-                max_age: retry.max_age.0,
-                max_attempts: retry.max_attempts,
-            },
-        })
     }
 }

@@ -239,9 +239,9 @@ pub struct RetryConfig {
     /// First backoff after a failure. Default `1s`.
     #[serde(default = "limits::default_initial_backoff")]
     pub initial_backoff: HumanDuration,
-    /// Backoff cap; backoff doubles up to it, with full jitter. Default `1h`.
-    #[serde(default = "limits::default_max_backoff")]
-    pub max_backoff: HumanDuration,
+    /// Backoff cap; backoff doubles up to it, with full jitter. Default `1h`, or `1m` for broker sinks
+    /// (`kafka`, `amqp`) so that deliveries resume soon after a broker outage ends.
+    pub max_backoff: Option<HumanDuration>,
     /// Give up (dead-letter) a delivery whose event is older than this. Default `72h`, Clockify's own retry
     /// horizon.
     #[serde(default = "limits::default_max_age")]
@@ -254,7 +254,7 @@ impl Default for RetryConfig {
     fn default() -> Self {
         RetryConfig {
             initial_backoff: limits::default_initial_backoff(),
-            max_backoff: limits::default_max_backoff(),
+            max_backoff: None,
             max_age: limits::default_max_age(),
             max_attempts: None,
         }
@@ -293,6 +293,135 @@ pub struct FileSinkConfig {
     pub path: PathBuf,
     /// Deliveries in flight at once (they share fsyncs). Default 64.
     #[serde(default = "limits::default_file_in_flight")]
+    pub max_in_flight: usize,
+    /// Retry backoff.
+    #[serde(default)]
+    pub retry: RetryConfig,
+}
+
+/// Compression codec of a `kafka` sink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum KafkaCompression {
+    /// No compression (default).
+    #[default]
+    None,
+    /// gzip.
+    Gzip,
+    /// Snappy.
+    Snappy,
+    /// LZ4.
+    Lz4,
+    /// Zstandard.
+    Zstd,
+}
+
+impl KafkaCompression {
+    /// librdkafka's name for it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KafkaCompression::None => "none",
+            KafkaCompression::Gzip => "gzip",
+            KafkaCompression::Snappy => "snappy",
+            KafkaCompression::Lz4 => "lz4",
+            KafkaCompression::Zstd => "zstd",
+        }
+    }
+}
+
+/// `[sinks.<id>] kind = "kafka"`: produce each event to a Kafka topic (idempotent producer, `acks=all`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSinkConfig {
+    /// Always `"kafka"`.
+    pub kind: String,
+    /// Bootstrap brokers, `host:port`.
+    pub brokers: Vec<String>,
+    /// Topic template, e.g. `clockify.{event}` (see the README's templates).
+    pub topic: String,
+    /// Message key template, e.g. `{body.workspaceId}`; default: no key.
+    pub key: Option<String>,
+    /// `none` (default), `gzip`, `snappy`, `lz4` or `zstd`.
+    #[serde(default)]
+    pub compression: KafkaCompression,
+    /// How long the producer may keep trying to get one message acknowledged (librdkafka
+    /// `message.timeout.ms`); past it the delivery fails and is retried by the sink's policy. Default `30s`.
+    #[serde(default = "limits::default_kafka_message_timeout")]
+    pub message_timeout: HumanDuration,
+    /// Most messages waiting in the producer's local queue (`queue.buffering.max.messages`). Default 100000.
+    #[serde(default = "limits::default_kafka_queue_max_messages")]
+    pub queue_max_messages: u32,
+    /// How long the producer waits to fill a batch (`linger.ms`). Default `5ms`.
+    #[serde(default = "limits::default_kafka_linger")]
+    pub linger: HumanDuration,
+    /// `plaintext` (default), `ssl`, `sasl_plaintext` or `sasl_ssl` (`ssl` needs the `kafka-tls` build
+    /// feature).
+    pub security_protocol: Option<String>,
+    /// `PLAIN`, `SCRAM-SHA-256`, `SCRAM-SHA-512`, `OAUTHBEARER` or `GSSAPI` (`kafka-gssapi` build feature).
+    pub sasl_mechanism: Option<String>,
+    /// SASL user name.
+    pub sasl_username: Option<String>,
+    /// SASL password (a secret).
+    pub sasl_password: Option<SecretSpec>,
+    /// CA certificate(s) (PEM file) to verify the brokers; default: the system's.
+    pub ssl_ca_location: Option<PathBuf>,
+    /// Client certificate (PEM file) for mutual TLS.
+    pub ssl_certificate_location: Option<PathBuf>,
+    /// Client private key (PEM file) for mutual TLS.
+    pub ssl_key_location: Option<PathBuf>,
+    /// Password of the client private key (a secret).
+    pub ssl_key_password: Option<SecretSpec>,
+    /// Any other librdkafka producer property, e.g. `"client.id" = "hookbridge-eu"`. Properties hookbridge
+    /// sets itself for its guarantees (`acks`, `enable.idempotence`, ...) cannot be overridden.
+    #[serde(default)]
+    pub options: BTreeMap<String, String>,
+    /// Deliveries in flight at once (the producer batches them). Default 256.
+    #[serde(default = "limits::default_broker_in_flight")]
+    pub max_in_flight: usize,
+    /// Retry backoff.
+    #[serde(default)]
+    pub retry: RetryConfig,
+}
+
+/// `[sinks.<id>.exchange]` of an `amqp` sink.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpExchangeConfig {
+    /// Exchange name; `""` is the default exchange (the routing key is then a queue name).
+    pub name: String,
+    /// `direct`, `fanout`, `topic` (default) or `headers`.
+    #[serde(rename = "type", default = "limits::default_amqp_exchange_type")]
+    pub kind: String,
+    /// Declare the exchange when connecting (default true; false: it must exist).
+    #[serde(default = "limits::yes")]
+    pub declare: bool,
+    /// Declared durable (survives a broker restart). Default true.
+    #[serde(default = "limits::yes")]
+    pub durable: bool,
+}
+
+/// `[sinks.<id>] kind = "amqp"`: publish each event to a RabbitMQ (AMQP 0-9-1) exchange with publisher
+/// confirms.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpSinkConfig {
+    /// Always `"amqp"`.
+    pub kind: String,
+    /// Broker URL, `amqp://user:password@host:5672/vhost` or `amqps://...` (a secret: it holds a password).
+    pub url: SecretSpec,
+    /// The exchange to publish to.
+    pub exchange: AmqpExchangeConfig,
+    /// Routing key template, e.g. `{source}.{event}` (see the README's templates).
+    pub routing_key: String,
+    /// Publish `mandatory`: a message no queue receives fails the delivery (retried, then dead-lettered)
+    /// instead of vanishing. Default true.
+    #[serde(default = "limits::yes")]
+    pub mandatory: bool,
+    /// Time allowed to connect, and for the broker to confirm one message. Default `10s`.
+    #[serde(default = "limits::default_sink_timeout")]
+    pub timeout: HumanDuration,
+    /// Deliveries in flight at once (their confirms are pipelined on one channel). Default 256.
+    #[serde(default = "limits::default_broker_in_flight")]
     pub max_in_flight: usize,
     /// Retry backoff.
     #[serde(default)]

@@ -6,8 +6,10 @@
 //! `config/mod.rs` producing a `SinkKind` variant, a file here implementing [`Sink`], a line in [`build`],
 //! integration tests against a real peer, and its section in the README's config reference.
 
+mod amqp;
 mod file;
 mod http;
+mod kafka;
 
 use std::fmt::Debug;
 use std::future::Future;
@@ -15,8 +17,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use amqp::AmqpSink;
 pub use file::FileSink;
 pub use http::HttpSink;
+pub use kafka::KafkaSink;
 
 use crate::config::{SinkKind, SinkSpec};
 use crate::event::Event;
@@ -76,8 +80,56 @@ impl SinkError {
 
 /// A destination for events. Implementations are cheap to share (`Arc`) and safe to call concurrently.
 pub trait Sink: Send + Sync + Debug {
-    /// Delivers one event. `Ok` only once the peer has it (for `http`: a 2xx; for `file`: fsync'd).
+    /// Delivers one event. `Ok` only once the peer has it (for `http`: a 2xx; for `file`: fsync'd; for
+    /// brokers: the broker's acknowledgement).
     fn deliver<'a>(&'a self, event: &'a Event) -> BoxFuture<'a, Result<(), SinkError>>;
+
+    /// The state of the connection a sink keeps (brokers); `None` for sinks without one.
+    fn connection(&self) -> Option<Connection> {
+        None
+    }
+
+    /// Called once when the sink's dispatcher starts: a sink with a connection opens it now, so that
+    /// `/readyz` tells an unreachable broker before the first event does.
+    fn start(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+}
+
+/// A broker sink's connection state, as `/readyz` and `hookbridge_sink_connected` report it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Connection {
+    /// Connected and usable.
+    pub connected: bool,
+    /// What is known: `connected`, `connecting`, or the last error.
+    pub state: String,
+}
+
+/// A connection state shared between a sink and its callbacks.
+#[derive(Debug)]
+pub(crate) struct ConnectionState(std::sync::Mutex<Connection>);
+
+impl ConnectionState {
+    pub(crate) fn new() -> Self {
+        ConnectionState(std::sync::Mutex::new(Connection { connected: false, state: "connecting".into() }))
+    }
+    pub(crate) fn set(&self, connected: bool, state: impl Into<String>) {
+        if let Ok(mut c) = self.0.lock() {
+            *c = Connection { connected, state: state.into() };
+        }
+    }
+    pub(crate) fn get(&self) -> Connection {
+        self.0.lock().map(|c| c.clone()).unwrap_or(Connection { connected: false, state: "unknown".into() })
+    }
+}
+
+/// Renders a template for a delivery; a missing value is a permanent failure (retrying cannot add it).
+pub(crate) fn render(
+    template: &crate::template::Template,
+    event: &Event,
+    body: Option<&serde_json::Value>,
+) -> Result<String, SinkError> {
+    template.render(event, body).map_err(SinkError::permanent)
 }
 
 /// Failure to build a sink (reported at start-up).
@@ -96,5 +148,7 @@ pub fn build(spec: &SinkSpec) -> Result<Arc<dyn Sink>, BuildError> {
     Ok(match &spec.kind {
         SinkKind::Http(h) => Arc::new(HttpSink::new(h).map_err(err)?),
         SinkKind::File(f) => Arc::new(FileSink::open(f).map_err(err)?),
+        SinkKind::Kafka(k) => Arc::new(KafkaSink::new(&spec.id, k).map_err(err)?),
+        SinkKind::Amqp(a) => Arc::new(AmqpSink::new(&spec.id, a)),
     })
 }

@@ -1,0 +1,227 @@
+//! `kafka` sink: produce each event to a templated topic with a templated key, through librdkafka
+//! (rdkafka) as an idempotent producer with `acks=all`. A delivery counts only once the broker has
+//! acknowledged the message (the delivery report); librdkafka retries by itself until `message_timeout`,
+//! after which the delivery fails as retryable and the sink's policy takes over.
+//!
+//! The body goes unchanged as the value; metadata goes as headers in CloudEvents' Kafka binary-mode form
+//! (`ce_id`, `ce_type`, `ce_source`, `ce_time`, `ce_specversion`, `content-type`). Connection state comes
+//! from librdkafka's statistics (every second): connected while at least one broker is `UP`. A fatal
+//! producer error (the idempotent producer's state lost, e.g. after a broker was replaced) makes the sink
+//! build a new producer; the deliveries that saw it are retried.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::statistics::Statistics;
+use rdkafka::util::Timeout;
+
+use super::{BoxFuture, CE_SPECVERSION, Connection, ConnectionState, Sink, SinkError, render};
+use crate::config::{KafkaSinkSpec, kafka_topic_name};
+use crate::event::Event;
+use crate::template::parse_body;
+
+/// librdkafka callbacks: connection state from statistics, errors and logs to tracing with the sink id.
+#[derive(Debug)]
+struct Context {
+    sink: String,
+    state: Arc<ConnectionState>,
+}
+
+impl ClientContext for Context {
+    fn stats(&self, statistics: Statistics) {
+        let up = statistics.brokers.values().filter(|b| b.nodeid >= 0 && b.state == "UP").count();
+        if up > 0 {
+            self.state.set(true, "connected");
+        } else {
+            let states: Vec<String> =
+                statistics.brokers.values().map(|b| format!("{} {}", b.nodename, b.state)).collect();
+            self.state.set(false, format!("no broker up ({})", states.join(", ")));
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        if matches!(error.rdkafka_error_code(), Some(RDKafkaErrorCode::AllBrokersDown)) {
+            self.state.set(false, format!("all brokers down: {reason}"));
+        }
+        tracing::warn!(sink = %self.sink, error = %error, reason, "kafka client error");
+    }
+
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
+                tracing::error!(sink = %self.sink, facility, "librdkafka: {message}")
+            }
+            RDKafkaLogLevel::Warning => tracing::warn!(sink = %self.sink, facility, "librdkafka: {message}"),
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                tracing::info!(sink = %self.sink, facility, "librdkafka: {message}")
+            }
+            RDKafkaLogLevel::Debug => tracing::debug!(sink = %self.sink, facility, "librdkafka: {message}"),
+        }
+    }
+}
+
+type Client = FutureProducer<Context>;
+
+/// Produces to Kafka.
+pub struct KafkaSink {
+    id: String,
+    spec: KafkaSinkSpec,
+    state: Arc<ConnectionState>,
+    producer: Mutex<Arc<Client>>,
+}
+
+impl std::fmt::Debug for KafkaSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSink").field("id", &self.id).field("topic", &self.spec.topic).finish_non_exhaustive()
+    }
+}
+
+impl KafkaSink {
+    /// Creates the producer (it connects in the background).
+    pub fn new(id: &str, spec: &KafkaSinkSpec) -> Result<Self, String> {
+        let state = Arc::new(ConnectionState::new());
+        let producer = create(id, spec, &state)?;
+        Ok(KafkaSink { id: id.to_owned(), spec: spec.clone(), state, producer: Mutex::new(Arc::new(producer)) })
+    }
+
+    fn current(&self) -> Result<Arc<Client>, SinkError> {
+        self.producer.lock().map(|p| Arc::clone(&p)).map_err(|_| SinkError::retryable("producer lock poisoned"))
+    }
+
+    /// Replaces `failed` with a new producer, unless another delivery already did.
+    fn renew(&self, failed: &Arc<Client>, why: &str) {
+        let Ok(mut current) = self.producer.lock() else { return };
+        if !Arc::ptr_eq(&current, failed) {
+            return;
+        }
+        match create(&self.id, &self.spec, &self.state) {
+            Ok(p) => {
+                tracing::warn!(sink = %self.id, error = why, "fatal producer error; created a new producer");
+                *current = Arc::new(p);
+            }
+            Err(e) => tracing::error!(sink = %self.id, error = %e, "cannot create a new producer"),
+        }
+    }
+
+    async fn produce(&self, event: &Event) -> Result<(), SinkError> {
+        let body = (self.spec.topic.uses_body() || self.spec.key.as_ref().is_some_and(|k| k.uses_body()))
+            .then(|| parse_body(event))
+            .flatten();
+        let topic = render(&self.spec.topic, event, body.as_ref())?;
+        kafka_topic_name(&topic).map_err(|m| SinkError::permanent(format!("topic from {}: {m}", self.spec.topic)))?;
+        let key = self.spec.key.as_ref().map(|k| render(k, event, body.as_ref())).transpose()?;
+        let time = event.time_rfc3339();
+        let headers = OwnedHeaders::new_with_capacity(6)
+            .insert(Header { key: "ce_id", value: Some(&event.id) })
+            .insert(Header { key: "ce_type", value: Some(&event.event_type) })
+            .insert(Header { key: "ce_source", value: Some(&event.source) })
+            .insert(Header { key: "ce_time", value: Some(&time) })
+            .insert(Header { key: "ce_specversion", value: Some(CE_SPECVERSION) })
+            .insert(Header { key: "content-type", value: Some(event.content_type()) });
+        let mut record =
+            FutureRecord::to(&topic).payload(event.body.as_ref()).headers(headers).timestamp(event.received_at_ms);
+        if let Some(k) = &key {
+            record = record.key(k.as_str());
+        }
+        let producer = self.current()?;
+        // The local queue may be full: wait for room at most `message_timeout`; then librdkafka's own
+        // `message.timeout.ms` bounds the wait for the acknowledgement. The outer timeout is a backstop.
+        let bound = self.spec.message_timeout * 2 + Duration::from_secs(5);
+        let sent = tokio::time::timeout(bound, producer.send(record, Timeout::After(self.spec.message_timeout))).await;
+        match sent {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err((error, _message))) => {
+                if let Some((code, reason)) = producer.client().fatal_error() {
+                    self.renew(&producer, &format!("{code:?}: {reason}"));
+                }
+                Err(classify(&error))
+            }
+            Err(_) => Err(SinkError::retryable(format!("no acknowledgement from Kafka within {bound:?}"))),
+        }
+    }
+}
+
+fn create(id: &str, spec: &KafkaSinkSpec, state: &Arc<ConnectionState>) -> Result<Client, String> {
+    let mut config = ClientConfig::new();
+    for (k, v) in &spec.properties {
+        config.set(k, v.expose());
+    }
+    config.set("client.id", format!("hookbridge-{id}"));
+    config
+        .create_with_context(Context { sink: id.to_owned(), state: Arc::clone(state) })
+        .map_err(|e| format!("cannot create the Kafka producer: {e}"))
+}
+
+/// Errors about the message itself are permanent; everything else (brokers away, timeouts, leadership
+/// changes, authorisation that an operator may fix) is retried.
+fn classify(error: &KafkaError) -> SinkError {
+    use RDKafkaErrorCode as C;
+    match error.rdkafka_error_code() {
+        Some(
+            code @ (C::MessageSizeTooLarge
+            | C::InvalidMessageSize
+            | C::InvalidMessage
+            | C::InvalidRecord
+            | C::InvalidTopic),
+        ) => SinkError::permanent(format!("Kafka refused the message: {code}")),
+        _ => SinkError::retryable(format!("Kafka: {error}")),
+    }
+}
+
+impl Sink for KafkaSink {
+    fn deliver<'a>(&'a self, event: &'a Event) -> BoxFuture<'a, Result<(), SinkError>> {
+        Box::pin(self.produce(event))
+    }
+
+    fn connection(&self) -> Option<Connection> {
+        Some(self.state.get())
+    }
+
+    fn start(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {
+            // Ask for metadata once so that the connection state is known without waiting for an event.
+            let Ok(producer) = self.current() else { return };
+            let timeout = self.spec.message_timeout.min(Duration::from_secs(10));
+            let id = self.id.clone();
+            let state = Arc::clone(&self.state);
+            let probe = tokio::task::spawn_blocking(move || producer.client().fetch_metadata(None, timeout)).await;
+            match probe {
+                Ok(Ok(_)) => {
+                    state.set(true, "connected");
+                    tracing::info!(sink = %id, "Kafka connected");
+                }
+                Ok(Err(e)) => {
+                    state.set(false, format!("cannot reach the brokers: {e}"));
+                    tracing::warn!(sink = %id, error = %e, "cannot reach the Kafka brokers; will keep trying");
+                }
+                Err(_) => {}
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_errors_are_permanent_and_the_rest_retryable() {
+        let too_big = KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge);
+        assert_eq!(classify(&too_big).class(), "permanent");
+        for code in [
+            RDKafkaErrorCode::MessageTimedOut,
+            RDKafkaErrorCode::QueueFull,
+            RDKafkaErrorCode::AllBrokersDown,
+            RDKafkaErrorCode::UnknownTopicOrPartition,
+            RDKafkaErrorCode::NotEnoughReplicas,
+        ] {
+            assert_eq!(classify(&KafkaError::MessageProduction(code)).class(), "retryable", "{code:?}");
+        }
+    }
+}
