@@ -392,14 +392,19 @@ fn kafka(cx: &mut Ctx<'_, '_>, c: KafkaSinkConfig) -> Option<KafkaSinkSpec> {
         }
         props.push((k.clone(), SecretString::new(v.as_str())));
     }
-    // librdkafka checks every name and value without connecting: `check` reports what it would refuse.
-    let mut probe = rdkafka::ClientConfig::new();
+    // librdkafka checks each name and value without connecting, so `check` reports what it would refuse.
+    // Its own description is used, never the error's text as a whole (which repeats the value).
     for (k, v) in &props {
+        let mut probe = rdkafka::ClientConfig::new();
         probe.set(k, v.expose());
-    }
-    if let Err(e) = probe.create_native_config() {
-        // The message names the property; it never contains a value.
-        cx.error("options", &format!("librdkafka refuses the settings: {e}"));
+        if let Err(e) = probe.create_native_config() {
+            let why = match &e {
+                rdkafka::error::KafkaError::ClientConfig(_, description, _, _) => description.clone(),
+                _ => "invalid".to_owned(),
+            };
+            let at = if c.options.contains_key(k) { format!("options.{k}") } else { "options".to_owned() };
+            cx.error(&at, &format!("librdkafka refuses {k:?}: {why}"));
+        }
     }
     Some(KafkaSinkSpec { properties: props, topic: topic?, key, message_timeout: c.message_timeout.0 })
 }
@@ -418,7 +423,8 @@ pub fn kafka_topic_name(name: &str) -> Result<(), String> {
 fn amqp(cx: &mut Ctx<'_, '_>, c: AmqpSinkConfig) -> Option<AmqpSinkSpec> {
     let url = cx.secret("url", &c.url)?;
     if let Err(e) = url.expose().parse::<lapin::uri::AMQPUri>() {
-        // The parser's message does not echo the URL (which may hold a password).
+        // Some of the parser's messages repeat the URL, which may hold a password.
+        let e = if url.expose().is_empty() { e } else { e.replace(url.expose(), "<url>") };
         cx.error("url", &format!("not an amqp:// or amqps:// URL: {e}"));
     }
     let kinds = ["direct", "fanout", "topic", "headers"];
@@ -452,4 +458,74 @@ fn amqp(cx: &mut Ctx<'_, '_>, c: AmqpSinkConfig) -> Option<AmqpSinkSpec> {
         mandatory: c.mandatory,
         timeout: c.timeout.0,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::{Config, ProcessEnv};
+
+    fn parse(sinks: &str) -> Result<Config, String> {
+        let text = format!(
+            "[sources.c]\nkind = \"clockify\"\nsecrets = [\"s\"]\n{sinks}\n[[routes]]\nname = \"r\"\nto = [\"x\"]\n"
+        );
+        Config::parse(&text, None, Path::new("."), &ProcessEnv).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn broker_sinks_get_their_defaults() {
+        let c = parse(
+            "[sinks.x]\nkind = \"amqp\"\nurl = \"amqp://u:p@h:5672/%2f\"\nexchange = { name = \"e\" }\nrouting_key = \"{event}\"",
+        )
+        .unwrap();
+        let s = &c.sinks["x"];
+        assert_eq!(s.max_in_flight, 256);
+        assert_eq!(s.retry.max_backoff, Duration::from_secs(60), "broker sinks back off at most a minute");
+        let SinkKind::Amqp(a) = &s.kind else { panic!("{s:?}") };
+        assert!(a.declare && a.durable && a.mandatory);
+        assert_eq!((a.exchange_type.as_str(), a.timeout), ("topic", Duration::from_secs(10)));
+
+        let c = parse("[sinks.x]\nkind = \"kafka\"\nbrokers = [\"h:9092\"]\ntopic = \"t.{event}\"").unwrap();
+        let SinkKind::Kafka(k) = &c.sinks["x"].kind else { panic!() };
+        let prop = |name: &str| k.properties.iter().find(|(p, _)| p == name).map(|(_, v)| v.expose().to_owned());
+        assert_eq!(prop("acks").as_deref(), Some("all"));
+        assert_eq!(prop("enable.idempotence").as_deref(), Some("true"));
+        assert_eq!(prop("message.timeout.ms").as_deref(), Some("30000"));
+        assert_eq!(prop("bootstrap.servers").as_deref(), Some("h:9092"));
+        let http = parse("[sinks.x]\nkind = \"http\"\nurl = \"http://h/\"").unwrap();
+        assert_eq!(http.sinks["x"].retry.max_backoff, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn errors_never_repeat_a_broker_password() {
+        // A URL the AMQP parser refuses is echoed by the parser itself: hookbridge must not pass it on.
+        let e = parse(
+            "[sinks.x]\nkind = \"amqp\"\nurl = \"amqp:user:hunter2\"\nexchange = { name = \"e\" }\nrouting_key = \"k\"",
+        )
+        .unwrap_err();
+        assert!(e.contains("sinks.x.url") && !e.contains("hunter2"), "{e}");
+        let e = parse(
+            "[sinks.x]\nkind = \"kafka\"\nbrokers = [\"h:1\"]\ntopic = \"t\"\noptions = { \"socket.timeout.ms\" = \"hunter2\" }",
+        )
+        .unwrap_err();
+        assert!(e.contains("socket.timeout.ms") && !e.contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn tls_and_sasl_need_the_build_features_they_use() {
+        let e = parse("[sinks.x]\nkind = \"kafka\"\nbrokers = [\"h:1\"]\ntopic = \"t\"\nsecurity_protocol = \"ssl\"");
+        assert_eq!(e.is_ok(), KAFKA_TLS, "{e:?}");
+        if let Err(e) = e {
+            assert!(e.contains("--features kafka-tls"), "{e}");
+        }
+        let e = parse("[sinks.x]\nkind = \"kafka\"\nbrokers = [\"h:1\"]\ntopic = \"t\"\nsasl_username = \"u\"")
+            .unwrap_err();
+        assert!(e.contains("sasl_plaintext or sasl_ssl"), "{e}");
+        let ok = parse(
+            "[sinks.x]\nkind = \"kafka\"\nbrokers = [\"h:1\"]\ntopic = \"t\"\nsecurity_protocol = \"sasl_plaintext\"\nsasl_mechanism = \"PLAIN\"\nsasl_username = \"u\"\nsasl_password = \"p\"",
+        );
+        assert!(ok.is_ok(), "{ok:?}");
+    }
 }
