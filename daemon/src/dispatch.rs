@@ -269,6 +269,10 @@ impl Dispatcher {
             let (outcome, delay) = match result {
                 Ok(()) => {
                     self.metrics.delivery(&self.sink_id, "delivered", seconds);
+                    if !row.replay {
+                        let since = (now_ms() - row.event.received_at_ms).max(0) as f64 / 1000.0;
+                        self.metrics.event_latency(&self.sink_id, since);
+                    }
                     (Outcome::Delivered, None)
                 }
                 Err(SinkError::Permanent { message, .. }) => {

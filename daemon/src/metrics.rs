@@ -38,6 +38,9 @@ pub const PREDICATE_ERRORS_TOTAL: &str = "hookbridge_route_predicate_errors_tota
 pub const DELIVERIES_TOTAL: &str = "hookbridge_deliveries_total";
 /// `hookbridge_delivery_duration_seconds{sink}`: time of one delivery attempt.
 pub const DELIVERY_DURATION: &str = "hookbridge_delivery_duration_seconds";
+/// `hookbridge_event_latency_seconds{sink}`: from receiving a webhook to the sink's acknowledgement of its
+/// first delivery (retries included, replays not).
+pub const EVENT_LATENCY: &str = "hookbridge_event_latency_seconds";
 /// `hookbridge_spool_pending_events`: events with unfinished deliveries.
 pub const SPOOL_EVENTS: &str = "hookbridge_spool_pending_events";
 /// `hookbridge_spool_pending_bytes`: body bytes of those events.
@@ -67,6 +70,7 @@ pub struct Metrics {
     predicate_errors: IntCounterVec,
     deliveries: IntCounterVec,
     delivery_duration: HistogramVec,
+    event_latency: HistogramVec,
     spool_events: IntGauge,
     spool_bytes: IntGauge,
     spool_deliveries: IntGauge,
@@ -154,6 +158,22 @@ impl Metrics {
             )?,
             deliveries: counter(&r, DELIVERIES_TOTAL, "Delivery attempts, by sink and outcome.", &["sink", "outcome"])?,
             delivery_duration: histogram(&r, DELIVERY_DURATION, "Time of one delivery attempt.", &["sink"])?,
+            event_latency: {
+                let buckets = vec![
+                    0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0,
+                    3600.0,
+                ];
+                let h = HistogramVec::new(
+                    HistogramOpts::new(
+                        EVENT_LATENCY,
+                        "From receiving a webhook to its first delivery's acknowledgement.",
+                    )
+                    .buckets(buckets),
+                    &["sink"],
+                )?;
+                r.register(Box::new(h.clone()))?;
+                h
+            },
             spool_events: gauge(&r, SPOOL_EVENTS, "Events with unfinished deliveries.")?,
             spool_bytes: gauge(&r, SPOOL_BYTES, "Body bytes of events with unfinished deliveries.")?,
             spool_deliveries: gauge(&r, SPOOL_DELIVERIES, "Unfinished deliveries.")?,
@@ -244,6 +264,11 @@ impl Metrics {
     pub fn predicate_error(&self, route: &str, error: &str) {
         tracing::warn!(route, error, "route predicate failed; treated as no match");
         self.predicate_errors.with_label_values(&[route]).inc();
+    }
+
+    /// An event's first delivery to `sink` succeeded `seconds` after the webhook was received.
+    pub fn event_latency(&self, sink: &str, seconds: f64) {
+        self.event_latency.with_label_values(&[sink]).observe(seconds);
     }
 
     /// A delivery attempt ended.
