@@ -40,6 +40,9 @@ pub enum BridgeError {
     /// The new config is invalid.
     #[error("invalid config:\n{0}")]
     Config(String),
+    /// A plugin could not be loaded.
+    #[error("{0}")]
+    Plugin(String),
     /// Metrics registration failed.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
@@ -61,6 +64,8 @@ struct Inner {
     store: Store,
     metrics: Metrics,
     sinks: Mutex<HashMap<String, RunningSink>>,
+    /// The plugin runtime, created with the first plugin.
+    plugins: Mutex<Option<crate::plugin::Host>>,
     cancel: CancellationToken,
     shutdown_timeout: Duration,
     /// The config as last applied.
@@ -104,7 +109,62 @@ fn settings(config: &Config) -> Result<Settings, BridgeError> {
     })
 }
 
+/// Loads every plugin of `config` (on a blocking thread: compiling is CPU work), creating the host if needed.
+async fn load_plugins(
+    host: &mut Option<crate::plugin::Host>,
+    config: &Config,
+) -> Result<HashMap<String, crate::plugin::Plugin>, BridgeError> {
+    let specs: Vec<(String, crate::config::PluginSpec)> = config
+        .sinks
+        .values()
+        .filter_map(|s| match &s.kind {
+            crate::config::SinkKind::Plugin(p) => Some((s.id.clone(), p.clone())),
+            _ => None,
+        })
+        .collect();
+    if specs.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let existing = host.clone();
+    let data_dir = config.storage.data_dir.clone();
+    let (new_host, loaded) = tokio::task::spawn_blocking(move || {
+        let host = match existing {
+            Some(h) => h,
+            None => crate::plugin::Host::new(&data_dir)?,
+        };
+        let mut loaded = HashMap::new();
+        for (id, spec) in specs {
+            loaded.insert(id.clone(), host.load(&id, &spec)?);
+        }
+        Ok::<_, String>((host, loaded))
+    })
+    .await
+    .map_err(|e| BridgeError::Plugin(format!("plugin loading failed: {e}")))?
+    .map_err(BridgeError::Plugin)?;
+    *host = Some(new_host);
+    Ok(loaded)
+}
+
 impl Inner {
+    fn build_context<'a>(
+        &'a self,
+        plugins: &'a HashMap<String, crate::plugin::Plugin>,
+        config: &Config,
+    ) -> sinks::BuildContext<'a> {
+        sinks::BuildContext {
+            store: &self.store,
+            live: &self.shared.live,
+            metrics: &self.metrics,
+            plugins,
+            sink_ids: config
+                .sinks
+                .iter()
+                .filter(|(_, s)| !matches!(s.kind, crate::config::SinkKind::Plugin(_)))
+                .map(|(id, _)| id.clone())
+                .collect(),
+        }
+    }
+
     fn spawn_sink(&self, spec: &SinkSpec, sink: Arc<dyn sinks::Sink>) -> RunningSink {
         if let Ok(mut all) = self.shared.sinks.lock() {
             all.insert(spec.id.clone(), Arc::clone(&sink));
@@ -130,11 +190,9 @@ impl Bridge {
     pub async fn start(config: Config) -> Result<Bridge, BridgeError> {
         let settings = settings(&config)?;
         let metrics = Metrics::new()?;
-        let mut built = Vec::new();
-        for spec in config.sinks.values() {
-            built.push((spec.clone(), sinks::build(spec)?));
-        }
         let store = Store::open(&config.storage.data_dir)?;
+        let mut host = None;
+        let plugins = load_plugins(&mut host, &config).await?;
         for source in config.sources.values() {
             tracing::info!(source = %source.id, kind = source.scheme.kind(), path = %source.path, "source ready");
         }
@@ -148,6 +206,7 @@ impl Bridge {
             shutting_down: AtomicBool::new(false),
             last_ready: std::sync::Mutex::new(None),
             sinks: std::sync::Mutex::new(std::collections::BTreeMap::new()),
+            live: crate::live::Live::default(),
         });
         let cancel = CancellationToken::new();
         let inner = Arc::new(Inner {
@@ -155,17 +214,24 @@ impl Bridge {
             store: store.clone(),
             metrics,
             sinks: Mutex::new(HashMap::new()),
+            plugins: Mutex::new(host.clone()),
             cancel: cancel.clone(),
             shutdown_timeout: config.server.shutdown_timeout.0,
             config: std::sync::Mutex::new(config.clone()),
         });
         {
+            let cx = inner.build_context(&plugins, &config);
+            let mut built = Vec::new();
+            for spec in config.sinks.values() {
+                built.push((spec.clone(), sinks::build(spec, &cx)?));
+            }
             let mut running = inner.sinks.lock().await;
             for (spec, sink) in built {
                 running.insert(spec.id.clone(), inner.spawn_sink(&spec, sink));
             }
         }
-        let housekeeping = tokio::spawn(housekeeping(store, config.storage.retention.0, cancel.child_token()));
+        let kv = host.as_ref().map(|h| h.kv().clone());
+        let housekeeping = tokio::spawn(housekeeping(store, kv, config.storage.retention.0, cancel.child_token()));
         Ok(Bridge { inner, housekeeping, admin: config.admin })
     }
 
@@ -263,11 +329,18 @@ impl Reloader {
     pub async fn reload(&self, config: Config) -> Result<(), BridgeError> {
         let new_settings = settings(&config)?;
         let mut running = self.inner.sinks.lock().await;
+        // Plugins are loaded again on every reload (their .wasm may have changed), and restarted.
+        let plugins = {
+            let mut host = self.inner.plugins.lock().await;
+            load_plugins(&mut host, &config).await?
+        };
+        let cx = self.inner.build_context(&plugins, &config);
         let mut built = Vec::new();
         for spec in config.sinks.values() {
-            let unchanged = running.get(&spec.id).is_some_and(|r| r.spec == *spec);
+            let is_plugin = matches!(spec.kind, crate::config::SinkKind::Plugin(_));
+            let unchanged = !is_plugin && running.get(&spec.id).is_some_and(|r| r.spec == *spec);
             if !unchanged {
-                built.push((spec.clone(), sinks::build(spec)?));
+                built.push((spec.clone(), sinks::build(spec, &cx)?));
             }
         }
         if let Ok(old) = self.inner.config.lock() {
@@ -338,7 +411,7 @@ impl Reloader {
 
 /// Prunes past retention every [`PRUNE_INTERVAL`], and recounts the spool gauges every [`DISPATCH_POLL`]
 /// (an operator may have changed the spool from another process).
-async fn housekeeping(store: Store, retention: Duration, cancel: CancellationToken) {
+async fn housekeeping(store: Store, kv: Option<crate::plugin::kv::Kv>, retention: Duration, cancel: CancellationToken) {
     let mut last_prune: Option<std::time::Instant> = None;
     loop {
         if last_prune.is_none_or(|t| t.elapsed() >= PRUNE_INTERVAL) {
@@ -361,6 +434,13 @@ async fn housekeeping(store: Store, retention: Duration, cancel: CancellationTok
             }
             if total > 0 {
                 tracing::info!(events = total, "pruned finished events past retention");
+            }
+            if let Some(kv) = kv.clone() {
+                match tokio::task::spawn_blocking(move || kv.prune()).await {
+                    Ok(Ok(n)) if n > 0 => tracing::info!(keys = n, "pruned expired plugin keys"),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "pruning plugin keys failed"),
+                    _ => {}
+                }
             }
         } else if let Err(e) = store.resync().await {
             tracing::warn!(error = %e, "cannot recount the spool");

@@ -48,6 +48,8 @@ pub struct Shared {
     pub shutting_down: AtomicBool,
     /// When readiness last proved the spool writable.
     pub last_ready: std::sync::Mutex<Option<Instant>>,
+    /// Live channels that plugins publish to (`GET /live/<channel>`).
+    pub live: crate::live::Live,
     /// Running sinks by id (for their connection state in `/readyz` and `/metrics`).
     pub sinks: std::sync::Mutex<std::collections::BTreeMap<String, Arc<dyn crate::sinks::Sink>>>,
 }
@@ -89,6 +91,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/live/{channel}", get(live))
         .fallback(webhook)
         .with_state(shared)
 }
@@ -128,6 +131,13 @@ async fn readyz(State(s): State<Arc<Shared>>) -> Response {
         }
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"status": "spool too slow"}))).into_response(),
     }
+}
+
+async fn live(State(s): State<Arc<Shared>>, axum::extract::Path(channel): axum::extract::Path<String>) -> Response {
+    if !crate::live::valid_channel(&channel) {
+        return error(StatusCode::NOT_FOUND, "no such channel");
+    }
+    s.live.stream(&channel).into_response()
 }
 
 async fn metrics(State(s): State<Arc<Shared>>) -> Response {

@@ -69,6 +69,20 @@ pub(crate) fn default_kafka_linger() -> HumanDuration {
 pub(crate) fn default_amqp_exchange_type() -> String {
     "topic".to_owned()
 }
+pub(crate) fn default_plugin_memory() -> HumanSize {
+    HumanSize(64 * 1024 * 1024)
+}
+pub(crate) fn default_plugin_time() -> HumanDuration {
+    HumanDuration(Duration::from_millis(100))
+}
+pub(crate) fn default_plugin_http_rate() -> u32 {
+    20
+}
+pub(crate) fn default_plugin_in_flight() -> usize {
+    4
+}
+/// Largest `memory_limit` a plugin may have (the pooling allocator reserves this much address space per slot).
+pub const PLUGIN_MAX_MEMORY: u64 = 1024 * 1024 * 1024;
 pub(crate) fn yes() -> bool {
     true
 }

@@ -77,11 +77,55 @@ enum Command {
         #[command(subcommand)]
         command: DlqCommand,
     },
+    /// Plugin authors' tools.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
     /// Show Clockodo validation handshake secrets received (newest first), to enter in Clockodo.
     Handshakes {
         /// Config file (for the data directory).
         #[arg(long, short, env = "HOOKBRIDGE_CONFIG")]
         config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Run a plugin on one event without a daemon; print its actions, logs, time and memory.
+    Test {
+        /// The plugin component (.wasm).
+        #[arg(long)]
+        plugin: PathBuf,
+        /// The plugin's config, as JSON (what `[plugins.<id>.config]` holds).
+        #[arg(long, default_value = "{}")]
+        config: String,
+        /// Event type.
+        #[arg(long)]
+        event: String,
+        /// Source id the event seems to come from.
+        #[arg(long, default_value = "clockify")]
+        source: String,
+        /// A host the plugin may call (repeat for several), as in `allowed_hosts`.
+        #[arg(long = "allow-host")]
+        allow_hosts: Vec<String>,
+        /// Wall time limit.
+        #[arg(long, default_value = "100ms")]
+        time_limit: humantime::Duration,
+        /// Memory limit in MiB.
+        #[arg(long, default_value_t = 64)]
+        memory_mib: u64,
+        /// Fuel limit.
+        #[arg(long)]
+        fuel: Option<u64>,
+        /// Keep the plugin's key-value store in this folder (default: a fresh temporary one).
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// JSON body file.
+        body: PathBuf,
     },
 }
 
@@ -227,11 +271,25 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         }
         Command::Check { config: path } => match hookbridge::Config::load(&path) {
             Ok(c) => {
+                let plugin_errors = tokio::task::spawn_blocking({
+                    let c = c.clone();
+                    move || hookbridge::plugin::check_all(&c)
+                })
+                .await?;
+                if !plugin_errors.is_empty() {
+                    for e in plugin_errors {
+                        println!("{}: {e}", path.display());
+                    }
+                    return Ok(ExitCode::FAILURE);
+                }
+                let plugins =
+                    c.sinks.values().filter(|s| matches!(s.kind, hookbridge::config::SinkKind::Plugin(_))).count();
                 println!(
-                    "{}: ok ({} sources, {} sinks, {} routes)",
+                    "{}: ok ({} sources, {} sinks, {} plugins, {} routes)",
                     path.display(),
                     c.sources.len(),
-                    c.sinks.len(),
+                    c.sinks.len() - plugins,
+                    plugins,
                     c.routes.len()
                 );
                 Ok(ExitCode::SUCCESS)
@@ -251,6 +309,41 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 .await?;
             println!("{} -> {}\n{}", r.url, r.status, r.body);
             Ok(if (200..300).contains(&r.status) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::Plugin {
+            command:
+                PluginCommand::Test {
+                    plugin,
+                    config,
+                    event,
+                    source,
+                    allow_hosts,
+                    time_limit,
+                    memory_mib,
+                    fuel,
+                    data_dir,
+                    json,
+                    body,
+                },
+        } => {
+            let args = hookbridge::plugin::cli::TestArgs {
+                plugin,
+                config,
+                event,
+                source,
+                allow_hosts,
+                time_limit: time_limit.into(),
+                memory_limit: memory_mib * 1024 * 1024,
+                fuel,
+                data_dir,
+                json,
+                body,
+            };
+            let (text, ok) = tokio::task::spawn_blocking(move || hookbridge::plugin::cli::test(&args))
+                .await?
+                .map_err(anyhow::Error::msg)?;
+            print!("{text}");
+            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Command::Events { command } => events(command),
         Command::Dlq { command } => dlq(command),

@@ -25,6 +25,15 @@ pub const DEAD_LETTERS: &str = "hookbridge_dead_letters";
 pub const OLDEST_PENDING_AGE: &str = "hookbridge_oldest_pending_age_seconds";
 /// `hookbridge_sink_connected{sink}`: 1 while a broker sink (`kafka`, `amqp`) is connected, else 0.
 pub const SINK_CONNECTED: &str = "hookbridge_sink_connected";
+/// `hookbridge_plugin_invocations_total{plugin}`: plugin runs.
+pub const PLUGIN_INVOCATIONS: &str = "hookbridge_plugin_invocations_total";
+/// `hookbridge_plugin_failures_total{plugin,kind}`: failed runs by kind (`trap`, `timeout`, `memory`, `fuel`,
+/// `retryable`, `permanent`, `instantiate`, ...).
+pub const PLUGIN_FAILURES: &str = "hookbridge_plugin_failures_total";
+/// `hookbridge_plugin_duration_seconds{plugin}`: time of one run, instantiation included.
+pub const PLUGIN_DURATION: &str = "hookbridge_plugin_duration_seconds";
+/// `hookbridge_plugin_fuel_used_total{plugin}`: fuel the runs used.
+pub const PLUGIN_FUEL: &str = "hookbridge_plugin_fuel_used_total";
 /// `hookbridge_config_reloads_total{result}`: configuration reloads, `ok` or `error` (the old config stays).
 pub const RELOADS_TOTAL: &str = "hookbridge_config_reloads_total";
 /// `hookbridge_secret_matches_total{source,secret}`: verified requests by which configured secret matched
@@ -67,6 +76,10 @@ pub struct Metrics {
     dead_letters: IntGaugeVec,
     oldest_pending: prometheus::GaugeVec,
     sink_connected: IntGaugeVec,
+    plugin_invocations: IntCounterVec,
+    plugin_failures: IntCounterVec,
+    plugin_duration: HistogramVec,
+    plugin_fuel: IntCounterVec,
     predicate_errors: IntCounterVec,
     deliveries: IntCounterVec,
     delivery_duration: HistogramVec,
@@ -150,6 +163,21 @@ impl Metrics {
                 r.register(Box::new(g.clone()))?;
                 g
             },
+            plugin_invocations: counter(&r, PLUGIN_INVOCATIONS, "Plugin runs.", &["plugin"])?,
+            plugin_failures: counter(&r, PLUGIN_FAILURES, "Failed plugin runs, by kind.", &["plugin", "kind"])?,
+            plugin_duration: {
+                let buckets = vec![
+                    0.00002, 0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+                ];
+                let h = HistogramVec::new(
+                    HistogramOpts::new(PLUGIN_DURATION, "Time of one plugin run, instantiation included.")
+                        .buckets(buckets),
+                    &["plugin"],
+                )?;
+                r.register(Box::new(h.clone()))?;
+                h
+            },
+            plugin_fuel: counter(&r, PLUGIN_FUEL, "Fuel used by plugin runs.", &["plugin"])?,
             predicate_errors: counter(
                 &r,
                 PREDICATE_ERRORS_TOTAL,
@@ -264,6 +292,16 @@ impl Metrics {
     pub fn predicate_error(&self, route: &str, error: &str) {
         tracing::warn!(route, error, "route predicate failed; treated as no match");
         self.predicate_errors.with_label_values(&[route]).inc();
+    }
+
+    /// A plugin ran.
+    pub fn plugin_invocation(&self, plugin: &str, seconds: f64, fuel: u64, failure: Option<&crate::plugin::Failure>) {
+        self.plugin_invocations.with_label_values(&[plugin]).inc();
+        self.plugin_duration.with_label_values(&[plugin]).observe(seconds);
+        self.plugin_fuel.with_label_values(&[plugin]).inc_by(fuel);
+        if let Some(f) = failure {
+            self.plugin_failures.with_label_values(&[plugin, f.kind()]).inc();
+        }
     }
 
     /// An event's first delivery to `sink` succeeded `seconds` after the webhook was received.

@@ -175,7 +175,7 @@ async fn replay_one_event_and_a_time_range_marks_replays() {
         .output()
         .unwrap();
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no sink \"nope\""));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no sink or plugin \"nope\""));
     bridge.stop().await;
     receiver.stop().await;
 }

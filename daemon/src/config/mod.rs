@@ -5,6 +5,7 @@
 //! sources and sinks). Building running components from a [`Config`] is the bridge's job, not this module's.
 
 mod errors;
+mod plugins;
 pub mod secret;
 mod sinks;
 pub mod types;
@@ -20,6 +21,7 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
 pub use errors::{ConfigError, ConfigErrors};
+pub use plugins::PluginSpec;
 pub use secret::{Env, ProcessEnv, SecretSpec, SecretString};
 use sinks::de_sink;
 pub use sinks::{
@@ -71,6 +73,8 @@ pub struct Config {
 
 /// Paths that webhooks may not use because the daemon serves something else there.
 const RESERVED_PATHS: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
+/// Path prefixes the daemon serves (live channels).
+const RESERVED_PREFIXES: [&str; 1] = ["/live/"];
 
 impl Config {
     /// Reads and validates a config file, with secrets from the process environment.
@@ -105,13 +109,14 @@ impl Config {
         let mut raw_sources = Vec::new();
         let mut raw_sinks = Vec::new();
         let mut raw_routes = Vec::new();
+        let mut raw_plugins = Vec::new();
         for (key, value) in root.iter() {
             let name: &str = key.get_ref();
             match name {
                 "server" => server = de::<ServerConfig>(&mut errs, "server", value),
                 "storage" => storage = de::<StorageConfig>(&mut errs, "storage", value),
                 "admin" => admin_raw = de::<AdminConfig>(&mut errs, "admin", value),
-                "sources" | "sinks" => match value.get_ref() {
+                "sources" | "sinks" | "plugins" => match value.get_ref() {
                     DeValue::Table(table) => {
                         for (id, entry) in table.iter() {
                             let id: &str = id.get_ref();
@@ -125,6 +130,8 @@ impl Config {
                             }
                             if name == "sources" {
                                 raw_sources.push((id.to_owned(), entry.span(), de_source(&mut errs, &at, entry)));
+                            } else if name == "plugins" {
+                                raw_plugins.push((id.to_owned(), de::<PluginConfig>(&mut errs, &at, entry)));
                             } else {
                                 raw_sinks.push((id.to_owned(), entry.span(), de_sink(&mut errs, &at, entry)));
                             }
@@ -144,7 +151,7 @@ impl Config {
                 other => errs.push_span(
                     Some(key.span()),
                     other,
-                    "unknown section (expected server, storage, admin, sources, sinks, routes)".into(),
+                    "unknown section (expected server, storage, admin, sources, sinks, plugins, routes)".into(),
                 ),
             }
         }
@@ -199,7 +206,9 @@ impl Config {
                     &root,
                     &format!("path {path:?} must start with '/' and be a plain path"),
                 );
-            } else if RESERVED_PATHS.contains(&path.as_str()) {
+            } else if RESERVED_PATHS.contains(&path.as_str())
+                || RESERVED_PREFIXES.iter().any(|p| path.starts_with(p) || path == p.trim_end_matches('/'))
+            {
                 errs.locate(&format!("{at}.path"), &root, &format!("path {path} is reserved by the daemon"));
             } else if let Some(other) = paths.insert(path.clone(), id.clone()) {
                 errs.push_span(Some(span), &at, format!("path {path} is already used by source {other:?}"));
@@ -218,6 +227,17 @@ impl Config {
             let Some(raw) = raw else { continue };
             let at = format!("sinks.{id}");
             if let Some(spec) = raw.validate(&id, &at, &root, &mut errs, base, env) {
+                sinks.insert(id, spec);
+            }
+        }
+        // Plugins share the sinks' namespace: routes name either in `to`.
+        for (id, raw) in raw_plugins {
+            let Some(raw) = raw else { continue };
+            if sinks.contains_key(&id) {
+                errs.locate(&format!("plugins.{id}"), &root, &format!("{id:?} is already the id of a sink"));
+                continue;
+            }
+            if let Some(spec) = plugins::validate(&id, raw, &root, &mut errs, base, env) {
                 sinks.insert(id, spec);
             }
         }
@@ -243,8 +263,11 @@ impl Config {
                 }
             }
             for (j, t) in r.to.iter().enumerate() {
-                if !sinks.contains_key(t) && !errs.mentions(&format!("sinks.{t}")) {
-                    errs.locate(&format!("{at}.to[{j}]"), &root, &format!("no sink {t:?} is defined"));
+                if !sinks.contains_key(t)
+                    && !errs.mentions(&format!("sinks.{t}"))
+                    && !errs.mentions(&format!("plugins.{t}"))
+                {
+                    errs.locate(&format!("{at}.to[{j}]"), &root, &format!("no sink or plugin {t:?} is defined"));
                 }
             }
             let _ = span;

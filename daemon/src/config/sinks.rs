@@ -88,6 +88,8 @@ pub enum SinkKind {
     Kafka(KafkaSinkSpec),
     /// Publish to an AMQP 0-9-1 exchange.
     Amqp(AmqpSinkSpec),
+    /// Run a WebAssembly plugin (`[plugins.<id>]`).
+    Plugin(super::plugins::PluginSpec),
 }
 
 impl SinkKind {
@@ -98,6 +100,7 @@ impl SinkKind {
             SinkKind::File(_) => "file",
             SinkKind::Kafka(_) => "kafka",
             SinkKind::Amqp(_) => "amqp",
+            SinkKind::Plugin(_) => "plugin",
         }
     }
 }

@@ -428,6 +428,52 @@ pub struct AmqpSinkConfig {
     pub retry: RetryConfig,
 }
 
+/// `[plugins.<id>]`: a WebAssembly component run as a destination of routes (see the README's plugins).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginConfig {
+    /// The component (`.wasm`, built for `wasm32-wasip2`); relative to the config file.
+    pub path: PathBuf,
+    /// The plugin's own settings, passed to its `init` as JSON.
+    #[serde(default)]
+    pub config: serde_json::Map<String, serde_json::Value>,
+    /// Secrets added to `config` under their keys (e.g. `api_key = "${CLOCKIFY_API_KEY}"`), so that they
+    /// are written as references, not values.
+    #[serde(default)]
+    pub secrets: BTreeMap<String, SecretSpec>,
+    /// Hosts the plugin may send HTTP requests to: `api.clockify.me`, `127.0.0.1:8080` (that port only),
+    /// `*.clockify.me` (any subdomain). Default none.
+    #[serde(default)]
+    pub allowed_hosts: Vec<String>,
+    /// Most linear memory one invocation may use. Default `64MiB`, at most `1GiB`.
+    #[serde(default = "limits::default_plugin_memory")]
+    pub memory_limit: HumanSize,
+    /// Wall time one invocation may take, host calls included. Default `100ms`.
+    #[serde(default = "limits::default_plugin_time")]
+    pub time_limit: HumanDuration,
+    /// Fuel (roughly, WebAssembly instructions) one invocation may use. Default: no limit.
+    pub fuel: Option<u64>,
+    /// Timeout of one outbound HTTP request (also bounded by what is left of `time_limit`). Default `5s`.
+    #[serde(default = "limits::default_sink_timeout")]
+    pub http_timeout: HumanDuration,
+    /// Outbound HTTP requests per second, per plugin (a burst of as many is allowed). Default 20.
+    #[serde(default = "limits::default_plugin_http_rate")]
+    pub http_rate_limit: u32,
+    /// Environment variables granted to the plugin (values are secrets). Default none.
+    #[serde(default)]
+    pub env: BTreeMap<String, SecretSpec>,
+    /// Host folders granted read-only, by the path the plugin sees: `{ "/data" = "plugin-data" }`. Default
+    /// none.
+    #[serde(default)]
+    pub dirs: BTreeMap<String, PathBuf>,
+    /// Events handled at once. Default 4.
+    #[serde(default = "limits::default_plugin_in_flight")]
+    pub max_in_flight: usize,
+    /// Retry backoff of failed invocations.
+    #[serde(default)]
+    pub retry: RetryConfig,
+}
+
 /// `[[routes]]`: which events go where.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -442,6 +488,6 @@ pub struct RouteConfig {
     pub events: Vec<String>,
     /// Optional CEL predicate over `event`, `source`, `headers` and `body`, e.g. `body.billable == true`.
     pub when: Option<String>,
-    /// Sink ids to deliver to (fan-out when several).
+    /// Sink or plugin ids to deliver to (fan-out when several).
     pub to: Vec<String>,
 }

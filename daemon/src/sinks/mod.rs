@@ -10,6 +10,7 @@ mod amqp;
 mod file;
 mod http;
 mod kafka;
+mod plugin;
 
 use std::fmt::Debug;
 use std::future::Future;
@@ -21,6 +22,7 @@ pub use amqp::AmqpSink;
 pub use file::FileSink;
 pub use http::HttpSink;
 pub use kafka::KafkaSink;
+pub use plugin::PluginSink;
 
 use crate::config::{SinkKind, SinkSpec};
 use crate::event::Event;
@@ -142,13 +144,38 @@ pub struct BuildError {
     pub message: String,
 }
 
-/// Builds the running sink for a spec (opens files, creates clients).
-pub fn build(spec: &SinkSpec) -> Result<Arc<dyn Sink>, BuildError> {
+/// What building a sink may need besides its spec.
+#[derive(Debug)]
+pub struct BuildContext<'a> {
+    /// The spool (plugins store their emits there).
+    pub store: &'a crate::store::Store,
+    /// Live channels (plugins publish there).
+    pub live: &'a crate::live::Live,
+    /// Telemetry.
+    pub metrics: &'a crate::metrics::Metrics,
+    /// Loaded plugins by id.
+    pub plugins: &'a std::collections::HashMap<String, crate::plugin::Plugin>,
+    /// Every configured sink id (what a plugin may emit to).
+    pub sink_ids: Vec<String>,
+}
+
+/// Builds the running sink for a spec (opens files, creates clients; plugins must be loaded already).
+pub fn build(spec: &SinkSpec, cx: &BuildContext<'_>) -> Result<Arc<dyn Sink>, BuildError> {
     let err = |message: String| BuildError { id: spec.id.clone(), message };
     Ok(match &spec.kind {
         SinkKind::Http(h) => Arc::new(HttpSink::new(h).map_err(err)?),
         SinkKind::File(f) => Arc::new(FileSink::open(f).map_err(err)?),
         SinkKind::Kafka(k) => Arc::new(KafkaSink::new(&spec.id, k).map_err(err)?),
         SinkKind::Amqp(a) => Arc::new(AmqpSink::new(&spec.id, a)),
+        SinkKind::Plugin(_) => {
+            let plugin = cx.plugins.get(&spec.id).ok_or_else(|| err("the plugin was not loaded".into()))?;
+            Arc::new(PluginSink::new(
+                plugin.clone(),
+                cx.store.clone(),
+                cx.live.clone(),
+                cx.metrics.clone(),
+                cx.sink_ids.clone(),
+            ))
+        }
     })
 }

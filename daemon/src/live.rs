@@ -1,0 +1,95 @@
+//! Live channels: what plugins `publish`, streamed to web clients as Server-Sent Events at
+//! `GET /live/<channel>`. Best effort by design (a slow client skips payloads rather than holding memory),
+//! but each channel keeps its last payload and sends it first to every new client, so a page shows the
+//! current state as soon as it connects.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use tokio::sync::broadcast;
+
+/// Payloads buffered per client before it starts skipping.
+const BUFFER: usize = 64;
+/// Most channels (clients cannot make the daemon keep an unbounded number by asking for names).
+const MAX_CHANNELS: usize = 256;
+
+/// The channels of one daemon.
+#[derive(Debug, Clone, Default)]
+pub struct Live {
+    channels: Arc<Mutex<HashMap<String, Channel>>>,
+}
+
+#[derive(Debug)]
+struct Channel {
+    tx: broadcast::Sender<Arc<str>>,
+    last: Option<Arc<str>>,
+}
+
+impl Channel {
+    fn new() -> Self {
+        Channel { tx: broadcast::channel(BUFFER).0, last: None }
+    }
+}
+
+/// Whether a channel name is acceptable (it is part of a URL path).
+pub fn valid_channel(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+impl Live {
+    /// Sends `payload` to the channel's clients and keeps it as the channel's last payload.
+    pub fn publish(&self, channel: &str, payload: &str) {
+        let Ok(mut channels) = self.channels.lock() else { return };
+        if !channels.contains_key(channel) && channels.len() >= MAX_CHANNELS {
+            tracing::warn!(channel, "too many live channels; payload dropped");
+            return;
+        }
+        let c = channels.entry(channel.to_owned()).or_insert_with(Channel::new);
+        let payload: Arc<str> = Arc::from(payload);
+        c.last = Some(Arc::clone(&payload));
+        // No client listening is fine.
+        let _ = c.tx.send(payload);
+    }
+
+    /// The channel's last payload, if any.
+    pub fn last(&self, channel: &str) -> Option<Arc<str>> {
+        self.channels.lock().ok()?.get(channel).and_then(|c| c.last.clone())
+    }
+
+    fn subscribe(&self, channel: &str) -> (Option<Arc<str>>, broadcast::Receiver<Arc<str>>) {
+        match self.channels.lock() {
+            Ok(mut channels) if channels.contains_key(channel) || channels.len() < MAX_CHANNELS => {
+                let c = channels.entry(channel.to_owned()).or_insert_with(Channel::new);
+                (c.last.clone(), c.tx.subscribe())
+            }
+            _ => (None, broadcast::channel(1).1),
+        }
+    }
+
+    /// The SSE response for one client of `channel`: the last payload, then every new one.
+    pub fn stream(
+        &self,
+        channel: &str,
+    ) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>> + Send + 'static> {
+        let (last, rx) = self.subscribe(channel);
+        let stream = futures_util::stream::unfold((last, rx), |(last, mut rx)| async move {
+            if let Some(payload) = last {
+                return Some((Ok(SseEvent::default().data(&*payload)), (None, rx)));
+            }
+            loop {
+                match rx.recv().await {
+                    Ok(payload) => return Some((Ok(SseEvent::default().data(&*payload)), (None, rx))),
+                    // Too slow: skip to the newest payloads.
+                    Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        });
+        Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+    }
+}
