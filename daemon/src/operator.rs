@@ -49,7 +49,9 @@ fn open(config: &Config) -> Result<Operator, OperatorError> {
 
 fn check_sink(config: &Config, sink: Option<&str>) -> Result<(), OperatorError> {
     match sink {
-        Some(s) if !config.sinks.contains_key(s) => Err(OperatorError::Invalid(format!("no sink {s:?} in the config"))),
+        Some(s) if !config.sinks.contains_key(s) => {
+            Err(OperatorError::Invalid(format!("no sink or plugin {s:?} in the config")))
+        }
         _ => Ok(()),
     }
 }

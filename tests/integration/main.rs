@@ -12,6 +12,7 @@ mod config_check;
 mod crash;
 mod delivery;
 mod limits;
+mod plugins;
 mod quickstart;
 mod reliability;
 mod routing;

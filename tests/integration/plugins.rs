@@ -1,0 +1,389 @@
+//! WebAssembly plugins against the real host: the example plugin's emits reach an HTTP sink (also across a
+//! SIGKILL), the sandbox holds (time, memory, files, hosts, panics) while the daemon keeps serving, key-value
+//! state persists and is private, an incompatible interface version is refused, and `plugin test` shows
+//! what the daemon does. The components are built by `scripts/build-plugins` (the test command runs it).
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+const SECRET: &str = "plugin-secret";
+
+/// Path of a built example plugin.
+pub fn wasm(name: &str) -> PathBuf {
+    let path = repo_root().join("plugins/target/wasm32-wasip2/release").join(format!("{name}.wasm"));
+    assert!(path.is_file(), "{} is missing: run scripts/build-plugins (scripts/test does)", path.display());
+    path
+}
+
+fn repo_root() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+}
+
+fn entry(id: &str, billable: bool) -> String {
+    let body = String::from_utf8(read_fixture("clockify/NEW_TIME_ENTRY.json")).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["id"] = serde_json::json!(id);
+    v["billable"] = serde_json::json!(billable);
+    v.to_string()
+}
+
+/// The last payload of a live channel: reads the SSE stream until the first `data:` line.
+async fn live(bridge_url: &str, channel: &str) -> Option<serde_json::Value> {
+    let mut r = client().get(format!("{bridge_url}/live/{channel}")).send().await.unwrap();
+    assert_eq!(r.headers()["content-type"], "text/event-stream");
+    let mut text = String::new();
+    let got = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Ok(Some(chunk)) = r.chunk().await {
+            text.push_str(&String::from_utf8_lossy(&chunk));
+            if let Some(line) = text.lines().find(|l| l.starts_with("data:")) {
+                return Some(serde_json::from_str(line.trim_start_matches("data:").trim()).unwrap());
+            }
+        }
+        None
+    })
+    .await;
+    got.ok().flatten()
+}
+
+fn spawn(config: &std::path::Path, log: &std::path::Path) -> Child {
+    Command::new(binary())
+        .args(["run", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+async fn wait_healthy(url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !client().get(url).send().await.map(|r| r.status().is_success()).unwrap_or(false) {
+        assert!(Instant::now() < deadline, "daemon did not become healthy");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_example_plugins_emit_reaches_an_http_sink_even_across_a_sigkill() {
+    // The sink is down at first, so the emitted event is still pending when the daemon is killed.
+    let (down, addr) = hung_receiver().await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = dir.path().join("hookbridge.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[server]
+listen = "127.0.0.1:{port}"
+[storage]
+data_dir = "data"
+[sources.clockify]
+kind = "clockify"
+secrets = ["{SECRET}"]
+[sinks.billing]
+kind = "http"
+url = "http://{addr}/in"
+timeout = "300ms"
+retry = {{ initial_backoff = "50ms", max_backoff = "200ms" }}
+[plugins.billable]
+path = "{wasm}"
+config = {{ sink = "billing" }}
+[[routes]]
+name = "entries"
+events = ["NEW_TIME_ENTRY"]
+to = ["billable"]
+"#,
+            wasm = wasm("billable_filter").display()
+        ),
+    )
+    .unwrap();
+    let base = format!("http://127.0.0.1:{port}");
+    let mut daemon = spawn(&config, &dir.path().join("daemon1.log"));
+    wait_healthy(&format!("{base}/healthz")).await;
+    let post = |body: String| {
+        let url = format!("{base}/hooks/clockify");
+        async move {
+            let mut req = client().post(url).body(body);
+            for (k, v) in clockify_headers(SECRET, "NEW_TIME_ENTRY") {
+                req = req.header(k, v);
+            }
+            req.send().await.unwrap().status().as_u16()
+        }
+    };
+    assert_eq!(post(entry("billable-1", true)).await, 200);
+    assert_eq!(post(entry("not-billable", false)).await, 200);
+    // The plugin ran (its emit is stored, waiting for the sink), then the daemon dies.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = client().get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+        if metric(&m, r#"hookbridge_plugin_invocations_total{plugin="billable"}"#) >= 2.0
+            && metric(&m, r#"hookbridge_deliveries_total{outcome="retry",sink="billing"}"#) >= 1.0
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the plugin never ran:\n{m}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+
+    let receiver = Receiver::start_on(down.up().await).await;
+    let mut daemon = spawn(&config, &dir.path().join("daemon2.log"));
+    wait_healthy(&format!("{base}/healthz")).await;
+    let got = receiver.wait_for(1, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(receiver.received().len(), 1, "one billable entry, emitted once");
+    let r = &got[0];
+    let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(body["entryId"], "billable-1");
+    assert_eq!(body["durationSeconds"], 42480);
+    assert_eq!(r.headers["ce-type"], "billable.NEW_TIME_ENTRY");
+    assert_eq!(r.headers["ce-source"], "billable", "emitted events come from the plugin");
+    assert_eq!(r.headers["content-type"], "application/json");
+    daemon.kill().unwrap();
+    daemon.wait().unwrap();
+}
+
+/// One plugin per misbehaviour, each routed by its own event type; `good` counts events.
+fn sandbox_config(receiver: &str) -> String {
+    let sandbox = wasm("sandbox");
+    let mut toml = format!(
+        r#"
+[storage]
+data_dir = "{{dir}}/data"
+[sources.clockify]
+kind = "clockify"
+secrets = ["{SECRET}"]
+[sinks.out]
+kind = "http"
+url = "{receiver}"
+[plugins.good]
+path = "{counter}"
+config = {{ channel = "good" }}
+[[routes]]
+name = "good"
+events = ["GOOD"]
+to = ["good"]
+"#,
+        counter = wasm("counter").display()
+    );
+    for (id, extra) in [
+        ("loop", "time_limit = \"50ms\""),
+        ("alloc", "memory_limit = \"16MiB\""),
+        ("file", ""),
+        ("http", "allowed_hosts = [\"api.clockify.me\"]"),
+        ("panic", ""),
+    ] {
+        let url = if id == "http" { ", url = \"http://127.0.0.1:9/not-allowed\"" } else { "" };
+        toml.push_str(&format!(
+            r#"
+[plugins.{id}]
+path = "{path}"
+config = {{ mode = "{id}"{url} }}
+retry = {{ initial_backoff = "1s", max_backoff = "1s", max_attempts = 1 }}
+{extra}
+[[routes]]
+name = "{id}"
+events = ["{upper}"]
+to = ["{id}"]
+"#,
+            path = sandbox.display(),
+            upper = id.to_uppercase()
+        ));
+    }
+    toml
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_sandbox_stops_each_misbehaviour_and_the_daemon_keeps_serving() {
+    let receiver = Receiver::start().await;
+    let bridge = TestBridge::start(&sandbox_config(&receiver.url())).await;
+    let send = |event: &'static str| {
+        let b = &bridge;
+        // A body of its own each time (the same body again would be a duplicate).
+        let body = format!(r#"{{"id":"{}"}}"#, uuid::Uuid::now_v7());
+        async move { b.post("/hooks/clockify", &clockify_headers(SECRET, event), body).await.0 }
+    };
+    let mut good = 0.0;
+    for (event, plugin, kind) in [
+        ("LOOP", "loop", "timeout"),
+        ("ALLOC", "alloc", "memory"),
+        ("FILE", "file", "permanent"),
+        ("HTTP", "http", "permanent"),
+        ("PANIC", "panic", "trap"),
+    ] {
+        assert_eq!(send(event).await, 200);
+        bridge
+            .wait_metric(&format!(r#"hookbridge_plugin_failures_total{{kind="{kind}",plugin="{plugin}"}}"#), 1.0)
+            .await;
+        // The daemon keeps serving, and the next event to a good plugin succeeds.
+        assert_eq!(send("GOOD").await, 200);
+        good += 1.0;
+        bridge.wait_metric(r#"hookbridge_deliveries_total{outcome="delivered",sink="good"}"#, good).await;
+    }
+    // Every misbehaving delivery ended as a dead letter (max_attempts = 1), with the reason.
+    for plugin in ["loop", "alloc", "file", "http", "panic"] {
+        bridge.wait_metric(&format!(r#"hookbridge_dead_letters{{sink="{plugin}"}}"#), 1.0).await;
+    }
+    let dlq = bridge.cli(&["dlq", "list"]);
+    for reason in [
+        "stopped after its time limit of 50ms",
+        "refused more memory than its limit of 16777216 bytes",
+        "No such file or directory",
+        "environment variable not found",
+        "is not in this plugin's allowed_hosts",
+        "panicked at",
+    ] {
+        assert!(dlq.contains(reason), "dead letters should say {reason:?}:\n{dlq}");
+    }
+    // The infinite loop was stopped near its limit, not after it ran for long.
+    let m = bridge.metrics().await;
+    let slow = metric(&m, r#"hookbridge_plugin_duration_seconds_bucket{plugin="loop",le="0.25"}"#);
+    assert_eq!(slow, 1.0, "the loop plugin ran for more than 250 ms:\n{m}");
+    assert_eq!(live(&bridge.url(""), "good").await.unwrap()["GOOD"], 5);
+    bridge.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn key_value_state_survives_a_restart_and_is_private_to_each_plugin() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        r#"
+[storage]
+data_dir = "{data}"
+[sources.clockify]
+kind = "clockify"
+secrets = ["{SECRET}"]
+[plugins.a]
+path = "{counter}"
+config = {{ channel = "a" }}
+[plugins.b]
+path = "{counter}"
+config = {{ channel = "b" }}
+[[routes]]
+name = "to-a"
+events = ["A_EVENT"]
+to = ["a"]
+[[routes]]
+name = "to-b"
+events = ["B_EVENT"]
+to = ["b"]
+"#,
+        data = dir.path().join("data").display(),
+        counter = wasm("counter").display()
+    );
+    let bridge = TestBridge::start(&config).await;
+    for event in ["A_EVENT", "A_EVENT", "B_EVENT"] {
+        assert_eq!(
+            bridge
+                .post(
+                    "/hooks/clockify",
+                    &clockify_headers(SECRET, event),
+                    format!(r#"{{"n":"{}"}}"#, uuid::Uuid::now_v7())
+                )
+                .await
+                .0,
+            200
+        );
+    }
+    bridge.wait_metric(r#"hookbridge_deliveries_total{outcome="delivered",sink="a"}"#, 2.0).await;
+    bridge.wait_metric(r#"hookbridge_deliveries_total{outcome="delivered",sink="b"}"#, 1.0).await;
+    assert_eq!(live(&bridge.url(""), "a").await.unwrap(), serde_json::json!({"A_EVENT": 2}));
+    assert_eq!(live(&bridge.url(""), "b").await.unwrap(), serde_json::json!({"B_EVENT": 1}), "b sees only its keys");
+    bridge.stop().await;
+
+    // A new daemon on the same data directory: the counts go on.
+    let bridge = TestBridge::start(&config).await;
+    assert_eq!(bridge.post("/hooks/clockify", &clockify_headers(SECRET, "A_EVENT"), r#"{"n":"after"}"#).await.0, 200);
+    bridge.wait_metric(r#"hookbridge_deliveries_total{outcome="delivered",sink="a"}"#, 1.0).await;
+    assert_eq!(live(&bridge.url(""), "a").await.unwrap(), serde_json::json!({"A_EVENT": 3}));
+    bridge.stop().await;
+}
+
+#[test]
+fn a_plugin_built_for_another_major_version_is_refused_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("hookbridge.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[sources.c]\nkind = \"clockify\"\nsecrets = [\"s\"]\n[plugins.old]\npath = \"{}\"\n[[routes]]\nname = \"r\"\nto = [\"old\"]\n",
+            wasm("wit_v1").display()
+        ),
+    )
+    .unwrap();
+    let out = Command::new(binary()).args(["check", "--config"]).arg(&config).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(
+        stdout.contains("plugin old: it was built against hookbridge:plugin@1.0.0, but this hookbridge provides hookbridge:plugin@0.1.0"),
+        "{stdout}"
+    );
+    // The daemon refuses to start with it, with the same message.
+    let out = Command::new(binary()).args(["run", "--config"]).arg(&config).output().unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("hookbridge:plugin@1.0.0"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plugin_test_shows_what_the_daemon_does_with_the_same_event() {
+    let body_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(body_file.path(), entry("same-entry", true)).unwrap();
+    let out = Command::new(binary())
+        .args(["plugin", "test", "--json", "--plugin"])
+        .arg(wasm("billable_filter"))
+        .args(["--config", r#"{"sink":"billing"}"#, "--event", "NEW_TIME_ENTRY"])
+        .arg(body_file.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["outcome"], "ok");
+    assert_eq!(report["actions"].as_array().unwrap().len(), 1);
+    let action = &report["actions"][0];
+    assert_eq!((action["action"].as_str(), action["sink"].as_str()), (Some("emit"), Some("billing")));
+    assert_eq!(action["event_type"], "billable.NEW_TIME_ENTRY");
+    assert!(report["logs"][0]["message"].as_str().unwrap().contains("same-entry"));
+    assert!(report["duration_us"].as_u64().unwrap() > 0 && report["memory_bytes"].as_u64().unwrap() > 0);
+    let mut expected: serde_json::Value = serde_json::from_str(action["payload"].as_str().unwrap()).unwrap();
+
+    let receiver = Receiver::start().await;
+    let toml = format!(
+        r#"
+[storage]
+data_dir = "{{dir}}/data"
+[sources.clockify]
+kind = "clockify"
+secrets = ["{SECRET}"]
+[sinks.billing]
+kind = "http"
+url = "{url}"
+[plugins.billable]
+path = "{wasm}"
+config = {{ sink = "billing" }}
+[[routes]]
+name = "entries"
+to = ["billable"]
+"#,
+        url = receiver.url(),
+        wasm = wasm("billable_filter").display()
+    );
+    let bridge = TestBridge::start(&toml).await;
+    let (s, _) =
+        bridge.post("/hooks/clockify", &clockify_headers(SECRET, "NEW_TIME_ENTRY"), entry("same-entry", true)).await;
+    assert_eq!(s, 200);
+    let got = receiver.wait_for(1, Duration::from_secs(20)).await;
+    let mut actual: serde_json::Value = serde_json::from_slice(&got[0].body).unwrap();
+    assert_eq!(got[0].headers["ce-type"], "billable.NEW_TIME_ENTRY");
+    // The only difference: the id of the event each was run on.
+    assert_ne!(expected["sourceEvent"], actual["sourceEvent"]);
+    expected["sourceEvent"] = serde_json::Value::Null;
+    actual["sourceEvent"] = serde_json::Value::Null;
+    assert_eq!(expected, actual);
+    bridge.stop().await;
+}
