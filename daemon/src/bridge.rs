@@ -268,6 +268,8 @@ impl Bridge {
         let graceful = async move {
             signal.await;
             shared.shutting_down.store(true, Ordering::Relaxed);
+            // Live streams (dashboards) never end by themselves; the server waits for open connections.
+            shared.live.close();
             tracing::info!("shutting down: no new connections; finishing requests in flight");
         };
         // Answers are small and written once: send them at once rather than wait for Nagle.
@@ -285,6 +287,7 @@ impl Bridge {
     /// spool. Pending deliveries stay in the spool for the next start.
     pub async fn shutdown(self) {
         self.inner.shared.shutting_down.store(true, Ordering::Relaxed);
+        self.inner.shared.live.close();
         self.inner.cancel.cancel();
         let running: Vec<RunningSink> = self.inner.sinks.lock().await.drain().map(|(_, r)| r).collect();
         let mut handles: Vec<JoinHandle<()>> = running.into_iter().map(|r| r.handle).collect();

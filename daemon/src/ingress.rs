@@ -92,6 +92,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/live/{channel}", get(live))
+        .route("/dashboard", get(dashboard))
         .fallback(webhook)
         .with_state(shared)
 }
@@ -131,6 +132,15 @@ async fn readyz(State(s): State<Arc<Shared>>) -> Response {
         }
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"status": "spool too slow"}))).into_response(),
     }
+}
+
+/// The live dashboard page: static HTML that follows `/live/dashboard` (what the dashboard plugin publishes).
+async fn dashboard() -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8"), (header::CACHE_CONTROL, "no-cache")],
+        include_str!("../assets/dashboard.html"),
+    )
+        .into_response()
 }
 
 async fn live(State(s): State<Arc<Shared>>, axum::extract::Path(channel): axum::extract::Path<String>) -> Response {

@@ -56,6 +56,15 @@ impl Live {
         let _ = c.tx.send(payload);
     }
 
+    /// Ends every client's stream: a graceful shutdown waits for open connections, and an SSE stream never
+    /// ends by itself.
+    pub fn close(&self) {
+        if let Ok(mut channels) = self.channels.lock() {
+            // Dropping the senders: each client sees `Closed` and its stream ends.
+            channels.clear();
+        }
+    }
+
     /// The channel's last payload, if any.
     pub fn last(&self, channel: &str) -> Option<Arc<str>> {
         self.channels.lock().ok()?.get(channel).and_then(|c| c.last.clone())

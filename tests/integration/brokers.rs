@@ -157,6 +157,7 @@ pub struct Outage {
     pub addr: SocketAddr,
     down: Arc<AtomicBool>,
     cut: Arc<tokio::sync::Notify>,
+    target: Arc<std::sync::Mutex<SocketAddr>>,
 }
 
 impl Outage {
@@ -165,7 +166,8 @@ impl Outage {
         let addr = listener.local_addr().unwrap();
         let down = Arc::new(AtomicBool::new(false));
         let cut = Arc::new(tokio::sync::Notify::new());
-        let (d, c) = (Arc::clone(&down), Arc::clone(&cut));
+        let target = Arc::new(std::sync::Mutex::new(target));
+        let (d, c, t) = (Arc::clone(&down), Arc::clone(&cut), Arc::clone(&target));
         tokio::spawn(async move {
             loop {
                 let Ok((mut inbound, _)) = listener.accept().await else { return };
@@ -173,6 +175,7 @@ impl Outage {
                     continue; // dropped: closed at once
                 }
                 let c = Arc::clone(&c);
+                let target = *t.lock().unwrap();
                 tokio::spawn(async move {
                     let Ok(mut outbound) = TcpStream::connect(target).await else { return };
                     tokio::select! {
@@ -182,7 +185,12 @@ impl Outage {
                 });
             }
         });
-        Outage { addr, down, cut }
+        Outage { addr, down, cut, target }
+    }
+
+    /// Sends new connections to `target` (a broker that replaced the old one).
+    pub fn retarget(&self, target: SocketAddr) {
+        *self.target.lock().unwrap() = target;
     }
 
     pub fn down(&self) {
@@ -478,18 +486,26 @@ retry = { initial_backoff = "50ms", max_backoff = "300ms" }
     queue.delete().await;
 }
 
-/// A tansu broker of this test's own, on its own port, so that stopping it does not disturb other tests.
+/// A tansu broker of this test's own (in-memory), listening on `port` and advertising `advertised` (the
+/// outage proxy, so that clients never bypass it), so that stopping it does not disturb other tests.
 struct OwnKafka {
     child: Option<std::process::Child>,
 }
 
 impl OwnKafka {
-    fn start(port: u16) -> OwnKafka {
-        let bin = std::env::var("HOOKBRIDGE_TANSU_BIN")
-            .expect("HOOKBRIDGE_TANSU_BIN is not set: run the suite with scripts/test, which installs tansu");
+    fn start(port: u16, advertised: SocketAddr) -> OwnKafka {
+        // scripts/test sets it; the default is where scripts/kafka-broker installs tansu.
+        let bin = std::env::var("HOOKBRIDGE_TANSU_BIN").unwrap_or_else(|_| {
+            format!("{}/.cache/hookbridge/tansu-0.6.0/bin/tansu", std::env::var("HOME").unwrap_or_default())
+        });
+        assert!(
+            std::path::Path::new(&bin).is_file(),
+            "{bin} is missing: run the suite with scripts/test, which installs tansu (scripts/kafka-broker install)"
+        );
         let url = format!("tcp://127.0.0.1:{port}");
+        let advertised = format!("tcp://{advertised}");
         let child = std::process::Command::new(bin)
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &advertised])
             .args(["--storage-engine", "memory://tansu/"])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -519,9 +535,14 @@ impl Drop for OwnKafka {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn kafka_outage_every_acknowledged_event_arrives_after_the_broker_is_back() {
+    // The daemon reaches the broker through a proxy that the broker also advertises; the broker itself is
+    // stopped (killed: its in-memory log goes with it) and a new one takes its place behind the proxy. A
+    // killed broker's port stays in TIME_WAIT for a minute, so the new one listens on another port.
+    let proxy = Outage::start("127.0.0.1:9".parse().unwrap()).await;
     let port = free_port();
-    let brokers = format!("127.0.0.1:{port}");
-    let mut broker = OwnKafka::start(port);
+    let mut broker = OwnKafka::start(port, proxy.addr);
+    proxy.retarget(SocketAddr::from(([127, 0, 0, 1], port)));
+    let brokers = proxy.addr.to_string();
     let topic = unique("hb-o");
     create_topic(&brokers, &topic).await;
     let sinks = r#"
@@ -544,10 +565,11 @@ retry = { initial_backoff = "100ms", max_backoff = "500ms" }
     assert_eq!(post(0).await, 200);
     bridge.wait_metric(r#"hookbridge_deliveries_total{outcome="delivered",sink="bus"}"#, 1.0).await;
 
-    // The broker stops (its in-memory log goes with it).
+    // The broker goes away.
+    proxy.down();
     broker.stop();
     for n in 1..16 {
-        assert_eq!(post(n).await, 200);
+        assert_eq!(post(n).await, 200, "webhooks keep being acknowledged while the broker is away");
     }
     let m = bridge.wait_metric(r#"hookbridge_deliveries_total{outcome="retry",sink="bus"}"#, 2.0).await;
     assert_eq!(
@@ -555,8 +577,23 @@ retry = { initial_backoff = "100ms", max_backoff = "500ms" }
         1.0,
         "nothing counted delivered while down"
     );
+    // Readiness reports the broker away (librdkafka's statistics come every second) but stays ready.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let ready = readyz(&bridge).await;
+        assert_eq!(ready["status"], "ready", "{ready}");
+        if ready["sinks"]["bus"]["connected"] == false {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the broker never showed as disconnected: {ready}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
-    let _broker = OwnKafka::start(port);
+    // A new broker, empty, behind the same address.
+    let port = free_port();
+    let _broker = OwnKafka::start(port, proxy.addr);
+    proxy.retarget(SocketAddr::from(([127, 0, 0, 1], port)));
+    proxy.up();
     create_topic(&brokers, &topic).await;
     bridge.wait_metric(r#"hookbridge_deliveries_total{outcome="delivered",sink="bus"}"#, 16.0).await;
     let got = consume(&brokers, &topic, 15, Duration::from_secs(30)).await;

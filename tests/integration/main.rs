@@ -6,10 +6,12 @@
 mod common;
 
 mod addon;
+mod autotag;
 mod brokers;
 
 mod config_check;
 mod crash;
+mod dashboard;
 mod delivery;
 mod limits;
 mod plugins;

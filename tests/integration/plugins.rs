@@ -387,3 +387,18 @@ to = ["billable"]
     assert_eq!(expected, actual);
     bridge.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_graceful_shutdown_ends_open_live_streams_instead_of_waiting_for_them() {
+    let bridge = TestBridge::start(&format!(
+        "[storage]\ndata_dir = \"{{dir}}/data\"\n[sources.clockify]\nkind = \"clockify\"\nsecrets = [\"{SECRET}\"]\n[sinks.out]\nkind = \"file\"\npath = \"{{dir}}/out.jsonl\"\n[[routes]]\nname = \"all\"\nto = [\"out\"]\n"
+    ))
+    .await;
+    let mut stream = client().get(bridge.url("/live/dashboard")).send().await.unwrap();
+    assert_eq!(stream.status(), 200);
+    let stopped = tokio::time::timeout(Duration::from_secs(10), bridge.stop()).await;
+    assert!(stopped.is_ok(), "shutdown waited for a dashboard that was still open");
+    let ended =
+        tokio::time::timeout(Duration::from_secs(5), async { while let Ok(Some(_)) = stream.chunk().await {} }).await;
+    assert!(ended.is_ok(), "the live stream was not ended");
+}

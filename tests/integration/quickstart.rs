@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::common::*;
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread")]
 async fn quickstart_config_send_and_file_sink() {
     let repo = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
     let dir = tempfile::tempdir().unwrap();
@@ -16,6 +16,9 @@ async fn quickstart_config_send_and_file_sink() {
     let text = std::fs::read_to_string(repo.join("config/quickstart.toml")).unwrap();
     assert!(text.contains("listen = \"127.0.0.1:8080\""));
     let text = text.replace("127.0.0.1:8080", &format!("127.0.0.1:{port}"));
+    // The plugins are where scripts/build-plugins puts them in the repository.
+    assert!(text.contains("\"../plugins/target/"));
+    let text = text.replace("\"../plugins/target/", &format!("\"{}/plugins/target/", repo.display()));
     std::fs::write(config_dir.join("quickstart.toml"), text).unwrap();
     std::fs::copy(repo.join("config/quickstart.secret"), config_dir.join("quickstart.secret")).unwrap();
     let config = config_dir.join("quickstart.toml");
@@ -58,6 +61,31 @@ async fn quickstart_config_send_and_file_sink() {
     assert_eq!(v["body"]["id"], "68453d0cf0c88d522704ab76");
     assert_eq!(line.lines().count(), 1);
 
+    // The dashboard moves: a timer started with `send` shows in the live snapshot the page follows.
+    let page = client().get(format!("http://127.0.0.1:{port}/dashboard")).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await.unwrap().contains("/live/dashboard"));
+    let out = Command::new(binary())
+        .args(["send", "--config"])
+        .arg(&config)
+        .args(["--source", "clockify", "--event", "NEW_TIMER_STARTED"])
+        .arg(fixture("clockify/NEW_TIMER_STARTED.json"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let snapshot = live_snapshot(&format!("http://127.0.0.1:{port}/live/dashboard")).await;
+        if let Some(s) = snapshot
+            && s["running"].as_array().is_some_and(|r| r.len() == 1)
+        {
+            assert_eq!(s["running"][0]["entryId"], "5f118c837db7a8637ffcaf36");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the started timer never reached the dashboard's channel");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     // A wrong secret is refused by the daemon, and `send` says so with a non-zero exit.
     let bad = config_dir.join("bad.toml");
     std::fs::write(
@@ -77,4 +105,22 @@ async fn quickstart_config_send_and_file_sink() {
 
     daemon.kill().unwrap();
     daemon.wait().unwrap();
+}
+
+/// The first `data:` payload of an SSE stream (the channel's last snapshot), if one comes within a second.
+async fn live_snapshot(url: &str) -> Option<serde_json::Value> {
+    let mut r = client().get(url).send().await.ok()?;
+    let mut text = String::new();
+    tokio::time::timeout(Duration::from_secs(1), async {
+        while let Ok(Some(chunk)) = r.chunk().await {
+            text.push_str(&String::from_utf8_lossy(&chunk));
+            if let Some(line) = text.lines().find(|l| l.starts_with("data:")) {
+                return serde_json::from_str(line.trim_start_matches("data:").trim()).ok();
+            }
+        }
+        None
+    })
+    .await
+    .ok()
+    .flatten()
 }

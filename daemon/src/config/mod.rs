@@ -72,7 +72,7 @@ pub struct Config {
 }
 
 /// Paths that webhooks may not use because the daemon serves something else there.
-const RESERVED_PATHS: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
+const RESERVED_PATHS: [&str; 4] = ["/healthz", "/readyz", "/metrics", "/dashboard"];
 /// Path prefixes the daemon serves (live channels).
 const RESERVED_PREFIXES: [&str; 1] = ["/live/"];
 

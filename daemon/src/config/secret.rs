@@ -194,11 +194,20 @@ fn expand(text: &str, env: &dyn Env) -> Result<String, String> {
             rest = tail;
         } else if let Some(tail) = after.strip_prefix('{') {
             let end = tail.find('}').ok_or("unterminated ${...} in secret")?;
-            let name = &tail[..end];
+            // `${NAME:-default}`: the default when NAME is unset or empty, as in a shell.
+            let (name, default) = match tail[..end].split_once(":-") {
+                Some((name, default)) => (name, Some(default)),
+                None => (&tail[..end], None),
+            };
             if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
                 return Err(format!("invalid environment variable name {name:?} in ${{...}}"));
             }
-            out.push_str(&env.var(name).ok_or_else(|| format!("environment variable {name} is not set"))?);
+            let value = match (env.var(name).filter(|v| !v.is_empty()), default) {
+                (Some(v), _) => v,
+                (None, Some(d)) => d.to_owned(),
+                (None, None) => return Err(format!("environment variable {name} is not set")),
+            };
+            out.push_str(&value);
             rest = &tail[end + 1..];
         } else {
             out.push('$');
@@ -232,6 +241,8 @@ mod tests {
         assert_eq!(spec.resolve(base, &env()).map(|s| s.expose().to_owned()), Ok("Bearer s3cr3t".into()));
         let spec = SecretSpec::Text("a$$b$c".into());
         assert_eq!(spec.resolve(base, &env()).map(|s| s.expose().to_owned()), Ok("a$b$c".into()));
+        let spec = SecretSpec::Text("${MISSING:-fallback}/${TOKEN:-unused}".into());
+        assert_eq!(spec.resolve(base, &env()).map(|s| s.expose().to_owned()), Ok("fallback/s3cr3t".into()));
         let spec = SecretSpec::Text("${MISSING}".into());
         assert_eq!(spec.resolve(base, &env()).err(), Some("environment variable MISSING is not set".into()));
     }

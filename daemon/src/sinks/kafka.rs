@@ -6,11 +6,13 @@
 //! The body goes unchanged as the value; metadata goes as headers in CloudEvents' Kafka binary-mode form
 //! (`ce_id`, `ce_type`, `ce_source`, `ce_time`, `ce_specversion`, `content-type`). Connection state comes
 //! from librdkafka's statistics (every second): connected while at least one broker is `UP`. A fatal
-//! producer error (the idempotent producer's state lost, e.g. after a broker was replaced) makes the sink
-//! build a new producer; the deliveries that saw it are retried.
+//! producer error makes the sink build a new producer; so does a producer that has had no acknowledgement
+//! for a while (three message timeouts, at least 10 s) while deliveries keep failing: an idempotent
+//! producer whose broker was replaced can wait forever for producer state the new broker never had. The
+//! deliveries that failed are retried through the new producer (at least once; a duplicate at worst).
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
 use rdkafka::client::ClientContext;
@@ -74,6 +76,8 @@ pub struct KafkaSink {
     spec: KafkaSinkSpec,
     state: Arc<ConnectionState>,
     producer: Mutex<Arc<Client>>,
+    /// Last acknowledgement, and last time a producer was made.
+    progress: Mutex<(Instant, Instant)>,
 }
 
 impl std::fmt::Debug for KafkaSink {
@@ -87,7 +91,14 @@ impl KafkaSink {
     pub fn new(id: &str, spec: &KafkaSinkSpec) -> Result<Self, String> {
         let state = Arc::new(ConnectionState::new());
         let producer = create(id, spec, &state)?;
-        Ok(KafkaSink { id: id.to_owned(), spec: spec.clone(), state, producer: Mutex::new(Arc::new(producer)) })
+        let now = Instant::now();
+        Ok(KafkaSink {
+            id: id.to_owned(),
+            spec: spec.clone(),
+            state,
+            producer: Mutex::new(Arc::new(producer)),
+            progress: Mutex::new((now, now)),
+        })
     }
 
     fn current(&self) -> Result<Arc<Client>, SinkError> {
@@ -102,8 +113,13 @@ impl KafkaSink {
         }
         match create(&self.id, &self.spec, &self.state) {
             Ok(p) => {
-                tracing::warn!(sink = %self.id, error = why, "fatal producer error; created a new producer");
-                *current = Arc::new(p);
+                tracing::warn!(sink = %self.id, reason = why, "created a new Kafka producer");
+                let old = std::mem::replace(&mut *current, Arc::new(p));
+                if let Ok(mut progress) = self.progress.lock() {
+                    progress.1 = Instant::now();
+                }
+                // Dropping a producer flushes (bounded) and joins its threads: not on an async worker.
+                tokio::task::spawn_blocking(move || drop(old));
             }
             Err(e) => tracing::error!(sink = %self.id, error = %e, "cannot create a new producer"),
         }
@@ -135,15 +151,30 @@ impl KafkaSink {
         let bound = self.spec.message_timeout * 2 + Duration::from_secs(5);
         let sent = tokio::time::timeout(bound, producer.send(record, Timeout::After(self.spec.message_timeout))).await;
         match sent {
-            Ok(Ok(_)) => Ok(()),
+            Ok(Ok(_)) => {
+                if let Ok(mut progress) = self.progress.lock() {
+                    progress.0 = Instant::now();
+                }
+                Ok(())
+            }
             Ok(Err((error, _message))) => {
                 if let Some((code, reason)) = producer.client().fatal_error() {
-                    self.renew(&producer, &format!("{code:?}: {reason}"));
+                    self.renew(&producer, &format!("fatal producer error {code:?}: {reason}"));
+                } else if self.stalled() {
+                    self.renew(&producer, "no acknowledgement for a while although deliveries keep coming");
                 }
                 Err(classify(&error))
             }
             Err(_) => Err(SinkError::retryable(format!("no acknowledgement from Kafka within {bound:?}"))),
         }
+    }
+}
+
+impl KafkaSink {
+    /// No acknowledgement and no new producer for three message timeouts (at least 10 s).
+    fn stalled(&self) -> bool {
+        let window = (self.spec.message_timeout * 3).max(Duration::from_secs(10));
+        self.progress.lock().is_ok_and(|p| p.0.elapsed() > window && p.1.elapsed() > window)
     }
 }
 
