@@ -78,10 +78,18 @@ impl Host {
             .total_core_instances(POOL_INSTANCES * 8)
             .total_memories(POOL_INSTANCES * 2)
             .total_tables(POOL_INSTANCES * 4)
-            .max_memory_size(PLUGIN_MAX_MEMORY as usize);
+            .max_memory_size(PLUGIN_MAX_MEMORY as usize)
+            // Reset the first pages of a slot's memory and tables by writing zeros rather than handing them
+            // back to the kernel: every event gets a fresh instance, and page faults plus TLB shootdowns cost
+            // more than a memset for a small plugin (see BENCHMARKS.md).
+            .linear_memory_keep_resident(2 * 1024 * 1024)
+            .table_keep_resident(64 * 1024);
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let mut cache = wasmtime::CacheConfig::new();
-        cache.with_directory(data_dir.join("plugin-cache"));
+        // The cache wants an absolute path; a data directory given relative to "." is one too.
+        let cache_dir = std::path::absolute(data_dir.join("plugin-cache"))
+            .map_err(|e| format!("plugin cache folder under {}: {e}", data_dir.display()))?;
+        cache.with_directory(cache_dir);
         let cache = wasmtime::Cache::new(cache).map_err(|e| format!("plugin cache: {e}"))?;
         config.cache(Some(cache));
         let engine = Engine::new(&config).map_err(|e| format!("cannot create the WebAssembly engine: {e:#}"))?;
