@@ -51,12 +51,12 @@ fn main() {
     };
     // Warm-up: the first instances fault in the pool's pages.
     for _ in 0..200 {
-        assert!(loaded.invoke(&event).outcome.is_ok(), "the plugin must succeed on the event");
+        assert!(loaded.invoke(&event, None).outcome.is_ok(), "the plugin must succeed on the event");
     }
     let mut times = Vec::with_capacity(n);
     let wall = Instant::now();
     for _ in 0..n {
-        let inv = loaded.invoke(&event);
+        let inv = loaded.invoke(&event, None);
         times.push(inv.duration);
     }
     let wall = wall.elapsed();

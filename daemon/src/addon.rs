@@ -121,10 +121,11 @@ impl std::fmt::Debug for Installation {
 
 type Key = (String, String, String);
 
-/// Installations by (source, workspace, add-on id): cached in memory, written through to the spool.
-#[derive(Default)]
+/// Installations by (source, workspace, add-on id): cached in memory, written through to the spool. Cheap to
+/// clone (the clones share the cache).
+#[derive(Default, Clone)]
 pub struct Installations {
-    map: RwLock<HashMap<Key, Installation>>,
+    map: std::sync::Arc<RwLock<HashMap<Key, Installation>>>,
 }
 
 impl std::fmt::Debug for Installations {
@@ -146,7 +147,15 @@ impl Installations {
                 Err(e) => tracing::error!(source, workspace, error = %e, "unreadable add-on installation record"),
             }
         }
-        Ok(Installations { map: RwLock::new(map) })
+        Ok(Installations { map: std::sync::Arc::new(RwLock::new(map)) })
+    }
+
+    /// The active (not inactive, not deleted) installation of `source`'s add-on in `workspace`.
+    pub fn active(&self, source: &str, workspace: &str) -> Option<Installation> {
+        let map = self.map.read().ok()?;
+        map.iter()
+            .find(|((s, w, _), i)| s == source && w == workspace && !i.deleted && i.status != "INACTIVE")
+            .map(|(_, i)| i.clone())
     }
 
     fn get(&self, key: &Key) -> Option<Installation> {

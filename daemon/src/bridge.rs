@@ -156,6 +156,7 @@ impl Inner {
             live: &self.shared.live,
             metrics: &self.metrics,
             plugins,
+            addons: &self.shared.installations,
             sink_ids: config
                 .sinks
                 .iter()

@@ -77,6 +77,7 @@ mod action;
 mod error;
 mod event;
 
+pub mod addon;
 pub mod clock;
 pub mod http;
 pub mod kv;

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 use crate::common::*;
 
-fn keypair(dir: &Path, name: &str) -> (Vec<u8>, std::path::PathBuf) {
+pub fn keypair(dir: &Path, name: &str) -> (Vec<u8>, std::path::PathBuf) {
     let key = dir.join(format!("{name}.key"));
     let public = dir.join(format!("{name}.pub"));
     let ok = Command::new("openssl")
@@ -30,7 +30,7 @@ fn keypair(dir: &Path, name: &str) -> (Vec<u8>, std::path::PathBuf) {
     (std::fs::read(&key).unwrap(), public)
 }
 
-fn claims(sub: &str, kind: &str, extra: Value) -> Value {
+pub fn claims(sub: &str, kind: &str, extra: Value) -> Value {
     let mut c = json!({"iss": "clockify", "sub": sub, "type": kind, "workspaceId": "ws1", "addonId": "inst1"});
     if let (Some(obj), Some(more)) = (c.as_object_mut(), extra.as_object()) {
         for (k, v) in more {
@@ -40,7 +40,7 @@ fn claims(sub: &str, kind: &str, extra: Value) -> Value {
     c
 }
 
-fn rs256(key: &[u8], claims: &Value) -> String {
+pub fn rs256(key: &[u8], claims: &Value) -> String {
     encode(&Header::new(Algorithm::RS256), claims, &EncodingKey::from_rsa_pem(key).unwrap()).unwrap()
 }
 

@@ -16,7 +16,10 @@ use crate::common::*;
 use crate::plugins::wasm;
 
 const SECRET: &str = "autotag-secret";
+/// The workspace of the NEW_TIME_ENTRY fixture.
+const WORKSPACE: &str = "684446430300f917a02c198b";
 const API_KEY: &str = "test-api-key-123";
+const ADDON_TOKEN: &str = "installation-token-456";
 
 #[derive(Default)]
 struct Clockify {
@@ -32,8 +35,9 @@ struct Clockify {
 
 type Shared = Arc<Clockify>;
 
+/// The API key, or the add-on installation's token.
 fn authorised(h: &HeaderMap) -> bool {
-    h.get("x-api-key").is_some_and(|v| v == API_KEY)
+    h.get("x-api-key").is_some_and(|v| v == API_KEY) || h.get("x-addon-token").is_some_and(|v| v == ADDON_TOKEN)
 }
 
 async fn find_tags(
@@ -82,7 +86,8 @@ async fn update_entry(
     h: HeaderMap,
     body: axum::Json<Value>,
 ) -> Response {
-    c.requests.lock().unwrap().push(format!("PUT time-entries/{id}"));
+    let auth = if h.contains_key("x-addon-token") { " (add-on token)" } else { "" };
+    c.requests.lock().unwrap().push(format!("PUT time-entries/{id}{auth}"));
     if !authorised(&h) {
         return StatusCode::UNAUTHORIZED.into_response();
     }
@@ -240,5 +245,69 @@ async fn a_host_that_is_not_allowed_is_refused_and_never_contacted() {
     assert!(dlq.contains("is not in this plugin's allowed_hosts"), "{dlq}");
     assert!(c.requests.lock().unwrap().is_empty(), "the test server was never called");
     tokio::time::sleep(Duration::from_millis(100)).await;
+    bridge.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_an_api_key_an_addon_event_is_tagged_with_the_installation_token_and_api_url() {
+    use crate::addon::{claims, keypair, rs256};
+    let (c, addr) = clockify().await;
+    let keys = tempfile::tempdir().unwrap();
+    let (private, public) = keypair(keys.path(), "clockify");
+    let toml = format!(
+        r#"
+[storage]
+data_dir = "{{dir}}/data"
+[sources.addon]
+kind = "clockify-addon"
+addon_key = "hookbridge-test"
+base_url = "https://bridge.example/hooks/addon"
+public_key_file = "{public}"
+[plugins.auto-tag]
+path = "{wasm}"
+allowed_hosts = ["{addr}"]
+time_limit = "5s"
+[plugins.auto-tag.config]
+rules = [{{ tag = "meeting", keywords = ["meeting"] }}]
+[[routes]]
+name = "tagging"
+sources = ["addon"]
+events = ["NEW_TIME_ENTRY"]
+to = ["auto-tag"]
+"#,
+        public = public.display(),
+        wasm = wasm("auto_tag").display()
+    );
+    let bridge = TestBridge::start(&toml).await;
+    // INSTALLED in the fixture's workspace, with the test server as the installation's API.
+    let webhook_token = rs256(
+        &private,
+        &claims("hookbridge-test", "addon", json!({"webhook": "NEW_TIME_ENTRY", "workspaceId": WORKSPACE})),
+    );
+    let lifecycle_token = rs256(&private, &claims("hookbridge-test", "addon", json!({"workspaceId": WORKSPACE})));
+    let installed = json!({
+        "addonId": "inst1", "authToken": ADDON_TOKEN, "workspaceId": WORKSPACE, "asUser": "u1",
+        "apiUrl": format!("http://{addr}/api"), "addonUserId": "au1",
+        "webhooks": [{"path": "/webhook/NEW_TIME_ENTRY", "webhookType": "ADDON", "authToken": webhook_token}],
+    });
+    let headers = [("x-addon-lifecycle-token", lifecycle_token.as_str()), ("content-type", "application/json")];
+    let (s, answer) = bridge.post("/hooks/addon/lifecycle/installed", &headers, installed.to_string()).await;
+    assert_eq!(s, 200, "{answer}");
+
+    let body = entry("entry-7", "Sprint meeting", &[], Some("2025-06-16T18:53:00Z"));
+    let headers = [
+        ("clockify-signature", webhook_token.as_str()),
+        ("clockify-webhook-event-type", "NEW_TIME_ENTRY"),
+        ("content-type", "application/json"),
+    ];
+    let (s, answer) = bridge.post("/hooks/addon/webhook/NEW_TIME_ENTRY", &headers, body.to_string()).await;
+    assert_eq!(s, 200, "{answer}");
+    bridge.wait_metric(r#"hookbridge_deliveries_total{outcome="delivered",sink="auto-tag"}"#, 1.0).await;
+    assert_eq!(
+        *c.requests.lock().unwrap(),
+        ["GET tags?name=meeting", "PUT time-entries/entry-7 (add-on token)"],
+        "called with the installation token, at the installation's API URL"
+    );
+    assert_eq!(c.updates.lock().unwrap()[0]["tagIds"], json!(["tag-meeting"]));
     bridge.stop().await;
 }

@@ -147,7 +147,7 @@ impl Host {
                 net: Arc::new(net),
             }),
         };
-        match plugin.run(None).outcome {
+        match plugin.run(None, None).outcome {
             Ok(_) => {}
             Err(Failure::InvalidConfig(m)) => return Err(format!("plugin {id}: its config is refused: {m}")),
             Err(e) => return Err(format!("plugin {id}: init failed: {e}")),
@@ -188,7 +188,7 @@ pub fn run_once(data_dir: &Path, spec: &PluginSpec, event: &Event) -> Result<(In
     let started = Instant::now();
     let plugin = host.load("test", spec)?;
     let load = started.elapsed();
-    Ok((plugin.invoke(event), load))
+    Ok((plugin.invoke(event, None), load))
 }
 
 /// Refuses a component built against another major version of the interface (for 0.x: another minor).
@@ -341,11 +341,11 @@ impl Plugin {
 
     /// Runs the plugin on `event` in a fresh instance: `init(config)`, then `handle(event)`. Blocks the
     /// calling thread for at most about the time limit: call it on a blocking thread.
-    pub fn invoke(&self, event: &Event) -> Invocation {
-        self.run(Some(event))
+    pub fn invoke(&self, event: &Event, addons: Option<&crate::addon::Installations>) -> Invocation {
+        self.run(Some(event), addons)
     }
 
-    fn run(&self, event: Option<&Event>) -> Invocation {
+    fn run(&self, event: Option<&Event>, addons: Option<&crate::addon::Installations>) -> Invocation {
         let p = &self.inner;
         let started = Instant::now();
         let rt = tokio::runtime::Handle::try_current().ok();
@@ -372,6 +372,8 @@ impl Plugin {
             rt,
             deadline: started + p.spec.time_limit,
             logs: Vec::new(),
+            source: event.map(|e| e.source.clone()).unwrap_or_default(),
+            addons: addons.cloned(),
         };
         let mut store = Store::new(&p.engine, state);
         store.limiter(|s| &mut s.limiter);
@@ -480,6 +482,9 @@ struct State {
     rt: Option<tokio::runtime::Handle>,
     deadline: Instant,
     logs: Vec<LogLine>,
+    /// The source of the event being handled: the only add-on whose installations the plugin may use.
+    source: String,
+    addons: Option<crate::addon::Installations>,
 }
 
 impl WasiView for State {
@@ -602,6 +607,13 @@ impl wit::http::Host for State {
 /// A URL without its query (which may hold a token), for logs.
 fn strip_query(url: &str) -> &str {
     url.split(['?', '#']).next().unwrap_or(url)
+}
+
+impl wit::addon::Host for State {
+    fn lookup(&mut self, workspace_id: String) -> Option<wit::addon::Installation> {
+        let i = self.addons.as_ref()?.active(&self.source, &workspace_id)?;
+        Some(wit::addon::Installation { workspace_id: i.workspace_id, api_url: i.api_url, token: i.auth_token })
+    }
 }
 
 impl wit::clock::Host for State {

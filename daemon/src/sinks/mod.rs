@@ -157,6 +157,8 @@ pub struct BuildContext<'a> {
     pub plugins: &'a std::collections::HashMap<String, crate::plugin::Plugin>,
     /// Every configured sink id (what a plugin may emit to).
     pub sink_ids: Vec<String>,
+    /// Add-on installations (plugins may use the ones of the event's source).
+    pub addons: &'a crate::addon::Installations,
 }
 
 /// Builds the running sink for a spec (opens files, creates clients; plugins must be loaded already).
@@ -175,6 +177,7 @@ pub fn build(spec: &SinkSpec, cx: &BuildContext<'_>) -> Result<Arc<dyn Sink>, Bu
                 cx.live.clone(),
                 cx.metrics.clone(),
                 cx.sink_ids.clone(),
+                cx.addons.clone(),
             ))
         }
     })

@@ -29,18 +29,28 @@ pub struct PluginSink {
     metrics: Metrics,
     /// Sinks an `emit` may name.
     sinks: Vec<String>,
+    /// Add-on installations (for events from `clockify-addon` sources).
+    addons: crate::addon::Installations,
 }
 
 impl PluginSink {
     /// `sinks`: the configured sink ids (emits to anything else fail permanently).
-    pub fn new(plugin: Plugin, store: Store, live: Live, metrics: Metrics, sinks: Vec<String>) -> Self {
-        PluginSink { plugin, store, live, metrics, sinks }
+    pub fn new(
+        plugin: Plugin,
+        store: Store,
+        live: Live,
+        metrics: Metrics,
+        sinks: Vec<String>,
+        addons: crate::addon::Installations,
+    ) -> Self {
+        PluginSink { plugin, store, live, metrics, sinks, addons }
     }
 
     async fn run(&self, event: &Event) -> Result<(), SinkError> {
         let plugin = self.plugin.clone();
         let owned = event.clone();
-        let inv = tokio::task::spawn_blocking(move || plugin.invoke(&owned))
+        let addons = self.addons.clone();
+        let inv = tokio::task::spawn_blocking(move || plugin.invoke(&owned, Some(&addons)))
             .await
             .map_err(|e| SinkError::retryable(format!("plugin task failed: {e}")))?;
         let id = self.plugin.id();

@@ -19,10 +19,13 @@
 //! the `TIME_ENTRY_UPDATED` that the update itself fires changes nothing and makes no request (no loop).
 //! A 429 or 5xx from Clockify fails the delivery as retryable (the daemon retries it later); other errors
 //! are permanent.
+//!
+//! Auth: the `api_key` (sent as `X-Api-Key`, to `base_url`); without one, for events that came through a
+//! `clockify-addon` source, the add-on's installation token (`X-Addon-Token`, to the installation's `apiUrl`).
 
 use hookbridge_plugin::http::{Request, Response};
 use hookbridge_plugin::serde_json::{Value, json};
-use hookbridge_plugin::{Action, Error, Event, Plugin, kv, log, parse_config};
+use hookbridge_plugin::{Action, Error, Event, Plugin, addon, kv, log, parse_config};
 use regex::{Regex, RegexBuilder};
 use serde::Deserialize;
 
@@ -30,9 +33,9 @@ use serde::Deserialize;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Config {
-    /// Clockify API key (put it in the plugin's `secrets`, not in `config`).
-    api_key: String,
-    /// API base URL; regional workspaces use e.g. `https://euc1.clockify.me/api/v1`.
+    /// Clockify API key (put it in the plugin's `secrets`, not in `config`); none: the add-on's token.
+    api_key: Option<String>,
+    /// API base URL with an API key; regional workspaces use e.g. `https://euc1.clockify.me/api/v1`.
     #[serde(default = "default_base_url")]
     base_url: String,
     /// Events to act on.
@@ -101,6 +104,12 @@ struct AutoTag {
     matchers: Vec<(String, Regex)>,
 }
 
+/// Where and how to call Clockify for one event.
+struct Api {
+    base: String,
+    auth: (&'static str, String),
+}
+
 impl Plugin for AutoTag {
     fn init(config: Value) -> Result<Self, Error> {
         let config: Config = parse_config(config)?;
@@ -138,10 +147,11 @@ impl Plugin for AutoTag {
         if wanted.is_empty() {
             return Ok(vec![]);
         }
+        let api = self.api(&entry.workspace_id)?;
         let mut tag_ids = entry.tag_ids.clone().unwrap_or_default();
         let before = tag_ids.len();
         for name in &wanted {
-            let id = self.tag_id(&entry.workspace_id, name)?;
+            let id = api.tag_id(&entry.workspace_id, name)?;
             if !tag_ids.contains(&id) {
                 tag_ids.push(id);
             }
@@ -164,20 +174,36 @@ impl Plugin for AutoTag {
             update["end"] = json!(end);
         }
         let path = format!("/workspaces/{}/time-entries/{}", entry.workspace_id, entry.id);
-        self.call(Request::put(self.url(&path)).json_body(&update)?)?;
+        api.call(Request::put(api.url(&path)).json_body(&update)?)?;
         log::info(format_args!("tagged entry {} with {wanted:?}", entry.id));
         Ok(vec![])
     }
 }
 
 impl AutoTag {
+    /// The API key and base URL, or else the add-on installation of the event's workspace.
+    fn api(&self, workspace: &str) -> Result<Api, Error> {
+        if let Some(key) = &self.config.api_key {
+            return Ok(Api { base: self.config.base_url.clone(), auth: ("X-Api-Key", key.clone()) });
+        }
+        let install = addon::installation(workspace).ok_or_else(|| {
+            Error::permanent(format!(
+                "no api_key configured, and no active add-on installation in workspace {workspace}"
+            ))
+        })?;
+        let api_url = install.api_url.as_deref().unwrap_or("https://api.clockify.me/api").trim_end_matches('/');
+        Ok(Api { base: format!("{api_url}/v1"), auth: ("X-Addon-Token", install.token) })
+    }
+}
+
+impl Api {
     fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.config.base_url.trim_end_matches('/'))
+        format!("{}{path}", self.base.trim_end_matches('/'))
     }
 
-    /// Sends a request with the API key; 429 and 5xx are retryable, other failures permanent.
+    /// Sends a request with the credentials; 429 and 5xx are retryable, other failures permanent.
     fn call(&self, request: Request) -> Result<Response, Error> {
-        let response = request.header("X-Api-Key", &self.config.api_key).send()?;
+        let response = request.header(self.auth.0, &self.auth.1).send()?;
         match response.status {
             200..=299 => Ok(response),
             429 => Err(Error::retryable("Clockify rate limit (429); retrying later")),
