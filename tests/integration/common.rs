@@ -350,3 +350,43 @@ pub async fn hung_receiver() -> (DownPort, std::net::SocketAddr) {
     });
     (DownPort { stop, task }, addr)
 }
+
+/// The last payload of live channel `channel` (`GET /live/<channel>`, Server-Sent Events): the first `data:`
+/// line, if one comes within two seconds.
+pub async fn live(base_url: &str, channel: &str) -> Option<serde_json::Value> {
+    let mut r = client().get(format!("{base_url}/live/{channel}")).send().await.unwrap();
+    assert_eq!(r.headers()["content-type"], "text/event-stream");
+    let mut text = String::new();
+    let got = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Ok(Some(chunk)) = r.chunk().await {
+            text.push_str(&String::from_utf8_lossy(&chunk));
+            if let Some(line) = text.lines().find(|l| l.starts_with("data:")) {
+                return Some(serde_json::from_str(line.trim_start_matches("data:").trim()).unwrap());
+            }
+        }
+        None
+    })
+    .await;
+    got.ok().flatten()
+}
+
+/// Starts `hookbridge run --config <config>` as a child process, its stderr (at `RUST_LOG=warn`) in `log`.
+pub fn spawn_daemon(config: &Path, log: &Path) -> std::process::Child {
+    std::process::Command::new(binary())
+        .args(["run", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until `url` answers 2xx (a child daemon is up), or panics after a minute.
+pub async fn wait_healthy(url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !client().get(url).send().await.map(|r| r.status().is_success()).unwrap_or(false) {
+        assert!(Instant::now() < deadline, "daemon did not become healthy at {url}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

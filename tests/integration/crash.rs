@@ -2,33 +2,13 @@
 //! started again; every request that got a 2xx is delivered at least once. Then SIGTERM stops it cleanly.
 
 use std::collections::HashSet;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::common::*;
 
 const SECRET: &str = "crash-test-secret";
-
-fn spawn(config: &std::path::Path, log: &std::path::Path) -> Child {
-    let log = std::fs::File::create(log).unwrap();
-    Command::new(binary())
-        .args(["run", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap()
-}
-
-async fn wait_healthy(url: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !client().get(url).send().await.map(|r| r.status().is_success()).unwrap_or(false) {
-        assert!(Instant::now() < deadline, "daemon did not become healthy");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_acknowledged_event_survives_sigkill() {
@@ -78,7 +58,7 @@ to = ["out"]
     )
     .unwrap();
     let base = format!("http://127.0.0.1:{port}");
-    let mut child = spawn(&config, &dir.path().join("run1.log"));
+    let mut child = spawn_daemon(&config, &dir.path().join("run1.log"));
     wait_healthy(&format!("{base}/healthz")).await;
 
     let acked: Arc<Mutex<HashSet<String>>> = Arc::default();
@@ -141,7 +121,7 @@ to = ["out"]
     assert!(acked.len() >= 300);
 
     // Start again on the same spool: everything acknowledged arrives.
-    let mut child = spawn(&config, &dir.path().join("run2.log"));
+    let mut child = spawn_daemon(&config, &dir.path().join("run2.log"));
     wait_healthy(&format!("{base}/healthz")).await;
     let description = |r: &Received| -> String {
         serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()["description"].as_str().unwrap().to_owned()
@@ -214,7 +194,7 @@ to = ["failing", "refusing"]
     )
     .unwrap();
     let base = format!("http://127.0.0.1:{port}");
-    let mut child = spawn(&config, &dir.path().join("run1.log"));
+    let mut child = spawn_daemon(&config, &dir.path().join("run1.log"));
     wait_healthy(&format!("{base}/healthz")).await;
     let c = client();
     for i in 0..3 {
@@ -245,7 +225,7 @@ to = ["failing", "refusing"]
     child.wait().unwrap();
     let hits_before = failing.hits().len();
 
-    let mut child = spawn(&config, &dir.path().join("run2.log"));
+    let mut child = spawn_daemon(&config, &dir.path().join("run2.log"));
     wait_healthy(&format!("{base}/healthz")).await;
     let dead = cli(&["dlq", "list"]);
     assert_eq!(dead.as_array().unwrap().len(), 3, "dead letters survive: {dead}");

@@ -66,24 +66,6 @@ fn stopped(started: &Value, minutes: u64) -> Value {
     v
 }
 
-/// The last payload of a live channel: reads the SSE stream until the first `data:` line.
-async fn live(bridge_url: &str, channel: &str) -> Option<Value> {
-    let mut r = client().get(format!("{bridge_url}/live/{channel}")).send().await.unwrap();
-    assert_eq!(r.headers()["content-type"], "text/event-stream");
-    let mut text = String::new();
-    let got = tokio::time::timeout(Duration::from_secs(2), async {
-        while let Ok(Some(chunk)) = r.chunk().await {
-            text.push_str(&String::from_utf8_lossy(&chunk));
-            if let Some(line) = text.lines().find(|l| l.starts_with("data:")) {
-                return Some(serde_json::from_str(line.trim_start_matches("data:").trim()).unwrap());
-            }
-        }
-        None
-    })
-    .await;
-    got.ok().flatten()
-}
-
 /// Posts a Clockify webhook, waits until the plugin handled the `delivered`-th one, returns the snapshot.
 async fn send(bridge: &TestBridge, event: &str, body: &Value, delivered: f64) -> Value {
     let (status, text) = bridge.post("/hooks/clockify", &clockify_headers(SECRET, event), body.to_string()).await;

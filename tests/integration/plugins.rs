@@ -4,7 +4,7 @@
 //! what the daemon does. The components are built by `scripts/build-plugins` (the test command runs it).
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::common::*;
@@ -28,43 +28,6 @@ fn entry(id: &str, billable: bool) -> String {
     v["id"] = serde_json::json!(id);
     v["billable"] = serde_json::json!(billable);
     v.to_string()
-}
-
-/// The last payload of a live channel: reads the SSE stream until the first `data:` line.
-async fn live(bridge_url: &str, channel: &str) -> Option<serde_json::Value> {
-    let mut r = client().get(format!("{bridge_url}/live/{channel}")).send().await.unwrap();
-    assert_eq!(r.headers()["content-type"], "text/event-stream");
-    let mut text = String::new();
-    let got = tokio::time::timeout(Duration::from_secs(2), async {
-        while let Ok(Some(chunk)) = r.chunk().await {
-            text.push_str(&String::from_utf8_lossy(&chunk));
-            if let Some(line) = text.lines().find(|l| l.starts_with("data:")) {
-                return Some(serde_json::from_str(line.trim_start_matches("data:").trim()).unwrap());
-            }
-        }
-        None
-    })
-    .await;
-    got.ok().flatten()
-}
-
-fn spawn(config: &std::path::Path, log: &std::path::Path) -> Child {
-    Command::new(binary())
-        .args(["run", "--config"])
-        .arg(config)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(log).unwrap())
-        .spawn()
-        .unwrap()
-}
-
-async fn wait_healthy(url: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !client().get(url).send().await.map(|r| r.status().is_success()).unwrap_or(false) {
-        assert!(Instant::now() < deadline, "daemon did not become healthy");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -103,7 +66,7 @@ to = ["billable"]
     )
     .unwrap();
     let base = format!("http://127.0.0.1:{port}");
-    let mut daemon = spawn(&config, &dir.path().join("daemon1.log"));
+    let mut daemon = spawn_daemon(&config, &dir.path().join("daemon1.log"));
     wait_healthy(&format!("{base}/healthz")).await;
     let post = |body: String| {
         let url = format!("{base}/hooks/clockify");
@@ -133,7 +96,7 @@ to = ["billable"]
     daemon.wait().unwrap();
 
     let receiver = Receiver::start_on(down.up().await).await;
-    let mut daemon = spawn(&config, &dir.path().join("daemon2.log"));
+    let mut daemon = spawn_daemon(&config, &dir.path().join("daemon2.log"));
     wait_healthy(&format!("{base}/healthz")).await;
     let got = receiver.wait_for(1, Duration::from_secs(30)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -75,7 +75,7 @@ async fn quickstart_config_send_and_file_sink() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let snapshot = live_snapshot(&format!("http://127.0.0.1:{port}/live/dashboard")).await;
+        let snapshot = live(&format!("http://127.0.0.1:{port}"), "dashboard").await;
         if let Some(s) = snapshot
             && s["running"].as_array().is_some_and(|r| r.len() == 1)
         {
@@ -105,22 +105,4 @@ async fn quickstart_config_send_and_file_sink() {
 
     daemon.kill().unwrap();
     daemon.wait().unwrap();
-}
-
-/// The first `data:` payload of an SSE stream (the channel's last snapshot), if one comes within a second.
-async fn live_snapshot(url: &str) -> Option<serde_json::Value> {
-    let mut r = client().get(url).send().await.ok()?;
-    let mut text = String::new();
-    tokio::time::timeout(Duration::from_secs(1), async {
-        while let Ok(Some(chunk)) = r.chunk().await {
-            text.push_str(&String::from_utf8_lossy(&chunk));
-            if let Some(line) = text.lines().find(|l| l.starts_with("data:")) {
-                return serde_json::from_str(line.trim_start_matches("data:").trim()).ok();
-            }
-        }
-        None
-    })
-    .await
-    .ok()
-    .flatten()
 }
