@@ -365,3 +365,32 @@ async fn a_graceful_shutdown_ends_open_live_streams_instead_of_waiting_for_them(
         tokio::time::timeout(Duration::from_secs(5), async { while let Ok(Some(_)) = stream.chunk().await {} }).await;
     assert!(ended.is_ok(), "the live stream was not ended");
 }
+
+#[test]
+fn plugin_test_reports_each_kind_of_sandbox_stop_with_its_cost() {
+    let run = |config: &str, extra: &[&str]| {
+        let body = fixture("clockify/NEW_TIME_ENTRY.json");
+        let out = Command::new(binary())
+            .args(["plugin", "test", "--json", "--plugin"])
+            .arg(wasm("sandbox"))
+            .args(["--config", config, "--event", "X"])
+            .args(extra)
+            .arg(body)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "a failed invocation exits non-zero");
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let fuel = run(r#"{"mode":"loop"}"#, &["--fuel", "200000", "--time-limit", "5s"]);
+    assert_eq!(fuel["outcome"], "fuel", "{fuel}");
+    assert!(fuel["fuel_used"].as_u64().unwrap() >= 200_000, "{fuel}");
+    let timeout = run(r#"{"mode":"loop"}"#, &["--time-limit", "30ms"]);
+    assert_eq!(timeout["outcome"], "timeout", "{timeout}");
+    assert!(timeout["duration_us"].as_u64().unwrap() < 1_000_000, "stopped near its limit: {timeout}");
+    let memory = run(r#"{"mode":"alloc"}"#, &["--memory-mib", "8"]);
+    assert_eq!(memory["outcome"], "memory", "{memory}");
+    assert!(memory["memory_bytes"].as_u64().unwrap() <= 8 * 1024 * 1024, "{memory}");
+    let panic = run(r#"{"mode":"panic"}"#, &[]);
+    assert_eq!(panic["outcome"], "trap", "{panic}");
+    assert!(panic["error"].as_str().unwrap().contains("sandbox panic"), "the panic message explains the trap: {panic}");
+}

@@ -404,9 +404,6 @@ impl Plugin {
         };
         let outcome = match outcome {
             Err(Failure::Trap(_)) if store.data().limiter.denied => Err(Failure::Memory(p.spec.memory_limit)),
-            Err(Failure::Trap(m)) if p.spec.fuel.is_some() && fuel_used >= fuel && m.contains("fuel") => {
-                Err(Failure::Fuel(fuel))
-            }
             other => other,
         };
         let mut state = store.into_data();
@@ -428,7 +425,7 @@ impl Plugin {
         let p = &self.inner;
         let trap = |e: wasmtime::Error| match e.downcast_ref::<Trap>() {
             Some(Trap::Interrupt) => Failure::Timeout(p.spec.time_limit),
-            Some(Trap::OutOfFuel) => Failure::Trap("all fuel consumed".into()),
+            Some(Trap::OutOfFuel) => Failure::Fuel(p.spec.fuel.unwrap_or(u64::MAX)),
             Some(t) => Failure::Trap(t.to_string()),
             None => Failure::Trap(first_line(&format!("{:#}", e.root_cause()))),
         };
