@@ -266,19 +266,12 @@ impl Dispatcher {
                 duration_ms: started.elapsed().as_millis() as i64,
                 status: result.as_ref().err().and_then(SinkError::status),
             };
-            let (outcome, delay) = match result {
-                Ok(()) => {
-                    self.metrics.delivery(&self.sink_id, "delivered", seconds);
-                    if !row.replay {
-                        let since = (now_ms() - row.event.received_at_ms).max(0) as f64 / 1000.0;
-                        self.metrics.event_latency(&self.sink_id, since);
-                    }
-                    (Outcome::Delivered, None)
-                }
+            // Counted once recorded, so that the metrics never run ahead of the spool.
+            let (outcome, delay, counted) = match result {
+                Ok(()) => (Outcome::Delivered, None, "delivered"),
                 Err(SinkError::Permanent { message, .. }) => {
-                    self.metrics.delivery(&self.sink_id, "dead", seconds);
                     tracing::warn!(sink = %self.sink_id, event = %row.event.id, attempts, error = %message, "delivery failed permanently; dead-lettered");
-                    (Outcome::Dead(message), None)
+                    (Outcome::Dead(message), None, "dead")
                 }
                 Err(SinkError::Retryable { message, retry_after, .. }) => {
                     // A peer's Retry-After is honoured, but never beyond the policy's horizon.
@@ -289,20 +282,23 @@ impl Dispatcher {
                     let too_old = age.saturating_add(delay) > self.retry.max_age;
                     let too_many = self.retry.max_attempts.is_some_and(|max| attempts >= max);
                     if too_old || too_many {
-                        self.metrics.delivery(&self.sink_id, "dead", seconds);
                         let why = if too_many { format!("{attempts} attempts") } else { "max_age".to_owned() };
                         tracing::warn!(sink = %self.sink_id, event = %row.event.id, attempts, error = %message, "retries exhausted; dead-lettered");
-                        (Outcome::Dead(format!("{message} (gave up: {why})")), None)
+                        (Outcome::Dead(format!("{message} (gave up: {why})")), None, "dead")
                     } else {
-                        self.metrics.delivery(&self.sink_id, "retry", seconds);
                         tracing::info!(sink = %self.sink_id, event = %row.event.id, attempts, error = %message, retry_in = ?delay, "delivery failed; will retry");
                         let next_attempt_ms = now_ms() + delay.as_millis() as i64;
-                        (Outcome::Retry { next_attempt_ms, error: message }, Some(delay))
+                        (Outcome::Retry { next_attempt_ms, error: message }, Some(delay), "retry")
                     }
                 }
             };
             if !self.record(&row, attempts, outcome, attempt, cancel).await {
                 return;
+            }
+            self.metrics.delivery(&self.sink_id, counted, seconds);
+            if counted == "delivered" && !row.replay {
+                let since = (now_ms() - row.event.received_at_ms).max(0) as f64 / 1000.0;
+                self.metrics.event_latency(&self.sink_id, since);
             }
             let Some(delay) = delay else { return };
             tokio::select! {
