@@ -209,6 +209,9 @@ impl Bridge {
             sinks: std::sync::Mutex::new(std::collections::BTreeMap::new()),
             live: crate::live::Live::default(),
         });
+        if let Some(h) = &host {
+            shared.live.persist_to(h.kv().clone());
+        }
         let cancel = CancellationToken::new();
         let inner = Arc::new(Inner {
             shared,
@@ -336,7 +339,11 @@ impl Reloader {
         // Plugins are loaded again on every reload (their .wasm may have changed), and restarted.
         let plugins = {
             let mut host = self.inner.plugins.lock().await;
-            load_plugins(&mut host, &config).await?
+            let loaded = load_plugins(&mut host, &config).await?;
+            if let Some(h) = host.as_ref() {
+                self.inner.shared.live.persist_to(h.kv().clone());
+            }
+            loaded
         };
         let cx = self.inner.build_context(&plugins, &config);
         let mut built = Vec::new();

@@ -1,7 +1,9 @@
 //! Live channels: what plugins `publish`, streamed to web clients as Server-Sent Events at
 //! `GET /live/<channel>`. Best effort by design (a slow client skips payloads rather than holding memory),
 //! but each channel keeps its last payload and sends it first to every new client, so a page shows the
-//! current state as soon as it connects.
+//! current state as soon as it connects. With plugins configured, the last payloads are also written (by a
+//! thread of their own, in publish order) to the plugins' store and read back at start, so a restart does not
+//! blank a dashboard.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -20,6 +22,8 @@ const MAX_CHANNELS: usize = 256;
 #[derive(Debug, Clone, Default)]
 pub struct Live {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    /// Where last payloads go to be kept across restarts, once [`Live::persist_to`] was called.
+    saver: Arc<Mutex<Option<std::sync::mpsc::Sender<(String, Arc<str>)>>>>,
 }
 
 #[derive(Debug)]
@@ -42,6 +46,47 @@ pub fn valid_channel(name: &str) -> bool {
 }
 
 impl Live {
+    /// Restores the last payloads kept in `kv`, and from now on keeps each new one there. Idempotent.
+    pub fn persist_to(&self, kv: crate::plugin::kv::Kv) {
+        // Never hold the saver's lock while taking the channels' (publish takes them the other way round).
+        if self.saver.lock().map(|s| s.is_some()).unwrap_or(true) {
+            return;
+        }
+        match kv.live_payloads() {
+            Ok(saved) => {
+                if let Ok(mut channels) = self.channels.lock() {
+                    for (channel, payload) in saved.into_iter().take(MAX_CHANNELS) {
+                        let c = channels.entry(channel).or_insert_with(Channel::new);
+                        c.last.get_or_insert_with(|| Arc::from(payload));
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read the live channels' last payloads"),
+        }
+        let (tx, rx) = std::sync::mpsc::channel::<(String, Arc<str>)>();
+        let spawned = std::thread::Builder::new().name("hookbridge-live".into()).spawn(move || {
+            // Ends when every sender is gone (the daemon's `Live` dropped).
+            while let Ok((channel, payload)) = rx.recv() {
+                // Only the newest payload per channel matters: skip what a later one replaces.
+                let mut latest = HashMap::from([(channel, payload)]);
+                while let Ok((c, p)) = rx.try_recv() {
+                    latest.insert(c, p);
+                }
+                for (c, p) in latest {
+                    if let Err(e) = kv.save_live(&c, &p) {
+                        tracing::warn!(channel = %c, error = %e, "cannot keep a live channel's last payload");
+                    }
+                }
+            }
+        });
+        match (spawned, self.saver.lock()) {
+            (Ok(_), Ok(mut saver)) if saver.is_none() => *saver = Some(tx),
+            (Err(e), _) => tracing::warn!(error = %e, "cannot start the live channel writer"),
+            // Another call won the race: this writer ends with its sender, dropped here.
+            _ => {}
+        }
+    }
+
     /// Sends `payload` to the channel's clients and keeps it as the channel's last payload.
     pub fn publish(&self, channel: &str, payload: &str) {
         let Ok(mut channels) = self.channels.lock() else { return };
@@ -52,6 +97,12 @@ impl Live {
         let c = channels.entry(channel.to_owned()).or_insert_with(Channel::new);
         let payload: Arc<str> = Arc::from(payload);
         c.last = Some(Arc::clone(&payload));
+        // Still under the channels' lock, so the writer sees payloads in publish order.
+        if let Ok(saver) = self.saver.lock()
+            && let Some(tx) = saver.as_ref()
+        {
+            let _ = tx.send((channel.to_owned(), Arc::clone(&payload)));
+        }
         // No client listening is fine.
         let _ = c.tx.send(payload);
     }

@@ -260,8 +260,10 @@ to = ["b"]
     assert_eq!(live(&bridge.url(""), "b").await.unwrap(), serde_json::json!({"B_EVENT": 1}), "b sees only its keys");
     bridge.stop().await;
 
-    // A new daemon on the same data directory: the counts go on.
+    // A new daemon on the same data directory: the channels' last payloads are there at once, and the counts
+    // go on.
     let bridge = TestBridge::start(&config).await;
+    assert_eq!(live(&bridge.url(""), "a").await.unwrap(), serde_json::json!({"A_EVENT": 2}), "kept across the restart");
     assert_eq!(bridge.post("/hooks/clockify", &clockify_headers(SECRET, "A_EVENT"), r#"{"n":"after"}"#).await.0, 200);
     bridge.wait_metric(r#"hookbridge_deliveries_total{outcome="delivered",sink="a"}"#, 1.0).await;
     assert_eq!(live(&bridge.url(""), "a").await.unwrap(), serde_json::json!({"A_EVENT": 3}));

@@ -39,6 +39,10 @@ impl Kv {
                  value BLOB NOT NULL,
                  expires_at_ms INTEGER,
                  PRIMARY KEY (plugin, key)
+             ) WITHOUT ROWID;
+             CREATE TABLE IF NOT EXISTS live (
+                 channel TEXT PRIMARY KEY,
+                 payload TEXT NOT NULL
              ) WITHOUT ROWID;",
         )
         .map_err(|e| format!("cannot prepare {}: {e}", path.display()))?;
@@ -96,6 +100,24 @@ impl Kv {
         })
     }
 
+    /// Keeps `payload` as the last one of live channel `channel` (so that a restart does not blank a page).
+    pub fn save_live(&self, channel: &str, payload: &str) -> Result<(), String> {
+        self.with(|c| {
+            c.prepare_cached("INSERT OR REPLACE INTO live (channel, payload) VALUES (?1, ?2)")?
+                .execute(params![channel, payload])
+                .map(|_| ())
+        })
+    }
+
+    /// Every live channel's last payload.
+    pub fn live_payloads(&self) -> Result<Vec<(String, String)>, String> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached("SELECT channel, payload FROM live ORDER BY channel")?;
+            let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+            rows.collect()
+        })
+    }
+
     /// Deletes expired keys; returns how many.
     pub fn prune(&self) -> Result<usize, String> {
         self.with(|c| c.execute("DELETE FROM kv WHERE expires_at_ms IS NOT NULL AND expires_at_ms <= ?1", [now_ms()]))
@@ -126,8 +148,11 @@ mod tests {
         assert!(kv.set("a", "", b"v", None).is_err());
         assert!(kv.set("a", &"k".repeat(MAX_KEY + 1), b"v", None).is_err());
         assert!(kv.set("a", "big", &vec![0; MAX_VALUE + 1], None).is_err());
+        kv.save_live("dashboard", "{\"n\":1}").unwrap();
+        kv.save_live("dashboard", "{\"n\":2}").unwrap();
         drop(kv);
         let again = Kv::open(dir.path()).unwrap();
         assert_eq!(again.get("a", "other").unwrap().as_deref(), Some(&b"3"[..]), "persisted");
+        assert_eq!(again.live_payloads().unwrap(), vec![("dashboard".to_owned(), "{\"n\":2}".to_owned())]);
     }
 }
