@@ -23,8 +23,11 @@ const MAX_CHANNELS: usize = 256;
 pub struct Live {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
     /// Where last payloads go to be kept across restarts, once [`Live::persist_to`] was called.
-    saver: Arc<Mutex<Option<std::sync::mpsc::Sender<(String, Arc<str>)>>>>,
+    saver: Arc<Mutex<Option<Saver>>>,
 }
+
+/// Sends (channel, payload) to the thread that keeps last payloads.
+type Saver = std::sync::mpsc::Sender<(String, Arc<str>)>;
 
 #[derive(Debug)]
 struct Channel {
