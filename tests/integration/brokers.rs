@@ -203,6 +203,12 @@ impl Outage {
     }
 }
 
+/// Posts a signed NEW_TIME_ENTRY for time entry `entry-<n>`; returns the status.
+async fn post_entry(bridge: &TestBridge, n: usize) -> u16 {
+    let body = format!(r#"{{"id":"entry-{n}","workspaceId":"w"}}"#);
+    bridge.post("/hooks/clockify", &clockify_headers(SECRET, "NEW_TIME_ENTRY"), body).await.0
+}
+
 /// Waits until the spool has no pending delivery (a broker's acknowledgement is recorded just after it).
 async fn wait_drained(bridge: &TestBridge) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -457,11 +463,7 @@ retry = { initial_backoff = "50ms", max_backoff = "300ms" }
     .replace("@URL@", &url)
     .replace("@X@", &exchange);
     let bridge = TestBridge::start(&config(&sinks, &["rabbit"])).await;
-    let post = |n: usize| {
-        let body = format!(r#"{{"id":"entry-{n}","workspaceId":"w"}}"#);
-        let b = &bridge;
-        async move { b.post("/hooks/clockify", &clockify_headers(SECRET, "NEW_TIME_ENTRY"), body).await.0 }
-    };
+    let post = |n: usize| post_entry(&bridge, n);
     for n in 0..5 {
         assert_eq!(post(n).await, 200);
     }
@@ -570,11 +572,7 @@ retry = { initial_backoff = "100ms", max_backoff = "500ms" }
     .replace("@B@", &brokers)
     .replace("@T@", &topic);
     let bridge = TestBridge::start(&config(&sinks, &["bus"])).await;
-    let post = |n: usize| {
-        let body = format!(r#"{{"id":"entry-{n}","workspaceId":"w"}}"#);
-        let b = &bridge;
-        async move { b.post("/hooks/clockify", &clockify_headers(SECRET, "NEW_TIME_ENTRY"), body).await.0 }
-    };
+    let post = |n: usize| post_entry(&bridge, n);
     assert_eq!(post(0).await, 200);
     bridge.wait_metric(r#"hookbridge_deliveries_total{outcome="delivered",sink="bus"}"#, 1.0).await;
 
