@@ -104,6 +104,9 @@ pub const GROUP_COMMIT_MAX: usize = 512;
 pub const GROUP_COMMIT_WINDOW: Duration = Duration::from_micros(500);
 /// Capacity of the queue in front of the spool writer.
 pub const WRITER_QUEUE: usize = 8192;
+/// Committed batches waiting for the spool's WAL sync at most (the writer waits when the syncer is this far
+/// behind).
+pub const SYNC_QUEUE: usize = 64;
 /// Lines the file sink writes per fsync at most.
 pub const FILE_BATCH_MAX: usize = 512;
 /// How long the file sink lets lines gather before it writes and fsyncs a batch that started alone.

@@ -148,6 +148,33 @@ fn finish(tx: &Connection, seq: i64) -> rusqlite::Result<Finished> {
     Ok((1, 1, len))
 }
 
+/// Stores (replaces) an add-on installation record.
+pub(super) fn save_installation(
+    tx: &Connection,
+    source: &str,
+    workspace: &str,
+    addon_id: &str,
+    record: &str,
+) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT INTO installations (source, workspace_id, addon_id, record, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5)
+         ON CONFLICT (source, workspace_id, addon_id) DO UPDATE
+         SET record = excluded.record, updated_at = excluded.updated_at",
+        params![source, workspace, addon_id, record, now_ms()],
+    )?;
+    Ok(())
+}
+
+/// A small write that proves the spool writable (readiness).
+pub(super) fn heartbeat(tx: &Connection) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT INTO meta (k, v) VALUES ('heartbeat', ?1) ON CONFLICT (k) DO UPDATE SET v = excluded.v",
+        [now_ms().to_string()],
+    )?;
+    Ok(())
+}
+
 pub(super) fn handshake(tx: &Connection, source: &str, secret: &str, at: i64) -> rusqlite::Result<()> {
     tx.execute(
         "INSERT INTO handshakes (source, secret, received_at) VALUES (?1, ?2, ?3)",

@@ -172,3 +172,27 @@ async fn handshakes_are_kept_bounded_and_listed() {
     store.close().await;
     assert!(matches!(store.ping().await, Err(StoreError::Closed)));
 }
+
+/// Operations committed together: one that fails (an id already stored) gets its error, and every other
+/// operation of the batch is committed and answered as if it had been alone.
+#[tokio::test]
+async fn a_failing_operation_leaves_the_rest_of_its_batch_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    new(&store, "taken", "{}", &["s"]).await;
+    let inserts = (0..40).map(|i| {
+        let id = if i == 20 { "taken".to_owned() } else { format!("e{i}") };
+        store.insert(event(&id, "{\"n\":1}"), vec!["s".into()], None)
+    });
+    let results = futures_util::future::join_all(inserts).await;
+    for (i, r) in results.iter().enumerate() {
+        assert_eq!(r.is_err(), i == 20, "{i}: {r:?}");
+    }
+    // 39 new events and the first one, each with its delivery; the failed one left nothing behind.
+    assert_eq!(store.gauges().snapshot().0, 40);
+    assert_eq!(store.pending("s", 0, 100).await.unwrap().len(), 40);
+    store.close().await;
+    let store = Store::open(dir.path()).unwrap();
+    assert_eq!(store.gauges().snapshot().0, 40);
+    store.close().await;
+}
