@@ -4,6 +4,7 @@
 //! own connections and never block the writer. Operator commands ([`Operator`]) use a connection of their own,
 //! in the daemon (admin API) or in another process (CLI); SQLite's locking keeps them consistent.
 
+mod dedup;
 mod ops;
 mod schema;
 mod writer;

@@ -7,7 +7,7 @@ use bytes::Bytes;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
-use super::{Attempt, Handshake, Inserted, Outcome, PendingDelivery};
+use super::{Attempt, Handshake, Outcome, PendingDelivery};
 use crate::event::{Event, now_ms};
 use crate::limits::HANDSHAKES_KEPT;
 
@@ -28,27 +28,30 @@ fn event_from_row(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Event> {
     })
 }
 
-/// Inserts an event and one pending delivery per sink, unless an event with the same dedup key was received
-/// since `dedup_since_ms`. Returns the new deliveries' ids with their sinks.
+/// The id of the first of the events `seqs` (dedup candidates) that really has this dedup key and source.
+pub(super) fn find_duplicate(
+    tx: &Connection,
+    seqs: &[i64],
+    dedup_key: &str,
+    source: &str,
+) -> rusqlite::Result<Option<String>> {
+    let mut stmt = tx.prepare_cached("SELECT id FROM events WHERE seq = ?1 AND dedup_key = ?2 AND source = ?3")?;
+    for seq in seqs {
+        if let Some(id) = stmt.query_row(params![seq, dedup_key, source], |r| r.get(0)).optional()? {
+            return Ok(Some(id));
+        }
+    }
+    Ok(None)
+}
+
+/// Inserts an event (with `hash`, its dedup key's [`dedup_hash`]) and one pending delivery per sink. Returns
+/// the event's seq and the new deliveries' ids with their sinks.
 pub(super) fn insert(
     tx: &Connection,
     e: &Event,
+    hash: i64,
     sinks: &[String],
-    dedup_since_ms: Option<i64>,
-) -> rusqlite::Result<(Inserted, Vec<(i64, String)>)> {
-    let hash = dedup_hash(&e.dedup_key);
-    if let Some(since) = dedup_since_ms {
-        let original: Option<String> = tx
-            .prepare_cached(
-                "SELECT id FROM events WHERE dedup_hash = ?1 AND dedup_key = ?2 AND source = ?3 AND received_at >= ?4
-                 ORDER BY seq LIMIT 1",
-            )?
-            .query_row(params![hash, e.dedup_key, e.source, since], |r| r.get(0))
-            .optional()?;
-        if let Some(id) = original {
-            return Ok((Inserted::Duplicate { original: id }, Vec::new()));
-        }
-    }
+) -> rusqlite::Result<(i64, Vec<(i64, String)>)> {
     let headers = serde_json::to_string(&e.headers).unwrap_or_else(|_| "[]".into());
     tx.prepare_cached(
         "INSERT INTO events (id, source, event_type, received_at, headers, body, dedup_key, dedup_hash, ordering_key)
@@ -74,11 +77,11 @@ pub(super) fn insert(
         stmt.execute(params![seq, sink, e.received_at_ms])?;
         ids.push((tx.last_insert_rowid(), sink.clone()));
     }
-    Ok((Inserted::New { seq }, ids))
+    Ok((seq, ids))
 }
 
 /// The first 8 bytes of SHA-256(key), as the integer the dedup index holds.
-fn dedup_hash(key: &str) -> i64 {
+pub(super) fn dedup_hash(key: &str) -> i64 {
     use sha2::{Digest, Sha256};
     let d = Sha256::digest(key.as_bytes());
     let mut b = [0u8; 8];
@@ -104,15 +107,18 @@ pub(super) fn record(
         Outcome::Dead(e) => ("dead", None, Some(e.as_str()), "dead"),
         Outcome::Retry { next_attempt_ms, error } => ("pending", Some(*next_attempt_ms), Some(error.as_str()), "retry"),
     };
+    // A read and an update by rowid: cheaper than `UPDATE ... RETURNING`, which builds a temporary table.
     let event_seq: Option<i64> = tx
-        .prepare_cached(
-            "UPDATE deliveries SET status = ?1, attempts = ?2, next_attempt_at = ?3,
-               last_error = coalesce(?4, last_error), last_status = coalesce(?5, last_status), updated_at = ?6
-             WHERE id = ?7 AND status = 'pending' RETURNING event_seq",
-        )?
-        .query_row(params![status, attempts, next, error, attempt.status, now, delivery_id], |r| r.get(0))
+        .prepare_cached("SELECT event_seq FROM deliveries WHERE id = ?1 AND status = 'pending'")?
+        .query_row([delivery_id], |r| r.get(0))
         .optional()?;
     let Some(event_seq) = event_seq else { return Ok((0, 0, 0)) };
+    tx.prepare_cached(
+        "UPDATE deliveries SET status = ?1, attempts = ?2, next_attempt_at = ?3,
+           last_error = coalesce(?4, last_error), last_status = coalesce(?5, last_status), updated_at = ?6
+         WHERE id = ?7",
+    )?
+    .execute(params![status, attempts, next, error, attempt.status, now, delivery_id])?;
     tx.prepare_cached(
         "INSERT INTO attempts (delivery_id, attempt, started_at, duration_ms, outcome, status, error)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -134,18 +140,16 @@ pub(super) fn record(
 
 /// One delivery of event `seq` left the pending state: was it the event's last pending one?
 fn finish(tx: &Connection, seq: i64) -> rusqlite::Result<Finished> {
-    let still: i64 = tx
-        .prepare_cached("SELECT count(*) FROM deliveries WHERE event_seq = ?1 AND status = 'pending'")?
-        .query_row([seq], |r| r.get(0))?;
+    let (still, len): (i64, Option<i64>) = tx
+        .prepare_cached(
+            "SELECT (SELECT count(*) FROM deliveries WHERE event_seq = ?1 AND status = 'pending'),
+                    (SELECT length(body) FROM events WHERE seq = ?1)",
+        )?
+        .query_row([seq], |r| Ok((r.get(0)?, r.get(1)?)))?;
     if still > 0 {
         return Ok((1, 0, 0));
     }
-    let len: i64 = tx
-        .prepare_cached("SELECT length(body) FROM events WHERE seq = ?1")?
-        .query_row([seq], |r| r.get(0))
-        .optional()?
-        .unwrap_or(0);
-    Ok((1, 1, len))
+    Ok((1, 1, len.unwrap_or(0)))
 }
 
 /// Stores (replaces) an add-on installation record.

@@ -5,11 +5,12 @@ use rusqlite::Connection;
 use super::{SpoolGauges, StoreError};
 
 /// Bumped when the schema changes; a newer database is refused rather than misread.
-const SCHEMA_VERSION: i64 = 3;
+const SCHEMA_VERSION: i64 = 4;
 
 /// - `events`: one row per accepted webhook (unrouted ones too), body byte for byte; written once, never
 ///   updated (so delivery bookkeeping never rewrites pages that hold bodies). `dedup_hash` is the first 8 bytes
-///   of SHA-256(`dedup_key`): a small index for the dedup lookup.
+///   of SHA-256(`dedup_key`), from which the writer fills its in-memory dedup index (`dedup.rs`); it has no
+///   index of its own (version 3 had one: random inserts into it were a third of the spool's disk writes).
 /// - `deliveries`: one row per (event, sink) to deliver, plus one per replay or dead-letter retry. Its `id`
 ///   gives each sink its dispatch order. Status: `pending`, `delivered`, `dead`, `retried` (a dead letter
 ///   that was retried as a new delivery row) or `purged` (a dead letter given up by an operator).
@@ -31,7 +32,6 @@ CREATE TABLE IF NOT EXISTS events (
     ordering_key TEXT
 );
 CREATE INDEX IF NOT EXISTS events_received_at ON events (received_at);
-CREATE INDEX IF NOT EXISTS events_dedup_hash ON events (dedup_hash);
 CREATE TABLE IF NOT EXISTS deliveries (
     id              INTEGER PRIMARY KEY AUTOINCREMENT,
     event_seq       INTEGER NOT NULL,
@@ -90,7 +90,10 @@ pub(super) fn configure(conn: &Connection) -> Result<(), StoreError> {
 pub(super) fn prepare_writer(conn: &Connection) -> Result<(), StoreError> {
     configure(conn)?;
     let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-    if version != 0 && version != SCHEMA_VERSION {
+    if version == 3 {
+        // 3 -> 4: the dedup index moved into memory.
+        conn.execute_batch("DROP INDEX IF EXISTS events_dedup_hash")?;
+    } else if version != 0 && version != SCHEMA_VERSION {
         return Err(StoreError::Schema(format!(
             "spool schema version {version}, this hookbridge uses {SCHEMA_VERSION}: start with an empty data_dir \
              (or drain the spool with the matching version first)"

@@ -196,3 +196,63 @@ async fn a_failing_operation_leaves_the_rest_of_its_batch_committed() {
     assert_eq!(store.gauges().snapshot().0, 40);
     store.close().await;
 }
+
+/// The dedup index lives in the writer's memory: after a restart it is filled from the spool for the window,
+/// and a window lengthened later (a reload) reaches back to events the map had not loaded.
+#[tokio::test]
+async fn duplicates_are_found_across_a_restart_and_a_longer_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let mut old = event("old", "{}");
+    old.received_at_ms = now_ms() - 3_600_000;
+    store.insert(old, vec!["s".into()], Some(now_ms() - 60_000)).await.unwrap();
+    new(&store, "recent", "{}", &["s"]).await;
+    store.close().await;
+
+    let store = Store::open(dir.path()).unwrap();
+    let copy = |id: &str, of: &str| {
+        let mut e = event(id, "{}");
+        e.dedup_key = format!("k-{of}");
+        e
+    };
+    let minute = Some(now_ms() - 60_000);
+    let r = store.insert(copy("c1", "recent"), vec!["s".into()], minute).await.unwrap();
+    assert_eq!(r, Inserted::Duplicate { original: "recent".into() });
+    // An hour ago is outside a one-minute window...
+    let r = store.insert(copy("c2", "old"), vec!["s".into()], minute).await.unwrap();
+    assert!(matches!(r, Inserted::New { .. }), "{r:?}");
+    // ...and inside a two-hour one: the original (not the copy just stored) is found.
+    let r = store.insert(copy("c3", "old"), vec!["s".into()], Some(now_ms() - 7_200_000)).await.unwrap();
+    assert_eq!(r, Inserted::Duplicate { original: "old".into() });
+    // Same key from another source: not a duplicate.
+    let mut other = copy("c4", "recent");
+    other.source = "clockodo".into();
+    assert!(matches!(store.insert(other, vec![], minute).await.unwrap(), Inserted::New { .. }));
+    store.close().await;
+}
+
+/// A spool made by schema version 3 (with its on-disk dedup index) opens, loses that index, and dedups.
+#[tokio::test]
+async fn a_version_3_spool_is_migrated() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    new(&store, "a", "{}", &["s"]).await;
+    store.close().await;
+    {
+        let conn = rusqlite::Connection::open(dir.path().join(DB_FILE)).unwrap();
+        conn.execute_batch("CREATE INDEX events_dedup_hash ON events (dedup_hash); PRAGMA user_version = 3;").unwrap();
+    }
+    let store = Store::open(dir.path()).unwrap();
+    let mut copy = event("b", "{}");
+    copy.dedup_key = "k-a".into();
+    let r = store.insert(copy, vec!["s".into()], Some(now_ms() - 60_000)).await.unwrap();
+    assert_eq!(r, Inserted::Duplicate { original: "a".into() });
+    store.close().await;
+    let conn = rusqlite::Connection::open(dir.path().join(DB_FILE)).unwrap();
+    let indexes: i64 = conn
+        .query_row("SELECT count(*) FROM sqlite_master WHERE name = 'events_dedup_hash'", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(indexes, 0);
+    let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+    assert_eq!(version, 4);
+}

@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use rusqlite::{Connection, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
+use super::dedup::RecentKeys;
 use super::ops;
 use super::{Attempt, Feeds, Inserted, Outcome, PendingDelivery, SpoolGauges, StoreError, schema};
 use crate::event::Event;
@@ -63,7 +64,8 @@ enum Waiter {
 
 /// What applying one operation did.
 enum Applied {
-    Inserted(Inserted, Vec<(i64, String)>),
+    /// With the new deliveries, and the dedup hash of a new event.
+    Inserted(Inserted, Vec<(i64, String)>, Option<i64>),
     Finished(ops::Finished),
     Count(u64),
     Unit,
@@ -90,11 +92,18 @@ fn split(op: Op) -> Result<(Work, Waiter), oneshot::Sender<()>> {
     })
 }
 
-fn apply(c: &Connection, work: &Work) -> rusqlite::Result<Applied> {
+fn apply(c: &Connection, work: &Work, recent: &mut RecentKeys) -> rusqlite::Result<Applied> {
     Ok(match work {
         Work::Insert { event, sinks, dedup_since_ms } => {
-            let (inserted, ids) = ops::insert(c, event, sinks, *dedup_since_ms)?;
-            Applied::Inserted(inserted, ids)
+            let hash = ops::dedup_hash(&event.dedup_key);
+            if let Some(since) = dedup_since_ms {
+                let seqs = recent.candidates(c, hash, *since)?;
+                if let Some(original) = ops::find_duplicate(c, &seqs, &event.dedup_key, &event.source)? {
+                    return Ok(Applied::Inserted(Inserted::Duplicate { original }, Vec::new(), None));
+                }
+            }
+            let (seq, ids) = ops::insert(c, event, hash, sinks)?;
+            Applied::Inserted(Inserted::New { seq }, ids, Some(hash))
         }
         Work::Record { delivery_id, attempts, outcome, attempt } => {
             Applied::Finished(ops::record(c, *delivery_id, *attempts, outcome, attempt)?)
@@ -120,28 +129,54 @@ fn apply(c: &Connection, work: &Work) -> rusqlite::Result<Applied> {
 /// if one fails, the whole transaction is rolled back and the batch runs again the careful way, each operation
 /// in a savepoint of its own, so that the failing one leaves nothing behind and the others commit (a savepoint
 /// per operation costs SQLite a statement journal, which is why it is not the usual way).
-fn execute(conn: &mut Connection, batch: &[Work]) -> rusqlite::Result<Vec<rusqlite::Result<Applied>>> {
+fn execute(
+    conn: &mut Connection,
+    batch: &[Work],
+    recent: &mut RecentKeys,
+) -> rusqlite::Result<Vec<rusqlite::Result<Applied>>> {
+    // A new event is remembered for dedup as soon as it is inserted (a later copy in the same batch must find
+    // it), and forgotten again if its transaction does not commit.
+    let stage = |recent: &mut RecentKeys, w: &Work, r: &rusqlite::Result<Applied>| {
+        if let (Work::Insert { event, .. }, Ok(Applied::Inserted(Inserted::New { seq }, _, Some(hash)))) = (w, r) {
+            recent.stage(*hash, *seq, event.received_at_ms);
+        }
+    };
     let fast = (|| {
         // IMMEDIATE: take the write lock up front, so that a batch waits (busy timeout) for an operator's
         // transaction instead of failing when its first read would need upgrading to a write.
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let results = batch.iter().map(|w| apply(&tx, w).map(Ok)).collect::<rusqlite::Result<Vec<_>>>()?;
+        let mut results = Vec::with_capacity(batch.len());
+        for w in batch {
+            let r = Ok(apply(&tx, w, recent)?);
+            stage(recent, w, &r);
+            results.push(r);
+        }
         tx.commit()?;
         Ok(results)
     })();
-    match fast {
-        Ok(results) => Ok(results),
-        Err(e) if batch.len() == 1 => Ok(vec![Err(e)]),
-        Err(_) => {
-            let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let mut results = Vec::with_capacity(batch.len());
-            for w in batch {
-                results.push(in_savepoint(&mut tx, |c| apply(c, w)));
-            }
-            tx.commit()?;
-            Ok(results)
-        }
+    let first_error = match fast {
+        Ok(results) => return Ok(results),
+        Err(e) => e,
+    };
+    recent.discard();
+    if batch.len() == 1 {
+        return Ok(vec![Err(first_error)]);
     }
+    let careful = (|| {
+        let mut tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut results = Vec::with_capacity(batch.len());
+        for w in batch {
+            let r = in_savepoint(&mut tx, |c| apply(c, w, recent));
+            stage(recent, w, &r);
+            results.push(r);
+        }
+        tx.commit()?;
+        Ok(results)
+    })();
+    if careful.is_err() {
+        recent.discard();
+    }
+    careful
 }
 
 /// A committed batch on its way to the syncer.
@@ -191,6 +226,9 @@ pub(super) fn run(mut conn: Connection, mut rx: mpsc::Receiver<Op>, gauges: Arc<
         }
     };
     let mut last_batch = 0usize;
+    let mut recent = RecentKeys::new();
+    // The dedup window as the last insert gave it (`None`: no insert yet, so nothing to forget).
+    let mut window_ms: Option<i64> = None;
     // Bumped by SQLite whenever another connection (an operator's CLI or the admin API) commits.
     let mut data_version = data_version_of(&conn);
     while shutdown.is_none() && !failed.load(Ordering::Acquire) {
@@ -221,14 +259,21 @@ pub(super) fn run(mut conn: Connection, mut rx: mpsc::Receiver<Op>, gauges: Arc<
         }
         let durable = work.iter().any(|w| !matches!(w, Work::Record { .. }));
         let resync = work.iter().any(|w| matches!(w, Work::Prune { .. }));
-        let settled = match execute(&mut conn, &work) {
+        let now = crate::event::now_ms();
+        for w in &work {
+            if let Work::Insert { dedup_since_ms, .. } = w {
+                window_ms = Some(dedup_since_ms.map_or(0, |since| (now - since).max(0)));
+            }
+        }
+        let settled = match execute(&mut conn, &work, &mut recent) {
             Ok(results) => {
+                recent.commit(window_ms.map_or(i64::MIN, |w| now - w));
                 let mut delta = Delta::default();
                 let mut fed = Vec::new();
                 let mut answers = Vec::with_capacity(results.len());
                 for ((w, waiter), r) in work.into_iter().zip(waiters).zip(results) {
                     match (&r, w) {
-                        (Ok(Applied::Inserted(Inserted::New { seq }, ids)), Work::Insert { event, .. })
+                        (Ok(Applied::Inserted(Inserted::New { seq }, ids, _)), Work::Insert { event, .. })
                             if !ids.is_empty() =>
                         {
                             delta.events += 1;
@@ -359,7 +404,7 @@ fn answer(waiter: Waiter, r: Result<Applied, StoreError>) {
     match waiter {
         Waiter::Inserted(reply) => {
             let _ = reply.send(r.and_then(|a| match a {
-                Applied::Inserted(i, _) => Ok(i),
+                Applied::Inserted(i, _, _) => Ok(i),
                 _ => Err(mismatch()),
             }));
         }
