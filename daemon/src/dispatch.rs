@@ -23,7 +23,7 @@ use crate::event::now_ms;
 use crate::limits::DISPATCH_POLL;
 use crate::metrics::Metrics;
 use crate::sinks::{Sink, SinkError};
-use crate::store::{Attempt, Feed, Outcome, PendingDelivery, Store};
+use crate::store::{Attempt, Feed, Outcome, PendingDelivery, Record, Store};
 
 /// Deliveries read from the spool per query at most.
 const FETCH_MAX: usize = 256;
@@ -139,20 +139,23 @@ impl Dispatcher {
                 },
                 row = this.next(&mut src, &cancel), if permit.is_some() => {
                     let Some(row) = row else { break };
-                    src.cursor = src.cursor.max(row.id);
-                    if row.replay {
-                        src.taken_replays.insert(row.id, None);
-                    }
                     let Some(p) = permit.take() else { continue };
-                    match row.event.ordering_key.clone() {
-                        Some(key) => match busy.get_mut(&key) {
-                            Some(waiting) => waiting.push_back((row, p)),
-                            None => {
-                                busy.insert(key, VecDeque::new());
-                                this.start(&tracker, row, p, &done_tx, &cancel);
-                            }
-                        },
-                        None => this.start(&tracker, row, p, &done_tx, &cancel),
+                    let mut ready = Vec::new();
+                    ready.extend(admit(&mut src, &mut busy, row, p));
+                    // A sink that takes batches gets every delivery that is ready now and has a free slot.
+                    let batch_max = this.sink.batch_max();
+                    while batch_max > 1 && ready.len() < batch_max {
+                        let Ok(p) = Arc::clone(&slots).try_acquire_owned() else { break };
+                        let Some(row) = next_ready(&mut src) else { break };
+                        ready.extend(admit(&mut src, &mut busy, row, p));
+                    }
+                    match ready.len() {
+                        0 => {}
+                        1 => {
+                            let Some((row, p)) = ready.pop() else { continue };
+                            this.start(&tracker, row, p, &done_tx, &cancel);
+                        }
+                        _ => this.start_batch(&tracker, ready, &done_tx, &cancel),
                     }
                 }
             }
@@ -160,6 +163,29 @@ impl Dispatcher {
         starting.abort();
         tracker.close();
         tracker.wait().await;
+    }
+
+    /// Starts several deliveries (distinct ordering keys) as one batch of the sink.
+    fn start_batch(
+        self: &Arc<Self>,
+        tracker: &TaskTracker,
+        ready: Vec<(PendingDelivery, OwnedSemaphorePermit)>,
+        done: &mpsc::UnboundedSender<Done>,
+        cancel: &CancellationToken,
+    ) {
+        let (this, cancel) = (Arc::clone(self), cancel.clone());
+        let batch: Vec<(PendingDelivery, DoneGuard)> = ready
+            .into_iter()
+            .map(|(row, permit)| {
+                let guard = DoneGuard {
+                    tx: done.clone(),
+                    done: Some(Done { key: row.event.ordering_key.clone(), id: row.id, replay: row.replay }),
+                    _permit: permit,
+                };
+                (row, guard)
+            })
+            .collect();
+        tracker.spawn(async move { this.deliver_batch(batch, &cancel).await });
     }
 
     fn start(
@@ -266,40 +292,13 @@ impl Dispatcher {
                 duration_ms: started.elapsed().as_millis() as i64,
                 status: result.as_ref().err().and_then(SinkError::status),
             };
-            // Counted once recorded, so that the metrics never run ahead of the spool.
-            let (outcome, delay, counted) = match result {
-                Ok(()) => (Outcome::Delivered, None, "delivered"),
-                Err(SinkError::Permanent { message, .. }) => {
-                    tracing::warn!(sink = %self.sink_id, event = %row.event.id, attempts, error = %message, "delivery failed permanently; dead-lettered");
-                    (Outcome::Dead(message), None, "dead")
-                }
-                Err(SinkError::Retryable { message, retry_after, .. }) => {
-                    // A peer's Retry-After is honoured, but never beyond the policy's horizon.
-                    let hint = retry_after.unwrap_or_default().min(self.retry.max_age);
-                    let delay = backoff(&self.retry, attempts).max(hint);
-                    // Age counts from the delivery's creation: a replay of an old event gets its own horizon.
-                    let age = Duration::from_millis(u64::try_from(now_ms() - row.created_at_ms).unwrap_or(0));
-                    let too_old = age.saturating_add(delay) > self.retry.max_age;
-                    let too_many = self.retry.max_attempts.is_some_and(|max| attempts >= max);
-                    if too_old || too_many {
-                        let why = if too_many { format!("{attempts} attempts") } else { "max_age".to_owned() };
-                        tracing::warn!(sink = %self.sink_id, event = %row.event.id, attempts, error = %message, "retries exhausted; dead-lettered");
-                        (Outcome::Dead(format!("{message} (gave up: {why})")), None, "dead")
-                    } else {
-                        tracing::info!(sink = %self.sink_id, event = %row.event.id, attempts, error = %message, retry_in = ?delay, "delivery failed; will retry");
-                        let next_attempt_ms = now_ms() + delay.as_millis() as i64;
-                        (Outcome::Retry { next_attempt_ms, error: message }, Some(delay), "retry")
-                    }
-                }
-            };
-            if !self.record(&row, attempts, outcome, attempt, cancel).await {
+            let (outcome, delay, counted) = self.judge(&row, attempts, result);
+            let record = Record { delivery_id: row.id, attempts, outcome, attempt };
+            if !self.record(&row.event.id, vec![record], cancel).await {
                 return;
             }
-            self.metrics.delivery(&self.sink_id, counted, seconds);
-            if counted == "delivered" && !row.replay {
-                let since = (now_ms() - row.event.received_at_ms).max(0) as f64 / 1000.0;
-                self.metrics.event_latency(&self.sink_id, since);
-            }
+            // Counted once recorded, so that the metrics never run ahead of the spool.
+            self.count(&row, counted, seconds);
             let Some(delay) = delay else { return };
             tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -308,23 +307,108 @@ impl Dispatcher {
         }
     }
 
-    /// Records an outcome, retrying while the store refuses (a full disk, a lock). Returns false when
-    /// cancelled first: the delivery is then still pending in the spool and is attempted again at the next
-    /// start (a duplicate at worst, never a loss).
-    async fn record(
+    /// Delivers a batch with one call of the sink and records every outcome in one operation. Each delivery
+    /// that finished (delivered or dead) releases its slot and ordering key at once; each one to be retried
+    /// goes on alone, as [`Dispatcher::deliver`] would, after its backoff.
+    async fn deliver_batch(&self, batch: Vec<(PendingDelivery, DoneGuard)>, cancel: &CancellationToken) {
+        let started_at_ms = now_ms();
+        let started = Instant::now();
+        let events: Vec<&crate::event::Event> = batch.iter().map(|(row, _)| &row.event).collect();
+        let mut results = self.sink.deliver_batch(&events).await;
+        drop(events);
+        // A sink must answer for each event; one that did not is treated as a failure of the rest.
+        results.resize_with(batch.len(), || Err(SinkError::retryable("the sink did not answer for this event")));
+        let seconds = started.elapsed().as_secs_f64();
+        let duration_ms = started.elapsed().as_millis() as i64;
+        let mut records = Vec::with_capacity(batch.len());
+        let mut next = Vec::with_capacity(batch.len());
+        for ((row, guard), result) in batch.into_iter().zip(results) {
+            let attempts = row.attempts.saturating_add(1);
+            let attempt =
+                Attempt { started_at_ms, duration_ms, status: result.as_ref().err().and_then(SinkError::status) };
+            let (outcome, delay, counted) = self.judge(&row, attempts, result);
+            records.push(Record { delivery_id: row.id, attempts, outcome, attempt });
+            next.push((row, guard, attempts, delay, counted));
+        }
+        let first = next.first().map(|(row, ..)| row.event.id.clone()).unwrap_or_default();
+        if !self.record(&first, records, cancel).await {
+            return;
+        }
+        let mut retries = Vec::new();
+        for (mut row, guard, attempts, delay, counted) in next {
+            self.count(&row, counted, seconds);
+            match delay {
+                None => drop(guard),
+                Some(delay) => {
+                    row.attempts = attempts;
+                    retries.push(async move {
+                        tokio::select! {
+                            _ = cancel.cancelled() => return,
+                            _ = tokio::time::sleep(delay) => {}
+                        }
+                        self.deliver(row, cancel).await;
+                        drop(guard);
+                    });
+                }
+            }
+        }
+        futures_util::future::join_all(retries).await;
+    }
+
+    /// What an attempt's result means for its delivery: the outcome to record, the delay before the next
+    /// attempt (if there is one), and the metric label.
+    fn judge(
         &self,
         row: &PendingDelivery,
         attempts: u32,
-        outcome: Outcome,
-        attempt: Attempt,
-        cancel: &CancellationToken,
-    ) -> bool {
+        result: Result<(), SinkError>,
+    ) -> (Outcome, Option<Duration>, &'static str) {
+        match result {
+            Ok(()) => (Outcome::Delivered, None, "delivered"),
+            Err(SinkError::Permanent { message, .. }) => {
+                tracing::warn!(sink = %self.sink_id, event = %row.event.id, attempts, error = %message, "delivery failed permanently; dead-lettered");
+                (Outcome::Dead(message), None, "dead")
+            }
+            Err(SinkError::Retryable { message, retry_after, .. }) => {
+                // A peer's Retry-After is honoured, but never beyond the policy's horizon.
+                let hint = retry_after.unwrap_or_default().min(self.retry.max_age);
+                let delay = backoff(&self.retry, attempts).max(hint);
+                // Age counts from the delivery's creation: a replay of an old event gets its own horizon.
+                let age = Duration::from_millis(u64::try_from(now_ms() - row.created_at_ms).unwrap_or(0));
+                let too_old = age.saturating_add(delay) > self.retry.max_age;
+                let too_many = self.retry.max_attempts.is_some_and(|max| attempts >= max);
+                if too_old || too_many {
+                    let why = if too_many { format!("{attempts} attempts") } else { "max_age".to_owned() };
+                    tracing::warn!(sink = %self.sink_id, event = %row.event.id, attempts, error = %message, "retries exhausted; dead-lettered");
+                    (Outcome::Dead(format!("{message} (gave up: {why})")), None, "dead")
+                } else {
+                    tracing::info!(sink = %self.sink_id, event = %row.event.id, attempts, error = %message, retry_in = ?delay, "delivery failed; will retry");
+                    let next_attempt_ms = now_ms() + delay.as_millis() as i64;
+                    (Outcome::Retry { next_attempt_ms, error: message }, Some(delay), "retry")
+                }
+            }
+        }
+    }
+
+    /// Metrics for a recorded attempt.
+    fn count(&self, row: &PendingDelivery, counted: &str, seconds: f64) {
+        self.metrics.delivery(&self.sink_id, counted, seconds);
+        if counted == "delivered" && !row.replay {
+            let since = (now_ms() - row.event.received_at_ms).max(0) as f64 / 1000.0;
+            self.metrics.event_latency(&self.sink_id, since);
+        }
+    }
+
+    /// Records outcomes, retrying while the store refuses (a full disk, a lock). Returns false when
+    /// cancelled first: the deliveries are then still pending in the spool and are attempted again at the next
+    /// start (a duplicate at worst, never a loss).
+    async fn record(&self, event: &str, records: Vec<Record>, cancel: &CancellationToken) -> bool {
         let mut wait = self.retry.initial_backoff;
         loop {
-            match self.store.record(row.id, attempts, outcome.clone(), attempt.clone()).await {
+            match self.store.record_all(records.clone()).await {
                 Ok(()) => return true,
                 Err(e) => {
-                    tracing::error!(sink = %self.sink_id, event = %row.event.id, error = %e, "cannot record delivery outcome; will try again");
+                    tracing::error!(sink = %self.sink_id, event = %event, deliveries = records.len(), error = %e, "cannot record delivery outcome; will try again");
                 }
             }
             tokio::select! {
@@ -332,6 +416,59 @@ impl Dispatcher {
                 _ = tokio::time::sleep(wait) => {}
             }
             wait = (wait * 2).min(self.retry.max_backoff);
+        }
+    }
+}
+
+/// Takes a delivery for starting: moves the cursor, and parks it (returning `None`) if its ordering key has
+/// a delivery in flight; otherwise marks the key busy.
+fn admit(
+    src: &mut Source,
+    busy: &mut HashMap<String, Parked>,
+    row: PendingDelivery,
+    permit: OwnedSemaphorePermit,
+) -> Option<(PendingDelivery, OwnedSemaphorePermit)> {
+    src.cursor = src.cursor.max(row.id);
+    if row.replay {
+        src.taken_replays.insert(row.id, None);
+    }
+    if let Some(key) = row.event.ordering_key.clone() {
+        match busy.get_mut(&key) {
+            Some(waiting) => {
+                waiting.push_back((row, permit));
+                return None;
+            }
+            None => {
+                busy.insert(key, VecDeque::new());
+            }
+        }
+    }
+    Some((row, permit))
+}
+
+/// The next delivery if one is ready without waiting (queued replays, the backlog, the feed), in the same
+/// order as [`Dispatcher::next`]; `None` when it would have to wait or read the spool.
+fn next_ready(src: &mut Source) -> Option<PendingDelivery> {
+    loop {
+        if src.feed.lagged.load(Ordering::Acquire) {
+            return None;
+        }
+        if let Some(row) = src.replays.pop_front() {
+            return Some(row);
+        }
+        if let Some(row) = src.backlog.pop_front() {
+            if row.id > src.cursor {
+                return Some(row);
+            }
+            continue;
+        }
+        if src.scanning {
+            return None;
+        }
+        match src.feed.rx.try_recv() {
+            Ok(row) if row.id > src.cursor => return Some(row),
+            Ok(_) => continue,
+            Err(_) => return None,
         }
     }
 }
@@ -447,6 +584,79 @@ mod store_tests {
         let got = sink.0.lock().unwrap().clone();
         assert_eq!(got, (0..300).map(|i| format!("{i:04}")).collect::<Vec<_>>());
         assert_eq!(store.gauges().snapshot().2, 0);
+        cancel.cancel();
+        task.await.unwrap();
+        store.close().await;
+    }
+
+    /// Takes batches; fails each event listed in `fail_once` (retryable) the first time it sees it.
+    #[derive(Debug, Default)]
+    struct BatchRecorder {
+        delivered: Mutex<Vec<String>>,
+        batches: Mutex<Vec<usize>>,
+        fail_once: Mutex<std::collections::HashSet<String>>,
+    }
+
+    impl Sink for BatchRecorder {
+        fn deliver<'a>(&'a self, event: &'a Event) -> BoxFuture<'a, Result<(), SinkError>> {
+            Box::pin(async move { self.deliver_batch(&[event]).await.remove(0) })
+        }
+        fn batch_max(&self) -> usize {
+            8
+        }
+        fn deliver_batch<'a>(&'a self, events: &'a [&'a Event]) -> BoxFuture<'a, Vec<Result<(), SinkError>>> {
+            Box::pin(async move {
+                self.batches.lock().unwrap().push(events.len());
+                events
+                    .iter()
+                    .map(|e| {
+                        if self.fail_once.lock().unwrap().remove(&e.id) {
+                            return Err(SinkError::retryable("not this time"));
+                        }
+                        self.delivered.lock().unwrap().push(e.id.clone());
+                        Ok(())
+                    })
+                    .collect()
+            })
+        }
+    }
+
+    /// A sink that takes batches gets deliveries of distinct entities together; a delivery of a batch that
+    /// fails is retried alone and still holds back the next delivery for its entity; each is delivered once,
+    /// in order per entity, and the spool ends with nothing pending.
+    #[tokio::test]
+    async fn batches_keep_order_per_entity_and_retry_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let ev = |i: usize| event(format!("{i:04}"), Some(format!("entity-{}", i % 5)));
+        for i in 0..40 {
+            store.insert(ev(i), vec!["r".into()], None).await.unwrap();
+        }
+        let sink = Arc::new(BatchRecorder::default());
+        sink.fail_once.lock().unwrap().extend(["0002", "0013", "0030"].map(String::from));
+        let mut d = dispatcher(&store, &Arc::new(Recorder::default()), 16);
+        d.sink = sink.clone();
+        let feed = store.subscribe("r", 1000);
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(d.run(feed, cancel.clone()));
+        for i in 40..100 {
+            store.insert(ev(i), vec!["r".into()], None).await.unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while sink.delivered.lock().unwrap().len() < 100 || store.gauges().snapshot().2 > 0 {
+            assert!(Instant::now() < deadline, "delivered {:?}", sink.delivered.lock().unwrap());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let delivered = sink.delivered.lock().unwrap().clone();
+        let mut sorted = delivered.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..100).map(|i| format!("{i:04}")).collect::<Vec<_>>(), "each exactly once");
+        for entity in 0..5 {
+            let of: Vec<&String> = delivered.iter().filter(|id| id.parse::<usize>().unwrap() % 5 == entity).collect();
+            assert!(of.windows(2).all(|w| w[0] < w[1]), "entity {entity}: {of:?}");
+        }
+        assert!(sink.batches.lock().unwrap().iter().any(|n| *n > 1), "{:?}", sink.batches.lock().unwrap());
+        assert!(sink.batches.lock().unwrap().iter().all(|n| *n <= 5), "at most one per entity");
         cancel.cancel();
         task.await.unwrap();
         store.close().await;

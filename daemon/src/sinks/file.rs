@@ -52,15 +52,32 @@ impl FileSink {
         Ok(FileSink { tx, path: spec.path.clone() })
     }
 
-    async fn append(&self, event: &Event) -> Result<(), SinkError> {
-        let line = render(event)?;
+    /// Appends lines (one or several events' worth) in one write, on disk when this returns `Ok`.
+    async fn append(&self, lines: Vec<u8>) -> Result<(), SinkError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send((line, reply)).await.map_err(|_| SinkError::retryable("file writer stopped"))?;
+        self.tx.send((lines, reply)).await.map_err(|_| SinkError::retryable("file writer stopped"))?;
         match rx.await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(SinkError::retryable(format!("{}: {e}", self.path.display()))),
             Err(_) => Err(SinkError::retryable("file writer stopped")),
         }
+    }
+
+    /// Renders every event (an event that cannot be rendered fails alone, permanently) and appends the lines
+    /// of the others together.
+    async fn append_all(&self, events: &[&Event]) -> Vec<Result<(), SinkError>> {
+        let mut lines = Vec::new();
+        let mut results: Vec<Result<(), SinkError>> =
+            events.iter().map(|e| render(e).map(|line| lines.extend_from_slice(&line))).collect();
+        if lines.is_empty() {
+            return results;
+        }
+        if let Err(e) = self.append(lines).await {
+            for r in results.iter_mut().filter(|r| r.is_ok()) {
+                *r = Err(e.clone());
+            }
+        }
+        results
     }
 }
 
@@ -116,7 +133,15 @@ fn write_loop(mut file: File, mut rx: mpsc::Receiver<Job>) {
 
 impl Sink for FileSink {
     fn deliver<'a>(&'a self, event: &'a Event) -> BoxFuture<'a, Result<(), SinkError>> {
-        Box::pin(self.append(event))
+        Box::pin(async move { self.append(render(event)?).await })
+    }
+
+    fn batch_max(&self) -> usize {
+        FILE_BATCH_MAX
+    }
+
+    fn deliver_batch<'a>(&'a self, events: &'a [&'a Event]) -> BoxFuture<'a, Vec<Result<(), SinkError>>> {
+        Box::pin(self.append_all(events))
     }
 }
 
@@ -150,5 +175,32 @@ mod tests {
         assert_eq!(v["type"], "NEW_TIME_ENTRY");
         assert_eq!(v["time"], "1970-01-01T00:00:00.000Z");
         assert_eq!(v["body"]["text"], "a\nb");
+    }
+
+    /// A batch is written together; an event that cannot be rendered fails alone.
+    #[tokio::test]
+    async fn a_batch_appends_the_lines_it_can_render() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        let sink = FileSink::open(&FileSinkSpec { path: path.clone() }).unwrap();
+        let event = |id: &str, body: &'static [u8]| Event {
+            id: id.into(),
+            source: "clockify".into(),
+            event_type: "NEW_TIME_ENTRY".into(),
+            received_at_ms: 0,
+            headers: vec![],
+            body: Bytes::from_static(body),
+            dedup_key: String::new(),
+            ordering_key: None,
+        };
+        let (a, bad, c) = (event("a", b"{\"n\":1}"), event("b", b"\xff"), event("c", b"[2]"));
+        let results = sink.deliver_batch(&[&a, &bad, &c]).await;
+        assert_eq!(results[0], Ok(()));
+        assert_eq!(results[1].as_ref().unwrap_err().class(), "permanent");
+        assert_eq!(results[2], Ok(()));
+        let text = std::fs::read_to_string(&path).unwrap();
+        let ids: Vec<String> =
+            text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["id"].to_string()).collect();
+        assert_eq!(ids, ["\"a\"", "\"c\""]);
     }
 }

@@ -86,6 +86,25 @@ pub trait Sink: Send + Sync + Debug {
     /// brokers: the broker's acknowledgement).
     fn deliver<'a>(&'a self, event: &'a Event) -> BoxFuture<'a, Result<(), SinkError>>;
 
+    /// How many deliveries one [`Sink::deliver_batch`] call may take; 1 (the default): one at a time.
+    fn batch_max(&self) -> usize {
+        1
+    }
+
+    /// Delivers several events at once (at most [`Sink::batch_max`], never two with the same ordering key),
+    /// answering for each, in order, as [`Sink::deliver`] would. A sink that overrides it does so because one
+    /// call is cheaper than many (one write and one fsync for the `file` sink). The default delivers them one
+    /// after the other.
+    fn deliver_batch<'a>(&'a self, events: &'a [&'a Event]) -> BoxFuture<'a, Vec<Result<(), SinkError>>> {
+        Box::pin(async move {
+            let mut results = Vec::with_capacity(events.len());
+            for event in events {
+                results.push(self.deliver(event).await);
+            }
+            results
+        })
+    }
+
     /// The state of the connection a sink keeps (brokers); `None` for sinks without one.
     fn connection(&self) -> Option<Connection> {
         None

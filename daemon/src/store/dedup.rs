@@ -102,10 +102,4 @@ impl RecentKeys {
         self.complete_from = since_ms;
         Ok(())
     }
-
-    /// Events known (for tests and the startup log).
-    #[cfg(test)]
-    pub(super) fn len(&self) -> usize {
-        self.order.len()
-    }
 }

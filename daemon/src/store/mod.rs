@@ -119,6 +119,19 @@ pub struct Attempt {
     pub status: Option<u16>,
 }
 
+/// One attempt of a delivery and its outcome, to record.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// The delivery.
+    pub delivery_id: i64,
+    /// Attempts so far, this one included.
+    pub attempts: u32,
+    /// What happened.
+    pub outcome: Outcome,
+    /// The attempt, for the attempt log.
+    pub attempt: Attempt,
+}
+
 /// How a delivery ended (or not).
 #[derive(Debug, Clone)]
 pub enum Outcome {
@@ -287,7 +300,12 @@ impl Store {
         outcome: Outcome,
         attempt: Attempt,
     ) -> Result<(), StoreError> {
-        self.call(|reply| Op::Record { delivery_id, attempts, outcome, attempt, reply }).await
+        self.record_all(vec![Record { delivery_id, attempts, outcome, attempt }]).await
+    }
+
+    /// Records several attempts and outcomes in one operation (a batch delivered together).
+    pub async fn record_all(&self, records: Vec<Record>) -> Result<(), StoreError> {
+        self.call(|reply| Op::Record { records, reply }).await
     }
 
     /// Stores a Clockodo handshake secret (the newest few per source are kept).

@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::dedup::RecentKeys;
 use super::ops;
-use super::{Attempt, Feeds, Inserted, Outcome, PendingDelivery, SpoolGauges, StoreError, schema};
+use super::{Feeds, Inserted, PendingDelivery, Record, SpoolGauges, StoreError, schema};
 use crate::event::Event;
 use crate::limits::{GROUP_COMMIT_MAX, GROUP_COMMIT_WINDOW, SYNC_QUEUE};
 
@@ -35,7 +35,7 @@ type Committed = (i64, Event, Vec<(i64, String)>);
 
 pub(super) enum Op {
     Insert { event: Event, sinks: Vec<String>, dedup_since_ms: Option<i64>, reply: Reply<Inserted> },
-    Record { delivery_id: i64, attempts: u32, outcome: Outcome, attempt: Attempt, reply: Reply<()> },
+    Record { records: Vec<Record>, reply: Reply<()> },
     Handshake { source: String, secret: String, received_at_ms: i64, reply: Reply<()> },
     Ping { reply: Reply<()> },
     Installation { source: String, workspace: String, addon_id: String, record: String, reply: Reply<()> },
@@ -47,7 +47,7 @@ pub(super) enum Op {
 /// What an operation asks of the database (an [`Op`] without its reply).
 enum Work {
     Insert { event: Event, sinks: Vec<String>, dedup_since_ms: Option<i64> },
-    Record { delivery_id: i64, attempts: u32, outcome: Outcome, attempt: Attempt },
+    Record { records: Vec<Record> },
     Handshake { source: String, secret: String, received_at_ms: i64 },
     Ping,
     Installation { source: String, workspace: String, addon_id: String, record: String },
@@ -76,9 +76,7 @@ fn split(op: Op) -> Result<(Work, Waiter), oneshot::Sender<()>> {
         Op::Insert { event, sinks, dedup_since_ms, reply } => {
             (Work::Insert { event, sinks, dedup_since_ms }, Waiter::Inserted(reply))
         }
-        Op::Record { delivery_id, attempts, outcome, attempt, reply } => {
-            (Work::Record { delivery_id, attempts, outcome, attempt }, Waiter::Unit(reply))
-        }
+        Op::Record { records, reply } => (Work::Record { records }, Waiter::Unit(reply)),
         Op::Handshake { source, secret, received_at_ms, reply } => {
             (Work::Handshake { source, secret, received_at_ms }, Waiter::Unit(reply))
         }
@@ -105,8 +103,13 @@ fn apply(c: &Connection, work: &Work, recent: &mut RecentKeys) -> rusqlite::Resu
             let (seq, ids) = ops::insert(c, event, hash, sinks)?;
             Applied::Inserted(Inserted::New { seq }, ids, Some(hash))
         }
-        Work::Record { delivery_id, attempts, outcome, attempt } => {
-            Applied::Finished(ops::record(c, *delivery_id, *attempts, outcome, attempt)?)
+        Work::Record { records } => {
+            let mut finished = (0, 0, 0);
+            for r in records {
+                let (deliveries, events, bytes) = ops::record(c, r.delivery_id, r.attempts, &r.outcome, &r.attempt)?;
+                finished = (finished.0 + deliveries, finished.1 + events, finished.2 + bytes);
+            }
+            Applied::Finished(finished)
         }
         Work::Handshake { source, secret, received_at_ms } => {
             ops::handshake(c, source, secret, *received_at_ms)?;
