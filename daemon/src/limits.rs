@@ -107,6 +107,9 @@ pub const WRITER_QUEUE: usize = 8192;
 /// Committed batches waiting for the spool's WAL sync at most (the writer waits when the syncer is this far
 /// behind).
 pub const SYNC_QUEUE: usize = 64;
+/// Deliveries a broker sink (kafka, amqp) takes in one batch at most: published together, their outcomes
+/// recorded in one spool operation.
+pub const BROKER_BATCH_MAX: usize = 64;
 /// Lines the file sink writes per fsync at most.
 pub const FILE_BATCH_MAX: usize = 512;
 /// How long the file sink lets lines gather before it writes and fsyncs a batch that started alone.

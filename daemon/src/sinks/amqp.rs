@@ -18,6 +18,7 @@ use tokio::sync::Mutex;
 use super::{BoxFuture, CE_SPECVERSION, Connection, ConnectionState, Sink, SinkError, render};
 use crate::config::AmqpSinkSpec;
 use crate::event::Event;
+use crate::limits::BROKER_BATCH_MAX;
 use crate::template::parse_body;
 
 /// Longest wait between reconnection attempts.
@@ -221,6 +222,14 @@ fn describe(e: &lapin::Error) -> String {
 impl Sink for AmqpSink {
     fn deliver<'a>(&'a self, event: &'a Event) -> BoxFuture<'a, Result<(), SinkError>> {
         Box::pin(self.publish(event))
+    }
+
+    fn batch_max(&self) -> usize {
+        BROKER_BATCH_MAX
+    }
+
+    fn deliver_batch<'a>(&'a self, events: &'a [&'a Event]) -> BoxFuture<'a, Vec<Result<(), SinkError>>> {
+        super::deliver_concurrently(self, events)
     }
 
     fn connection(&self) -> Option<Connection> {

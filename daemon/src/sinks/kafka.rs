@@ -26,6 +26,7 @@ use rdkafka::util::Timeout;
 use super::{BoxFuture, CE_SPECVERSION, Connection, ConnectionState, Sink, SinkError, render};
 use crate::config::{KafkaSinkSpec, kafka_topic_name};
 use crate::event::Event;
+use crate::limits::BROKER_BATCH_MAX;
 use crate::template::parse_body;
 
 /// librdkafka callbacks: connection state from statistics, errors and logs to tracing with the sink id.
@@ -208,6 +209,14 @@ fn classify(error: &KafkaError) -> SinkError {
 impl Sink for KafkaSink {
     fn deliver<'a>(&'a self, event: &'a Event) -> BoxFuture<'a, Result<(), SinkError>> {
         Box::pin(self.produce(event))
+    }
+
+    fn batch_max(&self) -> usize {
+        BROKER_BATCH_MAX
+    }
+
+    fn deliver_batch<'a>(&'a self, events: &'a [&'a Event]) -> BoxFuture<'a, Vec<Result<(), SinkError>>> {
+        super::deliver_concurrently(self, events)
     }
 
     fn connection(&self) -> Option<Connection> {

@@ -117,6 +117,15 @@ pub trait Sink: Send + Sync + Debug {
     }
 }
 
+/// [`Sink::deliver_batch`] for sinks whose deliveries pipeline (brokers: publish now, wait for the ack):
+/// every event's delivery runs at once, and each answers when its own acknowledgement arrives.
+pub(crate) fn deliver_concurrently<'a, S: Sink + ?Sized>(
+    sink: &'a S,
+    events: &'a [&'a Event],
+) -> BoxFuture<'a, Vec<Result<(), SinkError>>> {
+    Box::pin(futures_util::future::join_all(events.iter().map(|e| sink.deliver(e))))
+}
+
 /// A broker sink's connection state, as `/readyz` and `hookbridge_sink_connected` report it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Connection {
