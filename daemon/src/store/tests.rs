@@ -256,3 +256,23 @@ async fn a_version_3_spool_is_migrated() {
     let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
     assert_eq!(version, 4);
 }
+
+/// When the WAL cannot be synced (here: someone deleted it under the running daemon), the webhook waiting
+/// for that sync gets an error, not an acknowledgement, and the spool refuses everything after it.
+#[tokio::test]
+async fn a_failed_sync_is_never_acknowledged_and_stops_the_spool() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    new(&store, "a", "{}", &["s"]).await;
+    std::fs::remove_file(dir.path().join(format!("{DB_FILE}-wal"))).unwrap();
+    let r = store.insert(event("b", "{}"), vec!["s".into()], None).await;
+    assert!(matches!(r, Err(StoreError::Commit(ref m)) if m.contains("cannot sync")), "{r:?}");
+    let r = store.insert(event("c", "{}"), vec!["s".into()], None).await;
+    assert!(r.is_err(), "{r:?}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !store.is_closed() {
+        assert!(std::time::Instant::now() < deadline, "the writer kept running");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(store.ping().await.is_err());
+}
