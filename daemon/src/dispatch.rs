@@ -218,14 +218,8 @@ impl Dispatcher {
                 src.scanning = true;
                 src.backlog.clear();
             }
-            if let Some(row) = src.replays.pop_front() {
+            if let Some(row) = queued(src) {
                 return Some(row);
-            }
-            if let Some(row) = src.backlog.pop_front() {
-                if row.id > src.cursor {
-                    return Some(row);
-                }
-                continue;
             }
             if src.scanning {
                 match self.store.pending(&self.sink_id, src.cursor, FETCH_MAX).await {
@@ -446,6 +440,19 @@ fn admit(
     Some((row, permit))
 }
 
+/// The next delivery already queued: a replay found below the cursor, else the backlog's next one above it.
+fn queued(src: &mut Source) -> Option<PendingDelivery> {
+    if let Some(row) = src.replays.pop_front() {
+        return Some(row);
+    }
+    while let Some(row) = src.backlog.pop_front() {
+        if row.id > src.cursor {
+            return Some(row);
+        }
+    }
+    None
+}
+
 /// The next delivery if one is ready without waiting (queued replays, the backlog, the feed), in the same
 /// order as [`Dispatcher::next`]; `None` when it would have to wait or read the spool.
 fn next_ready(src: &mut Source) -> Option<PendingDelivery> {
@@ -453,14 +460,8 @@ fn next_ready(src: &mut Source) -> Option<PendingDelivery> {
         if src.feed.lagged.load(Ordering::Acquire) {
             return None;
         }
-        if let Some(row) = src.replays.pop_front() {
+        if let Some(row) = queued(src) {
             return Some(row);
-        }
-        if let Some(row) = src.backlog.pop_front() {
-            if row.id > src.cursor {
-                return Some(row);
-            }
-            continue;
         }
         if src.scanning {
             return None;
