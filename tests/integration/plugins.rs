@@ -127,6 +127,8 @@ kind = "http"
 url = "{receiver}"
 [plugins.good]
 path = "{counter}"
+# The counter reads and then writes its count: one event at a time, or two at once count as one.
+max_in_flight = 1
 config = {{ channel = "good" }}
 [[routes]]
 name = "good"
@@ -224,9 +226,13 @@ kind = "clockify"
 secrets = ["{SECRET}"]
 [plugins.a]
 path = "{counter}"
+# The counter reads and then writes its count: one event at a time (these bodies have no entity id, so
+# nothing else orders them), or two at once count as one.
+max_in_flight = 1
 config = {{ channel = "a" }}
 [plugins.b]
 path = "{counter}"
+max_in_flight = 1
 config = {{ channel = "b" }}
 [[routes]]
 name = "to-a"
