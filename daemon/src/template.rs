@@ -18,6 +18,8 @@
 
 use std::fmt;
 
+use serde::Deserialize;
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 
 use crate::event::Event;
@@ -100,13 +102,14 @@ impl Template {
         &self.text
     }
 
-    /// True when the template reads the body (so the caller parses it once).
+    /// True when the template reads the body.
     pub fn uses_body(&self) -> bool {
         self.parts.iter().any(|p| matches!(p, Part::Body(_)))
     }
 
-    /// Renders for `event`; `body` is the parsed body when [`Template::uses_body`] (see [`parse_body`]).
-    pub fn render(&self, event: &Event, body: Option<&Value>) -> Result<String, String> {
+    /// Renders for `event`. A `{body.<path>}` placeholder reads its field straight from the body's bytes
+    /// ([`find`]): nothing else of the body is kept, so a key template costs a scan of the body, not a parse.
+    pub fn render(&self, event: &Event) -> Result<String, String> {
         let mut out = String::new();
         for part in &self.parts {
             match part {
@@ -123,21 +126,18 @@ impl Template {
                 }
                 Part::Body(path) => {
                     let shown = path.join(".");
-                    let Some(body) = body else {
-                        return Err(format!("template {:?}: the body is not JSON", self.text));
+                    let v = match find(&event.body, path) {
+                        Err(_) => return Err(format!("template {:?}: the body is not JSON", self.text)),
+                        Ok(Err(depth)) => {
+                            let key = path.get(depth).map(String::as_str).unwrap_or_default();
+                            return Err(format!(
+                                "template {:?}: the body has no field {shown:?} (missing {key:?})",
+                                self.text
+                            ));
+                        }
+                        Ok(Ok(v)) => v,
                     };
-                    let mut v = body;
-                    for key in path {
-                        let next = match v {
-                            Value::Object(m) => m.get(key),
-                            Value::Array(a) => key.parse::<usize>().ok().and_then(|i| a.get(i)),
-                            _ => None,
-                        };
-                        v = next.ok_or_else(|| {
-                            format!("template {:?}: the body has no field {shown:?} (missing {key:?})", self.text)
-                        })?;
-                    }
-                    match v {
+                    match &v {
                         Value::String(s) if !s.is_empty() => out.push_str(s),
                         Value::Number(n) => out.push_str(&n.to_string()),
                         Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
@@ -163,9 +163,115 @@ impl Template {
     }
 }
 
-/// Parses an event's body for [`Template::render`]: `None` when it is not JSON.
-pub fn parse_body(event: &Event) -> Option<Value> {
-    serde_json::from_slice(&event.body).ok()
+/// The value at `path` in the JSON document `body` (keys of objects; a number indexes a list), found in one
+/// pass that skips everything else without keeping it. `Ok(Err(depth))`: the document has no `path[depth]`
+/// where the path needs it. `Err`: not JSON. With a key repeated in an object the last one counts, as when
+/// the document is parsed whole.
+pub fn find(body: &[u8], path: &[String]) -> Result<Result<Value, usize>, serde_json::Error> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let found = Find { path, depth: 0 }.deserialize(&mut de)?;
+    de.end()?;
+    Ok(found)
+}
+
+/// [`find`]'s walk: the rest of the path from `depth` on.
+#[derive(Clone, Copy)]
+struct Find<'p> {
+    path: &'p [String],
+    depth: usize,
+}
+
+impl<'de> DeserializeSeed<'de> for Find<'_> {
+    type Value = Result<Value, usize>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        if self.depth == self.path.len() {
+            return Value::deserialize(d).map(Ok);
+        }
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Find<'_> {
+    type Value = Result<Value, usize>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let key = self.path.get(self.depth).map(String::as_str).unwrap_or_default();
+        let mut found = Err(self.depth);
+        while let Some(matches) = map.next_key_seed(KeyIs(key))? {
+            if matches {
+                found = map.next_value_seed(Find { depth: self.depth + 1, ..self })?;
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(found)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let index = self.path.get(self.depth).and_then(|k| k.parse::<usize>().ok());
+        let mut found = Err(self.depth);
+        let mut i = 0;
+        loop {
+            if Some(i) == index {
+                match seq.next_element_seed(Find { depth: self.depth + 1, ..self })? {
+                    Some(v) => found = v,
+                    None => break,
+                }
+            } else if seq.next_element::<IgnoredAny>()?.is_none() {
+                break;
+            }
+            i += 1;
+        }
+        Ok(found)
+    }
+
+    // A scalar where the path goes on: that field is missing.
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(Err(self.depth))
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(Err(self.depth))
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(Err(self.depth))
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(Err(self.depth))
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(Err(self.depth))
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(Err(self.depth))
+    }
+}
+
+/// An object key, compared with one name without being kept.
+struct KeyIs<'k>(&'k str);
+
+impl<'de> DeserializeSeed<'de> for KeyIs<'_> {
+    type Value = bool;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for KeyIs<'_> {
+    type Value = bool;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an object key")
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<bool, E> {
+        Ok(v == self.0)
+    }
 }
 
 fn placeholder(name: &str) -> Result<Part, String> {
@@ -217,8 +323,7 @@ mod tests {
     fn render(t: &str, body: &str) -> Result<String, String> {
         let e = event(body);
         let t = Template::parse(t)?;
-        let v = parse_body(&e);
-        t.render(&e, v.as_ref())
+        t.render(&e)
     }
 
     #[test]
@@ -245,6 +350,41 @@ mod tests {
         assert!(render("{body.empty}", body).unwrap_err().contains("is empty"));
         assert!(render("{body.x}", "not json").unwrap_err().contains("not JSON"));
         assert!(render("{header.x-missing}", body).unwrap_err().contains("no header \"x-missing\""));
+    }
+
+    /// The one-pass lookup finds what a lookup in the whole parsed document finds, wherever the field is,
+    /// whatever surrounds it (escapes, nesting, lists, repeated keys), and tells where a path breaks off.
+    #[test]
+    fn find_agrees_with_the_parsed_document() {
+        let body = r#"{"a\"b":1,"ws":"x","nested":{"list":[10,{"k":"v"},[true]],"s":"\u00e9"},"ws":"last",
+            "n":-1.5e3,"z":null}"#;
+        let doc: Value = serde_json::from_str(body).unwrap();
+        for path in
+            ["ws", "a\"b", "nested.s", "nested.list.0", "nested.list.1.k", "nested.list.2.0", "n", "z", "nested"]
+        {
+            let keys: Vec<String> = path.split('.').map(str::to_owned).collect();
+            let mut want = &doc;
+            for k in &keys {
+                want = match want {
+                    Value::Array(a) => &a[k.parse::<usize>().unwrap()],
+                    v => &v[k.as_str()],
+                };
+            }
+            assert_eq!(find(body.as_bytes(), &keys).unwrap(), Ok(want.clone()), "{path}");
+        }
+        let missing = |path: &str| {
+            let keys: Vec<String> = path.split('.').map(str::to_owned).collect();
+            find(body.as_bytes(), &keys).unwrap().unwrap_err()
+        };
+        assert_eq!(missing("nope"), 0);
+        assert_eq!(missing("nested.nope"), 1);
+        assert_eq!(missing("nested.list.3"), 2);
+        assert_eq!(missing("nested.list.x"), 2);
+        assert_eq!(missing("ws.deeper"), 1);
+        assert_eq!(missing("nested.list.0.k"), 3);
+        assert!(find(b"{\"ws\": \"x\"} trailing", &["ws".to_owned()]).is_err());
+        assert!(find(b"{\"ws\": \"x\", ", &["ws".to_owned()]).is_err());
+        assert_eq!(find(b"[1, 2]", &["ws".to_owned()]).unwrap(), Err(0));
     }
 
     #[test]

@@ -19,7 +19,6 @@ use super::{BoxFuture, CE_SPECVERSION, Connection, ConnectionState, Sink, SinkEr
 use crate::config::AmqpSinkSpec;
 use crate::event::Event;
 use crate::limits::BROKER_BATCH_MAX;
-use crate::template::parse_body;
 
 /// Longest wait between reconnection attempts.
 const MAX_RECONNECT_BACKOFF: Duration = Duration::from_secs(30);
@@ -141,8 +140,7 @@ impl AmqpSink {
     }
 
     async fn publish(&self, event: &Event) -> Result<(), SinkError> {
-        let body = self.spec.routing_key.uses_body().then(|| parse_body(event)).flatten();
-        let routing_key = render(&self.spec.routing_key, event, body.as_ref())?;
+        let routing_key = render(&self.spec.routing_key, event)?;
         if routing_key.len() > 255 {
             return Err(SinkError::permanent(format!(
                 "routing key from {:?} is {} bytes; AMQP allows 255",

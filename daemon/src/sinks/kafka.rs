@@ -27,7 +27,6 @@ use super::{BoxFuture, CE_SPECVERSION, Connection, ConnectionState, Sink, SinkEr
 use crate::config::{KafkaSinkSpec, kafka_topic_name};
 use crate::event::Event;
 use crate::limits::BROKER_BATCH_MAX;
-use crate::template::parse_body;
 
 /// librdkafka callbacks: connection state from statistics, errors and logs to tracing with the sink id.
 #[derive(Debug)]
@@ -127,12 +126,9 @@ impl KafkaSink {
     }
 
     async fn produce(&self, event: &Event) -> Result<(), SinkError> {
-        let body = (self.spec.topic.uses_body() || self.spec.key.as_ref().is_some_and(|k| k.uses_body()))
-            .then(|| parse_body(event))
-            .flatten();
-        let topic = render(&self.spec.topic, event, body.as_ref())?;
+        let topic = render(&self.spec.topic, event)?;
         kafka_topic_name(&topic).map_err(|m| SinkError::permanent(format!("topic from {}: {m}", self.spec.topic)))?;
-        let key = self.spec.key.as_ref().map(|k| render(k, event, body.as_ref())).transpose()?;
+        let key = self.spec.key.as_ref().map(|k| render(k, event)).transpose()?;
         let time = event.time_rfc3339();
         let headers = OwnedHeaders::new_with_capacity(6)
             .insert(Header { key: "ce_id", value: Some(&event.id) })

@@ -154,12 +154,8 @@ impl ConnectionState {
 }
 
 /// Renders a template for a delivery; a missing value is a permanent failure (retrying cannot add it).
-pub(crate) fn render(
-    template: &crate::template::Template,
-    event: &Event,
-    body: Option<&serde_json::Value>,
-) -> Result<String, SinkError> {
-    template.render(event, body).map_err(SinkError::permanent)
+pub(crate) fn render(template: &crate::template::Template, event: &Event) -> Result<String, SinkError> {
+    template.render(event).map_err(SinkError::permanent)
 }
 
 /// Failure to build a sink (reported at start-up).
