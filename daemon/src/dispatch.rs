@@ -7,6 +7,11 @@
 //! order, across retries; a delivery whose key is busy waits (holding its slot) while other keys go on.
 //! A delivery is retried with exponential backoff and full jitter until it succeeds, fails permanently, or
 //! exhausts the sink's policy (`max_age`, `max_attempts`); the last two make it a dead letter.
+//!
+//! Slots: `max_in_flight` bounds deliveries waiting for their peer (and, while retried, for their next
+//! attempt). A delivery whose peer has answered for good (delivered, or dead) gives its slot to the next one
+//! while its outcome is being recorded; recording has a bound of its own of the same size, so at most twice
+//! `max_in_flight` deliveries are held in memory. Its ordering key stays busy until the outcome is recorded.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -37,11 +42,25 @@ struct Done {
     replay: bool,
 }
 
-/// Sends [`Done`] when dropped (also when the task panics), then releases the slot.
+/// Sends [`Done`] when dropped (also when the task panics), then releases what it holds.
 struct DoneGuard {
     tx: mpsc::UnboundedSender<Done>,
     done: Option<Done>,
-    _permit: OwnedSemaphorePermit,
+    /// The delivery's slot, while it waits for its peer or its next attempt.
+    slot: Option<OwnedSemaphorePermit>,
+    /// Its place among the outcomes being recorded, once the slot is given back.
+    recording: Option<OwnedSemaphorePermit>,
+}
+
+impl DoneGuard {
+    fn new(tx: &mpsc::UnboundedSender<Done>, row: &PendingDelivery, slot: OwnedSemaphorePermit) -> Self {
+        DoneGuard {
+            tx: tx.clone(),
+            done: Some(Done { key: row.event.ordering_key.clone(), id: row.id, replay: row.replay }),
+            slot: Some(slot),
+            recording: None,
+        }
+    }
 }
 
 impl Drop for DoneGuard {
@@ -98,6 +117,7 @@ impl Dispatcher {
         let sink = Arc::clone(&this.sink);
         let starting = tokio::spawn(async move { sink.start().await });
         let slots = Arc::new(Semaphore::new(this.max_in_flight));
+        let recording = Arc::new(Semaphore::new(this.max_in_flight));
         let tracker = TaskTracker::new();
         let mut poll = tokio::time::interval(DISPATCH_POLL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -126,7 +146,7 @@ impl Dispatcher {
                     if let Some(key) = done.key {
                         let next = busy.get_mut(&key).and_then(VecDeque::pop_front);
                         match next {
-                            Some((row, p)) => this.start(&tracker, row, p, &done_tx, &cancel),
+                            Some((row, p)) => this.start(&tracker, row, p, &done_tx, &recording, &cancel),
                             None => {
                                 busy.remove(&key);
                             }
@@ -153,9 +173,9 @@ impl Dispatcher {
                         0 => {}
                         1 => {
                             let Some((row, p)) = ready.pop() else { continue };
-                            this.start(&tracker, row, p, &done_tx, &cancel);
+                            this.start(&tracker, row, p, &done_tx, &recording, &cancel);
                         }
-                        _ => this.start_batch(&tracker, ready, &done_tx, &cancel),
+                        _ => this.start_batch(&tracker, ready, &done_tx, &recording, &cancel),
                     }
                 }
             }
@@ -171,42 +191,62 @@ impl Dispatcher {
         tracker: &TaskTracker,
         ready: Vec<(PendingDelivery, OwnedSemaphorePermit)>,
         done: &mpsc::UnboundedSender<Done>,
+        recording: &Arc<Semaphore>,
         cancel: &CancellationToken,
     ) {
-        let (this, cancel) = (Arc::clone(self), cancel.clone());
+        let (this, cancel, recording) = (Arc::clone(self), cancel.clone(), Arc::clone(recording));
         let batch: Vec<(PendingDelivery, DoneGuard)> = ready
             .into_iter()
-            .map(|(row, permit)| {
-                let guard = DoneGuard {
-                    tx: done.clone(),
-                    done: Some(Done { key: row.event.ordering_key.clone(), id: row.id, replay: row.replay }),
-                    _permit: permit,
-                };
+            .map(|(row, slot)| {
+                let guard = DoneGuard::new(done, &row, slot);
                 (row, guard)
             })
             .collect();
-        tracker.spawn(async move { this.deliver_batch(batch, &cancel).await });
+        tracker.spawn(async move { this.deliver_batch(batch, &recording, &cancel).await });
     }
 
     fn start(
         self: &Arc<Self>,
         tracker: &TaskTracker,
         row: PendingDelivery,
-        permit: OwnedSemaphorePermit,
+        slot: OwnedSemaphorePermit,
         done: &mpsc::UnboundedSender<Done>,
+        recording: &Arc<Semaphore>,
         cancel: &CancellationToken,
     ) {
-        let (this, cancel) = (Arc::clone(self), cancel.clone());
+        let (this, cancel, recording) = (Arc::clone(self), cancel.clone(), Arc::clone(recording));
         // Reports the end to the dispatcher even if the delivery panics, so its ordering key is released.
-        let guard = DoneGuard {
-            tx: done.clone(),
-            done: Some(Done { key: row.event.ordering_key.clone(), id: row.id, replay: row.replay }),
-            _permit: permit,
+        let guard = DoneGuard::new(done, &row, slot);
+        tracker.spawn(async move { this.deliver(row, guard, &recording, &cancel).await });
+    }
+
+    /// Gives the slots of deliveries whose peer has answered for good (`finished` of `guards`) to the next
+    /// deliveries, once there is room to record their outcomes; `false` when cancelled first.
+    async fn hand_over<'g>(
+        recording: &Arc<Semaphore>,
+        guards: impl Iterator<Item = &'g mut DoneGuard>,
+        finished: usize,
+        cancel: &CancellationToken,
+    ) -> bool {
+        if finished == 0 {
+            return true;
+        }
+        let n = u32::try_from(finished).unwrap_or(u32::MAX);
+        let mut permits = tokio::select! {
+            _ = cancel.cancelled() => return false,
+            p = Arc::clone(recording).acquire_many_owned(n) => match p {
+                Ok(p) => p,
+                // Never closed; if it were, the slots are simply kept until the outcomes are recorded.
+                Err(_) => return true,
+            },
         };
-        tracker.spawn(async move {
-            this.deliver(row, &cancel).await;
-            drop(guard);
-        });
+        for guard in guards {
+            if let Some(one) = permits.split(1) {
+                guard.recording = Some(one);
+                guard.slot = None;
+            }
+        }
+        true
     }
 
     /// The next delivery to take, in id order; `None` when cancelled. Cancel-safe: state changes only
@@ -273,7 +313,13 @@ impl Dispatcher {
         }
     }
 
-    async fn deliver(&self, row: PendingDelivery, cancel: &CancellationToken) {
+    async fn deliver(
+        &self,
+        row: PendingDelivery,
+        mut guard: DoneGuard,
+        recording: &Arc<Semaphore>,
+        cancel: &CancellationToken,
+    ) {
         let mut attempts = row.attempts;
         loop {
             attempts = attempts.saturating_add(1);
@@ -287,6 +333,9 @@ impl Dispatcher {
                 status: result.as_ref().err().and_then(SinkError::status),
             };
             let (outcome, delay, counted) = self.judge(&row, attempts, result);
+            if delay.is_none() && !Self::hand_over(recording, std::iter::once(&mut guard), 1, cancel).await {
+                return;
+            }
             let record = Record { delivery_id: row.id, attempts, outcome, attempt };
             if !self.record(&row.event.id, vec![record], cancel).await {
                 return;
@@ -304,7 +353,12 @@ impl Dispatcher {
     /// Delivers a batch with one call of the sink and records every outcome in one operation. Each delivery
     /// that finished (delivered or dead) releases its slot and ordering key at once; each one to be retried
     /// goes on alone, as [`Dispatcher::deliver`] would, after its backoff.
-    async fn deliver_batch(&self, batch: Vec<(PendingDelivery, DoneGuard)>, cancel: &CancellationToken) {
+    async fn deliver_batch(
+        &self,
+        batch: Vec<(PendingDelivery, DoneGuard)>,
+        recording: &Arc<Semaphore>,
+        cancel: &CancellationToken,
+    ) {
         let started_at_ms = now_ms();
         let started = Instant::now();
         let events: Vec<&crate::event::Event> = batch.iter().map(|(row, _)| &row.event).collect();
@@ -324,6 +378,11 @@ impl Dispatcher {
             records.push(Record { delivery_id: row.id, attempts, outcome, attempt });
             next.push((row, guard, attempts, delay, counted));
         }
+        let finished = next.iter().filter(|(_, _, _, delay, _)| delay.is_none()).count();
+        let guards = next.iter_mut().filter(|(_, _, _, delay, _)| delay.is_none()).map(|(_, guard, ..)| guard);
+        if !Self::hand_over(recording, guards, finished, cancel).await {
+            return;
+        }
         let first = next.first().map(|(row, ..)| row.event.id.clone()).unwrap_or_default();
         if !self.record(&first, records, cancel).await {
             return;
@@ -340,8 +399,7 @@ impl Dispatcher {
                             _ = cancel.cancelled() => return,
                             _ = tokio::time::sleep(delay) => {}
                         }
-                        self.deliver(row, cancel).await;
-                        drop(guard);
+                        self.deliver(row, guard, recording, cancel).await;
                     });
                 }
             }
@@ -658,6 +716,40 @@ mod store_tests {
         }
         assert!(sink.batches.lock().unwrap().iter().any(|n| *n > 1), "{:?}", sink.batches.lock().unwrap());
         assert!(sink.batches.lock().unwrap().iter().all(|n| *n <= 5), "at most one per entity");
+        cancel.cancel();
+        task.await.unwrap();
+        store.close().await;
+    }
+
+    /// A delivery that its sink has taken gives its slot to the next one while its outcome waits to be
+    /// recorded, and no more than `max_in_flight` outcomes wait at once: with one slot and the spool's write
+    /// lock held by another connection (so no outcome can be recorded), the sink gets exactly two deliveries;
+    /// once the lock goes, everything is delivered and recorded.
+    #[tokio::test]
+    async fn a_delivered_event_frees_its_slot_while_its_outcome_is_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        for i in 0..5 {
+            store.insert(event(format!("{i:04}"), None), vec!["r".into()], None).await.unwrap();
+        }
+        let blocker = rusqlite::Connection::open(dir.path().join(crate::store::DB_FILE)).unwrap();
+        blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
+        let feed = store.subscribe("r", 16);
+        let sink = Arc::new(Recorder::default());
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(dispatcher(&store, &sink, 1).run(feed, cancel.clone()));
+        wait_for(&sink, 2).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(sink.0.lock().unwrap().len(), 2, "one waits to be recorded, one holds the slot");
+        assert_eq!(store.gauges().snapshot().2, 5, "nothing recorded while the lock is held");
+        blocker.execute_batch("ROLLBACK").unwrap();
+        wait_for(&sink, 5).await;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while store.gauges().snapshot().2 > 0 {
+            assert!(Instant::now() < deadline, "outcomes not recorded");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(*sink.0.lock().unwrap(), (0..5).map(|i| format!("{i:04}")).collect::<Vec<_>>());
         cancel.cancel();
         task.await.unwrap();
         store.close().await;
