@@ -3,9 +3,14 @@
 //! fixed time. It prints acknowledged messages per second and the send-to-ack latency.
 //!
 //! ```text
-//! cargo run --release -p hookbridge --example broker_ceiling -- kafka 127.0.0.1:19092 TOPIC BODY SECONDS IN_FLIGHT
-//! cargo run --release -p hookbridge --example broker_ceiling -- amqp AMQP_URL EXCHANGE BODY SECONDS IN_FLIGHT
+//! cargo run --release -p hookbridge --example broker_ceiling -- kafka 127.0.0.1:19092 TOPIC BODY SECONDS IN_FLIGHT [bare|sink]
+//! cargo run --release -p hookbridge --example broker_ceiling -- amqp AMQP_URL EXCHANGE BODY SECONDS IN_FLIGHT [bare|sink]
 //! ```
+//!
+//! Messages: `sink` (the default) sends records shaped as the sink sends them: for Kafka the key (the body's
+//! `workspaceId`), a timestamp and the six CloudEvents headers (a fresh `ce_id` per message); for AMQP the
+//! same properties (persistent, content type, message id, type, timestamp, app id, five `cloudEvents:*`
+//! headers). `bare` sends the body alone (persistent for AMQP), the cheapest message the broker can take.
 //!
 //! Set-up for a run: `setup-kafka BROKERS TOPIC` creates the topic; `setup-amqp URL EXCHANGE` declares the
 //! exchange (durable topic, as the sink does) and a queue `EXCHANGE` bound to it that keeps at most 100000
@@ -24,6 +29,7 @@ use hookbridge::config::{Config, ProcessEnv, SinkKind};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Confirmation};
 use rdkafka::ClientConfig;
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use tokio::sync::Mutex;
@@ -36,11 +42,20 @@ async fn main() {
         ["setup-amqp", url, exchange] => return setup_amqp(url, exchange).await,
         _ => {}
     }
+    let (args, shape) = match args.as_slice() {
+        [rest @ .., last] if last == "bare" || last == "sink" => (rest.to_vec(), last.clone()),
+        _ => (args.clone(), "sink".to_owned()),
+    };
     let [kind, target, name, body, seconds, in_flight] = args.as_slice() else {
-        eprintln!("usage: broker_ceiling kafka|amqp BROKERS|URL TOPIC|EXCHANGE BODY SECONDS IN_FLIGHT");
+        eprintln!("usage: broker_ceiling kafka|amqp BROKERS|URL TOPIC|EXCHANGE BODY SECONDS IN_FLIGHT [bare|sink]");
         std::process::exit(2);
     };
+    let sink_shaped = shape == "sink";
     let body = Arc::new(std::fs::read(body).expect("body file"));
+    let key: Arc<str> = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v.get("workspaceId")?.as_str().map(Arc::from))
+        .unwrap_or_else(|| Arc::from("key"));
     let duration = Duration::from_secs(seconds.parse().expect("seconds"));
     let in_flight: usize = in_flight.parse().expect("in flight");
     let latencies = Arc::new(Mutex::new(Vec::<Duration>::new()));
@@ -50,13 +65,24 @@ async fn main() {
         "kafka" => {
             let producer = Arc::new(kafka_producer(target, name));
             for _ in 0..in_flight {
-                let (producer, body, latencies, topic) =
-                    (Arc::clone(&producer), Arc::clone(&body), Arc::clone(&latencies), name.clone());
+                let (producer, body, latencies, topic, key) =
+                    (Arc::clone(&producer), Arc::clone(&body), Arc::clone(&latencies), name.clone(), Arc::clone(&key));
                 tasks.push(tokio::spawn(async move {
                     let mut mine = Vec::new();
                     while started.elapsed() < duration {
                         let t = Instant::now();
-                        let record = FutureRecord::<str, [u8]>::to(&topic).payload(body.as_slice());
+                        let mut record = FutureRecord::<str, [u8]>::to(&topic).payload(body.as_slice());
+                        if sink_shaped {
+                            let (id, time) = (uuid::Uuid::now_v7().to_string(), now_rfc3339());
+                            let headers = OwnedHeaders::new_with_capacity(6)
+                                .insert(Header { key: "ce_id", value: Some(&id) })
+                                .insert(Header { key: "ce_type", value: Some("NEW_TIME_ENTRY") })
+                                .insert(Header { key: "ce_source", value: Some("kafka") })
+                                .insert(Header { key: "ce_time", value: Some(&time) })
+                                .insert(Header { key: "ce_specversion", value: Some("1.0") })
+                                .insert(Header { key: "content-type", value: Some("application/json") });
+                            record = record.key(&*key).headers(headers).timestamp(now_ms());
+                        }
                         producer.send(record, Timeout::After(Duration::from_secs(30))).await.expect("kafka ack");
                         mine.push(t.elapsed());
                     }
@@ -76,13 +102,18 @@ async fn main() {
                     let mut mine = Vec::new();
                     while started.elapsed() < duration {
                         let t = Instant::now();
+                        let properties = if sink_shaped {
+                            amqp_properties()
+                        } else {
+                            BasicProperties::default().with_delivery_mode(2)
+                        };
                         let confirm = channel
                             .basic_publish(
                                 exchange.as_str().into(),
-                                "bench".into(),
+                                "amqp.NEW_TIME_ENTRY".into(),
                                 BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() },
                                 &body,
-                                BasicProperties::default().with_delivery_mode(2),
+                                properties,
                             )
                             .await
                             .expect("publish")
@@ -106,12 +137,44 @@ async fn main() {
     let pct =
         |p: f64| l.get(((l.len() as f64 * p) as usize).min(l.len().saturating_sub(1))).copied().unwrap_or_default();
     println!(
-        "RESULT kind={kind} messages={} rate={:.0} p50_ms={:.2} p99_ms={:.2}",
+        "RESULT kind={kind} shape={shape} messages={} rate={:.0} p50_ms={:.2} p99_ms={:.2}",
         l.len(),
         l.len() as f64 / elapsed,
         pct(0.50).as_secs_f64() * 1000.0,
         pct(0.99).as_secs_f64() * 1000.0
     );
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+fn now_rfc3339() -> String {
+    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
+}
+
+/// The properties the `amqp` sink sends with every message.
+fn amqp_properties() -> BasicProperties {
+    use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+    let id = uuid::Uuid::now_v7().to_string();
+    let mut headers = FieldTable::default();
+    for (k, v) in [
+        ("cloudEvents:id", id.as_str()),
+        ("cloudEvents:type", "NEW_TIME_ENTRY"),
+        ("cloudEvents:source", "amqp"),
+        ("cloudEvents:time", &now_rfc3339()),
+        ("cloudEvents:specversion", "1.0"),
+    ] {
+        headers.insert(ShortString::from(k), AMQPValue::LongString(LongString::from(v)));
+    }
+    BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+        .with_message_id(id.as_str().into())
+        .with_type("NEW_TIME_ENTRY".into())
+        .with_timestamp(u64::try_from(now_ms() / 1000).unwrap_or(0))
+        .with_app_id("hookbridge".into())
+        .with_headers(headers)
 }
 
 /// A producer with exactly the properties hookbridge sets for a `kafka` sink with default settings.
