@@ -351,8 +351,9 @@ impl Dispatcher {
     }
 
     /// Delivers a batch with one call of the sink and records every outcome in one operation. Each delivery
-    /// that finished (delivered or dead) releases its slot and ordering key at once; each one to be retried
-    /// goes on alone, as [`Dispatcher::deliver`] would, after its backoff.
+    /// that finished (delivered or dead) hands its slot on before the record and releases its ordering key
+    /// after it; each one to be retried keeps its slot and goes on alone, as [`Dispatcher::deliver`] would,
+    /// after its backoff.
     async fn deliver_batch(
         &self,
         batch: Vec<(PendingDelivery, DoneGuard)>,
