@@ -14,7 +14,8 @@
 //!
 //! Set-up for a run: `setup-kafka BROKERS TOPIC` creates the topic; `setup-amqp URL EXCHANGE` declares the
 //! exchange (durable topic, as the sink does) and a queue `EXCHANGE` bound to it that keeps at most 100000
-//! messages (so a long run does not fill the broker's memory).
+//! messages (so a long run does not fill the broker's memory). `teardown-kafka BROKERS TOPIC` and
+//! `teardown-amqp URL EXCHANGE` delete them again.
 //!
 //! The Kafka producer is built from the properties hookbridge's config validation produces for a `kafka`
 //! sink (so `acks=all`, idempotence, linger and timeouts are the sink's); the AMQP publisher uses a
@@ -40,6 +41,8 @@ async fn main() {
     match args.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
         ["setup-kafka", brokers, topic] => return setup_kafka(brokers, topic).await,
         ["setup-amqp", url, exchange] => return setup_amqp(url, exchange).await,
+        ["teardown-kafka", brokers, topic] => return teardown_kafka(brokers, topic).await,
+        ["teardown-amqp", url, exchange] => return teardown_amqp(url, exchange).await,
         _ => {}
     }
     let (args, shape) = match args.as_slice() {
@@ -221,4 +224,24 @@ async fn setup_amqp(url: &str, exchange: &str) {
         .queue_bind(exchange.into(), exchange.into(), "#".into(), QueueBindOptions::default(), FieldTable::default())
         .await
         .expect("bind");
+}
+
+async fn teardown_kafka(brokers: &str, topic: &str) {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", brokers).create().expect("admin client");
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    for r in admin.delete_topics(&[topic], &options).await.expect("delete topics") {
+        if let Err((t, code)) = r {
+            eprintln!("cannot delete topic {t}: {code}");
+        }
+    }
+}
+
+async fn teardown_amqp(url: &str, exchange: &str) {
+    use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
+    let conn = lapin::Connection::connect(url, lapin::ConnectionProperties::default()).await.expect("connect");
+    let channel = conn.create_channel().await.expect("channel");
+    channel.queue_delete(exchange.into(), QueueDeleteOptions::default()).await.expect("queue");
+    channel.exchange_delete(exchange.into(), ExchangeDeleteOptions::default()).await.expect("exchange");
 }
