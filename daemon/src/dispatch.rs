@@ -336,7 +336,7 @@ impl Dispatcher {
             if delay.is_none() && !Self::hand_over(recording, std::iter::once(&mut guard), 1, cancel).await {
                 return;
             }
-            let record = Record { delivery_id: row.id, attempts, outcome, attempt };
+            let record = Record { delivery_id: row.id, attempts, outcome, attempt, event: Some(event_of(&row)) };
             if !self.record(&row.event.id, vec![record], cancel).await {
                 return;
             }
@@ -376,7 +376,7 @@ impl Dispatcher {
             let attempt =
                 Attempt { started_at_ms, duration_ms, status: result.as_ref().err().and_then(SinkError::status) };
             let (outcome, delay, counted) = self.judge(&row, attempts, result);
-            records.push(Record { delivery_id: row.id, attempts, outcome, attempt });
+            records.push(Record { delivery_id: row.id, attempts, outcome, attempt, event: Some(event_of(&row)) });
             next.push((row, guard, attempts, delay, counted));
         }
         let finished = next.iter().filter(|(_, _, _, delay, _)| delay.is_none()).count();
@@ -471,6 +471,11 @@ impl Dispatcher {
             wait = (wait * 2).min(self.retry.max_backoff);
         }
     }
+}
+
+/// A delivery's event as [`Record::event`] wants it: its seq and body length.
+fn event_of(row: &PendingDelivery) -> (i64, i64) {
+    (row.seq, i64::try_from(row.event.body.len()).unwrap_or(i64::MAX))
 }
 
 /// Takes a delivery for starting: moves the cursor, and parks it (returning `None`) if its ordering key has

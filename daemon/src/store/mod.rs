@@ -130,6 +130,9 @@ pub struct Record {
     pub outcome: Outcome,
     /// The attempt, for the attempt log.
     pub attempt: Attempt,
+    /// The delivery's event as the caller knows it (its seq and body length in bytes), so that recording
+    /// need not read them back; `None`: read from the spool.
+    pub event: Option<(i64, i64)>,
 }
 
 /// How a delivery ended (or not).
@@ -300,7 +303,7 @@ impl Store {
         outcome: Outcome,
         attempt: Attempt,
     ) -> Result<(), StoreError> {
-        self.record_all(vec![Record { delivery_id, attempts, outcome, attempt }]).await
+        self.record_all(vec![Record { delivery_id, attempts, outcome, attempt, event: None }]).await
     }
 
     /// Records several attempts and outcomes in one operation (a batch delivered together).

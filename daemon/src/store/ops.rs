@@ -7,7 +7,7 @@ use bytes::Bytes;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
-use super::{Attempt, Handshake, Outcome, PendingDelivery};
+use super::{Handshake, Outcome, PendingDelivery, Record};
 use crate::event::{Event, now_ms};
 use crate::limits::HANDSHAKES_KEPT;
 
@@ -94,31 +94,37 @@ pub(super) type Finished = (i64, i64, i64);
 
 /// Records one attempt and the delivery's new state. A delivery that is no longer pending (recorded twice,
 /// or purged meanwhile) is left alone.
-pub(super) fn record(
-    tx: &Connection,
-    delivery_id: i64,
-    attempts: u32,
-    outcome: &Outcome,
-    attempt: &Attempt,
-) -> rusqlite::Result<Finished> {
+pub(super) fn record(tx: &Connection, r: &Record) -> rusqlite::Result<Finished> {
+    let Record { delivery_id, attempts, outcome, attempt, event } = r;
     let now = now_ms();
     let (status, next, error, label) = match outcome {
         Outcome::Delivered => ("delivered", None, None, "delivered"),
         Outcome::Dead(e) => ("dead", None, Some(e.as_str()), "dead"),
         Outcome::Retry { next_attempt_ms, error } => ("pending", Some(*next_attempt_ms), Some(error.as_str()), "retry"),
     };
-    // A read and an update by rowid: cheaper than `UPDATE ... RETURNING`, which builds a temporary table.
-    let event_seq: Option<i64> = tx
-        .prepare_cached("SELECT event_seq FROM deliveries WHERE id = ?1 AND status = 'pending'")?
-        .query_row([delivery_id], |r| r.get(0))
-        .optional()?;
-    let Some(event_seq) = event_seq else { return Ok((0, 0, 0)) };
-    tx.prepare_cached(
-        "UPDATE deliveries SET status = ?1, attempts = ?2, next_attempt_at = ?3,
-           last_error = coalesce(?4, last_error), last_status = coalesce(?5, last_status), updated_at = ?6
-         WHERE id = ?7",
-    )?
-    .execute(params![status, attempts, next, error, attempt.status, now, delivery_id])?;
+    // The event's seq comes from the caller when it knows it, else from a read by rowid (cheaper than
+    // `UPDATE ... RETURNING`, which builds a temporary table).
+    let event_seq = match event {
+        Some((seq, _)) => *seq,
+        None => {
+            let seq: Option<i64> = tx
+                .prepare_cached("SELECT event_seq FROM deliveries WHERE id = ?1 AND status = 'pending'")?
+                .query_row([delivery_id], |r| r.get(0))
+                .optional()?;
+            let Some(seq) = seq else { return Ok((0, 0, 0)) };
+            seq
+        }
+    };
+    let changed = tx
+        .prepare_cached(
+            "UPDATE deliveries SET status = ?1, attempts = ?2, next_attempt_at = ?3,
+               last_error = coalesce(?4, last_error), last_status = coalesce(?5, last_status), updated_at = ?6
+             WHERE id = ?7 AND status = 'pending'",
+        )?
+        .execute(params![status, attempts, next, error, attempt.status, now, delivery_id])?;
+    if changed == 0 {
+        return Ok((0, 0, 0));
+    }
     tx.prepare_cached(
         "INSERT INTO attempts (delivery_id, attempt, started_at, duration_ms, outcome, status, error)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -133,23 +139,30 @@ pub(super) fn record(
         error
     ])?;
     if status != "pending" {
-        return finish(tx, event_seq);
+        return finish(tx, event_seq, event.map(|(_, len)| len));
     }
     Ok((0, 0, 0))
 }
 
-/// One delivery of event `seq` left the pending state: was it the event's last pending one?
-fn finish(tx: &Connection, seq: i64) -> rusqlite::Result<Finished> {
-    let (still, len): (i64, Option<i64>) = tx
-        .prepare_cached(
-            "SELECT (SELECT count(*) FROM deliveries WHERE event_seq = ?1 AND status = 'pending'),
-                    (SELECT length(body) FROM events WHERE seq = ?1)",
-        )?
-        .query_row([seq], |r| Ok((r.get(0)?, r.get(1)?)))?;
+/// One delivery of event `seq` (whose body is `len` bytes, when known) left the pending state: was it the
+/// event's last pending one?
+fn finish(tx: &Connection, seq: i64, len: Option<i64>) -> rusqlite::Result<Finished> {
+    let still: i64 = tx
+        .prepare_cached("SELECT count(*) FROM deliveries WHERE event_seq = ?1 AND status = 'pending'")?
+        .query_row([seq], |r| r.get(0))?;
     if still > 0 {
         return Ok((1, 0, 0));
     }
-    Ok((1, 1, len.unwrap_or(0)))
+    let len = match len {
+        Some(len) => len,
+        None => tx
+            .prepare_cached("SELECT length(body) FROM events WHERE seq = ?1")?
+            .query_row([seq], |r| r.get::<_, Option<i64>>(0))
+            .optional()?
+            .flatten()
+            .unwrap_or(0),
+    };
+    Ok((1, 1, len))
 }
 
 /// Stores (replaces) an add-on installation record.

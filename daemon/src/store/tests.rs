@@ -276,3 +276,38 @@ async fn a_failed_sync_is_never_acknowledged_and_stops_the_spool() {
     }
     assert!(store.ping().await.is_err());
 }
+
+/// Outcomes recorded with the event's seq and body length given by the caller (as the dispatcher does) move
+/// the gauges as those read back from the spool do; a second record of a finished delivery changes nothing
+/// and adds no attempt.
+#[tokio::test]
+async fn records_with_the_event_given_by_the_caller_match_the_spool() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    new(&store, "a", "{\"n\":1}", &["s1", "s2"]).await;
+    new(&store, "b", "{\"n\":22}", &["s1"]).await;
+    assert_eq!(store.gauges().snapshot(), (2, 15, 3));
+    let rows = store.pending("s1", 0, 10).await.unwrap();
+    let known = |p: &PendingDelivery| Some((p.seq, p.event.body.len() as i64));
+    let rec = |p: &PendingDelivery, outcome: Outcome| Record {
+        delivery_id: p.id,
+        attempts: 1,
+        outcome,
+        attempt: attempt(),
+        event: known(p),
+    };
+    let retry = Outcome::Retry { next_attempt_ms: now_ms(), error: "HTTP 503".into() };
+    store.record_all(vec![rec(&rows[0], retry), rec(&rows[1], Outcome::Delivered)]).await.unwrap();
+    assert_eq!(store.gauges().snapshot(), (1, 7, 2), "b's only delivery finished; a still has two pending");
+    store.record_all(vec![rec(&rows[1], Outcome::Dead("late".into()))]).await.unwrap();
+    assert_eq!(store.gauges().snapshot(), (1, 7, 2), "recording twice changes nothing");
+    let b = store.event("b").await.unwrap().unwrap();
+    assert_eq!(b.summary.status, "delivered");
+    assert_eq!(b.attempts.len(), 1, "the ignored record left no attempt");
+    store.record_all(vec![rec(&rows[0], Outcome::Delivered)]).await.unwrap();
+    assert_eq!(store.gauges().snapshot(), (1, 7, 1), "a's other sink is still pending");
+    let s2 = store.pending("s2", 0, 10).await.unwrap();
+    store.record_all(vec![rec(&s2[0], Outcome::Delivered)]).await.unwrap();
+    assert_eq!(store.gauges().snapshot(), (0, 0, 0));
+    store.close().await;
+}

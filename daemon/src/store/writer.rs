@@ -106,7 +106,7 @@ fn apply(c: &Connection, work: &Work, recent: &mut RecentKeys) -> rusqlite::Resu
         Work::Record { records } => {
             let mut finished = (0, 0, 0);
             for r in records {
-                let (deliveries, events, bytes) = ops::record(c, r.delivery_id, r.attempts, &r.outcome, &r.attempt)?;
+                let (deliveries, events, bytes) = ops::record(c, r)?;
                 finished = (finished.0 + deliveries, finished.1 + events, finished.2 + bytes);
             }
             Applied::Finished(finished)
