@@ -7,10 +7,12 @@
 //! cargo run --release -p hookbridge --example broker_ceiling -- amqp AMQP_URL EXCHANGE BODY SECONDS IN_FLIGHT [bare|sink]
 //! ```
 //!
-//! Messages: `sink` (the default) sends records shaped as the sink sends them: for Kafka the key (the body's
-//! `workspaceId`), a timestamp and the six CloudEvents headers (a fresh `ce_id` per message); for AMQP the
-//! same properties (persistent, content type, message id, type, timestamp, app id, five `cloudEvents:*`
-//! headers). `bare` sends the body alone (persistent for AMQP), the cheapest message the broker can take.
+//! Messages: `sink` (the default) sends the records the sinks send, made by the sinks' own functions for a
+//! fresh event per message: for Kafka the key (the body's `workspaceId`), the timestamp and the CloudEvents
+//! headers ([`hookbridge::sinks::kafka_headers`]); for AMQP the properties
+//! ([`hookbridge::sinks::amqp_properties`]: persistent, content type, message id, type, timestamp, app id,
+//! `cloudEvents:*` headers). `bare` sends the body alone (persistent for AMQP), the cheapest message the
+//! broker can take.
 //!
 //! Set-up for a run: `setup-kafka BROKERS TOPIC` creates the topic; `setup-amqp URL EXCHANGE` declares the
 //! exchange (durable topic, as the sink does) and a queue `EXCHANGE` bound to it that keeps at most 100000
@@ -27,10 +29,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hookbridge::config::{Config, ProcessEnv, SinkKind};
+use hookbridge::event::{Event, now_ms};
+use hookbridge::sinks::{amqp_properties, kafka_headers};
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Confirmation};
 use rdkafka::ClientConfig;
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use tokio::sync::Mutex;
@@ -54,7 +57,7 @@ async fn main() {
         std::process::exit(2);
     };
     let sink_shaped = shape == "sink";
-    let body = Arc::new(std::fs::read(body).expect("body file"));
+    let body = bytes::Bytes::from(std::fs::read(body).expect("body file"));
     let key: Arc<str> = serde_json::from_slice::<serde_json::Value>(&body)
         .ok()
         .and_then(|v| v.get("workspaceId")?.as_str().map(Arc::from))
@@ -69,22 +72,15 @@ async fn main() {
             let producer = Arc::new(kafka_producer(target, name));
             for _ in 0..in_flight {
                 let (producer, body, latencies, topic, key) =
-                    (Arc::clone(&producer), Arc::clone(&body), Arc::clone(&latencies), name.clone(), Arc::clone(&key));
+                    (Arc::clone(&producer), body.clone(), Arc::clone(&latencies), name.clone(), Arc::clone(&key));
                 tasks.push(tokio::spawn(async move {
                     let mut mine = Vec::new();
                     while started.elapsed() < duration {
                         let t = Instant::now();
-                        let mut record = FutureRecord::<str, [u8]>::to(&topic).payload(body.as_slice());
+                        let mut record = FutureRecord::<str, [u8]>::to(&topic).payload(&body[..]);
                         if sink_shaped {
-                            let (id, time) = (uuid::Uuid::now_v7().to_string(), now_rfc3339());
-                            let headers = OwnedHeaders::new_with_capacity(6)
-                                .insert(Header { key: "ce_id", value: Some(&id) })
-                                .insert(Header { key: "ce_type", value: Some("NEW_TIME_ENTRY") })
-                                .insert(Header { key: "ce_source", value: Some("kafka") })
-                                .insert(Header { key: "ce_time", value: Some(&time) })
-                                .insert(Header { key: "ce_specversion", value: Some("1.0") })
-                                .insert(Header { key: "content-type", value: Some("application/json") });
-                            record = record.key(&*key).headers(headers).timestamp(now_ms());
+                            let event = event("kafka", &body);
+                            record = record.key(&*key).headers(kafka_headers(&event)).timestamp(event.received_at_ms);
                         }
                         producer.send(record, Timeout::After(Duration::from_secs(30))).await.expect("kafka ack");
                         mine.push(t.elapsed());
@@ -100,13 +96,13 @@ async fn main() {
             channel.confirm_select(ConfirmSelectOptions::default()).await.expect("confirm mode");
             for _ in 0..in_flight {
                 let (channel, body, latencies, exchange) =
-                    (channel.clone(), Arc::clone(&body), Arc::clone(&latencies), name.clone());
+                    (channel.clone(), body.clone(), Arc::clone(&latencies), name.clone());
                 tasks.push(tokio::spawn(async move {
                     let mut mine = Vec::new();
                     while started.elapsed() < duration {
                         let t = Instant::now();
                         let properties = if sink_shaped {
-                            amqp_properties()
+                            amqp_properties(&event("amqp", &body))
                         } else {
                             BasicProperties::default().with_delivery_mode(2)
                         };
@@ -148,36 +144,19 @@ async fn main() {
     );
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
-}
-
-fn now_rfc3339() -> String {
-    humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string()
-}
-
-/// The properties the `amqp` sink sends with every message.
-fn amqp_properties() -> BasicProperties {
-    use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+/// A fresh event as the daemon would make it from a webhook with this body.
+fn event(source: &str, body: &bytes::Bytes) -> Event {
     let id = uuid::Uuid::now_v7().to_string();
-    let mut headers = FieldTable::default();
-    for (k, v) in [
-        ("cloudEvents:id", id.as_str()),
-        ("cloudEvents:type", "NEW_TIME_ENTRY"),
-        ("cloudEvents:source", "amqp"),
-        ("cloudEvents:time", &now_rfc3339()),
-        ("cloudEvents:specversion", "1.0"),
-    ] {
-        headers.insert(ShortString::from(k), AMQPValue::LongString(LongString::from(v)));
+    Event {
+        dedup_key: id.clone(),
+        id,
+        source: source.to_owned(),
+        event_type: "NEW_TIME_ENTRY".to_owned(),
+        received_at_ms: now_ms(),
+        headers: vec![("content-type".to_owned(), "application/json".to_owned())],
+        body: body.clone(),
+        ordering_key: None,
     }
-    BasicProperties::default()
-        .with_delivery_mode(2)
-        .with_content_type("application/json".into())
-        .with_message_id(id.as_str().into())
-        .with_type("NEW_TIME_ENTRY".into())
-        .with_timestamp(u64::try_from(now_ms() / 1000).unwrap_or(0))
-        .with_app_id("hookbridge".into())
-        .with_headers(headers)
 }
 
 /// A producer with exactly the properties hookbridge sets for a `kafka` sink with default settings.

@@ -220,18 +220,13 @@ impl Dispatcher {
         tracker.spawn(async move { this.deliver(row, guard, &recording, &cancel).await });
     }
 
-    /// Gives the slots of deliveries whose peer has answered for good (`finished` of `guards`) to the next
-    /// deliveries, once there is room to record their outcomes; `false` when cancelled first.
-    async fn hand_over<'g>(
-        recording: &Arc<Semaphore>,
-        guards: impl Iterator<Item = &'g mut DoneGuard>,
-        finished: usize,
-        cancel: &CancellationToken,
-    ) -> bool {
-        if finished == 0 {
+    /// Gives the slots of deliveries whose peer has answered for good (`guards`) to the next deliveries, once
+    /// there is room to record their outcomes; `false` when cancelled first.
+    async fn hand_over(recording: &Arc<Semaphore>, guards: Vec<&mut DoneGuard>, cancel: &CancellationToken) -> bool {
+        if guards.is_empty() {
             return true;
         }
-        let n = u32::try_from(finished).unwrap_or(u32::MAX);
+        let n = u32::try_from(guards.len()).unwrap_or(u32::MAX);
         let mut permits = tokio::select! {
             _ = cancel.cancelled() => return false,
             p = Arc::clone(recording).acquire_many_owned(n) => match p {
@@ -333,7 +328,7 @@ impl Dispatcher {
                 status: result.as_ref().err().and_then(SinkError::status),
             };
             let (outcome, delay, counted) = self.judge(&row, attempts, result);
-            if delay.is_none() && !Self::hand_over(recording, std::iter::once(&mut guard), 1, cancel).await {
+            if delay.is_none() && !Self::hand_over(recording, vec![&mut guard], cancel).await {
                 return;
             }
             let record = Record { delivery_id: row.id, attempts, outcome, attempt, event: Some(event_of(&row)) };
@@ -379,9 +374,8 @@ impl Dispatcher {
             records.push(Record { delivery_id: row.id, attempts, outcome, attempt, event: Some(event_of(&row)) });
             next.push((row, guard, attempts, delay, counted));
         }
-        let finished = next.iter().filter(|(_, _, _, delay, _)| delay.is_none()).count();
-        let guards = next.iter_mut().filter(|(_, _, _, delay, _)| delay.is_none()).map(|(_, guard, ..)| guard);
-        if !Self::hand_over(recording, guards, finished, cancel).await {
+        let finished = next.iter_mut().filter(|(_, _, _, delay, _)| delay.is_none()).map(|(_, guard, ..)| guard);
+        if !Self::hand_over(recording, finished.collect(), cancel).await {
             return;
         }
         let first = next.first().map(|(row, ..)| row.event.id.clone()).unwrap_or_default();

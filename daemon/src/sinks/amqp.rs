@@ -157,7 +157,7 @@ impl AmqpSink {
                     routing_key.as_str().into(),
                     options,
                     &event.body,
-                    properties(event),
+                    amqp_properties(event),
                 )
                 .await?
                 .await
@@ -192,7 +192,7 @@ impl AmqpSink {
 
 /// Persistent delivery, `content-type`, `message-id`, timestamp, `type`, and CloudEvents headers in the
 /// AMQP binding's form (`cloudEvents:id`, ...).
-fn properties(event: &Event) -> BasicProperties {
+pub fn amqp_properties(event: &Event) -> BasicProperties {
     let mut headers = FieldTable::default();
     let mut put = |k: &str, v: &str| {
         headers.insert(ShortString::from(k), AMQPValue::LongString(LongString::from(v)));

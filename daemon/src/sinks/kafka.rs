@@ -129,16 +129,10 @@ impl KafkaSink {
         let topic = render(&self.spec.topic, event)?;
         kafka_topic_name(&topic).map_err(|m| SinkError::permanent(format!("topic from {}: {m}", self.spec.topic)))?;
         let key = self.spec.key.as_ref().map(|k| render(k, event)).transpose()?;
-        let time = event.time_rfc3339();
-        let headers = OwnedHeaders::new_with_capacity(6)
-            .insert(Header { key: "ce_id", value: Some(&event.id) })
-            .insert(Header { key: "ce_type", value: Some(&event.event_type) })
-            .insert(Header { key: "ce_source", value: Some(&event.source) })
-            .insert(Header { key: "ce_time", value: Some(&time) })
-            .insert(Header { key: "ce_specversion", value: Some(CE_SPECVERSION) })
-            .insert(Header { key: "content-type", value: Some(event.content_type()) });
-        let mut record =
-            FutureRecord::to(&topic).payload(event.body.as_ref()).headers(headers).timestamp(event.received_at_ms);
+        let mut record = FutureRecord::to(&topic)
+            .payload(event.body.as_ref())
+            .headers(kafka_headers(event))
+            .timestamp(event.received_at_ms);
         if let Some(k) = &key {
             record = record.key(k.as_str());
         }
@@ -173,6 +167,18 @@ impl KafkaSink {
         let window = (self.spec.message_timeout * 3).max(Duration::from_secs(10));
         self.progress.lock().is_ok_and(|p| p.0.elapsed() > window && p.1.elapsed() > window)
     }
+}
+
+/// The headers of an event's Kafka record: CloudEvents' Kafka binary mode (`ce_*`) and `content-type`.
+pub fn kafka_headers(event: &Event) -> OwnedHeaders {
+    let time = event.time_rfc3339();
+    OwnedHeaders::new_with_capacity(6)
+        .insert(Header { key: "ce_id", value: Some(&event.id) })
+        .insert(Header { key: "ce_type", value: Some(&event.event_type) })
+        .insert(Header { key: "ce_source", value: Some(&event.source) })
+        .insert(Header { key: "ce_time", value: Some(&time) })
+        .insert(Header { key: "ce_specversion", value: Some(CE_SPECVERSION) })
+        .insert(Header { key: "content-type", value: Some(event.content_type()) })
 }
 
 fn create(id: &str, spec: &KafkaSinkSpec, state: &Arc<ConnectionState>) -> Result<Client, String> {

@@ -18,10 +18,10 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub use amqp::AmqpSink;
+pub use amqp::{AmqpSink, amqp_properties};
 pub use file::FileSink;
 pub use http::HttpSink;
-pub use kafka::KafkaSink;
+pub use kafka::{KafkaSink, kafka_headers};
 pub use plugin::PluginSink;
 
 use crate::config::{SinkKind, SinkSpec};
