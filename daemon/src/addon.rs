@@ -172,14 +172,9 @@ impl Installations {
     }
 }
 
-/// What an add-on request turned out to be.
+/// How an add-on request was answered without going on to the spool.
 #[derive(Debug)]
 pub enum Outcome {
-    /// A verified webhook; `paused` when its installation is INACTIVE (accepted, not routed).
-    Webhook {
-        /// Routing is paused for the workspace.
-        paused: bool,
-    },
     /// A lifecycle call, handled: answer 200.
     Lifecycle(&'static str),
     /// Refused: 401, with a reason for logs and metrics.
@@ -226,23 +221,37 @@ pub struct Request<'a> {
     pub body: &'a [u8],
 }
 
-/// Handles a request to an add-on source: a webhook (verified against its installation) or a lifecycle call.
-pub async fn check(store: &Store, installations: &Installations, req: Request<'_>) -> Outcome {
-    let Request { source, scheme, path: request_path, sub, headers, body } = req;
+/// What the headers of an add-on request prove, before its body is read.
+#[derive(Debug)]
+pub enum Early {
+    /// A webhook, verified against its installation: nothing more to check.
+    Webhook {
+        /// Routing is paused for the workspace.
+        paused: bool,
+    },
+    /// A lifecycle call whose token is valid: [`lifecycle`] handles it once the body is in.
+    Lifecycle,
+}
+
+/// Checks what can be checked from the headers alone: a webhook completely (its token is in a header), a
+/// lifecycle call's token. `Err` is the answer to give without reading the body.
+pub fn check_headers(
+    scheme: &AddonScheme,
+    installations: &Installations,
+    (source, request_path, sub): (&str, &str, &str),
+    headers: &HeaderMap,
+) -> Result<Early, Outcome> {
     if let Some(event) = sub.strip_prefix("/webhook/") {
         let token = text_header(headers, "clockify-signature");
-        let (workspace, addon) = match claims_of(scheme, token) {
-            Ok(c) => c,
-            Err(reason) => return Outcome::Unauthorized(reason),
-        };
+        let (workspace, addon) = claims_of(scheme, token).map_err(Outcome::Unauthorized)?;
         if text_header(headers, "clockify-webhook-event-type") != Some(event) {
-            return Outcome::Unauthorized("unexpected_event");
+            return Err(Outcome::Unauthorized("unexpected_event"));
         }
         let Some(inst) = installations.get(&(source.to_owned(), workspace, addon)) else {
-            return Outcome::Unauthorized("not_installed");
+            return Err(Outcome::Unauthorized("not_installed"));
         };
         if inst.deleted {
-            return Outcome::Unauthorized("not_installed");
+            return Err(Outcome::Unauthorized("not_installed"));
         }
         let expected: Vec<SecretString> = inst
             .webhooks
@@ -254,10 +263,22 @@ pub async fn check(store: &Store, installations: &Installations, req: Request<'_
             .map(|w| SecretString::new(w.auth_token.clone()))
             .collect();
         if expected.is_empty() || !matches_any(token.unwrap_or("").as_bytes(), &expected) {
-            return Outcome::Unauthorized("token_mismatch");
+            return Err(Outcome::Unauthorized("token_mismatch"));
         }
-        return Outcome::Webhook { paused: inst.status == "INACTIVE" };
+        return Ok(Early::Webhook { paused: inst.status == "INACTIVE" });
     }
+    let Some(kind) = sub.strip_prefix("/lifecycle/") else { return Err(Outcome::NotFound) };
+    if !matches!(kind, "installed" | "deleted" | "status-changed" | "settings-updated") {
+        return Err(Outcome::NotFound);
+    }
+    claims_of(scheme, text_header(headers, "x-addon-lifecycle-token")).map_err(Outcome::Unauthorized)?;
+    Ok(Early::Lifecycle)
+}
+
+/// Handles a lifecycle call (its headers passed [`check_headers`]): installs, updates or deletes the
+/// installation.
+pub async fn lifecycle(store: &Store, installations: &Installations, req: Request<'_>) -> Outcome {
+    let Request { source, scheme, path: _, sub, headers, body } = req;
     let Some(kind) = sub.strip_prefix("/lifecycle/") else { return Outcome::NotFound };
     if !matches!(kind, "installed" | "deleted" | "status-changed" | "settings-updated") {
         return Outcome::NotFound;

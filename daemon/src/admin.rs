@@ -48,12 +48,8 @@ pub fn router(config: Config, token: SecretString) -> Router {
 }
 
 async fn auth(State(a): State<Arc<Admin>>, request: Request, next: Next) -> Response {
-    let presented = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
+    let presented =
+        request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(bearer).unwrap_or("");
     if presented.is_empty() || !matches_any(presented.as_bytes(), std::slice::from_ref(&a.token)) {
         tracing::warn!(path = %request.uri().path(), "admin API request refused: bad or missing bearer token");
         let mut r = (StatusCode::UNAUTHORIZED, axum::Json(json!({"error": "bearer token required"}))).into_response();
@@ -61,6 +57,12 @@ async fn auth(State(a): State<Arc<Admin>>, request: Request, next: Next) -> Resp
         return r;
     }
     next.run(request).await
+}
+
+/// The token of an `Authorization: Bearer <token>` value, the scheme matched case-insensitively (RFC 9110).
+pub fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = value.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
 /// Runs a blocking operator command and maps its errors to statuses.

@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::{Mutex, Semaphore};
 use tokio::task::JoinHandle;
@@ -19,7 +18,7 @@ use crate::config::{Config, SinkSpec};
 use crate::dispatch::Dispatcher;
 use crate::event::now_ms;
 use crate::ingress::{Settings, Shared, router};
-use crate::limits::{DISPATCH_POLL, FEED_CAPACITY, PRUNE_BATCH, PRUNE_INTERVAL};
+use crate::limits::{DISPATCH_POLL, FEED_CAPACITY, PRUNE_BATCH, PRUNE_INTERVAL, SINK_STATS_INTERVAL};
 use crate::metrics::Metrics;
 use crate::route::RouteTable;
 use crate::sinks::{self, BuildError};
@@ -49,6 +48,9 @@ pub enum BridgeError {
     /// Serving failed.
     #[error("server: {0}")]
     Io(#[from] std::io::Error),
+    /// A listener's TLS certificate or key could not be loaded.
+    #[error("tls: {0}")]
+    Tls(String),
 }
 
 /// A sink's dispatcher, running.
@@ -70,6 +72,27 @@ struct Inner {
     shutdown_timeout: Duration,
     /// The config as last applied.
     config: std::sync::Mutex<Config>,
+    /// The TLS acceptors of the listeners being served, by listener name (reloaded on SIGHUP).
+    tls: std::sync::Mutex<Vec<(&'static str, crate::tls::Acceptor)>>,
+}
+
+/// The sockets a bridge serves ([`Bridge::serve`]): the webhook listener (the one that faces the internet),
+/// and the internal and admin listeners when the embedder wants them served too.
+#[derive(Debug)]
+pub struct Sockets {
+    /// Webhook paths, `/healthz`, `/readyz`.
+    pub webhook: TcpListener,
+    /// `/metrics`, `/readyz` with detail, `/dashboard`, `/live/*` ([`Bridge::internal_router`]).
+    pub internal: Option<TcpListener>,
+    /// The admin API ([`Bridge::admin_router`]); ignored when `[admin]` is not configured.
+    pub admin: Option<TcpListener>,
+}
+
+impl Sockets {
+    /// Only the webhook listener.
+    pub fn webhook(webhook: TcpListener) -> Sockets {
+        Sockets { webhook, internal: None, admin: None }
+    }
 }
 
 /// A running bridge: spool open, dispatchers running. Mount [`Bridge::router`] in any axum app, or call
@@ -101,12 +124,22 @@ fn settings(config: &Config) -> Result<Settings, BridgeError> {
         routes,
         max_body: config.server.max_body_size.0,
         request_timeout: config.server.request_timeout.0,
+        body_timeout: config.server.body_timeout.0,
+        min_body_rate: config.server.min_body_rate.0,
         sink_ids: config.sinks.keys().cloned().collect(),
         route_configs: config.routes.clone(),
         dedup_window: Some(config.storage.dedup_window.0).filter(|w| !w.is_zero()),
+        spool: spool_limits(config),
+    })
+}
+
+fn spool_limits(config: &Config) -> crate::store::SpoolLimits {
+    crate::store::SpoolLimits {
         max_pending_events: config.storage.max_pending_events,
         max_pending_bytes: config.storage.max_pending_bytes.0,
-    })
+        max_unrouted_events: config.storage.max_unrouted_events,
+        max_unrouted_bytes: config.storage.max_unrouted_bytes.0,
+    }
 }
 
 /// Loads every plugin of `config` (on a blocking thread: compiling is CPU work), creating the host if needed.
@@ -157,6 +190,7 @@ impl Inner {
             metrics: &self.metrics,
             plugins,
             addons: &self.shared.installations,
+            spool_limits: spool_limits(config),
             sink_ids: config
                 .sinks
                 .iter()
@@ -204,6 +238,9 @@ impl Bridge {
             installations,
             metrics: metrics.clone(),
             concurrency: Semaphore::new(config.server.max_concurrency),
+            unverified: Semaphore::new(config.server.max_unverified),
+            internal_token: config.listeners.internal_token.clone(),
+            sink_stats: std::sync::Mutex::new(Vec::new()),
             shutting_down: AtomicBool::new(false),
             last_ready: std::sync::Mutex::new(None),
             sinks: std::sync::Mutex::new(std::collections::BTreeMap::new()),
@@ -222,6 +259,7 @@ impl Bridge {
             cancel: cancel.clone(),
             shutdown_timeout: config.server.shutdown_timeout.0,
             config: std::sync::Mutex::new(config.clone()),
+            tls: std::sync::Mutex::new(Vec::new()),
         });
         {
             let cx = inner.build_context(&plugins, &config);
@@ -235,13 +273,21 @@ impl Bridge {
             }
         }
         let kv = host.as_ref().map(|h| h.kv().clone());
-        let housekeeping = tokio::spawn(housekeeping(store, kv, config.storage.retention.0, cancel.child_token()));
+        let housekeeping =
+            tokio::spawn(housekeeping(Arc::clone(&inner.shared), kv, config.storage.retention.0, cancel.child_token()));
         Ok(Bridge { inner, housekeeping, admin: config.admin })
     }
 
-    /// The HTTP routes (webhooks, `/healthz`, `/readyz`, `/metrics`), to serve or to mount.
+    /// The webhook routes (every source's path, `/healthz`, `/readyz`), to serve or to mount: the one router
+    /// meant for the internet.
     pub fn router(&self) -> axum::Router {
         router(Arc::clone(&self.inner.shared))
+    }
+
+    /// The internal routes (`/metrics`, `/readyz` with detail, `/dashboard`, `/live/<channel>`, `/healthz`),
+    /// behind `[server] internal_token` when set: serve them on a private address.
+    pub fn internal_router(&self) -> axum::Router {
+        crate::ingress::internal_router(Arc::clone(&self.inner.shared))
     }
 
     /// The admin API's router, when `[admin]` is configured (serve it on its own, private listener).
@@ -260,31 +306,70 @@ impl Bridge {
         Reloader { inner: Arc::clone(&self.inner) }
     }
 
-    /// Serves on `listener` until `signal` completes, then shuts down: stop accepting, let in-flight
-    /// requests finish, stop dispatchers within the shutdown deadline, close the spool.
+    /// Serves `sockets` with the connection limits and TLS of `[server]` (and `[admin]`) until `signal`
+    /// completes, then shuts down: stop accepting, let requests in flight finish, stop dispatchers within
+    /// the shutdown deadline, close the spool.
     pub async fn serve(
         self,
-        listener: TcpListener,
+        sockets: Sockets,
         signal: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), BridgeError> {
-        let app = self.router();
-        let shared = Arc::clone(&self.inner.shared);
-        let graceful = async move {
-            signal.await;
-            shared.shutting_down.store(true, Ordering::Relaxed);
-            // Live streams (dashboards) never end by themselves; the server waits for open connections.
-            shared.live.close();
-            tracing::info!("shutting down: no new connections; finishing requests in flight");
+        let config = self.inner.config.lock().map(|c| c.clone()).map_err(|e| BridgeError::Config(e.to_string()))?;
+        let limits = crate::server::ConnLimits {
+            header_timeout: config.server.header_timeout.0,
+            max_header_size: usize::try_from(config.server.max_header_size.0).unwrap_or(usize::MAX),
+            max_connections: config.server.max_connections,
         };
-        // Answers are small and written once: send them at once rather than wait for Nagle.
-        let listener = listener.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+        let tls = |spec: &Option<crate::tls::TlsSpec>| {
+            spec.as_ref().map(crate::tls::Acceptor::new).transpose().map_err(|e| BridgeError::Tls(e.to_string()))
+        };
+        let mut listeners = vec![crate::server::Listener {
+            name: "webhook",
+            socket: sockets.webhook,
+            router: self.router(),
+            limits,
+            tls: tls(&config.listeners.tls)?,
+        }];
+        if let Some(socket) = sockets.internal {
+            listeners.push(crate::server::Listener {
+                name: "internal",
+                socket,
+                router: self.internal_router(),
+                limits,
+                tls: tls(&config.listeners.internal_tls)?,
+            });
+        }
+        if let (Some(socket), Some(router), Some(admin)) = (sockets.admin, self.admin_router(), &config.admin) {
+            listeners.push(crate::server::Listener { name: "admin", socket, router, limits, tls: tls(&admin.tls)? });
+        }
+        let stop = CancellationToken::new();
+        let mut tasks = Vec::new();
+        for l in listeners {
+            if let Some(acceptor) = &l.tls {
+                if let Ok(mut all) = self.inner.tls.lock() {
+                    all.push((l.name, acceptor.clone()));
+                }
+                tasks.push(tokio::spawn(acceptor.clone().watch(l.name, stop.child_token())));
             }
-        });
-        let served = axum::serve(listener, app).with_graceful_shutdown(graceful).await;
+            let metrics = self.inner.metrics.clone();
+            let stopped = stop.clone();
+            let drain = self.inner.shutdown_timeout;
+            tasks.push(tokio::spawn(async move {
+                crate::server::serve(l, metrics, async move { stopped.cancelled().await }, drain).await;
+            }));
+        }
+        let shared = Arc::clone(&self.inner.shared);
+        signal.await;
+        shared.shutting_down.store(true, Ordering::Relaxed);
+        // Live streams (dashboards) never end by themselves; the server waits for open connections.
+        shared.live.close();
+        tracing::info!("shutting down: no new connections; finishing requests in flight");
+        stop.cancel();
+        for t in tasks {
+            let _ = t.await;
+        }
         self.shutdown().await;
-        served.map_err(BridgeError::from)
+        Ok(())
     }
 
     /// Stops dispatchers (waiting at most the shutdown deadline for deliveries in progress) and closes the
@@ -356,20 +441,33 @@ impl Reloader {
         }
         if let Ok(old) = self.inner.config.lock() {
             let mut restart = Vec::new();
-            if old.server.listen != config.server.listen {
-                restart.push("server.listen");
-            }
-            if old.server.max_concurrency != config.server.max_concurrency {
-                restart.push("server.max_concurrency");
-            }
-            if old.server.shutdown_timeout != config.server.shutdown_timeout {
-                restart.push("server.shutdown_timeout");
+            let (o, n) = (&old.server, &config.server);
+            for (key, changed) in [
+                ("server.listen", o.listen != n.listen),
+                ("server.internal_listen", o.internal_listen != n.internal_listen),
+                ("server.max_concurrency", o.max_concurrency != n.max_concurrency),
+                ("server.max_unverified", o.max_unverified != n.max_unverified),
+                ("server.max_connections", o.max_connections != n.max_connections),
+                ("server.header_timeout", o.header_timeout != n.header_timeout),
+                ("server.max_header_size", o.max_header_size != n.max_header_size),
+                ("server.shutdown_timeout", o.shutdown_timeout != n.shutdown_timeout),
+                ("server.tls", old.listeners.tls != config.listeners.tls),
+                ("server.internal_tls", old.listeners.internal_tls != config.listeners.internal_tls),
+                (
+                    "server.internal_token",
+                    old.listeners.internal_token.as_ref().map(|t| t.expose().to_owned())
+                        != config.listeners.internal_token.as_ref().map(|t| t.expose().to_owned()),
+                ),
+            ] {
+                if changed {
+                    restart.push(key);
+                }
             }
             if old.storage.data_dir != config.storage.data_dir || old.storage.retention != config.storage.retention {
                 restart.push("storage");
             }
-            if old.admin.as_ref().map(|a| (a.listen, a.token.clone()))
-                != config.admin.as_ref().map(|a| (a.listen, a.token.clone()))
+            if old.admin.as_ref().map(|a| (a.listen, a.token.clone(), a.tls.clone()))
+                != config.admin.as_ref().map(|a| (a.listen, a.token.clone(), a.tls.clone()))
             {
                 restart.push("admin");
             }
@@ -400,6 +498,15 @@ impl Reloader {
         Ok(())
     }
 
+    /// Reads the TLS certificates and keys of the listeners being served again (the files' paths stay as
+    /// they were at start); a listener whose files cannot be loaded keeps its current certificate.
+    pub fn reload_tls(&self) {
+        let acceptors = self.inner.tls.lock().map(|a| a.clone()).unwrap_or_default();
+        for (name, acceptor) in acceptors {
+            acceptor.reload_logged(name);
+        }
+    }
+
     /// Loads `path` and applies it; counts and logs the outcome. An invalid file leaves the running config.
     pub async fn reload_file(&self, path: &std::path::Path) -> Result<(), BridgeError> {
         let result = match Config::load(path) {
@@ -420,12 +527,35 @@ impl Reloader {
     }
 }
 
-/// Prunes past retention every [`PRUNE_INTERVAL`], and recounts the spool gauges every [`DISPATCH_POLL`]
-/// (an operator may have changed the spool from another process).
-async fn housekeeping(store: Store, kv: Option<crate::plugin::kv::Kv>, retention: Duration, cancel: CancellationToken) {
+/// Prunes past retention every [`PRUNE_INTERVAL`] (or a tenth of the retention, if shorter), recounts the
+/// spool gauges every [`DISPATCH_POLL`] (an operator may have changed the spool from another process), and
+/// reads the per-sink gauges of `/metrics` (dead letters, oldest pending) at most every
+/// [`SINK_STATS_INTERVAL`], and never using more than a twentieth of the time, so that scrapes read a
+/// snapshot whatever the spool holds.
+async fn housekeeping(
+    shared: Arc<Shared>,
+    kv: Option<crate::plugin::kv::Kv>,
+    retention: Duration,
+    cancel: CancellationToken,
+) {
+    let store = shared.store.clone();
+    let prune_every = PRUNE_INTERVAL.min(retention / 10).max(DISPATCH_POLL);
     let mut last_prune: Option<std::time::Instant> = None;
+    let mut next_stats = std::time::Instant::now();
     loop {
-        if last_prune.is_none_or(|t| t.elapsed() >= PRUNE_INTERVAL) {
+        if std::time::Instant::now() >= next_stats {
+            let started = std::time::Instant::now();
+            match store.sink_stats().await {
+                Ok(stats) => {
+                    if let Ok(mut s) = shared.sink_stats.lock() {
+                        *s = stats;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot read sink statistics for /metrics"),
+            }
+            next_stats = std::time::Instant::now() + SINK_STATS_INTERVAL.max(started.elapsed() * 20);
+        }
+        if last_prune.is_none_or(|t| t.elapsed() >= prune_every) {
             last_prune = Some(std::time::Instant::now());
             let before = now_ms() - retention.as_millis() as i64;
             let mut total = 0;
@@ -463,31 +593,39 @@ async fn housekeeping(store: Store, kv: Option<crate::plugin::kv::Kv>, retention
     }
 }
 
-/// Starts a bridge for `config` and serves it on `listener` until `signal`, with the admin API on its own
-/// address when `[admin]` is configured, and the systemd notify protocol (readiness, watchdog, stopping) when
-/// run by systemd. With `reload_from`, SIGHUP reloads the config from that file.
+/// Starts a bridge for `config` and serves it on `listener` (the webhook listener) until `signal`, with the
+/// internal listener on `[server] internal_listen`, the admin API on its own address when `[admin]` is
+/// configured, and the systemd notify protocol (readiness, watchdog, stopping) when run by systemd. With
+/// `reload_from`, SIGHUP reloads the config from that file and the listeners' TLS certificates.
 pub async fn run(
     config: Config,
     listener: TcpListener,
     signal: impl Future<Output = ()> + Send + 'static,
     reload_from: Option<PathBuf>,
 ) -> Result<(), BridgeError> {
+    let internal = TcpListener::bind(config.server.internal_listen).await.map_err(|e| {
+        BridgeError::Io(std::io::Error::new(
+            e.kind(),
+            format!("cannot listen on server.internal_listen {}: {e}", config.server.internal_listen),
+        ))
+    })?;
+    let admin = match &config.admin {
+        Some(spec) => Some(TcpListener::bind(spec.listen).await.map_err(|e| {
+            BridgeError::Io(std::io::Error::new(
+                e.kind(),
+                format!("cannot listen on admin.listen {}: {e}", spec.listen),
+            ))
+        })?),
+        None => None,
+    };
     let bridge = Bridge::start(config).await?;
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, "listening");
-    let stop = CancellationToken::new();
-    let mut admin_task = None;
-    if let (Some(router), Some(spec)) = (bridge.admin_router(), bridge.admin.as_ref()) {
-        let admin_listener = TcpListener::bind(spec.listen).await?;
-        tracing::info!(addr = %admin_listener.local_addr()?, "admin API listening");
-        let stop = stop.clone();
-        admin_task = Some(tokio::spawn(async move {
-            let graceful = async move { stop.cancelled().await };
-            if let Err(e) = axum::serve(admin_listener, router).with_graceful_shutdown(graceful).await {
-                tracing::error!(error = %e, "admin API failed");
-            }
-        }));
+    tracing::info!(%addr, "listening for webhooks");
+    tracing::info!(addr = %internal.local_addr()?, "internal listener (metrics, readiness, dashboard)");
+    if let Some(a) = &admin {
+        tracing::info!(addr = %a.local_addr()?, "admin API listening");
     }
+    let stop = CancellationToken::new();
     let watchdog = tokio::spawn(crate::service::watchdog(bridge.store().clone(), stop.clone()));
     let reloads = reload_from.map(|path| tokio::spawn(reload_on_sighup(bridge.reloader(), path, stop.clone())));
     let signal = {
@@ -499,13 +637,10 @@ pub async fn run(
         }
     };
     crate::service::ready(&addr.to_string());
-    let result = bridge.serve(listener, signal).await;
+    let result = bridge.serve(Sockets { webhook: listener, internal: Some(internal), admin }, signal).await;
     stop.cancel();
     let _ = watchdog.await;
     if let Some(t) = reloads {
-        let _ = t.await;
-    }
-    if let Some(t) = admin_task {
         let _ = t.await;
     }
     result
@@ -525,6 +660,7 @@ async fn reload_on_sighup(reloader: Reloader, path: PathBuf, stop: CancellationT
                 tracing::info!("SIGHUP received: reloading the configuration");
                 crate::service::reloading();
                 let _ = reloader.reload_file(&path).await;
+                reloader.reload_tls();
                 crate::service::reloaded();
             }
         }

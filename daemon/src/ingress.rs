@@ -1,9 +1,18 @@
-//! Ingress: the axum router. Webhook paths (one per source), health, readiness and metrics. A webhook is
-//! read with a size bound, verified, classified, routed and committed to the spool before it is answered.
+//! Ingress: the two routers. The webhook router (the internet-facing listener) serves webhook paths (one
+//! per source), `/healthz` and a bare `/readyz`; the internal router serves `/metrics`, `/readyz` with
+//! detail, `/dashboard` and `/live/<channel>`, behind `internal_token` when one is configured.
+//!
+//! A webhook's headers are checked first: a request that cannot be authentic is refused before its body is
+//! read. Its body is then read with a size bound, a deadline and a minimum rate, holding a permit of
+//! `max_concurrency` when the headers already proved it (Clockify, add-ons) or of the small
+//! `max_unverified` budget while a body signature is still to be checked (hmac, Standard Webhooks,
+//! Clockodo), so unsigned or slow clients never hold the capacity that verified webhooks need. Then it is
+//! verified, classified, routed and committed to the spool before it is answered.
 //!
 //! Status codes: 200 accepted (or unrouted, or a Clockodo handshake); 400 bad JSON or event type; 401
-//! verification failed; 404 unknown path; 405 not POST; 408 body not received in time; 413 body too large;
-//! 503 (with `Retry-After`) spool full, store failure, too many concurrent requests, shutting down.
+//! verification failed; 404 unknown path; 405 not POST; 408 body not received in time or too slowly; 413
+//! body too large; 431 request head too large (hyper, see `server`); 503 (with `Retry-After`) spool full,
+//! store failure, too many requests in progress, shutting down.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -18,7 +27,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use bytes::Bytes;
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use serde_json::json;
 use tokio::sync::Semaphore;
 
@@ -42,8 +51,15 @@ pub struct Shared {
     pub installations: crate::addon::Installations,
     /// Telemetry.
     pub metrics: Metrics,
-    /// Webhook requests in progress.
+    /// Verified webhook requests in progress (`max_concurrency`).
     pub concurrency: Semaphore,
+    /// Requests whose body is still to be verified (`max_unverified`).
+    pub unverified: Semaphore,
+    /// Token of the internal listener, when configured.
+    pub internal_token: Option<crate::config::SecretString>,
+    /// Per-sink gauges read from the spool by the housekeeping task, so that a scrape of `/metrics` costs
+    /// the same whatever the spool holds.
+    pub sink_stats: std::sync::Mutex<Vec<crate::store::SinkStats>>,
     /// Set once shutdown begins (readiness turns 503).
     pub shutting_down: AtomicBool,
     /// When readiness last proved the spool writable.
@@ -71,8 +87,12 @@ pub struct Settings {
     pub routes: RouteTable,
     /// Largest body.
     pub max_body: u64,
-    /// Per-request time limit.
+    /// Time to verify, store and answer once the body is in.
     pub request_timeout: Duration,
+    /// Time for the body to arrive.
+    pub body_timeout: Duration,
+    /// Slowest body, bytes per second after the first second (0: no check).
+    pub min_body_rate: u64,
     /// Configured sink ids (for per-sink gauges).
     pub sink_ids: Vec<String>,
     /// The routes as configured (for add-on manifests).
@@ -80,57 +100,104 @@ pub struct Settings {
     /// Dedup window (`None`: dedup off).
     pub dedup_window: Option<Duration>,
     /// Spool bounds.
-    pub max_pending_events: u64,
-    /// Spool bounds.
-    pub max_pending_bytes: u64,
+    pub spool: crate::store::SpoolLimits,
 }
 
-/// The router: `/healthz`, `/readyz`, `/metrics`, and every source's path (everything else is 404).
+/// The webhook router: every source's path, `/healthz` and `/readyz` (status only); everything else is
+/// 404. This is what faces the internet.
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/live/{channel}", get(live))
-        .route("/dashboard", get(dashboard))
+        .route("/readyz", get(readyz_public))
         .fallback(webhook)
         .with_state(shared)
 }
 
-async fn readyz(State(s): State<Arc<Shared>>) -> Response {
-    if s.shutting_down.load(Ordering::Relaxed) {
-        return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"status": "shutting down"}))).into_response();
+/// The internal router: `/metrics`, `/readyz` with spool counters and sink states, `/dashboard`,
+/// `/live/<channel>`, and `/healthz`; every path but `/healthz` behind `internal_token` when one is set.
+pub fn internal_router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .route("/live/{channel}", get(live))
+        .route("/dashboard", get(dashboard))
+        .layer(axum::middleware::from_fn_with_state(Arc::clone(&shared), internal_auth))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .with_state(shared)
+}
+
+/// `Authorization: Bearer <token>` (scheme case-insensitive), or `?token=<token>` for a browser's page and
+/// its event stream, when `internal_token` is set.
+async fn internal_auth(State(s): State<Arc<Shared>>, request: Request, next: axum::middleware::Next) -> Response {
+    let Some(token) = &s.internal_token else { return next.run(request).await };
+    let from_header = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(crate::admin::bearer)
+        .map(str::to_owned);
+    let from_query = || {
+        form_urlencoded::parse(request.uri().query().unwrap_or("").as_bytes())
+            .find(|(k, _)| k == "token")
+            .map(|(_, v)| v.into_owned())
+    };
+    let presented = from_header.or_else(from_query).unwrap_or_default();
+    if presented.is_empty() || !crate::verify::matches_any(presented.as_bytes(), std::slice::from_ref(token)) {
+        let mut r = error(StatusCode::UNAUTHORIZED, "token required");
+        r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return r;
     }
-    let (events, bytes, deliveries) = s.store.gauges().snapshot();
-    // A probe makes a durable write, at most once a second however often it is called.
+    next.run(request).await
+}
+
+/// Ready to accept webhooks: not shutting down, and the spool proved writable by a small durable write (at
+/// most once a second however often this is called).
+async fn readiness(s: &Shared) -> Result<(), &'static str> {
+    if s.shutting_down.load(Ordering::Relaxed) {
+        return Err("shutting down");
+    }
     let recent = !s.store.is_closed()
         && s.last_ready.lock().ok().and_then(|t| *t).is_some_and(|t| t.elapsed() < Duration::from_secs(1));
-    let ping = async {
-        if recent {
-            return Ok(Ok(()));
+    if recent {
+        return Ok(());
+    }
+    match tokio::time::timeout(Duration::from_secs(2), s.store.ping()).await {
+        Ok(Ok(())) => {
+            if let Ok(mut t) = s.last_ready.lock() {
+                *t = Some(Instant::now());
+            }
+            Ok(())
         }
-        let r = tokio::time::timeout(Duration::from_secs(2), s.store.ping()).await;
-        if matches!(r, Ok(Ok(())))
-            && let Ok(mut t) = s.last_ready.lock()
-        {
-            *t = Some(Instant::now());
-        }
-        r
-    };
-    match ping.await {
-        // Ready means ready to accept webhooks: a broker that is away does not change that (events wait in
-        // the spool), so connection states are reported, not judged.
-        Ok(Ok(())) => axum::Json(json!({
-            "status": "ready",
-            "spool": {"pending_events": events, "pending_bytes": bytes, "pending_deliveries": deliveries},
-            "sinks": s.connections().into_iter().map(|(id, c)| (id, json!(c))).collect::<serde_json::Map<_, _>>(),
-        }))
-        .into_response(),
         Ok(Err(e)) => {
             tracing::error!(error = %e, "readiness: spool not writable");
-            (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"status": "spool not writable"}))).into_response()
+            Err("spool not writable")
         }
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"status": "spool too slow"}))).into_response(),
+        Err(_) => Err("spool too slow"),
+    }
+}
+
+/// `/readyz` on the webhook listener (for load balancers): the status alone.
+async fn readyz_public(State(s): State<Arc<Shared>>) -> Response {
+    match readiness(&s).await {
+        Ok(()) => axum::Json(json!({"status": "ready"})).into_response(),
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"status": why}))).into_response(),
+    }
+}
+
+async fn readyz(State(s): State<Arc<Shared>>) -> Response {
+    match readiness(&s).await {
+        // Ready means ready to accept webhooks: a broker that is away does not change that (events wait in
+        // the spool), so connection states are reported, not judged.
+        Ok(()) => {
+            let (events, bytes, deliveries) = s.store.gauges().snapshot();
+            axum::Json(json!({
+                "status": "ready",
+                "spool": {"pending_events": events, "pending_bytes": bytes, "pending_deliveries": deliveries},
+                "sinks": s.connections().into_iter().map(|(id, c)| (id, json!(c))).collect::<serde_json::Map<_, _>>(),
+            }))
+            .into_response()
+        }
+        Err(why) => (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"status": why}))).into_response(),
     }
 }
 
@@ -153,15 +220,12 @@ async fn live(State(s): State<Arc<Shared>>, axum::extract::Path(channel): axum::
 async fn metrics(State(s): State<Arc<Shared>>) -> Response {
     let settings = s.settings.load_full();
     let mut sinks: Vec<(String, i64, Option<i64>)> = settings.sink_ids.iter().map(|id| (id.clone(), 0, None)).collect();
-    match s.store.sink_stats().await {
-        Ok(stats) => {
-            for st in stats {
-                if let Some(row) = sinks.iter_mut().find(|(id, _, _)| *id == st.sink) {
-                    *row = (st.sink, st.dead, st.oldest_pending_ms);
-                }
+    if let Ok(stats) = s.sink_stats.lock() {
+        for st in stats.iter() {
+            if let Some(row) = sinks.iter_mut().find(|(id, _, _)| *id == st.sink) {
+                *row = (st.sink.clone(), st.dead, st.oldest_pending_ms);
             }
         }
-        Err(e) => tracing::warn!(error = %e, "cannot read sink statistics for /metrics"),
     }
     let body = s.metrics.render(s.store.gauges(), &sinks, &s.connections());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
@@ -203,6 +267,51 @@ async fn webhook(State(s): State<Arc<Shared>>, request: Request) -> Response {
     response
 }
 
+/// What the request proved before its body was read.
+struct Checked {
+    /// Verified from the headers (else the body's signature is still to be checked).
+    verified: bool,
+    /// The add-on installation is INACTIVE: accept and store, do not route.
+    paused: bool,
+    /// An add-on lifecycle call (its token verified).
+    lifecycle: bool,
+}
+
+/// Checks the headers of a request to `source`; `Err` is the answer, given without reading the body.
+fn check_headers(
+    s: &Shared,
+    source: &Source,
+    path: &str,
+    sub: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<Checked, Box<Response>> {
+    if let Scheme::ClockifyAddon(a) = &source.scheme {
+        use crate::addon::{Early, Outcome};
+        return match crate::addon::check_headers(a, &s.installations, (&source.id, path, sub.unwrap_or("")), headers) {
+            Ok(Early::Webhook { paused }) => Ok(Checked { verified: true, paused, lifecycle: false }),
+            Ok(Early::Lifecycle) => Ok(Checked { verified: true, paused: false, lifecycle: true }),
+            Err(Outcome::Unauthorized(reason)) => {
+                s.metrics.rejected(&source.id, reason);
+                Err(Box::new(error(StatusCode::UNAUTHORIZED, "verification failed")))
+            }
+            Err(_) => Err(Box::new(error(StatusCode::NOT_FOUND, "no such add-on path"))),
+        };
+    }
+    match crate::verify::verify_headers(&source.scheme, headers) {
+        Ok(crate::verify::Early::Verified(secret)) => {
+            if let Some(i) = secret {
+                s.metrics.secret_matched(&source.id, i);
+            }
+            Ok(Checked { verified: true, paused: false, lifecycle: false })
+        }
+        Ok(crate::verify::Early::NeedsBody) => Ok(Checked { verified: false, paused: false, lifecycle: false }),
+        Err(e) => {
+            s.metrics.rejected(&source.id, e.reason());
+            Err(Box::new(error(StatusCode::UNAUTHORIZED, "verification failed")))
+        }
+    }
+}
+
 async fn handle(s: &Shared, cfg: &Settings, source: &Source, sub: Option<&str>, request: Request) -> Response {
     if let (Scheme::ClockifyAddon(a), Some("/manifest")) = (&source.scheme, sub) {
         if request.method() != Method::GET {
@@ -221,34 +330,88 @@ async fn handle(s: &Shared, cfg: &Settings, source: &Source, sub: Option<&str>, 
         s.metrics.rejected(&source.id, "shutting_down");
         return unavailable("shutting down");
     }
-    let Ok(_permit) = s.concurrency.try_acquire() else {
-        s.metrics.rejected(&source.id, "overloaded");
-        return unavailable("too many concurrent requests");
-    };
     let (parts, body) = request.into_parts();
+    let mut checked = match check_headers(s, source, parts.uri.path(), sub, &parts.headers) {
+        Ok(c) => c,
+        Err(r) => return *r,
+    };
     let declared = parts.headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|n| n > cfg.max_body) {
         s.metrics.rejected(&source.id, "body_too_large");
         return error(StatusCode::PAYLOAD_TOO_LARGE, "body too large");
     }
-    let body = match tokio::time::timeout(cfg.request_timeout, read_body(body, cfg.max_body)).await {
-        Ok(Ok(b)) => b,
-        Ok(Err(BodyError::TooLarge)) => {
+    // Verified requests hold a permit of `max_concurrency` from here; the others one of the unverified
+    // budget, until their body's signature is checked.
+    let mut permit = None;
+    let mut unverified_permit = None;
+    if checked.verified {
+        let Ok(p) = s.concurrency.try_acquire() else {
+            s.metrics.rejected(&source.id, "overloaded");
+            return unavailable("too many concurrent requests");
+        };
+        permit = Some(p);
+    } else {
+        let Ok(p) = s.unverified.try_acquire() else {
+            s.metrics.rejected(&source.id, "unverified_overloaded");
+            return unavailable("too many requests waiting for verification");
+        };
+        unverified_permit = Some(p);
+    }
+    let body = match read_body(body, cfg.max_body, cfg.body_timeout, cfg.min_body_rate).await {
+        Ok(b) => b,
+        Err(BodyError::TooLarge) => {
             s.metrics.rejected(&source.id, "body_too_large");
             return error(StatusCode::PAYLOAD_TOO_LARGE, "body too large");
         }
-        Ok(Err(BodyError::Io)) => {
+        Err(BodyError::Io) => {
             s.metrics.rejected(&source.id, "body_read_error");
             return error(StatusCode::BAD_REQUEST, "could not read the body");
         }
-        Err(_) => {
+        Err(BodyError::Timeout) => {
             s.metrics.rejected(&source.id, "timeout");
             return error(StatusCode::REQUEST_TIMEOUT, "body not received in time");
         }
+        Err(BodyError::TooSlow) => {
+            s.metrics.rejected(&source.id, "body_too_slow");
+            return error(StatusCode::REQUEST_TIMEOUT, "body arriving too slowly");
+        }
     };
+    if !checked.verified {
+        // Clockodo's validation handshake is unauthenticated by protocol; it is stored in a bounded table.
+        if let Scheme::Clockodo { .. } = source.scheme
+            && let Some(secret) = handshake_secret(parts.uri.query(), &body)
+        {
+            return match s.store.record_handshake(&source.id, &secret, now_ms()).await {
+                Ok(()) => {
+                    s.metrics.handshake(&source.id);
+                    axum::Json(json!({"status": "handshake received"})).into_response()
+                }
+                Err(e) => {
+                    tracing::error!(source = %source.id, error = %e, "cannot store Clockodo handshake");
+                    unavailable("cannot store the handshake")
+                }
+            };
+        }
+        match verify(&source.scheme, &parts.headers, &body) {
+            Ok(Some(secret)) => s.metrics.secret_matched(&source.id, secret),
+            Ok(None) => {}
+            Err(e) => {
+                s.metrics.rejected(&source.id, e.reason());
+                return error(StatusCode::UNAUTHORIZED, "verification failed");
+            }
+        }
+        drop(unverified_permit.take());
+        let Ok(p) = s.concurrency.try_acquire() else {
+            s.metrics.rejected(&source.id, "overloaded");
+            return unavailable("too many concurrent requests");
+        };
+        permit = Some(p);
+        checked.verified = true;
+    }
+    let _permit = permit;
     match tokio::time::timeout(
         cfg.request_timeout,
-        accept(s, cfg, source, (parts.uri.path(), sub), &parts.headers, parts.uri.query(), body),
+        accept(s, cfg, source, &checked, (parts.uri.path(), sub), &parts.headers, body),
     )
     .await
     {
@@ -264,74 +427,97 @@ async fn handle(s: &Shared, cfg: &Settings, source: &Source, sub: Option<&str>, 
 enum BodyError {
     TooLarge,
     Io,
+    Timeout,
+    TooSlow,
 }
 
-async fn read_body(body: Body, limit: u64) -> Result<Bytes, BodyError> {
+/// How long a body may take before its rate is judged.
+const BODY_RATE_GRACE: Duration = Duration::from_secs(1);
+/// How often a body's rate is judged while nothing arrives.
+const BODY_RATE_CHECK: Duration = Duration::from_millis(250);
+
+/// Reads a body of at most `limit` bytes within `timeout`, at `min_rate` bytes per second or faster on
+/// average once [`BODY_RATE_GRACE`] has passed (`0`: any rate).
+async fn read_body(body: Body, limit: u64, timeout: Duration, min_rate: u64) -> Result<Bytes, BodyError> {
     let limit = usize::try_from(limit).unwrap_or(usize::MAX);
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(BodyError::TooLarge),
-        Err(_) => Err(BodyError::Io),
+    let started = tokio::time::Instant::now();
+    let deadline = started + timeout;
+    let mut body = body;
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut len = 0usize;
+    let mut check = tokio::time::interval_at(started + BODY_RATE_CHECK, BODY_RATE_CHECK);
+    loop {
+        tokio::select! {
+            frame = body.frame() => match frame {
+                None => break,
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        len = len.saturating_add(data.len());
+                        if len > limit {
+                            return Err(BodyError::TooLarge);
+                        }
+                        if !data.is_empty() {
+                            chunks.push(data);
+                        }
+                    }
+                }
+                Some(Err(_)) => return Err(BodyError::Io),
+            },
+            _ = tokio::time::sleep_until(deadline) => return Err(BodyError::Timeout),
+            _ = check.tick() => {}
+        }
+        let elapsed = started.elapsed();
+        if min_rate > 0 && elapsed > BODY_RATE_GRACE {
+            let owed = min_rate as f64 * (elapsed - BODY_RATE_GRACE).as_secs_f64();
+            if (len as f64) < owed {
+                return Err(BodyError::TooSlow);
+            }
+        }
     }
+    Ok(match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.pop().unwrap_or_default(),
+        _ => {
+            let mut all = bytes::BytesMut::with_capacity(len);
+            for c in chunks {
+                all.extend_from_slice(&c);
+            }
+            all.freeze()
+        }
+    })
 }
 
-/// Verify, classify, route, spool. Answers 2xx only after the spool commit.
+/// Classify, route, spool (the request is verified). Answers 2xx only after the spool commit.
 async fn accept(
     s: &Shared,
     cfg: &Settings,
     source: &Source,
+    checked: &Checked,
     (path, sub): (&str, Option<&str>),
     headers: &HeaderMap,
-    query: Option<&str>,
     body: Bytes,
 ) -> Response {
-    let mut paused = false;
-    if let Scheme::ClockifyAddon(a) = &source.scheme {
+    if let (true, Scheme::ClockifyAddon(a)) = (checked.lifecycle, &source.scheme) {
         use crate::addon::Outcome;
         let req =
             crate::addon::Request { source: &source.id, scheme: a, path, sub: sub.unwrap_or(""), headers, body: &body };
-        match crate::addon::check(&s.store, &s.installations, req).await {
-            Outcome::Webhook { paused: p } => paused = p,
-            Outcome::Lifecycle(what) => return axum::Json(json!({"status": what})).into_response(),
+        return match crate::addon::lifecycle(&s.store, &s.installations, req).await {
+            Outcome::Lifecycle(what) => axum::Json(json!({"status": what})).into_response(),
             Outcome::Unauthorized(reason) => {
                 s.metrics.rejected(&source.id, reason);
-                return error(StatusCode::UNAUTHORIZED, "verification failed");
+                error(StatusCode::UNAUTHORIZED, "verification failed")
             }
             Outcome::BadRequest(m) => {
                 s.metrics.rejected(&source.id, "invalid_lifecycle_body");
-                return error(StatusCode::BAD_REQUEST, &m);
+                error(StatusCode::BAD_REQUEST, &m)
             }
-            Outcome::NotFound => return error(StatusCode::NOT_FOUND, "no such add-on path"),
+            Outcome::NotFound => error(StatusCode::NOT_FOUND, "no such add-on path"),
             Outcome::Unavailable(e) => {
                 tracing::error!(source = %source.id, error = %e, "cannot store the add-on installation");
                 s.metrics.rejected(&source.id, "store_error");
-                return unavailable("cannot store the installation; retry later");
-            }
-        }
-    }
-    if let Scheme::Clockodo { .. } = source.scheme
-        && let Some(secret) = handshake_secret(query, &body)
-    {
-        return match s.store.record_handshake(&source.id, &secret, now_ms()).await {
-            Ok(()) => {
-                s.metrics.handshake(&source.id);
-                axum::Json(json!({"status": "handshake received"})).into_response()
-            }
-            Err(e) => {
-                tracing::error!(source = %source.id, error = %e, "cannot store Clockodo handshake");
-                unavailable("cannot store the handshake")
+                unavailable("cannot store the installation; retry later")
             }
         };
-    }
-    if !matches!(source.scheme, Scheme::ClockifyAddon(_)) {
-        match verify(&source.scheme, headers, &body) {
-            Ok(Some(secret)) => s.metrics.secret_matched(&source.id, secret),
-            Ok(None) => {}
-            Err(e) => {
-                s.metrics.rejected(&source.id, e.reason());
-                return error(StatusCode::UNAUTHORIZED, "verification failed");
-            }
-        }
     }
     let classified = match classify(&source.scheme, headers, &body) {
         Ok(c) => c,
@@ -353,16 +539,13 @@ async fn accept(
     for (route, err) in &decision.predicate_errors {
         s.metrics.predicate_error(route, err);
     }
-    if paused {
+    if checked.paused {
         // The add-on is INACTIVE in this workspace: accepted and stored, not routed.
         decision.sinks.clear();
     }
-    if !decision.sinks.is_empty() {
-        let (events, bytes, _) = s.store.gauges().snapshot();
-        if events >= cfg.max_pending_events || bytes.saturating_add(body.len() as u64) > cfg.max_pending_bytes {
-            s.metrics.rejected(&source.id, "spool_full");
-            return unavailable("spool is full; retry later");
-        }
+    if let Err(reason) = cfg.spool.room_for(s.store.gauges(), decision.sinks.is_empty(), body.len() as u64) {
+        s.metrics.rejected(&source.id, reason);
+        return unavailable("spool is full; retry later");
     }
     let event = Event {
         id: uuid::Uuid::now_v7().to_string(),

@@ -7,8 +7,10 @@
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! let config = hookbridge::Config::load("hookbridge.toml".as_ref())?;
 //! let bridge = hookbridge::Bridge::start(config).await?;
+//! // The webhook routes face the internet; the internal ones (metrics, dashboard) belong on a private port.
 //! let app = axum::Router::new().nest("/bridge", bridge.router());
-//! // ... serve `app`; at the end:
+//! let internal = bridge.internal_router();
+//! // ... serve `app` and `internal`; at the end:
 //! bridge.shutdown().await;
 //! # Ok(()) }
 //! ```
@@ -30,11 +32,13 @@ pub mod operator;
 pub mod plugin;
 pub mod route;
 pub mod send;
+pub mod server;
 pub mod service;
 pub mod sinks;
 pub mod store;
 pub mod template;
+pub mod tls;
 pub mod verify;
 
-pub use bridge::{Bridge, BridgeError, Reloader, run};
+pub use bridge::{Bridge, BridgeError, Reloader, Sockets, run};
 pub use config::{Config, ConfigErrors};

@@ -12,6 +12,27 @@ pub(crate) fn default_listen() -> SocketAddr {
 pub(crate) fn default_admin_listen() -> SocketAddr {
     SocketAddr::from((Ipv4Addr::LOCALHOST, 8081))
 }
+pub(crate) fn default_internal_listen() -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::LOCALHOST, 8082))
+}
+pub(crate) fn default_body_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+pub(crate) fn default_min_body_rate() -> HumanSize {
+    HumanSize(1024)
+}
+pub(crate) fn default_max_unverified() -> usize {
+    64
+}
+pub(crate) fn default_max_connections() -> usize {
+    1024
+}
+pub(crate) fn default_header_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+pub(crate) fn default_max_header_size() -> HumanSize {
+    HumanSize(16 * 1024)
+}
 pub(crate) fn default_max_body_size() -> HumanSize {
     HumanSize(1 << 20)
 }
@@ -32,6 +53,12 @@ pub(crate) fn default_max_pending_events() -> u64 {
 }
 pub(crate) fn default_max_pending_bytes() -> HumanSize {
     HumanSize(1 << 30)
+}
+pub(crate) fn default_max_unrouted_events() -> u64 {
+    10_000
+}
+pub(crate) fn default_max_unrouted_bytes() -> HumanSize {
+    HumanSize(64 << 20)
 }
 pub(crate) fn default_retention() -> HumanDuration {
     HumanDuration(Duration::from_secs(7 * 86_400))
@@ -125,6 +152,9 @@ pub const PRUNE_INTERVAL: Duration = Duration::from_secs(600);
 /// How often a dispatcher reads the spool even when its feed is quiet (to pick up replays and dead-letter
 /// retries made by an operator from another process), and how often the spool gauges are recounted.
 pub const DISPATCH_POLL: Duration = Duration::from_secs(1);
+/// How often at most the per-sink gauges of `/metrics` (dead letters, oldest pending) are read from the
+/// spool (less often when the read is slow: it never takes more than a twentieth of the time).
+pub const SINK_STATS_INTERVAL: Duration = Duration::from_secs(2);
 /// Deliveries the spool writer can hand to one dispatcher ahead of it; past it the dispatcher reads the
 /// spool instead. Memory per sink is bounded by (this + 256 + max_in_flight) bodies.
 pub const FEED_CAPACITY: usize = 256;

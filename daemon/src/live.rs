@@ -1,5 +1,7 @@
 //! Live channels: what plugins `publish`, streamed to web clients as Server-Sent Events at
-//! `GET /live/<channel>`. Best effort by design (a slow client skips payloads rather than holding memory),
+//! `GET /live/<channel>` (on the internal listener). A channel exists once a plugin has published to it:
+//! a client never creates one (it waits, holding only its connection, until the channel appears), so the
+//! table of channels is filled by plugins alone. Best effort by design (a slow client skips payloads rather than holding memory),
 //! but each channel keeps its last payload and sends it first to every new client, so a page shows the
 //! current state as soon as it connects. With plugins configured, the last payloads are also written (by a
 //! thread of their own, in publish order) to the plugins' store and read back at start, so a restart does not
@@ -19,9 +21,12 @@ const BUFFER: usize = 64;
 const MAX_CHANNELS: usize = 256;
 
 /// The channels of one daemon.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct Live {
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    /// Bumped when a channel is created or the channels close, to wake clients waiting for one.
+    changes: Arc<tokio::sync::watch::Sender<u64>>,
+    closed: Arc<std::sync::atomic::AtomicBool>,
     /// Where last payloads go to be kept across restarts, once [`Live::persist_to`] was called.
     saver: Arc<Mutex<Option<Saver>>>,
 }
@@ -41,6 +46,9 @@ impl Channel {
     }
 }
 
+/// A client's start on a channel: its last payload, and a receiver of the next ones.
+type Subscription = (Option<Arc<str>>, broadcast::Receiver<Arc<str>>);
+
 /// Whether a channel name is acceptable (it is part of a URL path).
 pub fn valid_channel(name: &str) -> bool {
     !name.is_empty()
@@ -48,7 +56,22 @@ pub fn valid_channel(name: &str) -> bool {
         && name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
+impl Default for Live {
+    fn default() -> Self {
+        Live {
+            channels: Arc::default(),
+            changes: Arc::new(tokio::sync::watch::channel(0).0),
+            closed: Arc::default(),
+            saver: Arc::default(),
+        }
+    }
+}
+
 impl Live {
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
     /// Restores the last payloads kept in `kv`, and from now on keeps each new one there. Idempotent.
     pub fn persist_to(&self, kv: crate::plugin::kv::Kv) {
         // Never hold the saver's lock while taking the channels' (publish takes them the other way round).
@@ -63,6 +86,7 @@ impl Live {
                         c.last.get_or_insert_with(|| Arc::from(payload));
                     }
                 }
+                self.changed();
             }
             Err(e) => tracing::warn!(error = %e, "cannot read the live channels' last payloads"),
         }
@@ -97,6 +121,7 @@ impl Live {
             tracing::warn!(channel, "too many live channels; payload dropped");
             return;
         }
+        let created = !channels.contains_key(channel);
         let c = channels.entry(channel.to_owned()).or_insert_with(Channel::new);
         let payload: Arc<str> = Arc::from(payload);
         c.last = Some(Arc::clone(&payload));
@@ -108,15 +133,22 @@ impl Live {
         }
         // No client listening is fine.
         let _ = c.tx.send(payload);
+        drop(channels);
+        if created {
+            self.changed();
+        }
     }
 
     /// Ends every client's stream: a graceful shutdown waits for open connections, and an SSE stream never
     /// ends by itself.
     pub fn close(&self) {
+        self.closed.store(true, std::sync::atomic::Ordering::Relaxed);
         if let Ok(mut channels) = self.channels.lock() {
             // Dropping the senders: each client sees `Closed` and its stream ends.
             channels.clear();
         }
+        // Clients still waiting for a channel end too.
+        self.changed();
     }
 
     /// The channel's last payload, if any.
@@ -124,13 +156,25 @@ impl Live {
         self.channels.lock().ok()?.get(channel).and_then(|c| c.last.clone())
     }
 
-    fn subscribe(&self, channel: &str) -> (Option<Arc<str>>, broadcast::Receiver<Arc<str>>) {
-        match self.channels.lock() {
-            Ok(mut channels) if channels.contains_key(channel) || channels.len() < MAX_CHANNELS => {
-                let c = channels.entry(channel.to_owned()).or_insert_with(Channel::new);
-                (c.last.clone(), c.tx.subscribe())
+    /// The channel's last payload and a receiver of its next ones, if the channel exists.
+    fn subscribe(&self, channel: &str) -> Option<Subscription> {
+        let channels = self.channels.lock().ok()?;
+        channels.get(channel).map(|c| (c.last.clone(), c.tx.subscribe()))
+    }
+
+    /// Waits until `channel` exists (or the channels close: `None`), then subscribes to it.
+    async fn subscribe_when_created(&self, channel: &str) -> Option<Subscription> {
+        let mut changes = self.changes.subscribe();
+        loop {
+            // Marked seen before looking, so that a creation between the look and the wait still wakes us.
+            changes.borrow_and_update();
+            if self.closed.load(std::sync::atomic::Ordering::Relaxed) {
+                return None;
             }
-            _ => (None, broadcast::channel(1).1),
+            if let Some(s) = self.subscribe(channel) {
+                return Some(s);
+            }
+            changes.changed().await.ok()?;
         }
     }
 
@@ -139,14 +183,21 @@ impl Live {
         &self,
         channel: &str,
     ) -> Sse<impl futures_util::Stream<Item = Result<SseEvent, Infallible>> + Send + 'static> {
-        let (last, rx) = self.subscribe(channel);
-        let stream = futures_util::stream::unfold((last, rx), |(last, mut rx)| async move {
-            if let Some(payload) = last {
-                return Some((Ok(SseEvent::default().data(&*payload)), (None, rx)));
+        enum State {
+            Waiting(Live, String),
+            Open(Option<Arc<str>>, broadcast::Receiver<Arc<str>>),
+        }
+        let stream = futures_util::stream::unfold(State::Waiting(self.clone(), channel.to_owned()), |state| async {
+            let (mut last, mut rx) = match state {
+                State::Waiting(live, channel) => live.subscribe_when_created(&channel).await?,
+                State::Open(last, rx) => (last, rx),
+            };
+            if let Some(payload) = last.take() {
+                return Some((Ok(SseEvent::default().data(&*payload)), State::Open(None, rx)));
             }
             loop {
                 match rx.recv().await {
-                    Ok(payload) => return Some((Ok(SseEvent::default().data(&*payload)), (None, rx))),
+                    Ok(payload) => return Some((Ok(SseEvent::default().data(&*payload)), State::Open(None, rx))),
                     // Too slow: skip to the newest payloads.
                     Err(broadcast::error::RecvError::Lagged(_)) => continue,
                     Err(broadcast::error::RecvError::Closed) => return None,

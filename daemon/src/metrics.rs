@@ -57,6 +57,16 @@ pub const SPOOL_BYTES: &str = "hookbridge_spool_pending_bytes";
 /// `hookbridge_spool_pending_deliveries`: unfinished deliveries.
 pub const SPOOL_DELIVERIES: &str = "hookbridge_spool_pending_deliveries";
 
+/// `hookbridge_connections_open{listener}`: open connections per listener (`webhook`, `internal`, `admin`).
+pub const CONNECTIONS_OPEN: &str = "hookbridge_connections_open";
+/// `hookbridge_connection_errors_total{listener,reason}`: connections ended by an error (`header_timeout`,
+/// `header_too_large`, `malformed_request`, `incomplete_request`, `tls_handshake`, `tls_handshake_timeout`,
+/// `accept`, `io`).
+pub const CONNECTION_ERRORS_TOTAL: &str = "hookbridge_connection_errors_total";
+/// `hookbridge_connection_limit_waits_total{listener}`: times a listener stopped accepting because
+/// `max_connections` were open.
+pub const CONNECTION_LIMIT_TOTAL: &str = "hookbridge_connection_limit_waits_total";
+
 /// Label used for requests that matched no source.
 pub const NO_SOURCE: &str = "-";
 
@@ -87,6 +97,9 @@ pub struct Metrics {
     spool_events: IntGauge,
     spool_bytes: IntGauge,
     spool_deliveries: IntGauge,
+    connections_open: IntGaugeVec,
+    connection_errors: IntCounterVec,
+    connection_limit: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec, prometheus::Error> {
@@ -205,6 +218,23 @@ impl Metrics {
             spool_events: gauge(&r, SPOOL_EVENTS, "Events with unfinished deliveries.")?,
             spool_bytes: gauge(&r, SPOOL_BYTES, "Body bytes of events with unfinished deliveries.")?,
             spool_deliveries: gauge(&r, SPOOL_DELIVERIES, "Unfinished deliveries.")?,
+            connections_open: {
+                let g = IntGaugeVec::new(Opts::new(CONNECTIONS_OPEN, "Open connections per listener."), &["listener"])?;
+                r.register(Box::new(g.clone()))?;
+                g
+            },
+            connection_errors: counter(
+                &r,
+                CONNECTION_ERRORS_TOTAL,
+                "Connections ended by an error, by listener and reason.",
+                &["listener", "reason"],
+            )?,
+            connection_limit: counter(
+                &r,
+                CONNECTION_LIMIT_TOTAL,
+                "Times a listener stopped accepting because max_connections were open.",
+                &["listener"],
+            )?,
             registry: r,
         })
     }
@@ -316,6 +346,29 @@ impl Metrics {
     }
 }
 
+impl Metrics {
+    /// A connection was accepted on `listener`.
+    pub fn connection_opened(&self, listener: &str) {
+        self.connections_open.with_label_values(&[listener]).inc();
+    }
+
+    /// A connection of `listener` closed.
+    pub fn connection_closed(&self, listener: &str) {
+        self.connections_open.with_label_values(&[listener]).dec();
+    }
+
+    /// A connection of `listener` ended with an error (the caller logs it at debug level: these come from
+    /// clients, at any rate).
+    pub fn connection_error(&self, listener: &str, reason: &str) {
+        self.connection_errors.with_label_values(&[listener, reason]).inc();
+    }
+
+    /// `listener` has `max_connections` open and waits before accepting more.
+    pub fn connection_limit_reached(&self, listener: &str) {
+        self.connection_limit.with_label_values(&[listener]).inc();
+    }
+}
+
 /// Status codes as static labels (bounded set).
 fn status_label(status: u16) -> &'static str {
     match status {
@@ -327,6 +380,7 @@ fn status_label(status: u16) -> &'static str {
         405 => "405",
         408 => "408",
         413 => "413",
+        431 => "431",
         500 => "500",
         503 => "503",
         s if s < 300 => "2xx",

@@ -2,12 +2,14 @@
 // the page connects to /live/dashboard, a NEW_TIMER_STARTED webhook makes a running timer appear (without a
 // reload) and tick, a TIMER_STOPPED webhook for the same entry removes it and raises the user's total today.
 //
-//   node tests/browser/dashboard.mjs --base-url http://127.0.0.1:8080 --secret <clockify secret> \
+//   node tests/browser/dashboard.mjs --base-url http://127.0.0.1:8082 --webhook-url http://127.0.0.1:8080 \
+//     --secret <clockify secret> \
 //     --started tests/fixtures/clockify/NEW_TIMER_STARTED.json \
 //     --stopped tests/fixtures/captured/TIMER_STOPPED__jpweijers-odoo-clockify.json \
 //     --screenshot target/test-output/dashboard.png
 //
-// Each flag can also come from the environment: HOOKBRIDGE_URL, CLOCKIFY_SECRET, STARTED_FIXTURE,
+// --base-url is the internal listener (the page and its event stream), --webhook-url the webhook listener
+// (default: the base URL). Each flag can also come from the environment: HOOKBRIDGE_URL, HOOKBRIDGE_WEBHOOK_URL, CLOCKIFY_SECRET, STARTED_FIXTURE,
 // STOPPED_FIXTURE, SCREENSHOT; CHROMIUM overrides /usr/bin/chromium. The daemon must route the Clockify source
 // to the dashboard plugin (default channel `dashboard`). Prints one line of JSON; exits non-zero with a message
 // on any failure. Every wait is bounded. Also saves `<screenshot>-running.png` while the timer runs.
@@ -25,6 +27,7 @@ const TICK_MS = 2_500;
 const { values: flags } = parseArgs({
   options: {
     "base-url": { type: "string", default: process.env.HOOKBRIDGE_URL },
+    "webhook-url": { type: "string", default: process.env.HOOKBRIDGE_WEBHOOK_URL },
     secret: { type: "string", default: process.env.CLOCKIFY_SECRET },
     started: { type: "string", default: process.env.STARTED_FIXTURE },
     stopped: { type: "string", default: process.env.STOPPED_FIXTURE },
@@ -35,6 +38,7 @@ for (const name of ["base-url", "secret", "started", "stopped", "screenshot"]) {
   if (!flags[name]) fail(`missing --${name} (see the usage at the top of ${import.meta.url})`);
 }
 const baseUrl = flags["base-url"].replace(/\/+$/, "");
+const webhookUrl = (flags["webhook-url"] ?? baseUrl).replace(/\/+$/, "");
 
 function fail(message) {
   console.error(`dashboard browser test FAILED: ${message}`);
@@ -62,7 +66,7 @@ function todaysInterval() {
 async function postClockify(eventType, body) {
   const response = await step(
     `POST /hooks/clockify (${eventType})`,
-    fetch(`${baseUrl}/hooks/clockify`, {
+    fetch(`${webhookUrl}/hooks/clockify`, {
       method: "POST",
       headers: {
         "clockify-signature": flags.secret,

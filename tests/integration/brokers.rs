@@ -223,7 +223,7 @@ async fn wait_drained(bridge: &TestBridge) {
 }
 
 async fn readyz(bridge: &TestBridge) -> serde_json::Value {
-    let text = client().get(bridge.url("/readyz")).send().await.unwrap().text().await.unwrap();
+    let text = client().get(bridge.internal_url("/readyz")).send().await.unwrap().text().await.unwrap();
     serde_json::from_str(&text).unwrap()
 }
 
@@ -429,7 +429,7 @@ key = "{body.noSuchField}"
     let m = bridge.wait_metric(r#"hookbridge_deliveries_total{outcome="dead",sink="bus"}"#, 1.0).await;
     // Permanent: dead at the first attempt, no retry.
     for sink in ["rabbit", "bus"] {
-        assert_eq!(metric(&m, &format!(r#"hookbridge_dead_letters{{sink="{sink}"}}"#)), 1.0);
+        bridge.wait_metric_eq(&format!(r#"hookbridge_dead_letters{{sink="{sink}"}}"#), 1.0).await;
         assert_eq!(metric(&m, &format!(r#"hookbridge_deliveries_total{{outcome="retry",sink="{sink}"}}"#)), 0.0);
         assert_eq!(metric(&m, &format!(r#"hookbridge_deliveries_total{{outcome="dead",sink="{sink}"}}"#)), 1.0);
     }

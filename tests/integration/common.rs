@@ -195,6 +195,8 @@ pub struct TestBridge {
     pub dir: tempfile::TempDir,
     /// The config text, `{dir}` filled in.
     pub text: String,
+    /// The internal listener's address (metrics, detailed readiness, dashboard, live channels).
+    pub internal: SocketAddr,
     /// The admin API's address, when the config has `[admin]`.
     pub admin: Option<SocketAddr>,
     /// The bridge's spool (to break it on purpose).
@@ -214,26 +216,36 @@ impl TestBridge {
         let store = bridge.store().clone();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
+        let internal_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let internal = internal_listener.local_addr().unwrap();
         let mut admin = None;
-        if let Some(router) = bridge.admin_router() {
+        let mut admin_listener = None;
+        if bridge.admin_router().is_some() {
             let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
             admin = Some(l.local_addr().unwrap());
-            tokio::spawn(async move { axum::serve(l, router).await.unwrap() });
+            admin_listener = Some(l);
         }
+        let sockets =
+            hookbridge::bridge::Sockets { webhook: listener, internal: Some(internal_listener), admin: admin_listener };
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             bridge
-                .serve(listener, async {
+                .serve(sockets, async {
                     let _ = stopped.await;
                 })
                 .await
                 .unwrap();
         });
-        TestBridge { addr, dir, text, admin, store, stop: Some(stop), task: Some(task) }
+        TestBridge { addr, dir, text, internal, admin, store, stop: Some(stop), task: Some(task) }
     }
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// A URL on the internal listener.
+    pub fn internal_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.internal)
     }
 
     pub async fn post(&self, path: &str, headers: &[(&str, &str)], body: impl Into<reqwest::Body>) -> (u16, String) {
@@ -247,7 +259,7 @@ impl TestBridge {
     }
 
     pub async fn metrics(&self) -> String {
-        client().get(self.url("/metrics")).send().await.unwrap().text().await.unwrap()
+        client().get(self.internal_url("/metrics")).send().await.unwrap().text().await.unwrap()
     }
 
     /// Writes the config to a file (for the CLI) and returns its path.
@@ -275,6 +287,20 @@ impl TestBridge {
                 return m;
             }
             assert!(Instant::now() < deadline, "{name_and_labels} never reached {at_least}:\n{m}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Polls `/metrics` until `name_and_labels` equals `value` (gauges read from the spool, such as dead
+    /// letters, are refreshed every couple of seconds); returns the metrics text.
+    pub async fn wait_metric_eq(&self, name_and_labels: &str, value: f64) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let m = self.metrics().await;
+            if metric(&m, name_and_labels) == value {
+                return m;
+            }
+            assert!(Instant::now() < deadline, "{name_and_labels} never became {value}:\n{m}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }

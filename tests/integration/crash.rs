@@ -39,6 +39,7 @@ async fn acknowledged_events_survive(stop: Stop) {
             r#"
 [server]
 listen = "127.0.0.1:{port}"
+internal_listen = "127.0.0.1:0"
 [storage]
 data_dir = "data"
 [sources.clockify]
@@ -172,6 +173,7 @@ async fn retries_and_dead_letters_survive_sigkill() {
             r#"
 [server]
 listen = "127.0.0.1:{port}"
+internal_listen = "127.0.0.1:0"
 [storage]
 data_dir = "data"
 [sources.clockify]

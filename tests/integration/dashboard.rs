@@ -71,7 +71,7 @@ async fn send(bridge: &TestBridge, event: &str, body: &Value, delivered: f64) ->
     let (status, text) = bridge.post("/hooks/clockify", &clockify_headers(SECRET, event), body.to_string()).await;
     assert_eq!(status, 200, "{event}: {text}");
     bridge.wait_metric(r#"hookbridge_deliveries_total{outcome="delivered",sink="dashboard"}"#, delivered).await;
-    live(&bridge.url(""), "dashboard").await.expect("no snapshot on /live/dashboard")
+    live(&bridge.internal_url(""), "dashboard").await.expect("no snapshot on /live/dashboard")
 }
 
 /// The seconds of user `id` in a snapshot's totals (None: not listed).
@@ -175,6 +175,8 @@ async fn the_dashboard_page_shows_a_timer_start_and_stop_live_in_chromium() {
     let run = tokio::process::Command::new("node")
         .arg(browser.join("dashboard.mjs"))
         .arg("--base-url")
+        .arg(bridge.internal_url(""))
+        .arg("--webhook-url")
         .arg(bridge.url(""))
         .args(["--secret", SECRET, "--started"])
         .arg(fixture(STARTED))

@@ -15,6 +15,8 @@ fn config(extra_server: &str) -> String {
         r#"
 [server]
 request_timeout = "400ms"
+body_timeout = "400ms"
+min_body_rate = 0
 {extra_server}
 [storage]
 data_dir = "{{dir}}/data"
@@ -92,7 +94,7 @@ async fn requests_beyond_max_concurrency_get_503() {
 #[tokio::test]
 async fn a_spool_that_cannot_be_written_answers_503_and_is_not_ready() {
     let bridge = TestBridge::start(&config("")).await;
-    let ready = client().get(bridge.url("/readyz")).send().await.unwrap();
+    let ready = client().get(bridge.internal_url("/readyz")).send().await.unwrap();
     assert_eq!(ready.status().as_u16(), 200);
     let body: serde_json::Value = serde_json::from_str(&ready.text().await.unwrap()).unwrap();
     assert_eq!(body["status"], "ready");
@@ -108,7 +110,7 @@ async fn a_spool_that_cannot_be_written_answers_503_and_is_not_ready() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 503);
     assert_eq!(r.headers()["retry-after"], "15");
-    let ready = client().get(bridge.url("/readyz")).send().await.unwrap();
+    let ready = client().get(bridge.internal_url("/readyz")).send().await.unwrap();
     assert_eq!(ready.status().as_u16(), 503);
     let healthy = client().get(bridge.url("/healthz")).send().await.unwrap();
     assert_eq!(healthy.status().as_u16(), 200, "alive, just not ready");

@@ -36,6 +36,7 @@ async fn the_example_plugins_emit_reaches_an_http_sink_even_across_a_sigkill() {
     let (down, addr) = hung_receiver().await;
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
+    let internal = free_port();
     let config = dir.path().join("hookbridge.toml");
     std::fs::write(
         &config,
@@ -43,6 +44,7 @@ async fn the_example_plugins_emit_reaches_an_http_sink_even_across_a_sigkill() {
             r#"
 [server]
 listen = "127.0.0.1:{port}"
+internal_listen = "127.0.0.1:{internal}"
 [storage]
 data_dir = "data"
 [sources.clockify]
@@ -83,7 +85,8 @@ to = ["billable"]
     // The plugin ran (its emit is stored, waiting for the sink), then the daemon dies.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let m = client().get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+        let m =
+            client().get(format!("http://127.0.0.1:{internal}/metrics")).send().await.unwrap().text().await.unwrap();
         if metric(&m, r#"hookbridge_plugin_invocations_total{plugin="billable"}"#) >= 2.0
             && metric(&m, r#"hookbridge_deliveries_total{outcome="retry",sink="billing"}"#) >= 1.0
         {
@@ -210,7 +213,7 @@ async fn the_sandbox_stops_each_misbehaviour_and_the_daemon_keeps_serving() {
     let m = bridge.metrics().await;
     let slow = metric(&m, r#"hookbridge_plugin_duration_seconds_bucket{plugin="loop",le="0.25"}"#);
     assert_eq!(slow, 1.0, "the loop plugin ran for more than 250 ms:\n{m}");
-    assert_eq!(live(&bridge.url(""), "good").await.unwrap()["GOOD"], 5);
+    assert_eq!(live(&bridge.internal_url(""), "good").await.unwrap()["GOOD"], 5);
     bridge.stop().await;
 }
 
@@ -262,17 +265,25 @@ to = ["b"]
     }
     bridge.wait_metric(r#"hookbridge_deliveries_total{outcome="delivered",sink="a"}"#, 2.0).await;
     bridge.wait_metric(r#"hookbridge_deliveries_total{outcome="delivered",sink="b"}"#, 1.0).await;
-    assert_eq!(live(&bridge.url(""), "a").await.unwrap(), serde_json::json!({"A_EVENT": 2}));
-    assert_eq!(live(&bridge.url(""), "b").await.unwrap(), serde_json::json!({"B_EVENT": 1}), "b sees only its keys");
+    assert_eq!(live(&bridge.internal_url(""), "a").await.unwrap(), serde_json::json!({"A_EVENT": 2}));
+    assert_eq!(
+        live(&bridge.internal_url(""), "b").await.unwrap(),
+        serde_json::json!({"B_EVENT": 1}),
+        "b sees only its keys"
+    );
     bridge.stop().await;
 
     // A new daemon on the same data directory: the channels' last payloads are there at once, and the counts
     // go on.
     let bridge = TestBridge::start(&config).await;
-    assert_eq!(live(&bridge.url(""), "a").await.unwrap(), serde_json::json!({"A_EVENT": 2}), "kept across the restart");
+    assert_eq!(
+        live(&bridge.internal_url(""), "a").await.unwrap(),
+        serde_json::json!({"A_EVENT": 2}),
+        "kept across the restart"
+    );
     assert_eq!(bridge.post("/hooks/clockify", &clockify_headers(SECRET, "A_EVENT"), r#"{"n":"after"}"#).await.0, 200);
     bridge.wait_metric(r#"hookbridge_deliveries_total{outcome="delivered",sink="a"}"#, 1.0).await;
-    assert_eq!(live(&bridge.url(""), "a").await.unwrap(), serde_json::json!({"A_EVENT": 3}));
+    assert_eq!(live(&bridge.internal_url(""), "a").await.unwrap(), serde_json::json!({"A_EVENT": 3}));
     bridge.stop().await;
 }
 
@@ -365,7 +376,7 @@ async fn a_graceful_shutdown_ends_open_live_streams_instead_of_waiting_for_them(
         "[storage]\ndata_dir = \"{{dir}}/data\"\n[sources.clockify]\nkind = \"clockify\"\nsecrets = [\"{SECRET}\"]\n[sinks.out]\nkind = \"file\"\npath = \"{{dir}}/out.jsonl\"\n[[routes]]\nname = \"all\"\nto = [\"out\"]\n"
     ))
     .await;
-    let mut stream = client().get(bridge.url("/live/dashboard")).send().await.unwrap();
+    let mut stream = client().get(bridge.internal_url("/live/dashboard")).send().await.unwrap();
     assert_eq!(stream.status(), 200);
     let stopped = tokio::time::timeout(Duration::from_secs(10), bridge.stop()).await;
     assert!(stopped.is_ok(), "shutdown waited for a dashboard that was still open");

@@ -12,10 +12,12 @@ async fn quickstart_config_send_and_file_sink() {
     let dir = tempfile::tempdir().unwrap();
     let config_dir = dir.path().join("config");
     std::fs::create_dir(&config_dir).unwrap();
-    let port = free_port();
+    let (port, internal) = (free_port(), free_port());
     let text = std::fs::read_to_string(repo.join("config/quickstart.toml")).unwrap();
     assert!(text.contains("listen = \"127.0.0.1:8080\""));
+    assert!(text.contains("internal_listen = \"127.0.0.1:8082\""));
     let text = text.replace("127.0.0.1:8080", &format!("127.0.0.1:{port}"));
+    let text = text.replace("127.0.0.1:8082", &format!("127.0.0.1:{internal}"));
     // The plugins are where scripts/build-plugins puts them in the repository.
     assert!(text.contains("\"../plugins/target/"));
     let text = text.replace("\"../plugins/target/", &format!("\"{}/plugins/target/", repo.display()));
@@ -62,7 +64,7 @@ async fn quickstart_config_send_and_file_sink() {
     assert_eq!(line.lines().count(), 1);
 
     // The dashboard moves: a timer started with `send` shows in the live snapshot the page follows.
-    let page = client().get(format!("http://127.0.0.1:{port}/dashboard")).send().await.unwrap();
+    let page = client().get(format!("http://127.0.0.1:{internal}/dashboard")).send().await.unwrap();
     assert_eq!(page.status(), 200);
     assert!(page.text().await.unwrap().contains("/live/dashboard"));
     let out = Command::new(binary())
@@ -75,7 +77,7 @@ async fn quickstart_config_send_and_file_sink() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let snapshot = live(&format!("http://127.0.0.1:{port}"), "dashboard").await;
+        let snapshot = live(&format!("http://127.0.0.1:{internal}"), "dashboard").await;
         if let Some(s) = snapshot
             && s["running"].as_array().is_some_and(|r| r.len() == 1)
         {

@@ -139,8 +139,7 @@ async fn a_client_error_is_dead_lettered_at_once_and_delivered_after_dlq_retry()
         .map(|d| (d["status"].as_str().unwrap(), d["replay"].as_bool().unwrap()))
         .collect();
     assert_eq!(statuses, [("retried", false), ("delivered", true)]);
-    let m = bridge.metrics().await;
-    assert_eq!(metric(&m, r#"hookbridge_dead_letters{sink="out"}"#), 0.0);
+    bridge.wait_metric_eq(r#"hookbridge_dead_letters{sink="out"}"#, 0.0).await;
     bridge.stop().await;
     receiver.stop().await;
 }

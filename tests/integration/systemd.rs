@@ -19,6 +19,7 @@ fn write_config(dir: &std::path::Path, port: u16) -> std::path::PathBuf {
             r#"
 [server]
 listen = "127.0.0.1:{port}"
+internal_listen = "127.0.0.1:0"
 [admin]
 listen = "127.0.0.1:{admin}"
 token = "systemd-admin-token-0123"
@@ -175,7 +176,8 @@ fn the_unit_files_pass_systemd_analyze_verify() {
     assert!(out.status.success() && ours.is_empty(), "systemd-analyze verify: {stderr}");
 }
 
-/// Writes `text` as the config and sends SIGHUP; waits until the reload counter for `result` moves.
+/// Writes `text` as the config and sends SIGHUP; waits until the reload counter for `result` moves (read
+/// from the internal listener on `port`).
 async fn reload(
     child: &std::process::Child,
     config: &std::path::Path,
@@ -203,6 +205,7 @@ async fn sighup_swaps_routes_keeps_old_deliveries_and_refuses_a_broken_config() 
     let (down, receiver_addr) = hung_receiver().await;
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
+    let internal = free_port();
     let config = dir.path().join("hookbridge.toml");
     let base = |routes_to: &str, old_sink: bool| {
         let old = if old_sink {
@@ -213,7 +216,7 @@ async fn sighup_swaps_routes_keeps_old_deliveries_and_refuses_a_broken_config() 
             String::new()
         };
         format!(
-            "[server]\nlisten = \"127.0.0.1:{port}\"\n[storage]\ndata_dir = \"data\"\n[sources.clockify]\nkind = \"clockify\"\nsecrets = [\"{SECRET}\"]\n{old}[sinks.new]\nkind = \"file\"\npath = \"new.jsonl\"\n[[routes]]\nname = \"r\"\nto = [\"{routes_to}\"]\n"
+            "[server]\nlisten = \"127.0.0.1:{port}\"\ninternal_listen = \"127.0.0.1:{internal}\"\n[storage]\ndata_dir = \"data\"\n[sources.clockify]\nkind = \"clockify\"\nsecrets = [\"{SECRET}\"]\n{old}[sinks.new]\nkind = \"file\"\npath = \"new.jsonl\"\n[[routes]]\nname = \"r\"\nto = [\"{routes_to}\"]\n"
         )
     };
     std::fs::write(&config, base("old", true)).unwrap();
@@ -249,7 +252,7 @@ async fn sighup_swaps_routes_keeps_old_deliveries_and_refuses_a_broken_config() 
     post("before-reload").await;
 
     // New config: the route goes to `new`, and `old` is gone from the config altogether.
-    reload(&child, &config, &base("new", false), port, "ok", 1.0).await;
+    reload(&child, &config, &base("new", false), internal, "ok", 1.0).await;
     post("after-reload").await;
     let new_file = dir.path().join("new.jsonl");
     let text =
@@ -264,7 +267,7 @@ async fn sighup_swaps_routes_keeps_old_deliveries_and_refuses_a_broken_config() 
     assert!(String::from_utf8_lossy(&got[0].body).contains("before-reload"));
 
     // A broken config is refused; the running one stays.
-    reload(&child, &config, "[sources.clockify]\nkind = \"clockify\"\nsecrets = []\n", port, "error", 1.0).await;
+    reload(&child, &config, "[sources.clockify]\nkind = \"clockify\"\nsecrets = []\n", internal, "error", 1.0).await;
     post("after-broken-reload").await;
     poll_until(Duration::from_secs(20), || {
         std::fs::read_to_string(&new_file).ok().filter(|t| t.contains("after-broken-reload"))

@@ -50,6 +50,19 @@ pub struct AdminSpec {
     pub listen: std::net::SocketAddr,
     /// Bearer token.
     pub token: SecretString,
+    /// TLS (paths absolute), if the admin listener terminates it.
+    pub tls: Option<crate::tls::TlsSpec>,
+}
+
+/// The validated listener settings of `[server]` that are not plain values.
+#[derive(Debug, Clone, Default)]
+pub struct Listeners {
+    /// Token of the internal listener, when configured.
+    pub internal_token: Option<SecretString>,
+    /// TLS of the webhook listener (paths absolute).
+    pub tls: Option<crate::tls::TlsSpec>,
+    /// TLS of the internal listener (paths absolute).
+    pub internal_tls: Option<crate::tls::TlsSpec>,
 }
 
 /// A whole validated configuration.
@@ -63,6 +76,8 @@ pub struct Config {
     pub storage: StorageConfig,
     /// `[admin]`, if the admin API is on.
     pub admin: Option<AdminSpec>,
+    /// `[server]`'s secrets and TLS files, resolved.
+    pub listeners: Listeners,
     /// `[sources.*]` by id.
     pub sources: BTreeMap<String, Source>,
     /// `[sinks.*]` by id.
@@ -166,31 +181,85 @@ impl Config {
                 "must not be longer than storage.retention (events are the dedup memory)",
             );
         }
-        if server.max_concurrency == 0 {
-            errs.locate("server.max_concurrency", &root, "must be at least 1");
+        for (key, zero) in [
+            ("server.max_concurrency", server.max_concurrency == 0),
+            ("server.max_unverified", server.max_unverified == 0),
+            ("server.max_connections", server.max_connections == 0),
+            ("server.max_body_size", server.max_body_size.0 == 0),
+            ("server.request_timeout", server.request_timeout.0.is_zero()),
+            ("server.body_timeout", server.body_timeout.0.is_zero()),
+            ("server.header_timeout", server.header_timeout.0.is_zero()),
+            ("server.shutdown_timeout", server.shutdown_timeout.0.is_zero()),
+        ] {
+            if zero {
+                errs.locate(key, &root, "must be more than 0");
+            }
         }
-        if server.max_body_size.0 == 0 {
-            errs.locate("server.max_body_size", &root, "must be more than 0");
+        if server.max_header_size.0 < 1024 || server.max_header_size.0 > 1 << 20 {
+            errs.locate("server.max_header_size", &root, "must be between 1KiB and 1MiB");
+        }
+        let tls_spec = |t: &types::TlsConfig| crate::tls::TlsSpec {
+            cert: base.join(&t.cert),
+            key: base.join(&t.key),
+            client_ca: t.client_ca.as_ref().map(|c| base.join(c)),
+        };
+        let mut listeners = Listeners {
+            internal_token: None,
+            tls: server.tls.as_ref().map(tls_spec),
+            internal_tls: server.internal_tls.as_ref().map(tls_spec),
+        };
+        // TLS files are read here too, so that `check` and a reload refuse what the listener could not load.
+        for (key, spec) in [("server.tls", &listeners.tls), ("server.internal_tls", &listeners.internal_tls)] {
+            if let Some(spec) = spec
+                && let Err(e) = crate::tls::Acceptor::new(spec)
+            {
+                errs.locate(key, &root, &e.to_string());
+            }
+        }
+        if let Some(t) = &server.internal_token {
+            match t.resolve(base, env) {
+                Ok(token) if token.expose().len() >= 16 => listeners.internal_token = Some(token),
+                Ok(_) => errs.locate("server.internal_token", &root, "use a token of at least 16 characters"),
+                Err(m) => errs.locate("server.internal_token", &root, &m),
+            }
+        }
+        if server.internal_listen == server.listen {
+            errs.locate(
+                "server.internal_listen",
+                &root,
+                "the internal listener needs its own address, not server.listen",
+            );
         }
 
         let admin = match admin_raw {
             None => None,
-            Some(a) => match a.token.resolve(base, env) {
-                Ok(token) if token.expose().len() >= 16 => Some(AdminSpec { listen: a.listen, token }),
-                Ok(_) => {
-                    errs.locate("admin.token", &root, "use a token of at least 16 characters");
-                    None
+            Some(a) => {
+                let tls = a.tls.as_ref().map(tls_spec);
+                if let Some(spec) = &tls
+                    && let Err(e) = crate::tls::Acceptor::new(spec)
+                {
+                    errs.locate("admin.tls", &root, &e.to_string());
                 }
-                Err(m) => {
-                    errs.locate("admin.token", &root, &m);
-                    None
+                match a.token.resolve(base, env) {
+                    Ok(token) if token.expose().len() >= 16 => Some(AdminSpec { listen: a.listen, token, tls }),
+                    Ok(_) => {
+                        errs.locate("admin.token", &root, "use a token of at least 16 characters");
+                        None
+                    }
+                    Err(m) => {
+                        errs.locate("admin.token", &root, &m);
+                        None
+                    }
                 }
-            },
+            }
         };
-        if let Some(a) = &admin
-            && a.listen == server.listen
-        {
-            errs.locate("admin.listen", &root, "the admin API needs its own address, not server.listen");
+        if let Some(a) = &admin {
+            if a.listen == server.listen {
+                errs.locate("admin.listen", &root, "the admin API needs its own address, not server.listen");
+            }
+            if a.listen == server.internal_listen {
+                errs.locate("admin.listen", &root, "the admin API needs its own address, not server.internal_listen");
+            }
         }
 
         // Sources.
@@ -296,7 +365,16 @@ impl Config {
         }
 
         if errs.is_empty() {
-            Ok(Config { origin: origin.map(Path::to_path_buf), server, storage, admin, sources, sinks, routes })
+            Ok(Config {
+                origin: origin.map(Path::to_path_buf),
+                server,
+                storage,
+                admin,
+                listeners,
+                sources,
+                sinks,
+                routes,
+            })
         } else {
             Err(errs)
         }

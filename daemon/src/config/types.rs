@@ -11,38 +11,96 @@ use super::secret::SecretSpec;
 use super::units::{HumanDuration, HumanSize};
 use crate::limits;
 
-/// `[server]`: the HTTP listener.
+/// `[server]`: the webhook listener, the internal listener, and the limits of both.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
-    /// Address and port to listen on. Default `127.0.0.1:8080`.
+    /// Address and port of the webhook listener (webhook paths and `/healthz`, `/readyz` only). Default
+    /// `127.0.0.1:8080`.
     #[serde(default = "limits::default_listen")]
     pub listen: SocketAddr,
+    /// Address of the internal listener: `/metrics`, `/readyz` with detail, `/dashboard`, `/live/<channel>`.
+    /// Keep it private. Default `127.0.0.1:8082`.
+    #[serde(default = "limits::default_internal_listen")]
+    pub internal_listen: SocketAddr,
+    /// Token that requests to the internal listener must carry (`Authorization: Bearer <token>`, or
+    /// `?token=<token>` for a browser); `/healthz` is always open. Off by default (loopback only).
+    pub internal_token: Option<SecretSpec>,
     /// Largest accepted request body; larger bodies get 413. Default `1MiB`.
     #[serde(default = "limits::default_max_body_size")]
     pub max_body_size: HumanSize,
-    /// Time allowed to receive a request and answer it; past it the answer is 408 (body still arriving)
-    /// or 503. Default `10s`.
+    /// Time allowed to verify, store and answer a request once its body is in; past it the answer is 503.
+    /// Default `10s`.
     #[serde(default = "limits::default_request_timeout")]
     pub request_timeout: HumanDuration,
-    /// Webhook requests handled at once; more get 503 with `Retry-After`. Default 512.
+    /// Time allowed for a request body to arrive; past it the answer is 408. Default `10s`.
+    #[serde(default = "limits::default_body_timeout")]
+    pub body_timeout: HumanDuration,
+    /// Slowest accepted body, in bytes per second on average after its first second; slower ones get 408.
+    /// `0` turns the check off. Default `1KiB`.
+    #[serde(default = "limits::default_min_body_rate")]
+    pub min_body_rate: HumanSize,
+    /// Verified webhook requests handled at once; more get 503 with `Retry-After`. Default 512.
     #[serde(default = "limits::default_max_concurrency")]
     pub max_concurrency: usize,
+    /// Requests whose signature covers the body (hmac, Standard Webhooks, Clockodo) held at once while
+    /// their body arrives and is checked, apart from `max_concurrency`; more get 503. Default 64.
+    #[serde(default = "limits::default_max_unverified")]
+    pub max_unverified: usize,
+    /// Open connections per listener at most; more wait in the listen backlog. Default 1024 (the systemd
+    /// unit's `LimitNOFILE` leaves room for three listeners, the spool, brokers and plugins).
+    #[serde(default = "limits::default_max_connections")]
+    pub max_connections: usize,
+    /// Time for a request's head (request line and headers) to arrive, counted from the connection's
+    /// start or the end of the previous answer: it is also how long an idle kept-alive connection stays
+    /// open. Default `10s`.
+    #[serde(default = "limits::default_header_timeout")]
+    pub header_timeout: HumanDuration,
+    /// Largest request head; larger ones get 431. Default `16KiB`.
+    #[serde(default = "limits::default_max_header_size")]
+    pub max_header_size: HumanSize,
     /// On SIGTERM/SIGINT, how long in-flight requests and deliveries may take to finish. Default `30s`.
     #[serde(default = "limits::default_shutdown_timeout")]
     pub shutdown_timeout: HumanDuration,
+    /// TLS on the webhook listener (off: plain HTTP, e.g. behind a reverse proxy).
+    pub tls: Option<TlsConfig>,
+    /// TLS on the internal listener, optionally with client certificates (`client_ca`).
+    pub internal_tls: Option<TlsConfig>,
 }
 
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             listen: limits::default_listen(),
+            internal_listen: limits::default_internal_listen(),
+            internal_token: None,
             max_body_size: limits::default_max_body_size(),
             request_timeout: limits::default_request_timeout(),
+            body_timeout: limits::default_body_timeout(),
+            min_body_rate: limits::default_min_body_rate(),
             max_concurrency: limits::default_max_concurrency(),
+            max_unverified: limits::default_max_unverified(),
+            max_connections: limits::default_max_connections(),
+            header_timeout: limits::default_header_timeout(),
+            max_header_size: limits::default_max_header_size(),
             shutdown_timeout: limits::default_shutdown_timeout(),
+            tls: None,
+            internal_tls: None,
         }
     }
+}
+
+/// `tls = { cert = "...", key = "..." }`: a listener's certificate (re-read on SIGHUP and when the files
+/// change).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first (e.g. certbot's `fullchain.pem`).
+    pub cert: PathBuf,
+    /// PEM private key (e.g. certbot's `privkey.pem`).
+    pub key: PathBuf,
+    /// PEM CA certificate(s): when set, clients must present a certificate that chains to one of them.
+    pub client_ca: Option<PathBuf>,
 }
 
 /// `[storage]`: the durable spool.
@@ -59,6 +117,13 @@ pub struct StorageConfig {
     /// Most bytes of bodies with undelivered deliveries; past it new webhooks get 503. Default `1GiB`.
     #[serde(default = "limits::default_max_pending_bytes")]
     pub max_pending_bytes: HumanSize,
+    /// Most events kept that matched no route (kept for inspection and replay until `retention`); past it
+    /// unrouted webhooks get 503, routed ones are still accepted. Default 10000.
+    #[serde(default = "limits::default_max_unrouted_events")]
+    pub max_unrouted_events: u64,
+    /// Most body bytes of those events. Default `64MiB`.
+    #[serde(default = "limits::default_max_unrouted_bytes")]
+    pub max_unrouted_bytes: HumanSize,
     /// How long finished events are kept (for inspection and replay) before they are pruned with their
     /// attempt log. Events with a pending delivery or a dead letter are never pruned. Default `7d`.
     #[serde(default = "limits::default_retention")]
@@ -75,6 +140,8 @@ impl Default for StorageConfig {
             data_dir: limits::default_data_dir(),
             max_pending_events: limits::default_max_pending_events(),
             max_pending_bytes: limits::default_max_pending_bytes(),
+            max_unrouted_events: limits::default_max_unrouted_events(),
+            max_unrouted_bytes: limits::default_max_unrouted_bytes(),
             retention: limits::default_retention(),
             dedup_window: limits::default_dedup_window(),
         }
@@ -90,6 +157,8 @@ pub struct AdminConfig {
     pub listen: SocketAddr,
     /// Bearer token every admin request must carry (a secret: `"${HOOKBRIDGE_ADMIN_TOKEN}"`).
     pub token: SecretSpec,
+    /// TLS on the admin listener, optionally with client certificates (`client_ca`).
+    pub tls: Option<TlsConfig>,
 }
 
 /// `[sources.<id>] kind = "clockify"`: Clockify workspace webhooks.

@@ -183,6 +183,8 @@ pub struct BuildContext<'a> {
     pub sink_ids: Vec<String>,
     /// Add-on installations (plugins may use the ones of the event's source).
     pub addons: &'a crate::addon::Installations,
+    /// How much the spool may hold (plugin emits count against it like webhooks).
+    pub spool_limits: crate::store::SpoolLimits,
 }
 
 /// Builds the running sink for a spec (opens files, creates clients; plugins must be loaded already).
@@ -202,6 +204,7 @@ pub fn build(spec: &SinkSpec, cx: &BuildContext<'_>) -> Result<Arc<dyn Sink>, Bu
                 cx.metrics.clone(),
                 cx.sink_ids.clone(),
                 cx.addons.clone(),
+                cx.spool_limits,
             ))
         }
     })

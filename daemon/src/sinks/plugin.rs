@@ -31,6 +31,8 @@ pub struct PluginSink {
     sinks: Vec<String>,
     /// Add-on installations (for events from `clockify-addon` sources).
     addons: crate::addon::Installations,
+    /// Emits count against the spool's limits like webhooks.
+    limits: crate::store::SpoolLimits,
 }
 
 impl PluginSink {
@@ -42,8 +44,9 @@ impl PluginSink {
         metrics: Metrics,
         sinks: Vec<String>,
         addons: crate::addon::Installations,
+        limits: crate::store::SpoolLimits,
     ) -> Self {
-        PluginSink { plugin, store, live, metrics, sinks, addons }
+        PluginSink { plugin, store, live, metrics, sinks, addons, limits }
     }
 
     async fn run(&self, event: &Event) -> Result<(), SinkError> {
@@ -75,6 +78,10 @@ impl PluginSink {
                         )));
                     }
                     let emitted = emitted_event(id, event, i, event_type, payload, headers);
+                    if let Err(reason) = self.limits.room_for(self.store.gauges(), false, emitted.body.len() as u64) {
+                        // Retried later, when the spool has room again.
+                        return Err(SinkError::retryable(format!("cannot store the plugin's emit: {reason}")));
+                    }
                     let since = now_ms() - EMIT_DEDUP_WINDOW_MS;
                     match self.store.insert(emitted, vec![sink.clone()], Some(since)).await {
                         Ok(Inserted::New { .. }) => {

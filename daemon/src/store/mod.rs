@@ -25,6 +25,10 @@ use writer::Op;
 
 /// File name of the database inside `storage.data_dir`.
 pub const DB_FILE: &str = "spool.db";
+/// Reads of the daemon's spool handle in progress at once, at most (more wait their turn).
+const READERS_MAX: usize = 4;
+/// Read connections kept open between reads.
+const READERS_IDLE: usize = 2;
 
 /// Store failures. Callers answer 503 (ingress) or retry later (dispatch).
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +67,10 @@ pub struct SpoolGauges {
     pub pending_bytes: AtomicU64,
     /// Pending deliveries.
     pub pending_deliveries: AtomicU64,
+    /// Events stored without any delivery (unrouted), kept until retention prunes them.
+    pub unrouted_events: AtomicU64,
+    /// Body bytes of those events.
+    pub unrouted_bytes: AtomicU64,
 }
 
 impl SpoolGauges {
@@ -73,6 +81,54 @@ impl SpoolGauges {
             self.pending_bytes.load(Ordering::Relaxed),
             self.pending_deliveries.load(Ordering::Relaxed),
         )
+    }
+
+    /// (events, bytes) stored unrouted.
+    pub fn unrouted(&self) -> (u64, u64) {
+        (self.unrouted_events.load(Ordering::Relaxed), self.unrouted_bytes.load(Ordering::Relaxed))
+    }
+
+    /// Sets every gauge to `other`'s values.
+    pub(crate) fn set_from(&self, other: &SpoolGauges) {
+        let (e, b, d) = other.snapshot();
+        self.pending_events.store(e, Ordering::Relaxed);
+        self.pending_bytes.store(b, Ordering::Relaxed);
+        self.pending_deliveries.store(d, Ordering::Relaxed);
+        let (ue, ub) = other.unrouted();
+        self.unrouted_events.store(ue, Ordering::Relaxed);
+        self.unrouted_bytes.store(ub, Ordering::Relaxed);
+    }
+}
+
+/// How much the spool may hold: routed events count against `max_pending_*` until their deliveries finish,
+/// unrouted ones (kept for inspection until retention) against `max_unrouted_*`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SpoolLimits {
+    /// Events with pending deliveries.
+    pub max_pending_events: u64,
+    /// Their body bytes.
+    pub max_pending_bytes: u64,
+    /// Unrouted events.
+    pub max_unrouted_events: u64,
+    /// Their body bytes.
+    pub max_unrouted_bytes: u64,
+}
+
+impl SpoolLimits {
+    /// Whether one more event of `len` body bytes fits; `Err` is the rejection reason (a metric label).
+    pub fn room_for(&self, gauges: &SpoolGauges, unrouted: bool, len: u64) -> Result<(), &'static str> {
+        if unrouted {
+            let (events, bytes) = gauges.unrouted();
+            if events >= self.max_unrouted_events || bytes.saturating_add(len) > self.max_unrouted_bytes {
+                return Err("unrouted_full");
+            }
+        } else {
+            let (events, bytes, _) = gauges.snapshot();
+            if events >= self.max_pending_events || bytes.saturating_add(len) > self.max_pending_bytes {
+                return Err("spool_full");
+            }
+        }
+        Ok(())
     }
 }
 
@@ -199,6 +255,8 @@ pub struct Store {
     lock: Arc<std::fs::File>,
     path: PathBuf,
     readers: Arc<Mutex<Vec<Connection>>>,
+    /// Reads in progress at most (each holds a blocking thread and a connection).
+    read_slots: Arc<tokio::sync::Semaphore>,
     gauges: Arc<SpoolGauges>,
     writer: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
@@ -247,6 +305,7 @@ impl Store {
             lock: Arc::new(lock),
             path,
             readers: Arc::new(Mutex::new(Vec::new())),
+            read_slots: Arc::new(tokio::sync::Semaphore::new(READERS_MAX)),
             gauges,
             writer: Arc::new(Mutex::new(Some(handle))),
         })
@@ -393,14 +452,19 @@ impl Store {
     ) -> Result<T, StoreError> {
         let readers = Arc::clone(&self.readers);
         let path = self.path.clone();
+        let slot = Arc::clone(&self.read_slots).acquire_owned().await.map_err(|e| StoreError::Join(e.to_string()))?;
         tokio::task::spawn_blocking(move || {
+            let _slot = slot;
             let conn = readers.lock().map_err(|e| StoreError::Join(e.to_string()))?.pop();
             let conn = match conn {
                 Some(c) => c,
                 None => open_reader(&path)?,
             };
             let result = f(&conn);
-            if let Ok(mut pool) = readers.lock() {
+            // Trimmed: connections beyond the few kept idle are closed.
+            if let Ok(mut pool) = readers.lock()
+                && pool.len() < READERS_IDLE
+            {
                 pool.push(conn);
             }
             result

@@ -104,7 +104,7 @@ pub(super) fn prepare_writer(conn: &Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Counts what is pending.
+/// Counts what is pending, and what is stored unrouted.
 pub(super) fn load_gauges(conn: &Connection) -> Result<SpoolGauges, StoreError> {
     let g = SpoolGauges::default();
     store_gauges(conn, &g)?;
@@ -122,8 +122,16 @@ pub(super) fn store_gauges(conn: &Connection, g: &SpoolGauges) -> Result<(), Sto
     )?;
     let deliveries: i64 =
         conn.query_row("SELECT count(*) FROM deliveries WHERE status = 'pending'", [], |r| r.get(0))?;
+    let (unrouted, unrouted_bytes): (i64, i64) = conn.query_row(
+        "SELECT count(*), coalesce(sum(length(body)), 0) FROM events
+             WHERE NOT EXISTS (SELECT 1 FROM deliveries WHERE event_seq = seq)",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
     g.pending_events.store(events as u64, Relaxed);
     g.pending_bytes.store(bytes as u64, Relaxed);
     g.pending_deliveries.store(deliveries as u64, Relaxed);
+    g.unrouted_events.store(unrouted as u64, Relaxed);
+    g.unrouted_bytes.store(unrouted_bytes as u64, Relaxed);
     Ok(())
 }

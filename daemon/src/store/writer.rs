@@ -202,6 +202,8 @@ struct Delta {
     events: i64,
     bytes: i64,
     deliveries: i64,
+    unrouted_events: i64,
+    unrouted_bytes: i64,
 }
 
 pub(super) fn run(mut conn: Connection, mut rx: mpsc::Receiver<Op>, gauges: Arc<SpoolGauges>, feeds: Feeds) {
@@ -283,6 +285,10 @@ pub(super) fn run(mut conn: Connection, mut rx: mpsc::Receiver<Op>, gauges: Arc<
                             delta.bytes += event.body.len() as i64;
                             delta.deliveries += ids.len() as i64;
                             fed.push((*seq, event, ids.clone()));
+                        }
+                        (Ok(Applied::Inserted(Inserted::New { .. }, _, _)), Work::Insert { event, .. }) => {
+                            delta.unrouted_events += 1;
+                            delta.unrouted_bytes += event.body.len() as i64;
                         }
                         (Ok(Applied::Finished((deliveries, events, bytes))), _) => {
                             delta.deliveries -= deliveries;
@@ -373,12 +379,7 @@ fn sync_loop(
             }
             match b.gauges {
                 GaugeUpdate::Delta(d) => apply_delta(gauges, &d),
-                GaugeUpdate::Recount(g) => {
-                    let (e, by, d) = g.snapshot();
-                    gauges.pending_events.store(e, Ordering::Relaxed);
-                    gauges.pending_bytes.store(by, Ordering::Relaxed);
-                    gauges.pending_deliveries.store(d, Ordering::Relaxed);
-                }
+                GaugeUpdate::Recount(g) => gauges.set_from(&g),
             }
             feed(feeds, b.fed);
             for (waiter, r) in b.answers {
@@ -469,4 +470,6 @@ fn apply_delta(g: &SpoolGauges, d: &Delta) {
     add(&g.pending_events, d.events);
     add(&g.pending_bytes, d.bytes);
     add(&g.pending_deliveries, d.deliveries);
+    add(&g.unrouted_events, d.unrouted_events);
+    add(&g.unrouted_bytes, d.unrouted_bytes);
 }

@@ -47,6 +47,20 @@ impl HmacScheme {
     }
 
     pub(super) fn verify(&self, headers: &HeaderMap, body: &[u8], now: SystemTime) -> Result<usize, VerifyError> {
+        let presented = self.presented(headers)?;
+        let mut matched = None;
+        for (i, secret) in self.secrets.iter().enumerate() {
+            // `verify_slice` compares in constant time; every usable secret is tried.
+            if secret.usable_at(now) && self.mac_matches(secret.expose().as_bytes(), body, &presented) {
+                matched = matched.or(Some(i));
+            }
+        }
+        matched.ok_or(VerifyError::BadSignature)
+    }
+
+    /// The signature bytes the request presents: present, with the prefix, decodable, of the hash's length.
+    /// This much is checked before the body is read.
+    pub(super) fn presented(&self, headers: &HeaderMap) -> Result<Vec<u8>, VerifyError> {
         let value = headers.get(self.header.as_str()).ok_or(VerifyError::MissingSignature)?;
         let value = value.to_str().map_err(|_| VerifyError::MalformedSignature)?.trim();
         if value.is_empty() {
@@ -58,14 +72,14 @@ impl HmacScheme {
             SignatureEncoding::Base64 => base64_decode(encoded).ok_or(hex::FromHexError::InvalidStringLength),
         }
         .map_err(|_| VerifyError::MalformedSignature)?;
-        let mut matched = None;
-        for (i, secret) in self.secrets.iter().enumerate() {
-            // `verify_slice` compares in constant time; every usable secret is tried.
-            if secret.usable_at(now) && self.mac_matches(secret.expose().as_bytes(), body, &presented) {
-                matched = matched.or(Some(i));
-            }
+        let expected_len = match self.algorithm {
+            HmacAlgorithm::Sha256 => 32,
+            HmacAlgorithm::Sha512 => 64,
+        };
+        if presented.len() != expected_len {
+            return Err(VerifyError::MalformedSignature);
         }
-        matched.ok_or(VerifyError::BadSignature)
+        Ok(presented)
     }
 
     fn mac_matches(&self, key: &[u8], body: &[u8], presented: &[u8]) -> bool {

@@ -130,6 +130,32 @@ pub fn verify(scheme: &Scheme, headers: &HeaderMap, body: &[u8]) -> Result<Optio
     }
 }
 
+/// What a request's headers alone prove, before its body is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Early {
+    /// Verified: the credential is in a header (Clockify's `clockify-signature`), or the source verifies
+    /// nothing (`none`). Carries what [`verify`] would return.
+    Verified(Option<usize>),
+    /// The headers are well-formed (signature present and decodable, timestamp within the tolerance), but the
+    /// signature covers the body (hmac, Standard Webhooks) or the token is inside it (Clockodo): [`verify`]
+    /// decides once the body is in.
+    NeedsBody,
+}
+
+/// Checks what the headers alone can prove. An `Err` is final: the request fails verification whatever
+/// its body. Add-on sources are checked by `crate::addon::check_headers` instead.
+pub fn verify_headers(scheme: &Scheme, headers: &HeaderMap) -> Result<Early, VerifyError> {
+    let now = std::time::SystemTime::now();
+    match scheme {
+        Scheme::Clockify { secrets } => clockify::verify(secrets, headers, now).map(|i| Early::Verified(Some(i))),
+        Scheme::None { .. } => Ok(Early::Verified(None)),
+        Scheme::Hmac(h) => h.presented(headers).map(|_| Early::NeedsBody),
+        Scheme::Standard(s) => s.presented(headers, now).map(|_| Early::NeedsBody),
+        Scheme::Clockodo { .. } => Ok(Early::NeedsBody),
+        Scheme::ClockifyAddon(_) => Err(VerifyError::MissingSignature),
+    }
+}
+
 /// A header's value as text, trimmed; `None` when absent, empty or not text.
 pub fn text_header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty())

@@ -41,7 +41,13 @@ fn sign(key: &[u8], id: &str, timestamp: &str, body: &[u8]) -> Option<Vec<u8>> {
 }
 
 impl StandardScheme {
-    pub(super) fn verify(&self, headers: &HeaderMap, body: &[u8], at: SystemTime) -> Result<usize, VerifyError> {
+    /// The id, timestamp and signatures a request presents, the timestamp within the tolerance. This much
+    /// is checked before the body is read.
+    pub(super) fn presented<'h>(
+        &self,
+        headers: &'h HeaderMap,
+        at: SystemTime,
+    ) -> Result<(&'h str, &'h str, Vec<Vec<u8>>), VerifyError> {
         let id = text_header(headers, "webhook-id").ok_or(VerifyError::MissingSignature)?;
         let timestamp = text_header(headers, "webhook-timestamp").ok_or(VerifyError::MissingSignature)?;
         let signatures = text_header(headers, "webhook-signature").ok_or(VerifyError::MissingSignature)?;
@@ -58,6 +64,11 @@ impl StandardScheme {
         if presented.is_empty() {
             return Err(VerifyError::MalformedSignature);
         }
+        Ok((id, timestamp, presented))
+    }
+
+    pub(super) fn verify(&self, headers: &HeaderMap, body: &[u8], at: SystemTime) -> Result<usize, VerifyError> {
+        let (id, timestamp, presented) = self.presented(headers, at)?;
         let mut matched = None;
         for (i, secret) in self.secrets.iter().enumerate() {
             if !secret.usable_at(at) {
