@@ -130,6 +130,47 @@ impl SpoolLimits {
         }
         Ok(())
     }
+
+    /// Whether a plugin's emit of `len` body bytes fits. Emits may take the spool up to twice
+    /// `max_pending_*`: webhooks are refused at the limit, so a spool full of events routed to plugins can
+    /// still drain (each such event finishes only once its emits are stored). `Err` is the reason.
+    pub fn room_for_emit(&self, gauges: &SpoolGauges, len: u64) -> Result<(), &'static str> {
+        let (events, bytes, _) = gauges.snapshot();
+        if events >= self.max_pending_events.saturating_mul(2)
+            || bytes.saturating_add(len) > self.max_pending_bytes.saturating_mul(2)
+        {
+            return Err("spool_full");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod limit_tests {
+    use super::*;
+
+    #[test]
+    fn routed_unrouted_and_emitted_events_have_their_own_bounds() {
+        let limits = SpoolLimits {
+            max_pending_events: 2,
+            max_pending_bytes: 100,
+            max_unrouted_events: 1,
+            max_unrouted_bytes: 10,
+        };
+        let g = SpoolGauges::default();
+        assert_eq!(limits.room_for(&g, false, 100), Ok(()));
+        assert_eq!(limits.room_for(&g, false, 101), Err("spool_full"));
+        assert_eq!(limits.room_for(&g, true, 10), Ok(()));
+        assert_eq!(limits.room_for(&g, true, 11), Err("unrouted_full"));
+        g.pending_events.store(2, Ordering::Relaxed);
+        assert_eq!(limits.room_for(&g, false, 1), Err("spool_full"), "routed events stop at the limit");
+        assert_eq!(limits.room_for(&g, true, 1), Ok(()), "unrouted events do not count against it");
+        assert_eq!(limits.room_for_emit(&g, 1), Ok(()), "emits may go past it, so that plugins drain a full spool");
+        g.pending_events.store(4, Ordering::Relaxed);
+        assert_eq!(limits.room_for_emit(&g, 1), Err("spool_full"));
+        g.unrouted_events.store(1, Ordering::Relaxed);
+        assert_eq!(limits.room_for(&g, true, 1), Err("unrouted_full"));
+    }
 }
 
 /// A delivery waiting to be attempted, with its event.
