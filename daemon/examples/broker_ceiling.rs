@@ -102,7 +102,7 @@ async fn main() {
                     while started.elapsed() < duration {
                         let t = Instant::now();
                         let properties = if sink_shaped {
-                            amqp_properties(&event("amqp", &body))
+                            amqp_properties(&event("amqp", &body)).expect("the benchmark event fits AMQP")
                         } else {
                             BasicProperties::default().with_delivery_mode(2)
                         };

@@ -614,3 +614,69 @@ retry = { initial_backoff = "100ms", max_backoff = "500ms" }
     wait_drained(&bridge).await;
     bridge.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn values_over_the_wire_limits_are_dead_lettered_at_once_and_the_connection_keeps_delivering() {
+    let exchange = unique("hb-x");
+    let queue = AmqpQueue::bind(&exchange, "#").await;
+    let prefix = unique("hb-w");
+    let (receiver, file) = (Receiver::start().await, "{dir}/out.jsonl");
+    let sinks = r#"
+[sinks.rabbit]
+kind = "amqp"
+url = "@AMQP@"
+exchange = { name = "@X@" }
+routing_key = "{event}"
+[sinks.bus]
+kind = "kafka"
+brokers = ["@KAFKA@"]
+topic = "@P@.{event}"
+[sinks.hook]
+kind = "http"
+url = "@URL@"
+[sinks.file]
+kind = "file"
+path = "@FILE@"
+"#
+    .replace("@X@", &exchange)
+    .replace("@P@", &prefix)
+    .replace("@URL@", &receiver.url())
+    .replace("@FILE@", file);
+    let text = config(&sinks, &["rabbit", "bus", "hook", "file"])
+        .replace("[server]\n", "[server]\nmax_body_size = \"2MiB\"\n");
+    let bridge = TestBridge::start(&text).await;
+    create_topic(&kafka_brokers(), &format!("{prefix}.NEW_TIME_ENTRY")).await;
+    // A 320-byte Content-Type (an AMQP short string holds 255), and a body over Kafka's 1 MB record limit.
+    let long_type = format!("application/json; profile={}", "x".repeat(294));
+    let mut headers = clockify_headers(SECRET, "NEW_TIME_ENTRY");
+    headers.retain(|(k, _)| *k != "content-type");
+    headers.push(("content-type", &long_type));
+    let (s, _) = bridge.post("/hooks/clockify", &headers, fixture_body()).await;
+    assert_eq!(s, 200);
+    let huge = format!(r#"{{"id":"huge","description":"{}"}}"#, "y".repeat(1_100_000));
+    let (s, _) = bridge.post("/hooks/clockify", &clockify_headers(SECRET, "NEW_TIME_ENTRY"), huge).await;
+    assert_eq!(s, 200);
+    // Each is a permanent failure of its one delivery: dead at the first attempt, with a clear reason.
+    bridge.wait_metric(r#"hookbridge_deliveries_total{outcome="dead",sink="rabbit"}"#, 1.0).await;
+    bridge.wait_metric(r#"hookbridge_deliveries_total{outcome="dead",sink="bus"}"#, 1.0).await;
+    let dlq = bridge.cli(&["dlq", "list"]);
+    assert!(dlq.contains("content-type header is 320 bytes; AMQP short strings hold at most 255"), "{dlq}");
+    assert!(dlq.contains("message.max.bytes"), "{dlq}");
+    // 50 normal events after them are delivered over the same connections, within seconds.
+    for n in 0..50 {
+        assert_eq!(post_entry(&bridge, n).await, 200);
+    }
+    let got = queue.take(51, Duration::from_secs(20)).await;
+    assert_eq!(got.len(), 51, "the huge one and the 50 normal ones; the long content type never sent");
+    let m = bridge.wait_metric(r#"hookbridge_deliveries_total{outcome="delivered",sink="bus"}"#, 51.0).await;
+    assert_eq!(metric(&m, r#"hookbridge_deliveries_total{outcome="retry",sink="rabbit"}"#), 0.0, "{m}");
+    assert_eq!(metric(&m, r#"hookbridge_deliveries_total{outcome="dead",sink="rabbit"}"#), 1.0);
+    assert_eq!(metric(&m, r#"hookbridge_deliveries_total{outcome="dead",sink="bus"}"#), 1.0);
+    assert_eq!(metric(&m, r#"hookbridge_sink_connected{sink="rabbit"}"#), 1.0);
+    // The HTTP and file sinks take both oversize cases.
+    bridge.wait_metric(r#"hookbridge_deliveries_total{outcome="delivered",sink="hook"}"#, 52.0).await;
+    bridge.wait_metric(r#"hookbridge_deliveries_total{outcome="delivered",sink="file"}"#, 52.0).await;
+    bridge.stop().await;
+    receiver.stop().await;
+    queue.delete().await;
+}

@@ -148,6 +148,9 @@ impl AmqpSink {
                 routing_key.len()
             )));
         }
+        // Checked before the channel is touched: a value that cannot be encoded is this delivery's
+        // permanent failure, never a panic or a malformed frame on the shared connection.
+        let properties = amqp_properties(event).map_err(SinkError::permanent)?;
         let channel = self.channel().await?;
         let options = BasicPublishOptions { mandatory: self.spec.mandatory, ..BasicPublishOptions::default() };
         let sent = tokio::time::timeout(self.spec.timeout, async {
@@ -157,7 +160,7 @@ impl AmqpSink {
                     routing_key.as_str().into(),
                     options,
                     &event.body,
-                    amqp_properties(event),
+                    properties,
                 )
                 .await?
                 .await
@@ -190,11 +193,28 @@ impl AmqpSink {
     }
 }
 
+/// Longest AMQP 0-9-1 short string (property values such as `content-type`, field-table keys): its length
+/// is one byte on the wire.
+pub const AMQP_SHORT_STRING_MAX: usize = 255;
+
+/// A short string, or why it cannot be one (`what` names it).
+fn short(what: &str, value: &str) -> Result<ShortString, String> {
+    if value.len() > AMQP_SHORT_STRING_MAX {
+        return Err(format!(
+            "{what} is {} bytes; AMQP short strings hold at most {AMQP_SHORT_STRING_MAX}: the message cannot be sent",
+            value.len()
+        ));
+    }
+    Ok(ShortString::from(value))
+}
+
 /// Persistent delivery, `content-type`, `message-id`, timestamp, `type`, and CloudEvents headers in the
-/// AMQP binding's form (`cloudEvents:id`, ...).
-pub fn amqp_properties(event: &Event) -> BasicProperties {
+/// AMQP binding's form (`cloudEvents:id`, ...). `Err` names the value that does not fit AMQP's wire limits
+/// (a short string over 255 bytes), checked here so that lapin never sees it.
+pub fn amqp_properties(event: &Event) -> Result<BasicProperties, String> {
     let mut headers = FieldTable::default();
-    let mut put = |k: &str, v: &str| {
+    let mut put = |k: &'static str, v: &str| {
+        // Keys are ours and short; values are long strings (a 32-bit length).
         headers.insert(ShortString::from(k), AMQPValue::LongString(LongString::from(v)));
     };
     put("cloudEvents:id", &event.id);
@@ -202,14 +222,14 @@ pub fn amqp_properties(event: &Event) -> BasicProperties {
     put("cloudEvents:source", &event.source);
     put("cloudEvents:time", &event.time_rfc3339());
     put("cloudEvents:specversion", CE_SPECVERSION);
-    BasicProperties::default()
+    Ok(BasicProperties::default()
         .with_delivery_mode(2)
-        .with_content_type(event.content_type().into())
-        .with_message_id(event.id.as_str().into())
-        .with_type(event.event_type.as_str().into())
+        .with_content_type(short("the content-type header", event.content_type())?)
+        .with_message_id(short("the event id", &event.id)?)
+        .with_type(short("the event type", &event.event_type)?)
         .with_timestamp(u64::try_from(event.received_at_ms / 1000).unwrap_or(0))
         .with_app_id("hookbridge".into())
-        .with_headers(headers)
+        .with_headers(headers))
 }
 
 /// A lapin error in one line; never contains the URL (and so never the password).
@@ -239,5 +259,33 @@ impl Sink for AmqpSink {
             // An unreachable broker is reported (log, /readyz) now; deliveries try again by themselves.
             let _ = self.channel().await;
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(content_type: &str) -> Event {
+        Event {
+            id: "01234567-89ab-7def-8123-456789abcdef".into(),
+            source: "clockify".into(),
+            event_type: "NEW_TIME_ENTRY".into(),
+            received_at_ms: 1,
+            headers: vec![("content-type".into(), content_type.into())],
+            body: bytes::Bytes::from_static(b"{}"),
+            dedup_key: "k".into(),
+            ordering_key: None,
+        }
+    }
+
+    #[test]
+    fn values_over_a_short_string_are_refused_before_lapin_sees_them() {
+        assert!(amqp_properties(&event(&"a".repeat(255))).is_ok());
+        let e = amqp_properties(&event(&"a".repeat(256))).unwrap_err();
+        assert_eq!(
+            e,
+            "the content-type header is 256 bytes; AMQP short strings hold at most 255: the message cannot be sent"
+        );
     }
 }

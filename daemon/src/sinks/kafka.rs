@@ -78,6 +78,21 @@ pub struct KafkaSink {
     producer: Mutex<Arc<Client>>,
     /// Last acknowledgement, and last time a producer was made.
     progress: Mutex<(Instant, Instant)>,
+    /// The producer's `message.max.bytes`: larger records are refused before they are produced.
+    max_message_bytes: usize,
+}
+
+/// librdkafka's default `message.max.bytes`.
+const DEFAULT_MESSAGE_MAX_BYTES: usize = 1_000_000;
+/// What a record carries besides its key, value and headers, at most (record batch and record framing:
+/// lengths, offsets, timestamps, attributes), so that the size check errs on the safe side.
+const RECORD_OVERHEAD: usize = 128;
+
+/// The encoded size of a record, about (from above): key, value, and each header's key and value with
+/// their varint lengths.
+pub fn record_size(key: Option<&str>, payload: &[u8], headers: &[(&str, &str)]) -> usize {
+    let headers: usize = headers.iter().map(|(k, v)| k.len() + v.len() + 10).sum();
+    key.map_or(0, str::len) + payload.len() + headers + RECORD_OVERHEAD
 }
 
 impl std::fmt::Debug for KafkaSink {
@@ -92,12 +107,19 @@ impl KafkaSink {
         let state = Arc::new(ConnectionState::new());
         let producer = create(id, spec, &state)?;
         let now = Instant::now();
+        let max_message_bytes = spec
+            .properties
+            .iter()
+            .find(|(k, _)| k == "message.max.bytes")
+            .and_then(|(_, v)| v.expose().parse().ok())
+            .unwrap_or(DEFAULT_MESSAGE_MAX_BYTES);
         Ok(KafkaSink {
             id: id.to_owned(),
             spec: spec.clone(),
             state,
             producer: Mutex::new(Arc::new(producer)),
             progress: Mutex::new((now, now)),
+            max_message_bytes,
         })
     }
 
@@ -129,6 +151,15 @@ impl KafkaSink {
         let topic = render(&self.spec.topic, event)?;
         kafka_topic_name(&topic).map_err(|m| SinkError::permanent(format!("topic from {}: {m}", self.spec.topic)))?;
         let key = self.spec.key.as_ref().map(|k| render(k, event)).transpose()?;
+        let time = event.time_rfc3339();
+        let size = record_size(key.as_deref(), &event.body, &header_pairs(event, &time));
+        if size > self.max_message_bytes {
+            return Err(SinkError::permanent(format!(
+                "the record would be about {size} bytes (key, body and headers); the producer's message.max.bytes \
+                 is {}: the event cannot be sent",
+                self.max_message_bytes
+            )));
+        }
         let mut record = FutureRecord::to(&topic)
             .payload(event.body.as_ref())
             .headers(kafka_headers(event))
@@ -169,16 +200,25 @@ impl KafkaSink {
     }
 }
 
+/// The headers of an event's Kafka record as (key, value): CloudEvents' Kafka binary mode (`ce_*`) and
+/// `content-type`; `time` is the event's RFC 3339 time.
+fn header_pairs<'a>(event: &'a Event, time: &'a str) -> [(&'static str, &'a str); 6] {
+    [
+        ("ce_id", &event.id),
+        ("ce_type", &event.event_type),
+        ("ce_source", &event.source),
+        ("ce_time", time),
+        ("ce_specversion", CE_SPECVERSION),
+        ("content-type", event.content_type()),
+    ]
+}
+
 /// The headers of an event's Kafka record: CloudEvents' Kafka binary mode (`ce_*`) and `content-type`.
 pub fn kafka_headers(event: &Event) -> OwnedHeaders {
     let time = event.time_rfc3339();
-    OwnedHeaders::new_with_capacity(6)
-        .insert(Header { key: "ce_id", value: Some(&event.id) })
-        .insert(Header { key: "ce_type", value: Some(&event.event_type) })
-        .insert(Header { key: "ce_source", value: Some(&event.source) })
-        .insert(Header { key: "ce_time", value: Some(&time) })
-        .insert(Header { key: "ce_specversion", value: Some(CE_SPECVERSION) })
-        .insert(Header { key: "content-type", value: Some(event.content_type()) })
+    header_pairs(event, &time)
+        .into_iter()
+        .fold(OwnedHeaders::new_with_capacity(6), |h, (key, value)| h.insert(Header { key, value: Some(value) }))
 }
 
 fn create(id: &str, spec: &KafkaSinkSpec, state: &Arc<ConnectionState>) -> Result<Client, String> {
@@ -251,6 +291,13 @@ impl Sink for KafkaSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_record_size_counts_key_body_and_headers_from_above() {
+        let base = record_size(None, b"", &[]);
+        assert_eq!(record_size(Some("abc"), b"12345", &[]), base + 8);
+        assert!(record_size(None, b"", &[("ce_id", "x")]) > base + 6);
+    }
 
     #[test]
     fn message_errors_are_permanent_and_the_rest_retryable() {
