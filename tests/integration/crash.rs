@@ -50,9 +50,12 @@ kind = "http"
 url = "{url}"
 max_in_flight = 16
 retry = {{ initial_backoff = "50ms", max_backoff = "500ms" }}
+[sinks.file]
+kind = "file"
+path = "out.jsonl"
 [[routes]]
 name = "all"
-to = ["out"]
+to = ["out", "file"]
 "#,
             url = receiver.url()
         ),
@@ -100,6 +103,10 @@ to = ["out"]
         Stop::Kill => {
             child.kill().unwrap(); // SIGKILL
             child.wait().unwrap();
+            // What a write cut short by the kill leaves: a torn last line. The restart must repair it.
+            use std::io::Write;
+            let mut f = std::fs::OpenOptions::new().append(true).open(dir.path().join("out.jsonl")).unwrap();
+            f.write_all(br#"{"id":"torn","source":"clockify","body":{"descr"#).unwrap();
         }
         Stop::Term => {
             let started = Instant::now();
@@ -140,6 +147,23 @@ to = ["out"]
         acked.difference(&got).count()
     );
     assert!(got.is_subset(&sent), "only events that were sent are delivered");
+    // The file sink has every acknowledged event too, and every line of its file parses.
+    let in_file = poll_until(Duration::from_secs(60), || {
+        let text = std::fs::read_to_string(dir.path().join("out.jsonl")).unwrap_or_default();
+        let lines: Option<HashSet<String>> = text
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).ok()?;
+                Some(v["body"]["description"].as_str()?.to_owned())
+            })
+            .collect();
+        lines.filter(|l| acked.is_subset(l))
+    })
+    .await;
+    let text = std::fs::read_to_string(dir.path().join("out.jsonl")).unwrap();
+    let bad = text.lines().find(|l| serde_json::from_str::<serde_json::Value>(l).is_err());
+    assert!(bad.is_none(), "a line of the file sink does not parse: {bad:?}");
+    assert!(in_file.is_some(), "acknowledged events missing from the file sink");
 
     // SIGTERM: a clean exit.
     let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();

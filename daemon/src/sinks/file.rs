@@ -1,8 +1,13 @@
 //! `file` sink: appends one JSON line per event (`id`, `source`, `type`, `time`, `headers`, `body`), written
 //! by one thread that fsyncs once per batch of waiting lines. A delivery counts once its line is on disk.
+//!
+//! Every line in the file always parses: a write that a crash (`kill -9`, power loss) or a full disk cut
+//! short leaves a torn last line, which is cut off at open; a write that fails while running is rolled back
+//! to the length before it. The lines cut were never acknowledged, so they are written again.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
 use serde::Serialize;
@@ -41,13 +46,16 @@ impl FileSink {
         }
         let file = OpenOptions::new()
             .create(true)
+            .read(true)
             .append(true)
             .open(&spec.path)
             .map_err(|e| format!("cannot open {}: {e}", spec.path.display()))?;
+        let len = repair_tail(&file, &spec.path).map_err(|e| format!("cannot repair {}: {e}", spec.path.display()))?;
         let (tx, rx) = mpsc::channel(FILE_BATCH_MAX * 2);
+        let path = spec.path.clone();
         std::thread::Builder::new()
             .name("hookbridge-file-sink".into())
-            .spawn(move || write_loop(file, rx))
+            .spawn(move || write_loop(file, path, len, rx))
             .map_err(|e| format!("cannot start writer thread: {e}"))?;
         Ok(FileSink { tx, path: spec.path.clone() })
     }
@@ -107,7 +115,43 @@ fn render(event: &Event) -> Result<Vec<u8>, SinkError> {
     Ok(out)
 }
 
-fn write_loop(mut file: File, mut rx: mpsc::Receiver<Job>) {
+/// How much of the file's end is read at a time when looking for its last complete line.
+const TAIL_CHUNK: usize = 64 * 1024;
+
+/// Cuts a torn last line off `file` (one that does not end with a newline), so that the file ends after its
+/// last complete line; returns the length kept. An intact file is left as it is.
+fn repair_tail(file: &File, path: &std::path::Path) -> std::io::Result<u64> {
+    let len = file.metadata()?.len();
+    let mut end = len;
+    let mut buf = vec![0u8; TAIL_CHUNK];
+    let keep = loop {
+        if end == 0 {
+            break 0;
+        }
+        let start = end.saturating_sub(TAIL_CHUNK as u64);
+        let chunk = &mut buf[..usize::try_from(end - start).unwrap_or(TAIL_CHUNK)];
+        file.read_exact_at(chunk, start)?;
+        if end == len && chunk.last() == Some(&b'\n') {
+            return Ok(len);
+        }
+        if let Some(i) = chunk.iter().rposition(|b| *b == b'\n') {
+            break start + i as u64 + 1;
+        }
+        end = start;
+    };
+    file.set_len(keep)?;
+    file.sync_data()?;
+    tracing::warn!(
+        path = %path.display(),
+        cut = len - keep,
+        "file sink: cut a torn last line left by an interrupted write (its events were not acknowledged and are written again)"
+    );
+    Ok(keep)
+}
+
+fn write_loop(mut file: File, path: PathBuf, mut len: u64, mut rx: mpsc::Receiver<Job>) {
+    // Set when a failed write could not be rolled back: the tail is repaired before the next write.
+    let mut torn = false;
     while let Some(first) = rx.blocking_recv() {
         // Let a batch gather: one fsync costs about as much CPU for one line as for hundreds.
         if rx.is_empty() {
@@ -124,7 +168,33 @@ fn write_loop(mut file: File, mut rx: mpsc::Receiver<Job>) {
         for (line, _) in &batch {
             buf.extend_from_slice(line);
         }
+        if torn {
+            match repair_tail(&file, &path) {
+                Ok(kept) => {
+                    len = kept;
+                    torn = false;
+                }
+                Err(e) => {
+                    let e = format!("cannot repair the file after a failed write: {e}");
+                    for (_, reply) in batch {
+                        let _ = reply.send(Err(e.clone()));
+                    }
+                    continue;
+                }
+            }
+        }
         let result = file.write_all(&buf).and_then(|()| file.sync_data()).map_err(|e| e.to_string());
+        match &result {
+            Ok(()) => len += buf.len() as u64,
+            Err(e) => {
+                // ENOSPC, EIO...: whatever part of the batch reached the file goes, so that the next write
+                // does not glue its first line onto a torn one.
+                if let Err(undo) = file.set_len(len).and_then(|()| file.sync_data()) {
+                    tracing::error!(path = %path.display(), error = %e, undo = %undo, "file sink: a failed write could not be rolled back; repairing before the next one");
+                    torn = true;
+                }
+            }
+        }
         for (_, reply) in batch {
             let _ = reply.send(result.clone());
         }
@@ -202,5 +272,39 @@ mod tests {
         let ids: Vec<String> =
             text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["id"].to_string()).collect();
         assert_eq!(ids, ["\"a\"", "\"c\""]);
+    }
+
+    #[tokio::test]
+    async fn a_torn_last_line_is_cut_at_open_and_every_line_parses() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        let event = Event {
+            id: "after".into(),
+            source: "clockify".into(),
+            event_type: "NEW_TIME_ENTRY".into(),
+            received_at_ms: 0,
+            headers: vec![],
+            body: Bytes::from_static(b"{}"),
+            dedup_key: String::new(),
+            ordering_key: None,
+        };
+        // A torn line longer than one chunk of the backwards search, after a complete one.
+        let torn = format!("{{\"id\":\"torn\",\"body\":\"{}", "x".repeat(TAIL_CHUNK + 10));
+        std::fs::write(&path, format!("{{\"id\":\"kept\"}}\n{torn}")).unwrap();
+        let sink = FileSink::open(&FileSinkSpec { path: path.clone() }).unwrap();
+        sink.deliver(&event).await.unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        let ids: Vec<String> = text
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["id"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(ids, ["kept", "after"]);
+        // A file that is only a torn line is emptied; an intact one is left as it is.
+        std::fs::write(&path, "{\"id\":").unwrap();
+        drop(FileSink::open(&FileSinkSpec { path: path.clone() }).unwrap());
+        assert_eq!(std::fs::read(&path).unwrap(), b"");
+        std::fs::write(&path, "{}\n").unwrap();
+        drop(FileSink::open(&FileSinkSpec { path: path.clone() }).unwrap());
+        assert_eq!(std::fs::read(&path).unwrap(), b"{}\n");
     }
 }
