@@ -169,6 +169,14 @@ impl Dispatcher {
                         let Some(row) = next_ready(&mut src) else { break };
                         ready.extend(admit(&mut src, &mut busy, row, p));
                     }
+                    // Deliveries whose next attempt is not due yet (a retry read back after a restart) wait
+                        // for it on their own, holding their slot as a retry does.
+                    let now = now_ms();
+                    let (later, mut ready): (Vec<_>, Vec<_>) =
+                        ready.into_iter().partition(|(row, _)| row.next_attempt_ms.is_some_and(|at| at > now));
+                    for (row, p) in later {
+                        this.start(&tracker, row, p, &done_tx, &recording, &cancel);
+                    }
                     match ready.len() {
                         0 => {}
                         1 => {
@@ -316,6 +324,13 @@ impl Dispatcher {
         cancel: &CancellationToken,
     ) {
         let mut attempts = row.attempts;
+        // A retry read back from the spool waits for its due time, as it would have without the restart.
+        if let Some(wait) = row.next_attempt_ms.map(|at| at - now_ms()).filter(|w| *w > 0) {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(wait.unsigned_abs())) => {}
+            }
+        }
         loop {
             attempts = attempts.saturating_add(1);
             let started_at_ms = now_ms();

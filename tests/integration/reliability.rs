@@ -321,3 +321,52 @@ async fn the_admin_api_needs_its_token_and_serves_the_operator_commands() {
     bridge.stop().await;
     receiver.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_restart_waits_for_a_retry_s_due_time_instead_of_attempting_it_at_once() {
+    // The first attempt is answered 503 with Retry-After: 5, so the retry is due 5 s later (the backoff's
+    // jitter cannot make it earlier); every later request is answered 200.
+    let receiver = Receiver::start().await;
+    receiver.fail("", 503, 1, Some(5));
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        r#"
+[storage]
+data_dir = "{data}"
+[sources.clockify]
+kind = "clockify"
+secrets = ["{SECRET}"]
+[sinks.out]
+kind = "http"
+url = "{url}"
+timeout = "2s"
+retry = {{ initial_backoff = "1s", max_backoff = "1s", max_attempts = 3 }}
+[[routes]]
+name = "all"
+to = ["out"]
+"#,
+        data = dir.path().join("data").display(),
+        url = receiver.url()
+    );
+    let bridge = TestBridge::start(&config).await;
+    let (status, _) = bridge.post("/hooks/clockify", &clockify_headers(SECRET, "NEW_TIME_ENTRY"), "{}").await;
+    assert_eq!(status, 200);
+    bridge.wait_metric(r#"hookbridge_deliveries_total{outcome="retry",sink="out"}"#, 1.0).await;
+    bridge.stop().await;
+    // Restarted at once, then again: neither start attempts the delivery before its due time, so the
+    // restarts do not use up max_attempts (3) early.
+    for _ in 0..2 {
+        let bridge = TestBridge::start(&config).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        bridge.stop().await;
+    }
+    assert_eq!(receiver.hits().len(), 1, "attempts before the due time: {:?}", receiver.hits().len());
+    let bridge = TestBridge::start(&config).await;
+    receiver.wait_for(1, Duration::from_secs(20)).await;
+    let hits = receiver.hits();
+    assert_eq!(hits.len(), 2, "one failed attempt, then the one at its due time");
+    assert!(hits[1].at - hits[0].at >= Duration::from_millis(4900), "retried after {:?}", hits[1].at - hits[0].at);
+    bridge.wait_metric(r#"hookbridge_deliveries_total{outcome="delivered",sink="out"}"#, 1.0).await;
+    bridge.stop().await;
+    receiver.stop().await;
+}

@@ -188,6 +188,8 @@ pub struct PendingDelivery {
     pub event: Event,
     /// When this delivery was created (the event's receive time, or the replay's time), ms since the epoch.
     pub created_at_ms: i64,
+    /// When its next attempt is due (set by a failed attempt; kept across restarts), ms since the epoch.
+    pub next_attempt_ms: Option<i64>,
 }
 
 /// The result of inserting an event.

@@ -240,7 +240,7 @@ pub(super) fn pending(
     replays_up_to: Option<i64>,
 ) -> rusqlite::Result<Vec<PendingDelivery>> {
     let mut stmt = conn.prepare_cached(&format!(
-        "SELECT d.id, d.attempts, d.replay, {EVENT_COLUMNS}, d.created_at
+        "SELECT d.id, d.attempts, d.replay, {EVENT_COLUMNS}, d.created_at, d.next_attempt_at
          FROM deliveries d JOIN events e ON e.seq = d.event_seq
          WHERE d.sink = ?1 AND d.status = 'pending' AND d.id > ?2 AND (?4 IS NULL OR (d.replay = 1 AND d.id <= ?4))
          ORDER BY d.id LIMIT ?3"
@@ -253,6 +253,7 @@ pub(super) fn pending(
             seq: r.get(3)?,
             event: event_from_row(r, 3)?,
             created_at_ms: r.get(12)?,
+            next_attempt_ms: r.get(13)?,
         })
     })?;
     rows.collect()

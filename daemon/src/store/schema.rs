@@ -99,8 +99,11 @@ pub(super) fn prepare_writer(conn: &Connection) -> Result<(), StoreError> {
              (or drain the spool with the matching version first)"
         )));
     }
-    conn.execute_batch(SCHEMA)?;
-    conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    if version != SCHEMA_VERSION {
+        // Only a new or migrated spool is written to: a start on a full disk must not fail here.
+        conn.execute_batch(SCHEMA)?;
+        conn.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+    }
     Ok(())
 }
 

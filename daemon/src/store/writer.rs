@@ -450,7 +450,15 @@ fn feed(feeds: &Feeds, committed: Vec<Committed>) {
         for (id, sink) in deliveries {
             if let Some(f) = feeds.get(&sink) {
                 let created_at_ms = event.received_at_ms;
-                let item = PendingDelivery { id, seq, attempts: 0, replay: false, event: event.clone(), created_at_ms };
+                let item = PendingDelivery {
+                    id,
+                    seq,
+                    attempts: 0,
+                    replay: false,
+                    event: event.clone(),
+                    created_at_ms,
+                    next_attempt_ms: None,
+                };
                 if f.tx.try_send(item).is_err() {
                     f.lagged.store(true, Ordering::Release);
                 }
