@@ -70,6 +70,82 @@ pub enum SecretSpec {
     From(SecretFrom),
 }
 
+/// The error for a list or table of secrets given something else, naming its kind only: serde's own
+/// message would quote the value, and a secret put in the wrong place must not reach `check`'s output or a
+/// reload's log.
+fn refuse<E: serde::de::Error>(what: &'static str, got: &str) -> E {
+    E::custom(format!("expected {what}, found {got} (its value is not shown: it may be a secret)"))
+}
+
+macro_rules! quiet_refusals {
+    ($what:expr) => {
+        fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<Self::Value, E> {
+            Err(refuse($what, "a boolean"))
+        }
+        fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<Self::Value, E> {
+            Err(refuse($what, "a number"))
+        }
+        fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<Self::Value, E> {
+            Err(refuse($what, "a number"))
+        }
+        fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<Self::Value, E> {
+            Err(refuse($what, "a number"))
+        }
+        fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<Self::Value, E> {
+            Err(refuse($what, "a string"))
+        }
+    };
+}
+
+/// Deserializes a list of secrets (`secrets = ["${SECRET}"]`) without ever quoting what was given instead.
+pub(crate) fn secret_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<SecretSpec>, D::Error> {
+    struct V;
+    impl<'de> serde::de::Visitor<'de> for V {
+        type Value = Vec<SecretSpec>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a list of secrets")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut out = Vec::new();
+            while let Some(s) = seq.next_element()? {
+                out.push(s);
+            }
+            Ok(out)
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, _: A) -> Result<Self::Value, A::Error> {
+            Err(refuse("a list of secrets, e.g. [\"${SECRET}\"]", "a table"))
+        }
+        quiet_refusals!("a list of secrets, e.g. [\"${SECRET}\"]");
+    }
+    d.deserialize_any(V)
+}
+
+/// Deserializes a table of secrets (`headers = { Authorization = "Bearer ${TOKEN}" }`) without ever quoting
+/// what was given instead.
+pub(crate) fn secret_map<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<std::collections::BTreeMap<String, SecretSpec>, D::Error> {
+    struct V;
+    impl<'de> serde::de::Visitor<'de> for V {
+        type Value = std::collections::BTreeMap<String, SecretSpec>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a table of secrets")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut out = std::collections::BTreeMap::new();
+            while let Some((k, v)) = map.next_entry::<String, SecretSpec>()? {
+                out.insert(k, v);
+            }
+            Ok(out)
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, _: A) -> Result<Self::Value, A::Error> {
+            Err(refuse("a table of secrets, e.g. { name = \"${SECRET}\" }", "a list"))
+        }
+        quiet_refusals!("a table of secrets, e.g. { name = \"${SECRET}\" }");
+    }
+    d.deserialize_any(V)
+}
+
 impl fmt::Debug for SecretFrom {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SecretFrom")

@@ -170,6 +170,7 @@ pub struct ClockifySourceConfig {
     /// URL path; default `/hooks/<id>`.
     pub path: Option<String>,
     /// The webhook's signing secret(s) (`clockify-signature`); several during a rotation.
+    #[serde(deserialize_with = "super::secret::secret_list")]
     pub secrets: Vec<SecretSpec>,
 }
 
@@ -182,6 +183,7 @@ pub struct ClockodoSourceConfig {
     /// URL path; default `/hooks/<id>`.
     pub path: Option<String>,
     /// The token(s) chosen in Clockodo's webhook settings, sent in the body's `token`.
+    #[serde(deserialize_with = "super::secret::secret_list")]
     pub secrets: Vec<SecretSpec>,
 }
 
@@ -227,6 +229,7 @@ pub struct HmacSourceConfig {
     #[serde(default)]
     pub algorithm: HmacAlgorithm,
     /// HMAC key(s); several during a rotation.
+    #[serde(deserialize_with = "super::secret::secret_list")]
     pub secrets: Vec<SecretSpec>,
     /// Header carrying the event type (one of `event_header` / `event_pointer`).
     pub event_header: Option<String>,
@@ -248,6 +251,7 @@ pub struct StandardSourceConfig {
     /// URL path; default `/hooks/<id>`.
     pub path: Option<String>,
     /// Signing secret(s), `whsec_<base64>`; several during a rotation.
+    #[serde(deserialize_with = "super::secret::secret_list")]
     pub secrets: Vec<SecretSpec>,
     /// Largest accepted distance between `webhook-timestamp` and now. Default `5m`.
     #[serde(default = "limits::default_standard_tolerance")]
@@ -342,7 +346,7 @@ pub struct HttpSinkConfig {
     #[serde(default = "limits::default_sink_timeout")]
     pub timeout: HumanDuration,
     /// Extra request headers; values are secrets (so `Authorization = "Bearer ${TOKEN}"` works).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::secret::secret_map")]
     pub headers: BTreeMap<String, SecretSpec>,
     /// Deliveries in flight at once. Default 8.
     #[serde(default = "limits::default_max_in_flight")]
@@ -508,7 +512,7 @@ pub struct PluginConfig {
     pub config: serde_json::Map<String, serde_json::Value>,
     /// Secrets added to `config` under their keys (e.g. `api_key = "${CLOCKIFY_API_KEY}"`), so that they
     /// are written as references, not values.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::secret::secret_map")]
     pub secrets: BTreeMap<String, SecretSpec>,
     /// Hosts the plugin may send HTTP requests to: `api.clockify.me`, `127.0.0.1:8080` (that port only),
     /// `*.clockify.me` (any subdomain). Default none.
@@ -529,7 +533,7 @@ pub struct PluginConfig {
     #[serde(default = "limits::default_plugin_http_rate")]
     pub http_rate_limit: u32,
     /// Environment variables granted to the plugin (values are secrets). Default none.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::secret::secret_map")]
     pub env: BTreeMap<String, SecretSpec>,
     /// Host folders granted read-only, by the path the plugin sees: `{ "/data" = "plugin-data" }`. Default
     /// none.
