@@ -99,6 +99,9 @@ pub(crate) fn validate(
     if c.retry.initial_backoff.0.is_zero() || c.retry.initial_backoff.0 > max_backoff {
         error("retry", "initial_backoff must be more than 0 and at most max_backoff");
     }
+    if c.retry.max_age.0.is_zero() {
+        error("retry.max_age", "must be more than 0");
+    }
     let mut granted_env = Vec::new();
     for (name, spec) in &c.env {
         match spec.resolve(base, env) {

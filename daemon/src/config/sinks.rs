@@ -212,6 +212,9 @@ impl RawSink {
         if retry.max_attempts == Some(0) {
             cx.error("retry.max_attempts", "must be at least 1");
         }
+        if retry.max_age.0.is_zero() {
+            cx.error("retry.max_age", "must be more than 0");
+        }
         let kind = match self {
             RawSink::Http(c) => http(&mut cx, c).map(SinkKind::Http),
             RawSink::File(c) => Some(SinkKind::File(FileSinkSpec { path: base.join(&c.path) })),
