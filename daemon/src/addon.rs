@@ -224,10 +224,15 @@ pub struct Request<'a> {
 /// What the headers of an add-on request prove, before its body is read.
 #[derive(Debug)]
 pub enum Early {
-    /// A webhook, verified against its installation: nothing more to check.
+    /// A webhook, verified against its installation; its body's `workspaceId` and `addonId`, where present,
+    /// must still match these claims of its token ([`body_matches_claims`]).
     Webhook {
         /// Routing is paused for the workspace.
         paused: bool,
+        /// The token's `workspaceId`.
+        workspace: String,
+        /// The token's `addonId`.
+        addon: String,
     },
     /// A lifecycle call whose token is valid: [`lifecycle`] handles it once the body is in.
     Lifecycle,
@@ -247,7 +252,7 @@ pub fn check_headers(
         if text_header(headers, "clockify-webhook-event-type") != Some(event) {
             return Err(Outcome::Unauthorized("unexpected_event"));
         }
-        let Some(inst) = installations.get(&(source.to_owned(), workspace, addon)) else {
+        let Some(inst) = installations.get(&(source.to_owned(), workspace.clone(), addon.clone())) else {
             return Err(Outcome::Unauthorized("not_installed"));
         };
         if inst.deleted {
@@ -265,7 +270,7 @@ pub fn check_headers(
         if expected.is_empty() || !matches_any(token.unwrap_or("").as_bytes(), &expected) {
             return Err(Outcome::Unauthorized("token_mismatch"));
         }
-        return Ok(Early::Webhook { paused: inst.status == "INACTIVE" });
+        return Ok(Early::Webhook { paused: inst.status == "INACTIVE", workspace, addon });
     }
     let Some(kind) = sub.strip_prefix("/lifecycle/") else { return Err(Outcome::NotFound) };
     if !matches!(kind, "installed" | "deleted" | "status-changed" | "settings-updated") {
@@ -275,10 +280,32 @@ pub fn check_headers(
     Ok(Early::Lifecycle)
 }
 
+/// Whether a webhook body's top-level `workspaceId` and `addonId`, where present, are the ones its token
+/// was issued for: a token of one installation must not carry another tenant's events. `Err` is the reason.
+pub fn body_matches_claims(body: &[u8], workspace: &str, addon: &str) -> Result<(), &'static str> {
+    for (field, claim, reason) in
+        [("workspaceId", workspace, "workspace_mismatch"), ("addonId", addon, "addon_mismatch")]
+    {
+        // Not JSON, or no such field: classification decides about the body.
+        if let Ok(Ok(serde_json::Value::String(v))) = crate::template::find(body, &[field.to_owned()])
+            && v != claim
+        {
+            return Err(reason);
+        }
+    }
+    Ok(())
+}
+
 /// Handles a lifecycle call (its headers passed [`check_headers`]): installs, updates or deletes the
 /// installation.
+///
+/// Clockify's documented claims (`iss`, `sub`, `type`, `workspaceId`, `addonId`) are the same for lifecycle
+/// and webhook tokens, so they cannot tell the two apart: a lifecycle token equal to a token Clockify gave this
+/// installation (a per-webhook token, which never expires, or the installation token) is refused, so that
+/// holding one webhook token does not let anyone pause, delete or re-install the installation.
 pub async fn lifecycle(store: &Store, installations: &Installations, req: Request<'_>) -> Outcome {
     let Request { source, scheme, path: _, sub, headers, body } = req;
+    let presented = text_header(headers, "x-addon-lifecycle-token").unwrap_or("");
     let Some(kind) = sub.strip_prefix("/lifecycle/") else { return Outcome::NotFound };
     if !matches!(kind, "installed" | "deleted" | "status-changed" | "settings-updated") {
         return Outcome::NotFound;
@@ -296,6 +323,17 @@ pub async fn lifecycle(store: &Store, installations: &Installations, req: Reques
         return Outcome::Unauthorized("claims_mismatch");
     }
     let key = (source.to_owned(), workspace.clone(), addon.clone());
+    if let Some(inst) = installations.get(&key)
+        && !inst.deleted
+    {
+        let issued: Vec<SecretString> = std::iter::once(inst.auth_token.clone())
+            .chain(inst.webhooks.iter().map(|w| w.auth_token.clone()))
+            .map(SecretString::new)
+            .collect();
+        if matches_any(presented.as_bytes(), &issued) {
+            return Outcome::Unauthorized("not_a_lifecycle_token");
+        }
+    }
     let updated = match kind {
         "installed" => {
             #[derive(Deserialize)]

@@ -275,6 +275,8 @@ struct Checked {
     paused: bool,
     /// An add-on lifecycle call (its token verified).
     lifecycle: bool,
+    /// An add-on webhook's token claims (workspace, add-on), which its body must match.
+    claims: Option<(String, String)>,
 }
 
 /// Checks the headers of a request to `source`; `Err` is the answer, given without reading the body.
@@ -288,8 +290,10 @@ fn check_headers(
     if let Scheme::ClockifyAddon(a) = &source.scheme {
         use crate::addon::{Early, Outcome};
         return match crate::addon::check_headers(a, &s.installations, (&source.id, path, sub.unwrap_or("")), headers) {
-            Ok(Early::Webhook { paused }) => Ok(Checked { verified: true, paused, lifecycle: false }),
-            Ok(Early::Lifecycle) => Ok(Checked { verified: true, paused: false, lifecycle: true }),
+            Ok(Early::Webhook { paused, workspace, addon }) => {
+                Ok(Checked { verified: true, paused, lifecycle: false, claims: Some((workspace, addon)) })
+            }
+            Ok(Early::Lifecycle) => Ok(Checked { verified: true, paused: false, lifecycle: true, claims: None }),
             Err(Outcome::Unauthorized(reason)) => {
                 s.metrics.rejected(&source.id, reason);
                 Err(Box::new(error(StatusCode::UNAUTHORIZED, "verification failed")))
@@ -302,9 +306,11 @@ fn check_headers(
             if let Some(i) = secret {
                 s.metrics.secret_matched(&source.id, i);
             }
-            Ok(Checked { verified: true, paused: false, lifecycle: false })
+            Ok(Checked { verified: true, paused: false, lifecycle: false, claims: None })
         }
-        Ok(crate::verify::Early::NeedsBody) => Ok(Checked { verified: false, paused: false, lifecycle: false }),
+        Ok(crate::verify::Early::NeedsBody) => {
+            Ok(Checked { verified: false, paused: false, lifecycle: false, claims: None })
+        }
         Err(e) => {
             s.metrics.rejected(&source.id, e.reason());
             Err(Box::new(error(StatusCode::UNAUTHORIZED, "verification failed")))
@@ -518,6 +524,13 @@ async fn accept(
                 unavailable("cannot store the installation; retry later")
             }
         };
+    }
+    if let Some((workspace, addon)) = &checked.claims
+        && let Err(reason) = crate::addon::body_matches_claims(&body, workspace, addon)
+    {
+        tracing::warn!(source = %source.id, reason, "add-on webhook refused: its body is not for the workspace its token was issued for");
+        s.metrics.rejected(&source.id, reason);
+        return error(StatusCode::UNAUTHORIZED, "verification failed");
     }
     let classified = match classify(&source.scheme, headers, &body) {
         Ok(c) => c,

@@ -115,7 +115,11 @@ to = ["out"]
     });
     assert_eq!(lifecycle(installed).await.0, 200);
 
-    let body = read_fixture("clockify/NEW_TIME_ENTRY.json");
+    // The fixture's body, in the workspace the tokens were issued for.
+    let body = String::from_utf8(read_fixture("clockify/NEW_TIME_ENTRY.json"))
+        .unwrap()
+        .replace("684446430300f917a02c198b", "ws1")
+        .into_bytes();
     let post = |token: String| {
         let bridge = &bridge;
         let body = body.clone();
@@ -132,6 +136,45 @@ to = ["out"]
     let got = receiver.wait_for(1, Duration::from_secs(20)).await;
     assert_eq!(got[0].body.as_ref(), body.as_slice());
     assert!(got[0].headers.get("clockify-signature").is_none());
+
+    // A webhook token is not a lifecycle token: it cannot pause, delete or re-install the installation.
+    let as_lifecycle = |kind: &str, body: Value| {
+        let (bridge, token) = (&bridge, webhook_token.clone());
+        let path = format!("/hooks/addon/lifecycle/{kind}");
+        async move { bridge.post(&path, &[("x-addon-lifecycle-token", token.as_str())], body.to_string()).await.0 }
+    };
+    assert_eq!(
+        as_lifecycle("status-changed", json!({"addonId": "inst1", "workspaceId": "ws1", "status": "INACTIVE"})).await,
+        401
+    );
+    assert_eq!(as_lifecycle("deleted", json!({"addonId": "inst1", "workspaceId": "ws1"})).await, 401);
+    let foreign = json!({
+        "addonId": "inst1", "authToken": "attacker-token", "workspaceId": "ws1",
+        "webhooks": [{"path": "/webhook/NEW_TIME_ENTRY", "webhookType": "ADDON", "authToken": "attacker-webhook"}],
+    });
+    assert_eq!(as_lifecycle("installed", foreign).await, 401, "re-install with foreign tokens");
+    // Nothing changed: the webhook is still routed (not paused) and its token still works.
+    let (s, text) = bridge
+        .post(
+            "/hooks/addon/webhook/NEW_TIME_ENTRY",
+            &[("clockify-webhook-event-type", "NEW_TIME_ENTRY"), ("clockify-signature", webhook_token.as_str())],
+            r#"{"id":"still-routed","workspaceId":"ws1"}"#,
+        )
+        .await;
+    assert_eq!((s, text.contains("accepted")), (200, true), "{text}");
+    receiver.wait_for(2, Duration::from_secs(20)).await;
+    // A body for another workspace than its token's is refused.
+    let (s, _) = bridge
+        .post(
+            "/hooks/addon/webhook/NEW_TIME_ENTRY",
+            &[("clockify-webhook-event-type", "NEW_TIME_ENTRY"), ("clockify-signature", webhook_token.as_str())],
+            r#"{"id":"other-tenant","workspaceId":"ws2"}"#,
+        )
+        .await;
+    assert_eq!(s, 401);
+    let m = bridge.metrics().await;
+    assert_eq!(metric(&m, r#"hookbridge_rejections_total{reason="not_a_lifecycle_token",source="addon"}"#), 3.0, "{m}");
+    assert_eq!(metric(&m, r#"hookbridge_rejections_total{reason="workspace_mismatch",source="addon"}"#), 1.0, "{m}");
 
     // Valid JWTs that are not the stored token, and every kind of forgery: 401 each.
     let other_valid = rs256(&private, &claims("hookbridge-test", "addon", json!({"webhook": "other"})));
@@ -240,7 +283,7 @@ to = ["out"]
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("/hooks/addon/webhook/NEW_TIME_ENTRY -> 200"), "{stdout}");
-    receiver.wait_for(2, Duration::from_secs(20)).await;
+    receiver.wait_for(3, Duration::from_secs(20)).await;
 
     // The installations are listed by the CLI, without their tokens.
     let listed = bridge.cli(&["installations"]);
@@ -249,7 +292,7 @@ to = ["out"]
     assert!(!listed.contains("installation-token"));
 
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(receiver.received().len(), 2, "the valid webhook and the one `send` made, nothing else");
+    assert_eq!(receiver.received().len(), 3, "the valid webhooks and the one `send` made, nothing else");
     let m = bridge.metrics().await;
     assert_eq!(metric(&m, r#"hookbridge_rejections_total{reason="not_installed",source="addon"}"#), 1.0, "{m}");
     assert!(!m.contains("installation-token"));
