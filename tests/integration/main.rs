@@ -13,6 +13,7 @@ mod config_check;
 mod crash;
 mod dashboard;
 mod delivery;
+mod disk;
 mod edge;
 mod limits;
 mod plugins;
