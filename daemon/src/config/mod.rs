@@ -486,7 +486,17 @@ impl RawSource {
             RawSource::Hmac(c) => {
                 let secrets = resolve_secrets(at, &c.secrets, root, errs, base, env);
                 let event = locator(at, "event", c.event_header, c.event_pointer, true, root, errs);
-                let id = locator(at, "id", c.id_header, c.id_pointer, false, root, errs);
+                if c.id_header.is_some() {
+                    // The signature covers the body only: with the dedup key from a header, a captured request
+                    // replays under a new id and is delivered again.
+                    errs.locate(
+                        &format!("{at}.id_header"),
+                        root,
+                        "the hmac signature does not cover headers, so a replayed request could carry a new id: use \
+                         id_pointer (a field of the signed body), or leave it out (the body's SHA-256 is the key)",
+                    );
+                }
+                let id = locator(at, "id", None, c.id_pointer, false, root, errs);
                 if HeaderName::from_bytes(c.header.as_bytes()).is_err() {
                     errs.locate(&format!("{at}.header"), root, &format!("{:?} is not a valid header name", c.header));
                     return None;
