@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use axum::http::HeaderMap;
+use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use sha2::{Digest, Sha256};
 
 use crate::limits::MAX_EVENT_TYPE_LEN;
@@ -76,26 +77,15 @@ fn invalid_json(e: serde_json::Error) -> ClassifyError {
 /// validated for Clockify, decoded into the envelope for Clockodo, parsed for a JSON pointer.
 pub fn classify(scheme: &Scheme, headers: &HeaderMap, raw: &[u8]) -> Result<Classified, ClassifyError> {
     let body_hash = || hex::encode(Sha256::digest(raw));
-    /// Reads only the top-level `id` (the entity id in Clockify bodies), validating the rest.
-    #[derive(serde::Deserialize)]
-    struct TopId {
-        #[serde(default)]
-        id: Option<serde_json::Value>,
-    }
     let id_text = |v: &serde_json::Value| match v {
         serde_json::Value::String(s) => Some(s.clone()),
         serde_json::Value::Number(n) => Some(n.to_string()),
         _ => None,
     };
+    // Reads only the top-level `id` (the entity id in Clockify bodies), checking the rest. A body that is
+    // JSON but not an object (an array, a number) is valid and has no id.
     let top_id = || -> Result<Option<String>, ClassifyError> {
-        // A body that is JSON but not an object (an array, a number) is valid and has no id.
-        match serde_json::from_slice::<TopId>(raw) {
-            Ok(t) => Ok(t.id.as_ref().and_then(id_text)),
-            Err(e) if e.is_data() => {
-                serde_json::from_slice::<serde::de::IgnoredAny>(raw).map(|_| None).map_err(invalid_json)
-            }
-            Err(e) => Err(invalid_json(e)),
-        }
+        Ok(check_json(raw, true).map_err(invalid_json)?.as_ref().and_then(id_text))
     };
     let mut parsed = None;
     let entity: Option<String>;
@@ -110,6 +100,8 @@ pub fn classify(scheme: &Scheme, headers: &HeaderMap, raw: &[u8]) -> Result<Clas
             (ty, format!("clockify:{}", hex::encode(h.finalize())), vec![])
         }
         Scheme::Clockodo { .. } => {
+            // The envelope skips the fields it does not read unchecked: check them first.
+            check_json(raw, false).map_err(invalid_json)?;
             let env: ClockodoEnvelope = serde_json::from_slice(raw).map_err(invalid_json)?;
             entity = env
                 .payload
@@ -188,6 +180,97 @@ fn locator_headers<'a>(event: &'a Locator, id: Option<&'a Locator>) -> Vec<&'a s
         .collect()
 }
 
+/// Walks a JSON value as parsing it into a [`serde_json::Value`] would (strings are text, numbers in range,
+/// nesting within serde_json's depth limit), keeping nothing but, at the top level (`keep_id`), the value of
+/// the key `id` (the last one, as when the document is parsed whole).
+#[derive(Clone, Copy)]
+struct Check {
+    keep_id: bool,
+}
+
+impl<'de> DeserializeSeed<'de> for Check {
+    type Value = Option<serde_json::Value>;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Check {
+    type Value = Option<serde_json::Value>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut id = None;
+        while let Some(is_id) = map.next_key_seed(IsId(self.keep_id))? {
+            if is_id {
+                id = Some(map.next_value::<serde_json::Value>()?);
+            } else {
+                map.next_value_seed(Check { keep_id: false })?;
+            }
+        }
+        Ok(id)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element_seed(Check { keep_id: false })?.is_some() {}
+        Ok(None)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+}
+
+/// An object key, checked like any string: whether it is the `id` [`Check`] keeps.
+struct IsId(bool);
+
+impl<'de> DeserializeSeed<'de> for IsId {
+    type Value = bool;
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<bool, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for IsId {
+    type Value = bool;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an object key")
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<bool, E> {
+        Ok(self.0 && v == "id")
+    }
+}
+
+/// Checks `raw` as [`Check`] does: the top-level `id`, or an error when `raw` is not JSON.
+fn check_json(raw: &[u8], keep_id: bool) -> Result<Option<serde_json::Value>, serde_json::Error> {
+    let mut de = serde_json::Deserializer::from_slice(raw);
+    let id = Check { keep_id }.deserialize(&mut de)?;
+    de.end()?;
+    Ok(id)
+}
+
 /// The string at a locator: a header value, or a JSON string/number at a pointer.
 fn locate(locator: &Locator, headers: &HeaderMap, body: Option<&serde_json::Value>) -> Option<String> {
     match locator {
@@ -227,6 +310,39 @@ mod tests {
         assert_eq!(classify(&clockify(), &h, b"{nope").unwrap_err().reason(), "invalid_json");
         h.insert("clockify-webhook-event-type", "BAD TYPE".parse().unwrap());
         assert_eq!(classify(&clockify(), &h, b"{}").unwrap_err(), ClassifyError::InvalidEventType);
+    }
+
+    /// Fuzzing (classify target, minimised body `{"":{"":"\xff"}}` under a `none` source with a header
+    /// locator): bodies were checked by skipping them (`IgnoredAny`), which lets through strings that are not
+    /// UTF-8, lone surrogates and nesting past serde_json's depth limit; the ingress then gave predicates
+    /// `null` for such a body. Every scheme now refuses what `serde_json::Value` refuses.
+    #[test]
+    fn bodies_that_are_not_json_are_refused() {
+        let none = Scheme::None { event: Locator::Header("x-event".into()), id: None };
+        let clockodo = Scheme::Clockodo { secrets: vec![SecretString::new("t")] };
+        let mut h = HeaderMap::new();
+        h.insert("x-event", "U".parse().unwrap());
+        h.insert("clockify-webhook-event-type", "NEW_TAG".parse().unwrap());
+        let deep = format!("{}{}", "[".repeat(200), "]".repeat(200));
+        let bodies: [&[u8]; 5] = [
+            b"{\"\":{\"\":\"\xff\"}}",
+            b"{\"\xff\":1}",
+            br#"{"a":"\ud800"}"#,
+            br#"{"event_name":"entry.created","x":["\udfff"]}"#,
+            deep.as_bytes(),
+        ];
+        for body in bodies {
+            for scheme in [&none, &clockify(), &clockodo] {
+                let e = classify(scheme, &h, body).unwrap_err();
+                assert_eq!(e.reason(), "invalid_json", "{}: {:?}", scheme.kind(), String::from_utf8_lossy(body));
+                assert!(serde_json::from_slice::<serde_json::Value>(body).is_err());
+            }
+        }
+        // What is JSON still passes, and the last top-level id counts, as in the parsed document.
+        let c = classify(&clockify(), &h, br#"{"id":"a","x":{"id":"inner"},"s":"\u00e9\ud83d\ude00","id":7}"#).unwrap();
+        assert_eq!(c.ordering_key.as_deref(), Some("clockify:7"));
+        let c = classify(&clockify(), &h, b"[1, {\"id\": 2}]").unwrap();
+        assert_eq!(c.ordering_key, None);
     }
 
     #[test]

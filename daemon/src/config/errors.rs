@@ -108,7 +108,8 @@ fn segments(path: &str) -> Vec<Segment<'_>> {
             out.push(Segment::Key(name));
         }
         while let Some(end) = rest.find(']') {
-            if let Ok(i) = rest[1..end].parse() {
+            // `rest` starts with '[' only the first time: a key may hold brackets of its own (`x[0]]`).
+            if let Some(Ok(i)) = rest.get(1..end).map(str::parse) {
                 out.push(Segment::Index(i));
             }
             rest = &rest[end + 1..];
@@ -148,4 +149,23 @@ fn find_span(root: &DeTable<'_>, path: &str) -> Option<Range<usize>> {
         }
     }
     found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Fuzzing (config target): a key with a `]` of its own after an index, here a librdkafka option named
+    /// `x[0]]`, panicked on slicing `]` while its error was being placed.
+    #[test]
+    fn keys_with_brackets_of_their_own_are_located() {
+        let text = "[sinks.k]\nkind = \"kafka\"\noptions = { \"x[0]]\" = \"1\" }\n";
+        let (root, syntax) = DeTable::parse_recoverable(text);
+        assert!(syntax.is_empty());
+        let mut errs = ConfigErrors::new(None, text);
+        errs.locate("sinks.k.options.x[0]]", root.get_ref(), "refused");
+        errs.locate("sinks.k]].x[", root.get_ref(), "refused");
+        assert_eq!(errs.errors[0].position.map(|(line, _)| line), Some(3));
+        assert_eq!(errs.to_string().lines().count(), 2);
+    }
 }

@@ -501,6 +501,14 @@ impl RawSource {
                     errs.locate(&format!("{at}.header"), root, &format!("{:?} is not a valid header name", c.header));
                     return None;
                 }
+                if !HmacScheme::valid_prefix(&c.prefix) {
+                    errs.locate(
+                        &format!("{at}.prefix"),
+                        root,
+                        "use printable ASCII, not starting with a space: no header value could carry this prefix",
+                    );
+                    return None;
+                }
                 Some(Scheme::Hmac(HmacScheme::new(
                     &c.header,
                     c.prefix,

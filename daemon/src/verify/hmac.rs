@@ -46,6 +46,13 @@ impl HmacScheme {
         HmacScheme { header, prefix, encoding, algorithm, secrets, event, id }
     }
 
+    /// Whether a signature can start with `prefix` as the daemon reads header values: visible ASCII, spaces
+    /// and tabs (what [`axum::http::HeaderValue::to_str`] accepts), and no space or tab first (HTTP trims
+    /// those). No signature ever matches another prefix, so the config refuses it.
+    pub fn valid_prefix(prefix: &str) -> bool {
+        !prefix.starts_with([' ', '\t']) && prefix.bytes().all(|b| b == b'\t' || (b' '..=b'~').contains(&b))
+    }
+
     pub(super) fn verify(&self, headers: &HeaderMap, body: &[u8], now: SystemTime) -> Result<usize, VerifyError> {
         let presented = self.presented(headers)?;
         let mut matched = None;
@@ -162,6 +169,25 @@ mod tests {
             s.sign(&SecretString::new("Jefe"), b"what do ya want for nothing?"),
             "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
         );
+    }
+
+    /// Fuzzing (verify_hmac target, minimised input `ff ff ff ff ff ff`): with a prefix that is not header
+    /// text (here U+FFFD), or that starts with a space, a correctly signed request could never verify.
+    #[test]
+    fn prefixes_a_header_cannot_carry_are_invalid() {
+        for bad in ["\u{fffd}", " sha256=", "\tv1=", "sha256=\u{7f}"] {
+            assert!(!HmacScheme::valid_prefix(bad), "{bad:?}");
+            let s = scheme(SignatureEncoding::Base64, HmacAlgorithm::Sha512, bad);
+            let mut h = HeaderMap::new();
+            let signed = s.sign(&SecretString::new("old"), b"");
+            if let Ok(v) = axum::http::HeaderValue::from_str(&signed) {
+                h.insert("x-hub-signature-256", v);
+            }
+            assert!(s.verify(&h, b"", SystemTime::now()).is_err(), "{bad:?}");
+        }
+        for good in ["", "sha256=", "v1, ", "a\tb="] {
+            assert!(HmacScheme::valid_prefix(good), "{good:?}");
+        }
     }
 
     #[test]
