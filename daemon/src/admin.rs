@@ -48,15 +48,28 @@ pub fn router(config: Config, token: SecretString) -> Router {
 }
 
 async fn auth(State(a): State<Arc<Admin>>, request: Request, next: Next) -> Response {
-    let presented =
-        request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(bearer).unwrap_or("");
-    if presented.is_empty() || !matches_any(presented.as_bytes(), std::slice::from_ref(&a.token)) {
+    if !token_matches(bearer_of(request.headers()), &a.token) {
         tracing::warn!(path = %request.uri().path(), "admin API request refused: bad or missing bearer token");
-        let mut r = (StatusCode::UNAUTHORIZED, axum::Json(json!({"error": "bearer token required"}))).into_response();
-        r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
-        return r;
+        return unauthorized("bearer token required");
     }
     next.run(request).await
+}
+
+/// The bearer token a request carries in `Authorization`, if any.
+pub fn bearer_of(headers: &header::HeaderMap) -> Option<&str> {
+    headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(bearer)
+}
+
+/// Whether `presented` is `token` (compared in constant time; absent or empty never matches).
+pub fn token_matches(presented: Option<&str>, token: &SecretString) -> bool {
+    presented.is_some_and(|p| !p.is_empty() && matches_any(p.as_bytes(), std::slice::from_ref(token)))
+}
+
+/// `401` with `WWW-Authenticate: Bearer` and `{"error": message}`.
+pub fn unauthorized(message: &str) -> Response {
+    let mut r = (StatusCode::UNAUTHORIZED, axum::Json(json!({"error": message}))).into_response();
+    r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+    r
 }
 
 /// The token of an `Authorization: Bearer <token>` value, the scheme matched case-insensitively (RFC 9110).

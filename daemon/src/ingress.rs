@@ -130,22 +130,12 @@ pub fn internal_router(shared: Arc<Shared>) -> Router {
 /// its event stream, when `internal_token` is set.
 async fn internal_auth(State(s): State<Arc<Shared>>, request: Request, next: axum::middleware::Next) -> Response {
     let Some(token) = &s.internal_token else { return next.run(request).await };
-    let from_header = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(crate::admin::bearer)
-        .map(str::to_owned);
-    let from_query = || {
-        form_urlencoded::parse(request.uri().query().unwrap_or("").as_bytes())
-            .find(|(k, _)| k == "token")
-            .map(|(_, v)| v.into_owned())
-    };
-    let presented = from_header.or_else(from_query).unwrap_or_default();
-    if presented.is_empty() || !crate::verify::matches_any(presented.as_bytes(), std::slice::from_ref(token)) {
-        let mut r = error(StatusCode::UNAUTHORIZED, "token required");
-        r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        return r;
+    let from_query = form_urlencoded::parse(request.uri().query().unwrap_or("").as_bytes())
+        .find(|(k, _)| k == "token")
+        .map(|(_, v)| v.into_owned());
+    let presented = crate::admin::bearer_of(request.headers()).or(from_query.as_deref());
+    if !crate::admin::token_matches(presented, token) {
+        return crate::admin::unauthorized("token required");
     }
     next.run(request).await
 }
