@@ -142,6 +142,7 @@ to = ["good"]
     );
     for (id, extra) in [
         ("loop", "time_limit = \"50ms\""),
+        ("sleep", "time_limit = \"100ms\""),
         ("alloc", "memory_limit = \"16MiB\""),
         ("file", ""),
         ("http", "allowed_hosts = [\"api.clockify.me\"]"),
@@ -180,6 +181,7 @@ async fn the_sandbox_stops_each_misbehaviour_and_the_daemon_keeps_serving() {
     let mut good = 0.0;
     for (event, plugin, kind) in [
         ("LOOP", "loop", "timeout"),
+        ("SLEEP", "sleep", "timeout"),
         ("ALLOC", "alloc", "memory"),
         ("FILE", "file", "permanent"),
         ("HTTP", "http", "permanent"),
@@ -195,12 +197,13 @@ async fn the_sandbox_stops_each_misbehaviour_and_the_daemon_keeps_serving() {
         bridge.wait_metric(r#"hookbridge_deliveries_total{outcome="delivered",sink="good"}"#, good).await;
     }
     // Every misbehaving delivery ended as a dead letter (max_attempts = 1), with the reason.
-    for plugin in ["loop", "alloc", "file", "http", "panic"] {
+    for plugin in ["loop", "sleep", "alloc", "file", "http", "panic"] {
         bridge.wait_metric(&format!(r#"hookbridge_dead_letters{{sink="{plugin}"}}"#), 1.0).await;
     }
     let dlq = bridge.cli(&["dlq", "list"]);
     for reason in [
         "stopped after its time limit of 50ms",
+        "stopped after its time limit of 100ms",
         "refused more memory than its limit of 16777216 bytes",
         "No such file or directory",
         "environment variable not found",
@@ -213,7 +216,11 @@ async fn the_sandbox_stops_each_misbehaviour_and_the_daemon_keeps_serving() {
     let m = bridge.metrics().await;
     let slow = metric(&m, r#"hookbridge_plugin_duration_seconds_bucket{plugin="loop",le="0.25"}"#);
     assert_eq!(slow, 1.0, "the loop plugin ran for more than 250 ms:\n{m}");
-    assert_eq!(live(&bridge.internal_url(""), "good").await.unwrap()["GOOD"], 5);
+    // So was the 60-second sleep, inside the WASI call that waited.
+    let slept = metric(&m, r#"hookbridge_plugin_duration_seconds_bucket{plugin="sleep",le="0.25"}"#);
+    assert_eq!(slept, 1.0, "the sleep plugin ran for more than 250 ms:\n{m}");
+    assert!(live(&bridge.internal_url(""), "sandbox").await.is_none(), "a misbehaviour went through");
+    assert_eq!(live(&bridge.internal_url(""), "good").await.unwrap()["GOOD"], 6);
     bridge.stop().await;
 }
 
@@ -406,10 +413,82 @@ fn plugin_test_reports_each_kind_of_sandbox_stop_with_its_cost() {
     let timeout = run(r#"{"mode":"loop"}"#, &["--time-limit", "30ms"]);
     assert_eq!(timeout["outcome"], "timeout", "{timeout}");
     assert!(timeout["duration_us"].as_u64().unwrap() < 1_000_000, "stopped near its limit: {timeout}");
+    let slept = run(r#"{"mode":"sleep"}"#, &["--time-limit", "300ms"]);
+    assert_eq!(slept["outcome"], "timeout", "{slept}");
+    let us = slept["duration_us"].as_u64().unwrap();
+    assert!((300_000..1_500_000).contains(&us), "a sleep in WASI is stopped at the limit: {slept}");
     let memory = run(r#"{"mode":"alloc"}"#, &["--memory-mib", "8"]);
     assert_eq!(memory["outcome"], "memory", "{memory}");
     assert!(memory["memory_bytes"].as_u64().unwrap() <= 8 * 1024 * 1024, "{memory}");
     let panic = run(r#"{"mode":"panic"}"#, &[]);
     assert_eq!(panic["outcome"], "trap", "{panic}");
     assert!(panic["error"].as_str().unwrap().contains("sandbox panic"), "the panic message explains the trap: {panic}");
+}
+
+/// A plugin that sleeps 60 s in a WASI call with a 2 s time limit: SIGTERM while it sleeps, and the daemon
+/// exits within about the limit, not the sleep (a blocking thread parked in the host call used to hold the
+/// runtime's shutdown for the whole sleep).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plugin_sleeping_in_wasi_does_not_delay_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = dir.path().join("hookbridge.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[server]
+listen = "127.0.0.1:{port}"
+internal_listen = "127.0.0.1:0"
+shutdown_timeout = "30s"
+[storage]
+data_dir = "data"
+[sources.clockify]
+kind = "clockify"
+secrets = ["{SECRET}"]
+[plugins.sleep]
+path = "{wasm}"
+config = {{ mode = "sleep" }}
+time_limit = "2s"
+[[routes]]
+name = "all"
+to = ["sleep"]
+"#,
+            wasm = wasm("sandbox").display()
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("daemon.log");
+    let mut child = spawn_daemon(&config, &log);
+    let base = format!("http://127.0.0.1:{port}");
+    wait_healthy(&format!("{base}/healthz")).await;
+    let r = client()
+        .post(format!("{base}/hooks/clockify"))
+        .headers(
+            clockify_headers(SECRET, "NEW_TIME_ENTRY")
+                .into_iter()
+                .map(|(k, v)| (k.parse().unwrap(), v.parse().unwrap()))
+                .collect(),
+        )
+        .body(r#"{"id":"sleepy"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // The plugin is asleep now.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = std::time::Instant::now();
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "no exit 20 s after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let took = started.elapsed();
+    assert!(status.success(), "{status:?}: {}", std::fs::read_to_string(&log).unwrap_or_default());
+    assert!(took < Duration::from_secs(6), "shutdown took {took:?} with a plugin asleep (limit 2 s)");
+    let log = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(log.contains("time limit"), "the sleep was stopped by the time limit:\n{log}");
 }

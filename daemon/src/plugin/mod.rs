@@ -95,15 +95,32 @@ impl Host {
         let engine = Engine::new(&config).map_err(|e| format!("cannot create the WebAssembly engine: {e:#}"))?;
         let mut linker = Linker::<State>::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(|e| format!("WASI: {e:#}"))?;
+        // The monotonic clock again, with subscriptions that end by the invocation's deadline: a plugin's only
+        // way to block in WASI (no sockets, stdin empty) is to wait on one, and the epoch deadline stops wasm
+        // code, not a thread parked in a host call.
+        linker.allow_shadowing(true);
+        wasmtime_wasi::p2::bindings::clocks::monotonic_clock::add_to_linker::<State, DeadlineClock>(
+            &mut linker,
+            deadline_clock,
+        )
+        .map_err(|e| format!("WASI clock: {e:#}"))?;
+        linker.allow_shadowing(false);
         bindings::Plugin::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s)
             .map_err(|e| format!("plugin interface: {e:#}"))?;
-        // The ticker ends with the engine.
+        // The ticker ends with the engine. It counts the ticks due since it started, not its wake-ups: a
+        // sleep overshoots, and a ticker that counted wake-ups would let deadlines drift past the limit.
         let weak = engine.weak();
         std::thread::Builder::new()
             .name("hookbridge-epoch".into())
             .spawn(move || {
+                let start = Instant::now();
+                let mut ticks: u128 = 0;
                 while let Some(engine) = weak.upgrade() {
-                    engine.increment_epoch();
+                    let due = start.elapsed().as_nanos() / TICK.as_nanos();
+                    while ticks < due {
+                        engine.increment_epoch();
+                        ticks += 1;
+                    }
                     drop(engine);
                     std::thread::sleep(TICK);
                 }
@@ -365,12 +382,13 @@ impl Plugin {
         let state = State {
             wasi: wasi.build(),
             table: ResourceTable::new(),
-            limiter: Limiter { limit: p.spec.memory_limit, peak: 0, denied: false },
+            limiter: Limiter::new(p.spec.memory_limit),
             plugin: p.id.clone(),
             kv: p.kv.clone(),
             net: Arc::clone(&p.net),
             rt,
             deadline: started + p.spec.time_limit,
+            overslept: false,
             logs: Vec::new(),
             source: event.map(|e| e.source.clone()).unwrap_or_default(),
             addons: addons.cloned(),
@@ -404,6 +422,8 @@ impl Plugin {
         };
         let outcome = match outcome {
             Err(Failure::Trap(_)) if store.data().limiter.denied => Err(Failure::Memory(p.spec.memory_limit)),
+            // It waited in WASI up to the deadline: whatever it did after, it ran out of time.
+            _ if store.data().overslept => Err(Failure::Timeout(p.spec.time_limit)),
             other => other,
         };
         let mut state = store.into_data();
@@ -478,6 +498,9 @@ struct State {
     net: Arc<net::Net>,
     rt: Option<tokio::runtime::Handle>,
     deadline: Instant,
+    /// A clock subscription was cut at the deadline: the invocation has reached its time limit, even if
+    /// the guest got to return before its epoch deadline trapped it.
+    overslept: bool,
     logs: Vec<LogLine>,
     /// The source of the event being handled: the only add-on whose installations the plugin may use.
     source: String,
@@ -490,21 +513,92 @@ impl WasiView for State {
     }
 }
 
-/// Memory limit per store, remembering whether it refused a growth (to tell memory exhaustion from other
-/// traps) and the peak.
+/// `wasi:clocks/monotonic-clock` for one invocation: WASI's own, except that a subscription (what a
+/// sleep or a poll with a timeout waits on) ends no later than the invocation's deadline. The guest then
+/// resumes past its epoch deadline and traps with a timeout at once.
+struct DeadlineClock;
+
+impl wasmtime::component::HasData for DeadlineClock {
+    type Data<'a> = BoundedClock<'a>;
+}
+
+struct BoundedClock<'a> {
+    clocks: wasmtime_wasi::clocks::WasiClocksCtxView<'a>,
+    /// Time left until the invocation's deadline, in nanoseconds.
+    left: u64,
+    overslept: &'a mut bool,
+}
+
+/// How long past the deadline a cut subscription ends: a few epoch ticks, so that the epoch deadline has
+/// passed when the guest resumes and its next call or loop traps.
+const OVERSLEEP: Duration = Duration::from_millis(3);
+
+fn deadline_clock(s: &mut State) -> BoundedClock<'_> {
+    let left = u64::try_from(s.deadline.saturating_duration_since(Instant::now()).as_nanos()).unwrap_or(u64::MAX);
+    BoundedClock {
+        clocks: wasmtime_wasi::clocks::WasiClocksCtxView { ctx: s.wasi.clocks(), table: &mut s.table },
+        left,
+        overslept: &mut s.overslept,
+    }
+}
+
+impl wasmtime_wasi::p2::bindings::clocks::monotonic_clock::Host for BoundedClock<'_> {
+    fn now(&mut self) -> wasmtime::Result<u64> {
+        wasmtime_wasi::p2::bindings::clocks::monotonic_clock::Host::now(&mut self.clocks)
+    }
+
+    fn resolution(&mut self) -> wasmtime::Result<u64> {
+        wasmtime_wasi::p2::bindings::clocks::monotonic_clock::Host::resolution(&mut self.clocks)
+    }
+
+    fn subscribe_instant(
+        &mut self,
+        when: u64,
+    ) -> wasmtime::Result<wasmtime::component::Resource<wasmtime_wasi::p2::DynPollable>> {
+        let now = self.now()?;
+        self.subscribe_duration(when.saturating_sub(now))
+    }
+
+    fn subscribe_duration(
+        &mut self,
+        duration: u64,
+    ) -> wasmtime::Result<wasmtime::component::Resource<wasmtime_wasi::p2::DynPollable>> {
+        let bounded = if duration > self.left {
+            *self.overslept = true;
+            self.left.saturating_add(OVERSLEEP.as_nanos() as u64)
+        } else {
+            duration
+        };
+        wasmtime_wasi::p2::bindings::clocks::monotonic_clock::Host::subscribe_duration(&mut self.clocks, bounded)
+    }
+}
+
+/// Memory limit per invocation, over all its linear memories together (a component may have several),
+/// remembering whether it refused a growth (to tell memory exhaustion from other traps) and the peak.
 struct Limiter {
     limit: u64,
+    /// Bytes of all memories now.
+    total: u64,
     peak: u64,
     denied: bool,
 }
 
+impl Limiter {
+    fn new(limit: u64) -> Limiter {
+        Limiter { limit, total: 0, peak: 0, denied: false }
+    }
+}
+
 impl wasmtime::ResourceLimiter for Limiter {
-    fn memory_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
-        if desired as u64 > self.limit {
+    /// Called for every memory's creation (`current` 0) and growth, with that memory's sizes.
+    fn memory_growing(&mut self, current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
+        let total = self.total.saturating_sub(current as u64).saturating_add(desired as u64);
+        if total > self.limit {
             self.denied = true;
             return Ok(false);
         }
-        self.peak = self.peak.max(desired as u64);
+        self.total = total;
+        self.peak = self.peak.max(total);
         Ok(true)
     }
 
@@ -616,5 +710,25 @@ impl wit::addon::Host for State {
 impl wit::clock::Host for State {
     fn now_ms(&mut self) -> i64 {
         now_ms()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use wasmtime::ResourceLimiter;
+
+    use super::Limiter;
+
+    #[test]
+    fn the_memory_limit_counts_every_memory_of_an_invocation() {
+        const MIB: usize = 1 << 20;
+        let mut l = Limiter::new(64 * MIB as u64);
+        assert!(l.memory_growing(0, 40 * MIB, None).unwrap(), "memory A created");
+        assert!(!l.memory_growing(0, 40 * MIB, None).unwrap(), "memory B would make 80 MiB in all");
+        assert!(l.denied);
+        assert!(l.memory_growing(0, 20 * MIB, None).unwrap(), "memory B at 20 MiB: 60 in all");
+        assert!(l.memory_growing(40 * MIB, 44 * MIB, None).unwrap(), "A grows to 44: 64 in all");
+        assert!(!l.memory_growing(20 * MIB, 21 * MIB, None).unwrap(), "B cannot grow past the total");
+        assert_eq!(l.peak, 64 * MIB as u64);
     }
 }

@@ -2,6 +2,7 @@
 //! `handle` time (`init` only validates, so loading the plugin is safe):
 //!
 //! - `loop`: runs forever (the daemon's deadline must stop it);
+//! - `sleep`: sleeps 60 s in WASI (the deadline must stop it inside the host call, not after it);
 //! - `alloc`: allocates and touches 1 GiB (the memory limit must stop it);
 //! - `file`: reads `/etc/hostname` and `$HOME` (must fail: returns a permanent error starting with `file: `);
 //! - `http`: GETs the config's `url` (returns a permanent error starting with `http: ` when the daemon refuses);
@@ -26,6 +27,7 @@ const BREACH_CHANNEL: &str = "sandbox";
 #[serde(rename_all = "lowercase")]
 enum Mode {
     Loop,
+    Sleep,
     Alloc,
     File,
     Http,
@@ -54,6 +56,12 @@ impl Plugin for Sandbox {
     fn handle(&self, _event: Event) -> Result<Vec<Action>, Error> {
         match self.mode {
             Mode::Loop => spin_forever(),
+            Mode::Sleep => {
+                let started = std::time::Instant::now();
+                std::thread::sleep(std::time::Duration::from_secs(60));
+                let slept = started.elapsed();
+                Ok(vec![Action::publish(BREACH_CHANNEL, format!("sleep: slept {slept:?} and went on"))])
+            }
             Mode::Alloc => allocate_a_gibibyte(),
             Mode::File => read_outside(),
             Mode::Http => {
