@@ -67,6 +67,10 @@ pub struct RouteDecision {
     pub predicate_errors: Vec<(String, String)>,
 }
 
+/// CEL's standard environment, built once: it registers every standard function and type, which costs more
+/// than compiling a typical predicate (config checks and reloads compile every route again).
+static CEL_ENV: std::sync::LazyLock<Arc<cel::Env>> = std::sync::LazyLock::new(|| Arc::new(cel::Env::stdlib()));
+
 /// All routes, compiled once per config load.
 pub struct RouteTable {
     routes: Vec<CompiledRoute>,
@@ -82,7 +86,7 @@ impl std::fmt::Debug for RouteTable {
 impl RouteTable {
     /// Compiles globs and predicates; reports every problem.
     pub fn compile(routes: &[RouteConfig]) -> Result<RouteTable, Vec<RouteError>> {
-        let env = Arc::new(cel::Env::stdlib());
+        let env = Arc::clone(&CEL_ENV);
         let mut errors = Vec::new();
         let mut compiled = Vec::new();
         for (index, r) in routes.iter().enumerate() {

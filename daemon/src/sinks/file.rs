@@ -122,6 +122,9 @@ const TAIL_CHUNK: usize = 64 * 1024;
 /// last complete line; returns the length kept. An intact file is left as it is.
 fn repair_tail(file: &File, path: &std::path::Path) -> std::io::Result<u64> {
     let len = file.metadata()?.len();
+    if len == 0 {
+        return Ok(0);
+    }
     let mut end = len;
     let mut buf = vec![0u8; TAIL_CHUNK];
     let keep = loop {
