@@ -51,6 +51,10 @@ pub enum BridgeError {
     /// A listener's TLS certificate or key could not be loaded.
     #[error("tls: {0}")]
     Tls(String),
+    /// The spool stopped after a failed sync: the bridge shut down, and the process should exit non-zero so
+    /// that its supervisor restarts it (SQLite recovers the spool from its WAL at the next start).
+    #[error("the spool stopped after a failed sync ({0}); restart the daemon")]
+    SpoolFailed(String),
 }
 
 /// A sink's dispatcher, running.
@@ -237,7 +241,7 @@ impl Bridge {
             store: store.clone(),
             installations,
             metrics: metrics.clone(),
-            concurrency: Semaphore::new(config.server.max_concurrency),
+            concurrency: Arc::new(Semaphore::new(config.server.max_concurrency)),
             unverified: Semaphore::new(config.server.max_unverified),
             internal_token: config.listeners.internal_token.clone(),
             sink_stats: std::sync::Mutex::new(Vec::new()),
@@ -308,7 +312,8 @@ impl Bridge {
 
     /// Serves `sockets` with the connection limits and TLS of `[server]` (and `[admin]`) until `signal`
     /// completes, then shuts down: stop accepting, let requests in flight finish, stop dispatchers within
-    /// the shutdown deadline, close the spool.
+    /// the shutdown deadline, close the spool. If the spool fails a sync meanwhile, it shuts down the same
+    /// way and returns [`BridgeError::SpoolFailed`].
     pub async fn serve(
         self,
         sockets: Sockets,
@@ -359,7 +364,13 @@ impl Bridge {
             }));
         }
         let shared = Arc::clone(&self.inner.shared);
-        signal.await;
+        let failed = tokio::select! {
+            () = signal => None,
+            error = self.inner.store.failed() => Some(error),
+        };
+        if let Some(e) = &failed {
+            tracing::error!(error = %e, "the spool stopped after a failed sync: shutting down so that the daemon is restarted");
+        }
         shared.shutting_down.store(true, Ordering::Relaxed);
         // Live streams (dashboards) never end by themselves; the server waits for open connections.
         shared.live.close();
@@ -369,7 +380,10 @@ impl Bridge {
             let _ = t.await;
         }
         self.shutdown().await;
-        Ok(())
+        match failed {
+            Some(e) => Err(BridgeError::SpoolFailed(e)),
+            None => Ok(()),
+        }
     }
 
     /// Stops dispatchers (waiting at most the shutdown deadline for deliveries in progress) and closes the

@@ -51,8 +51,22 @@ pub struct Classified {
     pub kept_headers: Vec<(String, String)>,
     /// Dedup key.
     pub dedup_key: String,
+    /// What the dedup key is: a delivery id (the same on every retry of one delivery, different for every
+    /// other) or the content (the same for a retry and for a distinct event with the same bytes).
+    pub dedup: DedupKey,
     /// Ordering key: the entity the event is about (`<source>:<id>`), when the body names one.
     pub ordering_key: Option<String>,
+}
+
+/// What a dedup key identifies, which decides how it dedups (see [`crate::store::Dedup`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DedupKey {
+    /// A delivery id the sender sets once per delivery and keeps on its retries (Standard Webhooks'
+    /// `webhook-id`, a configured `id_pointer`): a copy within the dedup window is a retry.
+    DeliveryId,
+    /// A hash of what was sent (Clockify and its add-ons, Clockodo, `hmac` without an id): a copy is a retry
+    /// only if the provider may not have seen the earlier copy's answer; otherwise it is a new event.
+    Content,
 }
 
 /// Every header that carries no credential, for predicates (lower-case names; values that are not text
@@ -89,6 +103,7 @@ pub fn classify(scheme: &Scheme, headers: &HeaderMap, raw: &[u8]) -> Result<Clas
     };
     let mut parsed = None;
     let entity: Option<String>;
+    let mut dedup = DedupKey::Content;
     let (event_type, dedup_key, extra_kept): (Option<String>, String, Vec<&str>) = match scheme {
         Scheme::Clockify { .. } | Scheme::ClockifyAddon(_) => {
             entity = top_id()?;
@@ -109,13 +124,9 @@ pub fn classify(scheme: &Scheme, headers: &HeaderMap, raw: &[u8]) -> Result<Clas
                 .and_then(|p| p.as_object())
                 .and_then(|o| o.iter().next())
                 .and_then(|(kind, v)| v.get("id").and_then(id_text).map(|id| format!("{kind}:{id}")));
-            let entity_id = entity.clone().unwrap_or_default();
-            let sub = env.subscription_id.as_ref().map(|s| s.to_string()).unwrap_or_default();
-            let key = match &env.occurred_at {
-                Some(at) => format!("clockodo:{sub}:{at}:{entity_id}"),
-                None => format!("clockodo:body:{}", body_hash()),
-            };
-            (env.event_name, key, vec![])
+            // The whole envelope: two envelopes that differ in any field are two events (a key made of
+            // some fields made the second of two changes in the same second a duplicate).
+            (env.event_name, format!("clockodo:{}", body_hash()), vec![])
         }
         Scheme::Hmac(HmacScheme { event, id, .. }) | Scheme::None { event, id } => {
             let needs_body = [Some(event), id.as_ref()].into_iter().flatten().any(|l| matches!(l, Locator::Pointer(_)));
@@ -127,7 +138,13 @@ pub fn classify(scheme: &Scheme, headers: &HeaderMap, raw: &[u8]) -> Result<Clas
                 entity = top_id()?;
             }
             let ty = locate(event, headers, parsed.as_ref());
-            let key = id.as_ref().and_then(|l| locate(l, headers, parsed.as_ref())).unwrap_or_else(body_hash);
+            let key = match id.as_ref().and_then(|l| locate(l, headers, parsed.as_ref())) {
+                Some(id) => {
+                    dedup = DedupKey::DeliveryId;
+                    id
+                }
+                None => body_hash(),
+            };
             (ty, format!("{}:{key}", scheme.kind()), locator_headers(event, id.as_ref()))
         }
         Scheme::Standard(StandardScheme { event, .. }) => {
@@ -139,8 +156,14 @@ pub fn classify(scheme: &Scheme, headers: &HeaderMap, raw: &[u8]) -> Result<Clas
                 entity = top_id()?;
             }
             let ty = locate(event, headers, parsed.as_ref());
-            // `webhook-id` is the message id: the same on every retry of one message.
-            let key = header(headers, "webhook-id").unwrap_or_else(body_hash);
+            // `webhook-id` is the message id: the same on every retry of one message (and signed).
+            let key = match header(headers, "webhook-id") {
+                Some(id) => {
+                    dedup = DedupKey::DeliveryId;
+                    id
+                }
+                None => body_hash(),
+            };
             (ty, format!("standard-webhooks:{key}"), locator_headers(event, None))
         }
     };
@@ -166,7 +189,7 @@ pub fn classify(scheme: &Scheme, headers: &HeaderMap, raw: &[u8]) -> Result<Clas
         .collect();
     kept_headers.sort();
     let ordering_key = entity.map(|id| format!("{}:{id}", scheme.kind()));
-    Ok(Classified { event_type, body: parsed, kept_headers, dedup_key, ordering_key })
+    Ok(Classified { event_type, body: parsed, kept_headers, dedup_key, dedup, ordering_key })
 }
 
 fn locator_headers<'a>(event: &'a Locator, id: Option<&'a Locator>) -> Vec<&'a str> {
@@ -307,6 +330,7 @@ mod tests {
         assert!(!visible_headers(&clockify(), &h).contains_key("clockify-signature"));
         assert!(c.kept_headers.iter().all(|(k, _)| k != "clockify-signature"));
         assert!(c.dedup_key.starts_with("clockify:"));
+        assert_eq!(c.dedup, DedupKey::Content);
         assert_eq!(classify(&clockify(), &h, b"{nope").unwrap_err().reason(), "invalid_json");
         h.insert("clockify-webhook-event-type", "BAD TYPE".parse().unwrap());
         assert_eq!(classify(&clockify(), &h, b"{}").unwrap_err(), ClassifyError::InvalidEventType);
@@ -346,12 +370,17 @@ mod tests {
     }
 
     #[test]
-    fn clockodo_dedup_key_from_envelope() {
+    fn clockodo_dedup_key_is_the_whole_envelope() {
         let scheme = Scheme::Clockodo { secrets: vec![SecretString::new("t")] };
         let body = br#"{"subscription_id":42,"company_id":1337,"occurred_at":"2024-05-02T10:00:00Z","payload":{"entry":{"id":9001}},"event_name":"entry.created","token":"t"}"#;
         let c = classify(&scheme, &HeaderMap::new(), body).unwrap();
         assert_eq!(c.event_type, "entry.created");
-        assert_eq!(c.dedup_key, "clockodo:42:2024-05-02T10:00:00Z:entry:9001");
+        assert_eq!(c.dedup_key, format!("clockodo:{}", hex::encode(Sha256::digest(body))));
+        assert_eq!(c.dedup, DedupKey::Content);
+        assert_eq!(c.ordering_key.as_deref(), Some("clockodo:entry:9001"));
+        // Same subscription, time and entity, another company: another event.
+        let other = String::from_utf8_lossy(body).replace("1337", "1338");
+        assert_ne!(classify(&scheme, &HeaderMap::new(), other.as_bytes()).unwrap().dedup_key, c.dedup_key);
     }
 
     #[test]
@@ -362,7 +391,12 @@ mod tests {
         h.insert("x-id", "abc".parse().unwrap());
         let c = classify(&scheme, &h, br#"{"event":"TIME_ENTRY_CREATED"}"#).unwrap();
         assert_eq!((c.event_type.as_str(), c.dedup_key.as_str()), ("TIME_ENTRY_CREATED", "none:abc"));
+        assert_eq!(c.dedup, DedupKey::DeliveryId);
         assert!(c.kept_headers.contains(&("x-id".into(), "abc".into())));
         assert!(matches!(classify(&scheme, &h, br#"{"other":1}"#), Err(ClassifyError::MissingEventType(_))));
+        // Without its id the body is the key, a content key.
+        h.remove("x-id");
+        let c = classify(&scheme, &h, br#"{"event":"TIME_ENTRY_CREATED"}"#).unwrap();
+        assert_eq!(c.dedup, DedupKey::Content);
     }
 }

@@ -583,7 +583,7 @@ mod store_tests {
     use super::*;
     use crate::event::Event;
     use crate::sinks::BoxFuture;
-    use crate::store::Operator;
+    use crate::store::{Dedup, Operator};
     use std::sync::Mutex;
 
     /// Records what it is given; the unit under test is the dispatcher, not a sink.
@@ -644,14 +644,14 @@ mod store_tests {
         let store = Store::open(dir.path()).unwrap();
         let ev = |i: usize| event(format!("{i:04}"), Some(format!("entity-{}", i % 7)));
         for i in 0..30 {
-            store.insert(ev(i), vec!["r".into()], None).await.unwrap();
+            store.insert(ev(i), vec!["r".into()], Dedup::Off).await.unwrap();
         }
         let feed = store.subscribe("r", 2);
         let sink = Arc::new(Recorder::default());
         let cancel = CancellationToken::new();
         let task = tokio::spawn(dispatcher(&store, &sink, 1).run(feed, cancel.clone()));
         for i in 30..300 {
-            store.insert(ev(i), vec!["r".into()], None).await.unwrap();
+            store.insert(ev(i), vec!["r".into()], Dedup::Off).await.unwrap();
         }
         wait_for(&sink, 300).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -704,7 +704,7 @@ mod store_tests {
         let store = Store::open(dir.path()).unwrap();
         let ev = |i: usize| event(format!("{i:04}"), Some(format!("entity-{}", i % 5)));
         for i in 0..40 {
-            store.insert(ev(i), vec!["r".into()], None).await.unwrap();
+            store.insert(ev(i), vec!["r".into()], Dedup::Off).await.unwrap();
         }
         let sink = Arc::new(BatchRecorder::default());
         sink.fail_once.lock().unwrap().extend(["0002", "0013", "0030"].map(String::from));
@@ -714,7 +714,7 @@ mod store_tests {
         let cancel = CancellationToken::new();
         let task = tokio::spawn(d.run(feed, cancel.clone()));
         for i in 40..100 {
-            store.insert(ev(i), vec!["r".into()], None).await.unwrap();
+            store.insert(ev(i), vec!["r".into()], Dedup::Off).await.unwrap();
         }
         let deadline = Instant::now() + Duration::from_secs(20);
         while sink.delivered.lock().unwrap().len() < 100 || store.gauges().snapshot().2 > 0 {
@@ -745,7 +745,7 @@ mod store_tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         for i in 0..5 {
-            store.insert(event(format!("{i:04}"), None), vec!["r".into()], None).await.unwrap();
+            store.insert(event(format!("{i:04}"), None), vec!["r".into()], Dedup::Off).await.unwrap();
         }
         let blocker = rusqlite::Connection::open(dir.path().join(crate::store::DB_FILE)).unwrap();
         blocker.execute_batch("BEGIN IMMEDIATE").unwrap();
@@ -780,12 +780,12 @@ mod store_tests {
         let sink = Arc::new(Recorder::default());
         let cancel = CancellationToken::new();
         let task = tokio::spawn(dispatcher(&store, &sink, 4).run(feed, cancel.clone()));
-        store.insert(event("a".into(), None), vec!["r".into()], None).await.unwrap();
+        store.insert(event("a".into(), None), vec!["r".into()], Dedup::Off).await.unwrap();
         wait_for(&sink, 1).await;
         let mut op = Operator::open(dir.path()).unwrap();
         let seqs = op.replay_targets(Some("a"), 0, 0).unwrap();
         assert_eq!(op.replay(&seqs, None).unwrap(), 1);
-        store.insert(event("b".into(), None), vec!["r".into()], None).await.unwrap();
+        store.insert(event("b".into(), None), vec!["r".into()], Dedup::Off).await.unwrap();
         wait_for(&sink, 3).await;
         tokio::time::sleep(Duration::from_millis(2500)).await; // two more polls: nothing is taken twice
         let mut got = sink.0.lock().unwrap().clone();

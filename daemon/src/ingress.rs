@@ -31,13 +31,13 @@ use http_body_util::BodyExt;
 use serde_json::json;
 use tokio::sync::Semaphore;
 
-use crate::classify::{classify, visible_headers};
+use crate::classify::{DedupKey, classify, visible_headers};
 use crate::config::Source;
 use crate::event::{Event, now_ms};
 use crate::limits::RETRY_AFTER_SECS;
 use crate::metrics::{Metrics, NO_SOURCE};
 use crate::route::{RouteInput, RouteTable};
-use crate::store::{Inserted, Store};
+use crate::store::{Dedup, Inserted, Store};
 use crate::verify::{Scheme, handshake_secret, verify};
 
 /// What the handlers share.
@@ -52,7 +52,7 @@ pub struct Shared {
     /// Telemetry.
     pub metrics: Metrics,
     /// Verified webhook requests in progress (`max_concurrency`).
-    pub concurrency: Semaphore,
+    pub concurrency: Arc<Semaphore>,
     /// Requests whose body is still to be verified (`max_unverified`).
     pub unverified: Semaphore,
     /// Token of the internal listener, when configured.
@@ -252,7 +252,7 @@ async fn webhook(State(s): State<Arc<Shared>>, request: Request) -> Response {
         s.metrics.request(NO_SOURCE, 404, started.elapsed().as_secs_f64());
         return error(StatusCode::NOT_FOUND, "no webhook source at this path");
     };
-    let response = handle(&s, &settings, source, sub.as_deref(), request).await;
+    let response = handle(&s, &settings, source, sub.as_deref(), request, started).await;
     s.metrics.request(&source.id, response.status().as_u16(), started.elapsed().as_secs_f64());
     response
 }
@@ -308,7 +308,14 @@ fn check_headers(
     }
 }
 
-async fn handle(s: &Shared, cfg: &Settings, source: &Source, sub: Option<&str>, request: Request) -> Response {
+async fn handle(
+    s: &Arc<Shared>,
+    cfg: &Arc<Settings>,
+    source: &Source,
+    sub: Option<&str>,
+    request: Request,
+    started: Instant,
+) -> Response {
     if let (Scheme::ClockifyAddon(a), Some("/manifest")) = (&source.scheme, sub) {
         if request.method() != Method::GET {
             let mut r = error(StatusCode::METHOD_NOT_ALLOWED, "the manifest is read with GET");
@@ -341,7 +348,7 @@ async fn handle(s: &Shared, cfg: &Settings, source: &Source, sub: Option<&str>, 
     let mut permit = None;
     let mut unverified_permit = None;
     if checked.verified {
-        let Ok(p) = s.concurrency.try_acquire() else {
+        let Ok(p) = Arc::clone(&s.concurrency).try_acquire_owned() else {
             s.metrics.rejected(&source.id, "overloaded");
             return unavailable("too many concurrent requests");
         };
@@ -397,25 +404,114 @@ async fn handle(s: &Shared, cfg: &Settings, source: &Source, sub: Option<&str>, 
             }
         }
         drop(unverified_permit.take());
-        let Ok(p) = s.concurrency.try_acquire() else {
+        let Ok(p) = Arc::clone(&s.concurrency).try_acquire_owned() else {
             s.metrics.rejected(&source.id, "overloaded");
             return unavailable("too many concurrent requests");
         };
         permit = Some(p);
         checked.verified = true;
     }
-    let _permit = permit;
-    match tokio::time::timeout(
-        cfg.request_timeout,
-        accept(s, cfg, source, &checked, (parts.uri.path(), sub), &parts.headers, body),
-    )
-    .await
-    {
-        Ok(r) => r,
+    // The rest runs in a task of its own, which a closed connection or the request timeout does not cancel:
+    // an event that reaches the spool always learns whether its answer was written (see `Answered`).
+    let task = {
+        let (s, cfg) = (Arc::clone(s), Arc::clone(cfg));
+        let (path, sub) = (parts.uri.path().to_owned(), sub.map(str::to_owned));
+        let headers = parts.headers;
+        tokio::spawn(async move {
+            let _permit = permit;
+            let Some((source, _)) = find_source(&cfg, &path) else {
+                return error(StatusCode::NOT_FOUND, "no webhook source at this path");
+            };
+            let (response, stored) = accept(&s, &cfg, source, &checked, (&path, sub.as_deref()), &headers, body).await;
+            match stored {
+                Some((seq, hash)) => {
+                    let deadline = started + source.dedup.provider_timeout;
+                    let answered = Answered { shared: s, source: source.id.clone(), seq, hash, deadline };
+                    response.map(|body| Body::new(WatchedBody { inner: body, answered: Some(answered) }))
+                }
+                None => response,
+            }
+        })
+    };
+    match tokio::time::timeout(cfg.request_timeout, task).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            tracing::error!(source = %source.id, error = %e, "webhook task failed");
+            s.metrics.rejected(&source.id, "internal_error");
+            unavailable("internal error; retry later")
+        }
         Err(_) => {
-            // The event may still be committed: the provider retries and gets a duplicate, never a loss.
+            // The event may still be committed: its answer is then uncertain, and the provider's retry gets a
+            // duplicate, never a loss.
             s.metrics.rejected(&source.id, "timeout");
             unavailable("timed out")
+        }
+    }
+}
+
+/// An event stored for a webhook whose answer is on its way: reports to the spool whether the answer was
+/// written whole before the source's `provider_timeout` (certain) or not (uncertain: the provider may
+/// retry, and a copy is then a duplicate; see [`crate::store::Dedup::Content`]).
+struct Answered {
+    shared: Arc<Shared>,
+    source: String,
+    seq: i64,
+    hash: i64,
+    deadline: Instant,
+}
+
+impl Answered {
+    fn report(self, whole: bool) {
+        let certain = whole && Instant::now() <= self.deadline;
+        if !certain {
+            self.shared.metrics.uncertain_answer(&self.source);
+        }
+        self.shared.store.answered(self.seq, self.hash, certain);
+    }
+}
+
+/// A response body that tells [`Answered`] when the server has taken all of it for the connection, or
+/// that it never will (dropped first: the connection closed, the request timed out).
+struct WatchedBody {
+    inner: Body,
+    answered: Option<Answered>,
+}
+
+impl http_body::Body for WatchedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, axum::Error>>> {
+        let this = &mut *self;
+        let polled = std::pin::Pin::new(&mut this.inner).poll_frame(cx);
+        let whole = match &polled {
+            std::task::Poll::Ready(None) => Some(true),
+            std::task::Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => Some(true),
+            std::task::Poll::Ready(Some(Err(_))) => Some(false),
+            _ => None,
+        };
+        if let (Some(whole), Some(a)) = (whole, this.answered.take()) {
+            a.report(whole);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for WatchedBody {
+    fn drop(&mut self) {
+        if let Some(a) = self.answered.take() {
+            a.report(false);
         }
     }
 }
@@ -483,7 +579,8 @@ async fn read_body(body: Body, limit: u64, timeout: Duration, min_rate: u64) -> 
     })
 }
 
-/// Classify, route, spool (the request is verified). Answers 2xx only after the spool commit.
+/// Classify, route, spool (the request is verified). Answers 2xx only after the spool commit; with the
+/// stored event's seq and dedup hash when a copy of it dedups by its answer (a content key).
 async fn accept(
     s: &Shared,
     cfg: &Settings,
@@ -492,12 +589,12 @@ async fn accept(
     (path, sub): (&str, Option<&str>),
     headers: &HeaderMap,
     body: Bytes,
-) -> Response {
+) -> (Response, Option<(i64, i64)>) {
     if let (true, Scheme::ClockifyAddon(a)) = (checked.lifecycle, &source.scheme) {
         use crate::addon::Outcome;
         let req =
             crate::addon::Request { source: &source.id, scheme: a, path, sub: sub.unwrap_or(""), headers, body: &body };
-        return match crate::addon::lifecycle(&s.store, &s.installations, req).await {
+        let response = match crate::addon::lifecycle(&s.store, &s.installations, req).await {
             Outcome::Lifecycle(what) => axum::Json(json!({"status": what})).into_response(),
             Outcome::Unauthorized(reason) => {
                 s.metrics.rejected(&source.id, reason);
@@ -514,19 +611,20 @@ async fn accept(
                 unavailable("cannot store the installation; retry later")
             }
         };
+        return (response, None);
     }
     if let Some((workspace, addon)) = &checked.claims
         && let Err(reason) = crate::addon::body_matches_claims(&body, workspace, addon)
     {
         tracing::warn!(source = %source.id, reason, "add-on webhook refused: its body is not for the workspace its token was issued for");
         s.metrics.rejected(&source.id, reason);
-        return error(StatusCode::UNAUTHORIZED, "verification failed");
+        return (error(StatusCode::UNAUTHORIZED, "verification failed"), None);
     }
     let classified = match classify(&source.scheme, headers, &body) {
         Ok(c) => c,
         Err(e) => {
             s.metrics.rejected(&source.id, e.reason());
-            return error(StatusCode::BAD_REQUEST, &e.to_string());
+            return (error(StatusCode::BAD_REQUEST, &e.to_string()), None);
         }
     };
     let details = || {
@@ -548,13 +646,28 @@ async fn accept(
     }
     if let Err(reason) = cfg.spool.room_for(s.store.gauges(), decision.sinks.is_empty(), body.len() as u64) {
         s.metrics.rejected(&source.id, reason);
-        return unavailable("spool is full; retry later");
+        return (unavailable("spool is full; retry later"), None);
     }
+    let now = now_ms();
+    let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+    let dedup = match (cfg.dedup_window, classified.dedup) {
+        (None, _) => Dedup::Off,
+        (Some(w), DedupKey::DeliveryId) => Dedup::DeliveryId { since_ms: now.saturating_sub(ms(w)) },
+        (Some(w), DedupKey::Content) => Dedup::Content {
+            since_ms: now.saturating_sub(ms(w)),
+            unanswered_before_ms: now.saturating_sub(ms(source.dedup.provider_timeout)),
+            retry_since_ms: match source.dedup.retry_window {
+                w if w.is_zero() => i64::MAX,
+                w => now.saturating_sub(ms(w)),
+            },
+        },
+    };
+    let watch = matches!(dedup, Dedup::Content { .. }).then(|| crate::store::dedup_hash(&classified.dedup_key));
     let event = Event {
         id: uuid::Uuid::now_v7().to_string(),
         source: source.id.clone(),
         event_type: classified.event_type,
-        received_at_ms: now_ms(),
+        received_at_ms: now,
         headers: classified.kept_headers,
         body,
         dedup_key: classified.dedup_key,
@@ -562,22 +675,23 @@ async fn accept(
     };
     let id = event.id.clone();
     let event_type = event.event_type.clone();
-    let dedup_since = cfg.dedup_window.map(|w| now_ms() - w.as_millis() as i64);
-    match s.store.insert(event, decision.sinks.clone(), dedup_since).await {
-        Ok(Inserted::Duplicate { original }) => {
-            // The provider must stop retrying: 200, and nothing is delivered again.
+    match s.store.insert(event, decision.sinks.clone(), dedup).await {
+        Ok(Inserted::Duplicate { original, seq }) => {
+            // The provider must stop retrying: 200, and nothing is delivered again. Once this answer is
+            // through, the provider has seen one for that content, so its next copy is a new event.
             s.metrics.duplicate(&source.id, &event_type, &original);
-            axum::Json(json!({"status": "duplicate", "id": original})).into_response()
+            let response = axum::Json(json!({"status": "duplicate", "id": original})).into_response();
+            (response, watch.map(|hash| (seq, hash)))
         }
-        Ok(Inserted::New { .. }) => {
+        Ok(Inserted::New { seq }) => {
             s.metrics.accepted(&source.id, &event_type, &id, &decision.sinks);
             let status = if decision.sinks.is_empty() { "unrouted" } else { "accepted" };
-            axum::Json(json!({"status": status, "id": id})).into_response()
+            (axum::Json(json!({"status": status, "id": id})).into_response(), watch.map(|hash| (seq, hash)))
         }
         Err(e) => {
             tracing::error!(source = %source.id, error = %e, "cannot commit event to the spool");
             s.metrics.rejected(&source.id, "store_error");
-            unavailable("cannot store the event; retry later")
+            (unavailable("cannot store the event; retry later"), None)
         }
     }
 }

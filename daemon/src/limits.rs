@@ -69,6 +69,10 @@ pub(crate) fn default_initial_backoff() -> HumanDuration {
 pub(crate) fn default_max_backoff() -> HumanDuration {
     HumanDuration(Duration::from_secs(3600))
 }
+/// How long a provider is assumed to wait for an answer (`provider_timeout`). Clockify publishes no figure
+/// and asks for an answer within a few seconds; a longer assumption only makes a slow answer's retry a
+/// second delivery, a shorter one could make a distinct event a duplicate.
+pub const DEFAULT_PROVIDER_TIMEOUT: Duration = Duration::from_secs(10);
 pub(crate) fn default_standard_tolerance() -> HumanDuration {
     HumanDuration(Duration::from_secs(300))
 }

@@ -19,6 +19,10 @@ pub const ROUTED_TOTAL: &str = "hookbridge_events_routed_total";
 pub const UNROUTED_TOTAL: &str = "hookbridge_events_unrouted_total";
 /// `hookbridge_duplicates_total{source}`: webhooks answered 200 as duplicates (not delivered again).
 pub const DUPLICATES_TOTAL: &str = "hookbridge_duplicates_total";
+/// `hookbridge_uncertain_answers_total{source}`: 2xx answers to webhooks the provider may not have seen
+/// (the connection closed before the answer was written, or it was written after the source's
+/// `provider_timeout`): a copy of such an event is a retry, answered as a duplicate.
+pub const UNCERTAIN_ANSWERS_TOTAL: &str = "hookbridge_uncertain_answers_total";
 /// `hookbridge_dead_letters{sink}`: dead letters waiting for an operator.
 pub const DEAD_LETTERS: &str = "hookbridge_dead_letters";
 /// `hookbridge_oldest_pending_age_seconds{sink}`: age of the oldest event with a pending delivery.
@@ -83,6 +87,7 @@ pub struct Metrics {
     reloads: IntCounterVec,
     secret_matches: IntCounterVec,
     duplicates: IntCounterVec,
+    uncertain_answers: IntCounterVec,
     dead_letters: IntGaugeVec,
     oldest_pending: prometheus::GaugeVec,
     sink_connected: IntGaugeVec,
@@ -153,6 +158,12 @@ impl Metrics {
                 &r,
                 DUPLICATES_TOTAL,
                 "Webhooks answered as duplicates and not delivered again.",
+                &["source"],
+            )?,
+            uncertain_answers: counter(
+                &r,
+                UNCERTAIN_ANSWERS_TOTAL,
+                "Webhook answers the provider may not have seen (cut, or later than provider_timeout).",
                 &["source"],
             )?,
             dead_letters: {
@@ -307,6 +318,15 @@ impl Metrics {
     pub fn duplicate(&self, source: &str, event_type: &str, original: &str) {
         tracing::info!(source, event_type, original, "duplicate webhook acknowledged, not delivered again");
         self.duplicates.with_label_values(&[source]).inc();
+    }
+
+    /// The answer to a stored webhook was cut or late: the provider may retry it.
+    pub fn uncertain_answer(&self, source: &str) {
+        tracing::info!(
+            source,
+            "a webhook's answer may not have reached the provider: a retry of it will be a duplicate"
+        );
+        self.uncertain_answers.with_label_values(&[source]).inc();
     }
 
     /// A Clockodo handshake arrived (its secret is stored, never logged).

@@ -75,7 +75,12 @@ pub fn sign(source: &Source, event: Option<&str>, body: &[u8]) -> Result<SignedR
         }
         Scheme::Hmac(h) => {
             place_event(&h.event, event, body, &mut headers)?;
-            headers.push((h.header.clone(), h.sign(first(&h.secrets)?, body)));
+            let ts = h.timestamp.as_ref().map(|t| {
+                let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+                (t.header.clone(), now.as_secs().to_string())
+            });
+            headers.push((h.header.clone(), h.sign_at(first(&h.secrets)?, ts.as_ref().map(|(_, v)| v.as_str()), body)));
+            headers.extend(ts);
             Bytes::copy_from_slice(body)
         }
         Scheme::None { event: loc, .. } => {
@@ -236,7 +241,7 @@ mod tests {
     use axum::http::HeaderMap;
 
     fn source(scheme: Scheme) -> Source {
-        Source { id: "s".into(), path: "/hooks/s".into(), scheme }
+        Source { id: "s".into(), path: "/hooks/s".into(), scheme, dedup: Default::default() }
     }
 
     fn headers(signed: &SignedRequest) -> HeaderMap {

@@ -153,3 +153,65 @@ to = ["out"]
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// A sync of the spool that fails (here: its WAL deleted under the running daemon, so the syncer cannot
+/// reach it) is never acknowledged, and the daemon exits non-zero so that systemd restarts it; the restart
+/// serves again and delivers what was acknowledged before.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failed_sync_makes_the_daemon_exit_non_zero_and_a_restart_serves_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let config = dir.path().join("hookbridge.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[server]
+listen = "127.0.0.1:{port}"
+internal_listen = "127.0.0.1:0"
+[storage]
+data_dir = "data"
+[sources.clockify]
+kind = "clockify"
+secrets = ["{SECRET}"]
+[sinks.file]
+kind = "file"
+path = "out.jsonl"
+[[routes]]
+name = "all"
+to = ["file"]
+"#
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("run1.log");
+    let mut child = spawn_daemon(&config, &log);
+    wait_healthy(&format!("http://127.0.0.1:{port}/healthz")).await;
+    assert_eq!(post(port, "before").await, 200);
+    std::fs::remove_file(dir.path().join("data/spool.db-wal")).unwrap();
+    assert_eq!(post(port, "after").await, 503, "a webhook whose sync failed must not be acknowledged");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the daemon went on running after a failed sync");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(1), "{text}");
+    assert!(text.contains("failed sync"), "the log says why:\n{text}");
+
+    let mut child = spawn_daemon(&config, &dir.path().join("run2.log"));
+    wait_healthy(&format!("http://127.0.0.1:{port}/healthz")).await;
+    assert_eq!(post(port, "restarted").await, 200);
+    let out = dir.path().join("out.jsonl");
+    let delivered = poll_until(Duration::from_secs(20), || {
+        let ids = ids_in(&out);
+        (ids.contains("before") && ids.contains("restarted")).then_some(ids)
+    })
+    .await;
+    assert!(delivered.is_some(), "delivered: {:?}", ids_in(&out));
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    assert!(child.wait().unwrap().success());
+}

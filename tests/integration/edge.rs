@@ -457,7 +457,7 @@ async fn scrapes_of_metrics_cost_the_same_with_100k_pending_deliveries() {
                 dedup_key: format!("k{n}"),
                 ordering_key: None,
             };
-            batch.push(store.insert(event, vec!["down".into()], None));
+            batch.push(store.insert(event, vec!["down".into()], hookbridge::store::Dedup::Off));
             if batch.len() == 2000 {
                 for r in futures_util::future::join_all(std::mem::take(&mut batch)).await {
                     r.unwrap();

@@ -12,6 +12,7 @@ mod brokers;
 mod config_check;
 mod crash;
 mod dashboard;
+mod dedup;
 mod delivery;
 mod disk;
 mod edge;

@@ -179,10 +179,17 @@ async fn replay_one_event_and_a_time_range_marks_replays() {
     receiver.stop().await;
 }
 
+/// Copies within a source's `retry_window` are one delivery retried, one after the other and at once (the
+/// single spool writer sees the first in both cases). Copies outside it: see `dedup.rs`.
 #[tokio::test]
-async fn the_same_webhook_twice_and_concurrently_is_delivered_once() {
+async fn the_same_webhook_twice_and_concurrently_within_the_retry_window_is_delivered_once() {
     let receiver = Receiver::start().await;
-    let bridge = TestBridge::start(&config(&receiver.url(), "")).await;
+    let toml = config(&receiver.url(), "").replacen(
+        &format!("secrets = [\"{SECRET}\"]"),
+        &format!("secrets = [\"{SECRET}\"]\nretry_window = \"1h\""),
+        1,
+    );
+    let bridge = TestBridge::start(&toml).await;
     let body = entry("entry-dup", "sent again by the provider");
     let first = post(&bridge, "NEW_TIME_ENTRY", &body).await;
     assert_eq!(first["status"], "accepted");

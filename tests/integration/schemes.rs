@@ -387,3 +387,69 @@ to = ["out"]
     bridge.stop().await;
     receiver.stop().await;
 }
+
+/// An `hmac` source with a signed timestamp (Slack's `v0:{timestamp}:{body}`): the signature covers the
+/// timestamp, and a captured request is refused once it is older than the tolerance. `hookbridge send` signs
+/// it as the provider would.
+#[tokio::test(flavor = "multi_thread")]
+async fn hmac_with_a_signed_timestamp_refuses_stale_and_restamped_requests() {
+    let receiver = Receiver::start().await;
+    let bridge = TestBridge::start(&format!(
+        r#"
+[storage]
+data_dir = "{{dir}}/data"
+[sources.slack]
+kind = "hmac"
+header = "X-Slack-Signature"
+prefix = "v0="
+secrets = ["slack-signing-secret"]
+event_pointer = "/type"
+timestamp_header = "X-Slack-Request-Timestamp"
+timestamp_tolerance = "5m"
+signed_payload = "v0:{{timestamp}}:{{body}}"
+[sinks.out]
+kind = "http"
+url = "{url}"
+[[routes]]
+name = "all"
+to = ["out"]
+"#,
+        url = receiver.url()
+    ))
+    .await;
+    let body = r#"{"type":"event_callback","event_id":"Ev1"}"#;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let signed = |ts: u64| format!("v0={}", hmac256_hex("slack-signing-secret", format!("v0:{ts}:{body}").as_bytes()));
+    let post = |ts: u64, signature: String| {
+        let bridge = &bridge;
+        async move {
+            let ts = ts.to_string();
+            let headers = [("x-slack-request-timestamp", ts.as_str()), ("x-slack-signature", signature.as_str())];
+            bridge.post("/hooks/slack", &headers, body).await.0
+        }
+    };
+    assert_eq!(post(now, signed(now)).await, 200);
+    // The same signature under a fresh timestamp: the signature covers the timestamp.
+    assert_eq!(post(now + 1, signed(now)).await, 401);
+    // Ten minutes old, correctly signed: outside the tolerance.
+    assert_eq!(post(now - 600, signed(now - 600)).await, 401);
+    // The body alone signed (no timestamp in the signed text).
+    assert_eq!(post(now, format!("v0={}", hmac256_hex("slack-signing-secret", body.as_bytes()))).await, 401);
+    // `hookbridge send` plays Slack.
+    let file = bridge.dir.path().join("slack.json");
+    std::fs::write(&file, r#"{"type":"event_callback","event_id":"Ev2"}"#).unwrap();
+    let out = std::process::Command::new(binary())
+        .args(["send", "--source", "slack", "--url", &bridge.url("/hooks/slack"), "--config"])
+        .arg(bridge.config_file())
+        .arg(&file)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let got = receiver.wait_for(2, Duration::from_secs(20)).await;
+    assert_eq!(got.len(), 2);
+    let m = bridge.metrics().await;
+    assert_eq!(metric(&m, r#"hookbridge_rejections_total{reason="bad_signature",source="slack"}"#), 2.0, "{m}");
+    assert_eq!(metric(&m, r#"hookbridge_rejections_total{reason="timestamp_out_of_tolerance",source="slack"}"#), 1.0);
+    bridge.stop().await;
+    receiver.stop().await;
+}

@@ -41,6 +41,26 @@ pub struct Source {
     pub path: String,
     /// Verification scheme and settings.
     pub scheme: Scheme,
+    /// How its content-keyed webhooks dedup.
+    pub dedup: SourceDedup,
+}
+
+/// How a source's webhooks whose dedup key is their content dedup (see [`crate::store::Dedup::Content`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SourceDedup {
+    /// How long the provider waits for an answer (`provider_timeout`).
+    pub provider_timeout: std::time::Duration,
+    /// Copies this close together are a retry whatever the first answer (`retry_window`).
+    pub retry_window: std::time::Duration,
+}
+
+impl Default for SourceDedup {
+    fn default() -> Self {
+        SourceDedup {
+            provider_timeout: crate::limits::DEFAULT_PROVIDER_TIMEOUT,
+            retry_window: std::time::Duration::ZERO,
+        }
+    }
 }
 
 /// The validated `[admin]` section.
@@ -282,11 +302,23 @@ impl Config {
             } else if let Some(other) = paths.insert(path.clone(), id.clone()) {
                 errs.push_span(Some(span), &at, format!("path {path} is already used by source {other:?}"));
             }
+            let (provider_timeout, retry_window) = raw.dedup();
+            let dedup = SourceDedup {
+                provider_timeout: provider_timeout.map_or(crate::limits::DEFAULT_PROVIDER_TIMEOUT, |d| d.0),
+                retry_window: retry_window.map_or(std::time::Duration::ZERO, |d| d.0),
+            };
+            if dedup.provider_timeout.is_zero() {
+                errs.locate(
+                    &format!("{at}.provider_timeout"),
+                    &root,
+                    "must be more than 0s (every answer would count as unseen, and every copy as a retry)",
+                );
+            }
             if let Some(scheme) = raw.into_scheme(&at, &root, &mut errs, base, env) {
                 if matches!(scheme, Scheme::None { .. }) {
                     tracing::warn!(source = %id, "source has kind = \"none\": its webhooks are not verified");
                 }
-                sources.insert(id.clone(), Source { id, path, scheme });
+                sources.insert(id.clone(), Source { id, path, scheme, dedup });
             }
         }
 
@@ -455,6 +487,18 @@ fn de_source(errs: &mut ConfigErrors, at: &str, entry: &Spanned<DeValue<'_>>) ->
 }
 
 impl RawSource {
+    /// `provider_timeout` and `retry_window` (Standard Webhooks dedups by its signed `webhook-id` only).
+    fn dedup(&self) -> (Option<units::HumanDuration>, Option<units::HumanDuration>) {
+        match self {
+            RawSource::Clockify(c) => (c.provider_timeout, c.retry_window),
+            RawSource::Clockodo(c) => (c.provider_timeout, c.retry_window),
+            RawSource::Hmac(c) => (c.provider_timeout, c.retry_window),
+            RawSource::Addon(c) => (c.provider_timeout, c.retry_window),
+            RawSource::None(c) => (c.provider_timeout, c.retry_window),
+            RawSource::Standard(_) => (None, None),
+        }
+    }
+
     fn path(&self) -> Option<&str> {
         match self {
             RawSource::Clockify(c) => c.path.as_deref(),
@@ -509,15 +553,44 @@ impl RawSource {
                     );
                     return None;
                 }
-                Some(Scheme::Hmac(HmacScheme::new(
-                    &c.header,
-                    c.prefix,
-                    c.encoding,
-                    c.algorithm,
-                    secrets?,
-                    event??,
-                    id?,
-                )))
+                let timestamp = match (&c.timestamp_header, &c.timestamp_tolerance, &c.signed_payload) {
+                    (None, None, None) => None,
+                    (None, _, _) => {
+                        errs.locate(
+                            &format!("{at}.timestamp_header"),
+                            root,
+                            "timestamp_tolerance and signed_payload need timestamp_header",
+                        );
+                        return None;
+                    }
+                    (Some(header), tolerance, payload) => {
+                        let tolerance = tolerance.map_or(crate::limits::default_standard_tolerance().0, |t| t.0);
+                        if HeaderName::from_bytes(header.as_bytes()).is_err() {
+                            errs.locate(
+                                &format!("{at}.timestamp_header"),
+                                root,
+                                &format!("{header:?} is not a valid header name"),
+                            );
+                            return None;
+                        }
+                        if tolerance.is_zero() {
+                            errs.locate(&format!("{at}.timestamp_tolerance"), root, "must be more than 0s");
+                            return None;
+                        }
+                        let template = payload.as_deref().unwrap_or("{timestamp}.{body}");
+                        match crate::verify::SignedTimestamp::new(header, tolerance, template) {
+                            Ok(t) => Some(t),
+                            Err(m) => {
+                                errs.locate(&format!("{at}.signed_payload"), root, &m);
+                                return None;
+                            }
+                        }
+                    }
+                };
+                Some(Scheme::Hmac(
+                    HmacScheme::new(&c.header, c.prefix, c.encoding, c.algorithm, secrets?, event??, id?)
+                        .with_timestamp(timestamp),
+                ))
             }
             RawSource::Addon(c) => {
                 let pem = match (&c.public_key, &c.public_key_file) {

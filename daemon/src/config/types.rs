@@ -172,6 +172,12 @@ pub struct ClockifySourceConfig {
     /// The webhook's signing secret(s) (`clockify-signature`); several during a rotation.
     #[serde(deserialize_with = "super::secret::secret_list")]
     pub secrets: Vec<SecretSpec>,
+    /// How long the provider waits for an answer before it counts the delivery as failed (and retries).
+    /// An answer written later than this is uncertain: a copy of that event then dedups. Default `10s`.
+    pub provider_timeout: Option<HumanDuration>,
+    /// Identical bodies that arrive this close together are one delivery retried, whatever the first
+    /// answer was (for providers that retry at once, e.g. after a connection reset). Default `0s`.
+    pub retry_window: Option<HumanDuration>,
 }
 
 /// `[sources.<id>] kind = "clockodo"`: Clockodo webhooks.
@@ -185,6 +191,12 @@ pub struct ClockodoSourceConfig {
     /// The token(s) chosen in Clockodo's webhook settings, sent in the body's `token`.
     #[serde(deserialize_with = "super::secret::secret_list")]
     pub secrets: Vec<SecretSpec>,
+    /// How long the provider waits for an answer before it counts the delivery as failed (and retries).
+    /// An answer written later than this is uncertain: a copy of that event then dedups. Default `10s`.
+    pub provider_timeout: Option<HumanDuration>,
+    /// Identical bodies that arrive this close together are one delivery retried, whatever the first
+    /// answer was (for providers that retry at once, e.g. after a connection reset). Default `0s`.
+    pub retry_window: Option<HumanDuration>,
 }
 
 /// Hash function of an `hmac` source.
@@ -235,10 +247,25 @@ pub struct HmacSourceConfig {
     pub event_header: Option<String>,
     /// JSON pointer (RFC 6901) to the event type in the body, e.g. `/event`.
     pub event_pointer: Option<String>,
-    /// Header carrying a unique delivery id, used as the event's dedup key (else the body hash).
+    /// Refused: the signature does not cover headers (kept so that `check` can say so).
     pub id_header: Option<String>,
-    /// JSON pointer to a unique id in the body, used as the dedup key (else the body hash).
+    /// JSON pointer to a unique delivery id in the (signed) body, used as the dedup key (else the body
+    /// hash).
     pub id_pointer: Option<String>,
+    /// Header carrying a Unix timestamp (seconds) that the signature covers too, e.g.
+    /// `x-slack-request-timestamp`: requests outside `timestamp_tolerance` are refused. Default none.
+    pub timestamp_header: Option<String>,
+    /// Largest accepted distance between the timestamp and now. Default `5m`.
+    pub timestamp_tolerance: Option<HumanDuration>,
+    /// What is signed, with `timestamp_header`: `{timestamp}` and `{body}` (last). Default
+    /// `"{timestamp}.{body}"`; Slack: `"v0:{timestamp}:{body}"`.
+    pub signed_payload: Option<String>,
+    /// How long the provider waits for an answer before it counts the delivery as failed (and retries).
+    /// An answer written later than this is uncertain: a copy of that event then dedups. Default `10s`.
+    pub provider_timeout: Option<HumanDuration>,
+    /// Identical bodies that arrive this close together are one delivery retried, whatever the first
+    /// answer was (for providers that retry at once, e.g. after a connection reset). Default `0s`.
+    pub retry_window: Option<HumanDuration>,
 }
 
 /// `[sources.<id>] kind = "standard-webhooks"`: the Standard Webhooks scheme (`webhook-id`,
@@ -285,6 +312,12 @@ pub struct AddonSourceConfig {
     pub public_key: Option<String>,
     /// The same, read from a file (relative to the config file).
     pub public_key_file: Option<std::path::PathBuf>,
+    /// How long the provider waits for an answer before it counts the delivery as failed (and retries).
+    /// An answer written later than this is uncertain: a copy of that event then dedups. Default `10s`.
+    pub provider_timeout: Option<HumanDuration>,
+    /// Identical bodies that arrive this close together are one delivery retried, whatever the first
+    /// answer was (for providers that retry at once, e.g. after a connection reset). Default `0s`.
+    pub retry_window: Option<HumanDuration>,
 }
 
 /// `[sources.<id>] kind = "none"`: no verification at all. Only for trusted networks; warns at start-up.
@@ -303,6 +336,12 @@ pub struct NoneSourceConfig {
     pub id_header: Option<String>,
     /// JSON pointer to a unique id in the body, used as the dedup key (else the body hash).
     pub id_pointer: Option<String>,
+    /// How long the provider waits for an answer before it counts the delivery as failed (and retries).
+    /// An answer written later than this is uncertain: a copy of that event then dedups. Default `10s`.
+    pub provider_timeout: Option<HumanDuration>,
+    /// Identical bodies that arrive this close together are one delivery retried, whatever the first
+    /// answer was (for providers that retry at once, e.g. after a connection reset). Default `0s`.
+    pub retry_window: Option<HumanDuration>,
 }
 
 /// Retry behaviour shared by every sink kind.

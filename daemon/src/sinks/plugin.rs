@@ -15,7 +15,7 @@ use crate::event::{Event, now_ms};
 use crate::live::{Live, valid_channel};
 use crate::metrics::Metrics;
 use crate::plugin::{Action, Failure, Plugin};
-use crate::store::{Inserted, Store};
+use crate::store::{Dedup, Inserted, Store};
 
 /// How long a re-run of the same invocation dedups its emits.
 const EMIT_DEDUP_WINDOW_MS: i64 = 73 * 3600 * 1000;
@@ -83,7 +83,7 @@ impl PluginSink {
                         return Err(SinkError::retryable(format!("cannot store the plugin's emit: {reason}")));
                     }
                     let since = now_ms() - EMIT_DEDUP_WINDOW_MS;
-                    match self.store.insert(emitted, vec![sink.clone()], Some(since)).await {
+                    match self.store.insert(emitted, vec![sink.clone()], Dedup::DeliveryId { since_ms: since }).await {
                         Ok(Inserted::New { .. }) => {
                             tracing::debug!(plugin = id, sink = %sink, "plugin emitted an event")
                         }

@@ -1,5 +1,6 @@
-//! The dedup index, in memory: the dedup-key hashes of the events received within the dedup window, owned by
-//! the spool writer (so dedup is still decided by the single writer, inside the insert's transaction).
+//! The dedup index, in memory: the dedup-key hashes of the events received within the dedup window, with
+//! what is known of each one's answer, owned by the spool writer (so dedup is still decided by the single
+//! writer, inside the insert's transaction).
 //!
 //! Why not an SQLite index: dedup hashes are random, so each new event dirtied a different leaf page of an
 //! on-disk index, and every commit wrote (and every checkpoint rewrote) one 4 KiB page per event for 16 bytes
@@ -8,24 +9,66 @@
 //! start, or when a reload lengthens the window), and a hash found here is confirmed against the row
 //! (key and source), so a collision of the 8-byte hash never makes two events one.
 //!
-//! Memory: about 40 bytes per event received within the window (`storage.dedup_window`, default 73 h).
+//! Answers: a content key (see [`super::Dedup`]) dedups only against an earlier copy whose answer the
+//! provider may not have seen. The ingress reports each answer once it is written ([`super::Store::answered`]):
+//! in time and whole, the answer is certain (memory only: the common case costs no write); cut, failed or
+//! late, it is uncertain, and that is also written to `uncertain_answers`, so a restart keeps it. An event
+//! loaded from the spool is certain unless that table names it: after a crash, a provider's retry of a
+//! request that was in flight at the crash is delivered again (at least once, never lost).
+//!
+//! Memory: about 48 bytes per event received within the window (`storage.dedup_window`, default 73 h).
 
 use std::collections::{HashMap, VecDeque};
 
 use rusqlite::{Connection, params};
 
+use super::Dedup;
 use crate::event::now_ms;
+
+/// What is known of the answer to an event's webhook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Answer {
+    /// Not written yet.
+    Pending,
+    /// Written whole, in time: the provider has it.
+    Certain,
+    /// Cut, failed or late: the provider may retry (recorded in `uncertain_answers`).
+    Uncertain,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    seq: i64,
+    received_at: i64,
+    answer: Answer,
+}
+
+impl Entry {
+    /// Whether a copy received now, under `rule`, is a duplicate of this entry.
+    fn is_target(&self, rule: &Dedup) -> bool {
+        match *rule {
+            Dedup::Off => false,
+            Dedup::DeliveryId { since_ms } => self.received_at >= since_ms,
+            Dedup::Content { since_ms, unanswered_before_ms, retry_since_ms } => {
+                self.received_at >= since_ms
+                    && (self.received_at >= retry_since_ms
+                        || self.answer == Answer::Uncertain
+                        || (self.answer == Answer::Pending && self.received_at < unanswered_before_ms))
+            }
+        }
+    }
+}
 
 /// Recently received events by dedup hash.
 pub(super) struct RecentKeys {
-    /// hash -> (seq, received at), usually one entry.
-    by_hash: HashMap<i64, Vec<(i64, i64)>>,
+    /// hash -> entries, usually one.
+    by_hash: HashMap<i64, Vec<Entry>>,
     /// (received at, hash, seq) in insert order, for expiry.
     order: VecDeque<(i64, i64, i64)>,
     /// Every committed event received at or after this time is in the map.
     complete_from: i64,
-    /// Added by the current transaction, not committed yet.
-    staged: Vec<(i64, i64, i64)>,
+    /// Added by the current transaction, not committed yet: (hash, entry).
+    staged: Vec<(i64, Entry)>,
 }
 
 impl RecentKeys {
@@ -34,36 +77,38 @@ impl RecentKeys {
         RecentKeys { by_hash: HashMap::new(), order: VecDeque::new(), complete_from: now_ms(), staged: Vec::new() }
     }
 
-    /// The events (seq) that may have `hash` among those received since `since_ms`, committed or staged.
-    pub(super) fn candidates(&mut self, conn: &Connection, hash: i64, since_ms: i64) -> rusqlite::Result<Vec<i64>> {
+    /// The events (seq) with `hash` that a copy received now is a duplicate of under `rule`, committed or
+    /// staged, the first received first.
+    pub(super) fn candidates(&mut self, conn: &Connection, hash: i64, rule: &Dedup) -> rusqlite::Result<Vec<i64>> {
+        let Some(since_ms) = rule.since_ms() else { return Ok(Vec::new()) };
         if since_ms < self.complete_from {
             self.load(conn, since_ms)?;
         }
-        let mut found: Vec<i64> = self
-            .by_hash
-            .get(&hash)
-            .into_iter()
-            .flatten()
-            .filter(|(_, at)| *at >= since_ms)
-            .map(|(seq, _)| *seq)
-            .collect();
-        found.extend(self.staged.iter().filter(|(at, h, _)| *h == hash && *at >= since_ms).map(|(_, _, seq)| *seq));
-        // The first one received is the original.
+        let mut found: Vec<i64> =
+            self.by_hash.get(&hash).into_iter().flatten().filter(|e| e.is_target(rule)).map(|e| e.seq).collect();
+        found.extend(self.staged.iter().filter(|(h, e)| *h == hash && e.is_target(rule)).map(|(_, e)| e.seq));
         found.sort_unstable();
         Ok(found)
     }
 
-    /// Remembers an event inserted by the current transaction.
+    /// Remembers an event inserted by the current transaction (its answer not written yet).
     pub(super) fn stage(&mut self, hash: i64, seq: i64, received_at_ms: i64) {
-        self.staged.push((received_at_ms, hash, seq));
+        self.staged.push((hash, Entry { seq, received_at: received_at_ms, answer: Answer::Pending }));
+    }
+
+    /// Sets what is known of the answer to event `seq` (dedup hash `hash`); returns what it was, `None` for
+    /// an event the map does not hold (outside the window, or never loaded: nothing to change).
+    pub(super) fn set_answer(&mut self, hash: i64, seq: i64, answer: Answer) -> Option<Answer> {
+        let entry = self.by_hash.get_mut(&hash)?.iter_mut().find(|e| e.seq == seq)?;
+        Some(std::mem::replace(&mut entry.answer, answer))
     }
 
     /// The current transaction committed: its events are known from now on. Entries received before
     /// `keep_since_ms` are forgotten (the dedup window has passed them).
     pub(super) fn commit(&mut self, keep_since_ms: i64) {
-        for (at, hash, seq) in self.staged.drain(..) {
-            self.by_hash.entry(hash).or_default().push((seq, at));
-            self.order.push_back((at, hash, seq));
+        for (hash, e) in self.staged.drain(..) {
+            self.by_hash.entry(hash).or_default().push(e);
+            self.order.push_back((e.received_at, hash, e.seq));
         }
         while let Some(&(at, hash, seq)) = self.order.front() {
             if at >= keep_since_ms {
@@ -71,7 +116,7 @@ impl RecentKeys {
             }
             self.order.pop_front();
             if let Some(v) = self.by_hash.get_mut(&hash) {
-                v.retain(|(s, _)| *s != seq);
+                v.retain(|e| e.seq != seq);
                 if v.is_empty() {
                     self.by_hash.remove(&hash);
                 }
@@ -85,21 +130,53 @@ impl RecentKeys {
         self.staged.clear();
     }
 
-    /// Loads the events received in `[since_ms, complete_from)` from the spool.
+    /// Loads the events received in `[since_ms, complete_from)` from the spool, with their answers.
     fn load(&mut self, conn: &Connection, since_ms: i64) -> rusqlite::Result<()> {
         let mut stmt = conn.prepare_cached(
-            "SELECT seq, dedup_hash, received_at FROM events WHERE received_at >= ?1 AND received_at < ?2 ORDER BY seq DESC",
+            "SELECT e.seq, e.dedup_hash, e.received_at, u.seq IS NOT NULL FROM events e
+             LEFT JOIN uncertain_answers u ON u.seq = e.seq
+             WHERE e.received_at >= ?1 AND e.received_at < ?2 ORDER BY e.seq DESC",
         )?;
         let rows = stmt.query_map(params![since_ms, self.complete_from], |r| {
-            Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+            Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?, r.get::<_, bool>(3)?))
         })?;
         // Newest first, each put in front of what is known: `order` stays in receive order.
         for row in rows {
-            let (seq, hash, at) = row?;
-            self.by_hash.entry(hash).or_default().push((seq, at));
+            let (seq, hash, at, uncertain) = row?;
+            let answer = if uncertain { Answer::Uncertain } else { Answer::Certain };
+            self.by_hash.entry(hash).or_default().push(Entry { seq, received_at: at, answer });
             self.order.push_front((at, hash, seq));
         }
         self.complete_from = since_ms;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(received_at: i64, answer: Answer) -> Entry {
+        Entry { seq: 1, received_at, answer }
+    }
+
+    #[test]
+    fn content_copies_are_retries_only_while_the_answer_is_uncertain() {
+        let rule = Dedup::Content { since_ms: 100, unanswered_before_ms: 500, retry_since_ms: 900 };
+        // Answered in time: a copy is a new event, unless it comes within the retry window.
+        assert!(!entry(600, Answer::Certain).is_target(&rule));
+        assert!(entry(900, Answer::Certain).is_target(&rule));
+        // Cut or late: a retry.
+        assert!(entry(600, Answer::Uncertain).is_target(&rule));
+        // Still unanswered: a retry only once the provider may have given up on it.
+        assert!(!entry(600, Answer::Pending).is_target(&rule));
+        assert!(entry(400, Answer::Pending).is_target(&rule));
+        // Outside the dedup window: never.
+        assert!(!entry(99, Answer::Uncertain).is_target(&rule));
+        // Delivery ids: any copy within the window.
+        let ids = Dedup::DeliveryId { since_ms: 100 };
+        assert!(entry(600, Answer::Certain).is_target(&ids));
+        assert!(!entry(99, Answer::Certain).is_target(&ids));
+        assert!(!entry(600, Answer::Uncertain).is_target(&Dedup::Off));
     }
 }

@@ -204,7 +204,50 @@ pub enum Inserted {
     Duplicate {
         /// The id of the event received first.
         original: String,
+        /// Its receive-order position.
+        seq: i64,
     },
+}
+
+/// How an insert dedups against the events received before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dedup {
+    /// Not at all.
+    Off,
+    /// The key is a delivery id: an event with the same key received since `since_ms` (ms since the epoch)
+    /// makes this one a duplicate.
+    DeliveryId {
+        /// Start of the dedup window.
+        since_ms: i64,
+    },
+    /// The key is the content: an event with the same key received since `since_ms` makes this one a
+    /// duplicate only if the provider may not have seen its answer: the answer was cut, failed or late
+    /// ([`Store::answered`]), or it is still unanswered and was received before `unanswered_before_ms`
+    /// (the provider has given up waiting), or it was received at or after `retry_since_ms` (the window of
+    /// the provider's immediate retries).
+    Content {
+        /// Start of the dedup window.
+        since_ms: i64,
+        /// Now less the provider's timeout.
+        unanswered_before_ms: i64,
+        /// Now less the retry window.
+        retry_since_ms: i64,
+    },
+}
+
+impl Dedup {
+    /// Start of the dedup window, `None` when off.
+    pub fn since_ms(&self) -> Option<i64> {
+        match *self {
+            Dedup::Off => None,
+            Dedup::DeliveryId { since_ms } | Dedup::Content { since_ms, .. } => Some(since_ms),
+        }
+    }
+}
+
+/// The dedup hash of a dedup key (what [`Store::answered`] takes).
+pub fn dedup_hash(key: &str) -> i64 {
+    ops::dedup_hash(key)
 }
 
 /// One delivery attempt, for the attempt log.
@@ -302,6 +345,10 @@ pub struct Store {
     read_slots: Arc<tokio::sync::Semaphore>,
     gauges: Arc<SpoolGauges>,
     writer: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
+    /// Answers reported and not yet taken by the writer: (seq, dedup hash, certain).
+    answers: writer::AnswerMarks,
+    /// Set by the writer when a sync failed.
+    failure: Arc<tokio::sync::watch::Sender<Option<String>>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -338,9 +385,12 @@ impl Store {
         let g = Arc::clone(&gauges);
         let feeds: Feeds = Arc::default();
         let f = Arc::clone(&feeds);
+        let answers = writer::AnswerMarks::default();
+        let failure = Arc::new(tokio::sync::watch::Sender::new(None));
+        let shared = writer::Shared { answers: answers.clone(), failure: Arc::clone(&failure) };
         let handle = std::thread::Builder::new()
             .name("hookbridge-spool".into())
-            .spawn(move || writer::run(conn, rx, g, f))
+            .spawn(move || writer::run(conn, rx, g, f, shared))
             .map_err(|source| StoreError::Dir { path: data_dir.to_owned(), source })?;
         Ok(Store {
             tx,
@@ -351,6 +401,8 @@ impl Store {
             read_slots: Arc::new(tokio::sync::Semaphore::new(READERS_MAX)),
             gauges,
             writer: Arc::new(Mutex::new(Some(handle))),
+            answers,
+            failure,
         })
     }
 
@@ -386,15 +438,36 @@ impl Store {
         rx.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// Commits an event and one pending delivery per sink, durably, unless an event with the same dedup key
-    /// was received since `dedup_since_ms`.
-    pub async fn insert(
-        &self,
-        event: Event,
-        sinks: Vec<String>,
-        dedup_since_ms: Option<i64>,
-    ) -> Result<Inserted, StoreError> {
-        self.call(|reply| Op::Insert { event, sinks, dedup_since_ms, reply }).await
+    /// Commits an event and one pending delivery per sink, durably, unless `dedup` makes it a duplicate of
+    /// an event already stored.
+    pub async fn insert(&self, event: Event, sinks: Vec<String>, dedup: Dedup) -> Result<Inserted, StoreError> {
+        self.call(|reply| Op::Insert { event, sinks, dedup, reply }).await
+    }
+
+    /// Reports the answer to the webhook of event `seq` (whose dedup key hashes to `hash`, see
+    /// [`dedup_hash`]): `certain` when it was written whole within the provider's timeout, else the provider
+    /// may retry, and a copy of the event is then a duplicate (see [`Dedup::Content`]). The common case
+    /// (certain) costs the writer no write; an uncertain answer is recorded in the spool.
+    pub fn answered(&self, seq: i64, hash: i64, certain: bool) {
+        if let Ok(mut marks) = self.answers.lock() {
+            marks.push((seq, hash, certain));
+        }
+        if !certain {
+            // Wake the writer so that it is recorded now, not at the next insert.
+            let _ = self.tx.try_send(Op::Answers);
+        }
+    }
+
+    /// Completes when the spool has stopped for good after a failed sync, with the error: nothing written
+    /// since can be promised, so the process should exit and be restarted (SQLite recovers from the WAL).
+    pub async fn failed(&self) -> String {
+        let mut rx = self.failure.subscribe();
+        let failed = rx.wait_for(Option::is_some).await.ok().and_then(|v| v.clone());
+        match failed {
+            Some(e) => e,
+            // The writer is gone without failing (shutdown): never completes.
+            None => std::future::pending().await,
+        }
     }
 
     /// Records one attempt of a delivery and its outcome (`attempts` counts this one).

@@ -34,14 +34,24 @@ pub(super) fn find_duplicate(
     seqs: &[i64],
     dedup_key: &str,
     source: &str,
-) -> rusqlite::Result<Option<String>> {
+) -> rusqlite::Result<Option<(i64, String)>> {
     let mut stmt = tx.prepare_cached("SELECT id FROM events WHERE seq = ?1 AND dedup_key = ?2 AND source = ?3")?;
     for seq in seqs {
         if let Some(id) = stmt.query_row(params![seq, dedup_key, source], |r| r.get(0)).optional()? {
-            return Ok(Some(id));
+            return Ok(Some((*seq, id)));
         }
     }
     Ok(None)
+}
+
+/// Remembers (`uncertain`) or forgets that the provider may not have seen the answer to event `seq`.
+pub(super) fn set_uncertain(c: &Connection, seq: i64, uncertain: bool) -> rusqlite::Result<()> {
+    if uncertain {
+        c.prepare_cached("INSERT OR IGNORE INTO uncertain_answers (seq) VALUES (?1)")?.execute([seq])?;
+    } else {
+        c.prepare_cached("DELETE FROM uncertain_answers WHERE seq = ?1")?.execute([seq])?;
+    }
+    Ok(())
 }
 
 /// Inserts an event (with `hash`, its dedup key's [`dedup_hash`]) and one pending delivery per sink. Returns
@@ -224,6 +234,7 @@ pub(super) fn prune(tx: &Connection, before_ms: i64, limit: usize) -> rusqlite::
         [],
     )?;
     tx.execute("DELETE FROM deliveries WHERE event_seq IN (SELECT seq FROM temp.prunable)", [])?;
+    tx.execute("DELETE FROM uncertain_answers WHERE seq IN (SELECT seq FROM temp.prunable)", [])?;
     let n = tx.execute("DELETE FROM events WHERE seq IN (SELECT seq FROM temp.prunable)", [])?;
     tx.execute("DROP TABLE temp.prunable", [])?;
     tx.execute("DELETE FROM handshakes WHERE received_at < ?1", [before_ms])?;

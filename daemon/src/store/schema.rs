@@ -5,7 +5,7 @@ use rusqlite::Connection;
 use super::{SpoolGauges, StoreError};
 
 /// Bumped when the schema changes; a newer database is refused rather than misread.
-const SCHEMA_VERSION: i64 = 4;
+const SCHEMA_VERSION: i64 = 5;
 
 /// - `events`: one row per accepted webhook (unrouted ones too), body byte for byte; written once, never
 ///   updated (so delivery bookkeeping never rewrites pages that hold bodies). `dedup_hash` is the first 8 bytes
@@ -15,6 +15,9 @@ const SCHEMA_VERSION: i64 = 4;
 ///   gives each sink its dispatch order. Status: `pending`, `delivered`, `dead`, `retried` (a dead letter
 ///   that was retried as a new delivery row) or `purged` (a dead letter given up by an operator).
 /// - `attempts`: the attempt log, one row per delivery attempt; pruned with its event.
+/// - `uncertain_answers`: the events (seq) whose webhook answer the provider may not have seen (cut, failed or
+///   late; see `dedup.rs`): a copy of one of them is a retry. Rare, so written only when it happens; pruned
+///   with its event.
 /// - `handshakes`: Clockodo validation secrets (bounded per source).
 /// - `installations`: Clockify add-on installations (JSON records holding credentials: the spool folder and
 ///   files are owner-only).
@@ -59,6 +62,7 @@ CREATE TABLE IF NOT EXISTS attempts (
     error       TEXT
 );
 CREATE INDEX IF NOT EXISTS attempts_delivery ON attempts (delivery_id);
+CREATE TABLE IF NOT EXISTS uncertain_answers (seq INTEGER PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS handshakes (
     id          INTEGER PRIMARY KEY,
     source      TEXT NOT NULL,
@@ -93,7 +97,9 @@ pub(super) fn prepare_writer(conn: &Connection) -> Result<(), StoreError> {
     if version == 3 {
         // 3 -> 4: the dedup index moved into memory.
         conn.execute_batch("DROP INDEX IF EXISTS events_dedup_hash")?;
-    } else if version != 0 && version != SCHEMA_VERSION {
+    }
+    // 4 -> 5: `uncertain_answers` (created by the schema below). Events stored before it count as answered.
+    if ![0, 3, 4, SCHEMA_VERSION].contains(&version) {
         return Err(StoreError::Schema(format!(
             "spool schema version {version}, this hookbridge uses {SCHEMA_VERSION}: start with an empty data_dir \
              (or drain the spool with the matching version first)"

@@ -22,36 +22,98 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use rusqlite::{Connection, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
-use super::dedup::RecentKeys;
+use super::dedup::{Answer, RecentKeys};
 use super::ops;
-use super::{Feeds, Inserted, PendingDelivery, Record, SpoolGauges, StoreError, schema};
+use super::{Dedup, Feeds, Inserted, PendingDelivery, Record, SpoolGauges, StoreError, schema};
 use crate::event::Event;
 use crate::limits::{GROUP_COMMIT_MAX, GROUP_COMMIT_WINDOW, SYNC_QUEUE};
 
 type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 
+/// Answers reported by the ingress ([`super::Store::answered`]) for the writer to take: (seq, dedup hash,
+/// certain).
+pub(super) type AnswerMarks = Arc<std::sync::Mutex<Vec<(i64, i64, bool)>>>;
+
+/// What the writer shares with the [`super::Store`] handles besides its queue.
+pub(super) struct Shared {
+    pub(super) answers: AnswerMarks,
+    /// Set once a sync failed (with the error).
+    pub(super) failure: Arc<tokio::sync::watch::Sender<Option<String>>>,
+}
+
 /// A committed event (seq, event) with its new deliveries (id, sink), to hand to the dispatchers.
 type Committed = (i64, Event, Vec<(i64, String)>);
 
 pub(super) enum Op {
-    Insert { event: Event, sinks: Vec<String>, dedup_since_ms: Option<i64>, reply: Reply<Inserted> },
-    Record { records: Vec<Record>, reply: Reply<()> },
-    Handshake { source: String, secret: String, received_at_ms: i64, reply: Reply<()> },
-    Ping { reply: Reply<()> },
-    Installation { source: String, workspace: String, addon_id: String, record: String, reply: Reply<()> },
-    Prune { before_ms: i64, limit: usize, reply: Reply<u64> },
-    Resync { reply: Reply<()> },
-    Shutdown { reply: oneshot::Sender<()> },
+    Insert {
+        event: Event,
+        sinks: Vec<String>,
+        dedup: Dedup,
+        reply: Reply<Inserted>,
+    },
+    /// Take the reported answers now (an uncertain one is to be recorded).
+    Answers,
+    Record {
+        records: Vec<Record>,
+        reply: Reply<()>,
+    },
+    Handshake {
+        source: String,
+        secret: String,
+        received_at_ms: i64,
+        reply: Reply<()>,
+    },
+    Ping {
+        reply: Reply<()>,
+    },
+    Installation {
+        source: String,
+        workspace: String,
+        addon_id: String,
+        record: String,
+        reply: Reply<()>,
+    },
+    Prune {
+        before_ms: i64,
+        limit: usize,
+        reply: Reply<u64>,
+    },
+    Resync {
+        reply: Reply<()>,
+    },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
 }
 
 /// What an operation asks of the database (an [`Op`] without its reply).
 enum Work {
-    Insert { event: Event, sinks: Vec<String>, dedup_since_ms: Option<i64> },
-    Record { records: Vec<Record> },
-    Handshake { source: String, secret: String, received_at_ms: i64 },
+    Insert {
+        event: Event,
+        sinks: Vec<String>,
+        dedup: Dedup,
+    },
+    /// Nothing to apply: the answers are taken at the start of every batch.
+    Answers,
+    Record {
+        records: Vec<Record>,
+    },
+    Handshake {
+        source: String,
+        secret: String,
+        received_at_ms: i64,
+    },
     Ping,
-    Installation { source: String, workspace: String, addon_id: String, record: String },
-    Prune { before_ms: i64, limit: usize },
+    Installation {
+        source: String,
+        workspace: String,
+        addon_id: String,
+        record: String,
+    },
+    Prune {
+        before_ms: i64,
+        limit: usize,
+    },
     Resync,
 }
 
@@ -60,6 +122,7 @@ enum Waiter {
     Inserted(Reply<Inserted>),
     Unit(Reply<()>),
     Count(Reply<u64>),
+    Nobody,
 }
 
 /// What applying one operation did.
@@ -73,9 +136,8 @@ enum Applied {
 
 fn split(op: Op) -> Result<(Work, Waiter), oneshot::Sender<()>> {
     Ok(match op {
-        Op::Insert { event, sinks, dedup_since_ms, reply } => {
-            (Work::Insert { event, sinks, dedup_since_ms }, Waiter::Inserted(reply))
-        }
+        Op::Insert { event, sinks, dedup, reply } => (Work::Insert { event, sinks, dedup }, Waiter::Inserted(reply)),
+        Op::Answers => (Work::Answers, Waiter::Nobody),
         Op::Record { records, reply } => (Work::Record { records }, Waiter::Unit(reply)),
         Op::Handshake { source, secret, received_at_ms, reply } => {
             (Work::Handshake { source, secret, received_at_ms }, Waiter::Unit(reply))
@@ -92,13 +154,11 @@ fn split(op: Op) -> Result<(Work, Waiter), oneshot::Sender<()>> {
 
 fn apply(c: &Connection, work: &Work, recent: &mut RecentKeys) -> rusqlite::Result<Applied> {
     Ok(match work {
-        Work::Insert { event, sinks, dedup_since_ms } => {
+        Work::Insert { event, sinks, dedup } => {
             let hash = ops::dedup_hash(&event.dedup_key);
-            if let Some(since) = dedup_since_ms {
-                let seqs = recent.candidates(c, hash, *since)?;
-                if let Some(original) = ops::find_duplicate(c, &seqs, &event.dedup_key, &event.source)? {
-                    return Ok(Applied::Inserted(Inserted::Duplicate { original }, Vec::new(), None));
-                }
+            let seqs = recent.candidates(c, hash, dedup)?;
+            if let Some((seq, original)) = ops::find_duplicate(c, &seqs, &event.dedup_key, &event.source)? {
+                return Ok(Applied::Inserted(Inserted::Duplicate { original, seq }, Vec::new(), None));
             }
             let (seq, ids) = ops::insert(c, event, hash, sinks)?;
             Applied::Inserted(Inserted::New { seq }, ids, Some(hash))
@@ -124,7 +184,7 @@ fn apply(c: &Connection, work: &Work, recent: &mut RecentKeys) -> rusqlite::Resu
             Applied::Unit
         }
         Work::Prune { before_ms, limit } => Applied::Count(ops::prune(c, *before_ms, *limit)?),
-        Work::Resync => Applied::Unit,
+        Work::Resync | Work::Answers => Applied::Unit,
     })
 }
 
@@ -206,7 +266,32 @@ struct Delta {
     unrouted_bytes: i64,
 }
 
-pub(super) fn run(mut conn: Connection, mut rx: mpsc::Receiver<Op>, gauges: Arc<SpoolGauges>, feeds: Feeds) {
+/// Applies the answers reported since the last batch to the dedup index; an answer that turned uncertain
+/// (or certain again: a retry was answered) is recorded in the spool, in autocommit (rare; losing it in a
+/// crash only makes a later retry a second delivery).
+fn take_answers(conn: &Connection, recent: &mut RecentKeys, marks: &AnswerMarks) {
+    let marks = match marks.lock() {
+        Ok(mut m) if !m.is_empty() => std::mem::take(&mut *m),
+        _ => return,
+    };
+    for (seq, hash, certain) in marks {
+        let now = if certain { Answer::Certain } else { Answer::Uncertain };
+        let Some(before) = recent.set_answer(hash, seq, now) else { continue };
+        if (before == Answer::Uncertain) != (now == Answer::Uncertain)
+            && let Err(e) = ops::set_uncertain(conn, seq, now == Answer::Uncertain)
+        {
+            tracing::warn!(error = %e, seq, "cannot record a webhook answer in the spool");
+        }
+    }
+}
+
+pub(super) fn run(
+    mut conn: Connection,
+    mut rx: mpsc::Receiver<Op>,
+    gauges: Arc<SpoolGauges>,
+    feeds: Feeds,
+    shared: Shared,
+) {
     let mut shutdown: Option<oneshot::Sender<()>> = None;
     // Every commit leaves the WAL sync to the syncer.
     if let Err(e) = conn.pragma_update(None, "synchronous", "NORMAL") {
@@ -219,9 +304,10 @@ pub(super) fn run(mut conn: Connection, mut rx: mpsc::Receiver<Op>, gauges: Arc<
     let syncer = {
         let failed = Arc::clone(&failed);
         let gauges = Arc::clone(&gauges);
+        let failure = Arc::clone(&shared.failure);
         std::thread::Builder::new()
             .name("hookbridge-sync".into())
-            .spawn(move || sync_loop(wal, from_writer, &gauges, &feeds, &failed))
+            .spawn(move || sync_loop(wal, from_writer, &gauges, &feeds, (&failed, &failure)))
     };
     let syncer = match syncer {
         Ok(s) => s,
@@ -262,14 +348,16 @@ pub(super) fn run(mut conn: Connection, mut rx: mpsc::Receiver<Op>, gauges: Arc<
                 Err(reply) => shutdown = Some(reply),
             }
         }
-        let durable = work.iter().any(|w| !matches!(w, Work::Record { .. }));
+        let durable = work.iter().any(|w| !matches!(w, Work::Record { .. } | Work::Answers));
         let resync = work.iter().any(|w| matches!(w, Work::Prune { .. }));
         let now = crate::event::now_ms();
         for w in &work {
-            if let Work::Insert { dedup_since_ms, .. } = w {
-                window_ms = Some(dedup_since_ms.map_or(0, |since| (now - since).max(0)));
+            if let Work::Insert { dedup, .. } = w {
+                window_ms = Some(dedup.since_ms().map_or(0, |since| (now - since).max(0)));
             }
         }
+        // Before the inserts: an answer reported before a copy arrived decides whether the copy is a retry.
+        take_answers(&conn, &mut recent, &shared.answers);
         let settled = match execute(&mut conn, &work, &mut recent) {
             Ok(results) => {
                 recent.commit(window_ms.map_or(i64::MIN, |w| now - w));
@@ -350,7 +438,7 @@ fn sync_loop(
     rx: std::sync::mpsc::Receiver<Settled>,
     gauges: &SpoolGauges,
     feeds: &Feeds,
-    failed: &AtomicBool,
+    (failed, failure): (&AtomicBool, &tokio::sync::watch::Sender<Option<String>>),
 ) {
     let mut file: Option<(std::fs::File, (u64, u64))> = None;
     while let Ok(first) = rx.recv() {
@@ -365,6 +453,7 @@ fn sync_loop(
             // The kernel may have dropped the pages it could not write: nothing after this can be promised.
             tracing::error!(error = %e, wal = %wal.display(), "cannot sync the spool's WAL; the spool stops accepting");
             failed.store(true, Ordering::Release);
+            failure.send_replace(Some(e.to_string()));
         }
         for b in batches {
             if sync_error.is_some() || failed.load(Ordering::Acquire) {
@@ -421,6 +510,7 @@ fn answer(waiter: Waiter, r: Result<Applied, StoreError>) {
                 _ => Err(mismatch()),
             }));
         }
+        Waiter::Nobody => {}
     }
 }
 

@@ -21,13 +21,7 @@ pub struct ClockodoEnvelope {
     /// Present only in the validation handshake.
     #[serde(default)]
     pub secret: Option<serde_json::Value>,
-    /// Subscription id (dedup key part).
-    #[serde(default)]
-    pub subscription_id: Option<serde_json::Value>,
-    /// When the change happened (dedup key part).
-    #[serde(default)]
-    pub occurred_at: Option<String>,
-    /// `{ "<entity>": { "id": N } }` (dedup key part).
+    /// `{ "<entity>": { "id": N } }` (the ordering key).
     #[serde(default)]
     pub payload: Option<serde_json::Value>,
 }

@@ -15,7 +15,7 @@ use subtle::ConstantTimeEq;
 use crate::config::SecretString;
 pub use crate::config::types::{HmacAlgorithm, SignatureEncoding};
 pub use addon::{AddonClaims, AddonScheme, CLOCKIFY_PUBLIC_KEY};
-pub use hmac::HmacScheme;
+pub use hmac::{HmacScheme, SignedTimestamp};
 pub use standard::{StandardScheme, key_bytes as standard_key_bytes};
 
 /// Where a generic source finds a value (event type or delivery id).
@@ -149,7 +149,7 @@ pub fn verify_headers(scheme: &Scheme, headers: &HeaderMap) -> Result<Early, Ver
     match scheme {
         Scheme::Clockify { secrets } => clockify::verify(secrets, headers, now).map(|i| Early::Verified(Some(i))),
         Scheme::None { .. } => Ok(Early::Verified(None)),
-        Scheme::Hmac(h) => h.presented(headers).map(|_| Early::NeedsBody),
+        Scheme::Hmac(h) => h.check_headers(headers).map(|_| Early::NeedsBody),
         Scheme::Standard(s) => s.presented(headers, now).map(|_| Early::NeedsBody),
         Scheme::Clockodo { .. } => Ok(Early::NeedsBody),
         Scheme::ClockifyAddon(_) => Err(VerifyError::MissingSignature),
