@@ -425,7 +425,7 @@ async fn handle(
             let (response, stored) = accept(&s, &cfg, source, &checked, (&path, sub.as_deref()), &headers, body).await;
             match stored {
                 Some((seq, hash)) => {
-                    let deadline = started + source.dedup.provider_timeout;
+                    let deadline = started.checked_add(source.dedup.provider_timeout).unwrap_or(started);
                     let answered = Answered { shared: s, source: source.id.clone(), seq, hash, deadline };
                     response.map(|body| Body::new(WatchedBody { inner: body, answered: Some(answered) }))
                 }
@@ -511,7 +511,8 @@ impl http_body::Body for WatchedBody {
 impl Drop for WatchedBody {
     fn drop(&mut self) {
         if let Some(a) = self.answered.take() {
-            a.report(false);
+            // Never polled: whole only if there was nothing to send (hyper skips an empty body).
+            a.report(http_body::Body::is_end_stream(&self.inner));
         }
     }
 }

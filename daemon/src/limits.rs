@@ -73,6 +73,8 @@ pub(crate) fn default_max_backoff() -> HumanDuration {
 /// and asks for an answer within a few seconds; a longer assumption only makes a slow answer's retry a
 /// second delivery, a shorter one could make a distinct event a duplicate.
 pub const DEFAULT_PROVIDER_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest `provider_timeout` accepted.
+pub const MAX_PROVIDER_TIMEOUT: Duration = Duration::from_secs(3600);
 pub(crate) fn default_standard_tolerance() -> HumanDuration {
     HumanDuration(Duration::from_secs(300))
 }

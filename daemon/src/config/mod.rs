@@ -307,11 +307,11 @@ impl Config {
                 provider_timeout: provider_timeout.map_or(crate::limits::DEFAULT_PROVIDER_TIMEOUT, |d| d.0),
                 retry_window: retry_window.map_or(std::time::Duration::ZERO, |d| d.0),
             };
-            if dedup.provider_timeout.is_zero() {
+            if dedup.provider_timeout.is_zero() || dedup.provider_timeout > crate::limits::MAX_PROVIDER_TIMEOUT {
                 errs.locate(
                     &format!("{at}.provider_timeout"),
                     &root,
-                    "must be more than 0s (every answer would count as unseen, and every copy as a retry)",
+                    "must be more than 0s (every answer would count as unseen, and every copy as a retry) and at most 1h",
                 );
             }
             if let Some(scheme) = raw.into_scheme(&at, &root, &mut errs, base, env) {
@@ -573,8 +573,17 @@ impl RawSource {
                             );
                             return None;
                         }
-                        if tolerance.is_zero() {
-                            errs.locate(&format!("{at}.timestamp_tolerance"), root, "must be more than 0s");
+                        if tolerance < std::time::Duration::from_secs(1) {
+                            // Timestamps are whole seconds.
+                            errs.locate(&format!("{at}.timestamp_tolerance"), root, "must be at least 1s");
+                            return None;
+                        }
+                        if header.eq_ignore_ascii_case(&c.header) {
+                            errs.locate(
+                                &format!("{at}.timestamp_header"),
+                                root,
+                                "must be another header than the signature's",
+                            );
                             return None;
                         }
                         let template = payload.as_deref().unwrap_or("{timestamp}.{body}");

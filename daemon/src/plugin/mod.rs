@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
-use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
+use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap, UpdateDeadline};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
 
 use crate::config::PluginSpec;
@@ -344,7 +344,7 @@ pub struct Invocation {
     pub logs: Vec<LogLine>,
     /// Wall time, instantiation included.
     pub duration: Duration,
-    /// Largest linear memory it reached, in bytes.
+    /// Most memory it had at once (all its linear memories together), in bytes.
     pub memory_peak: u64,
     /// Fuel it used.
     pub fuel_used: u64,
@@ -396,9 +396,13 @@ impl Plugin {
         let mut store = Store::new(&p.engine, state);
         store.limiter(|s| &mut s.limiter);
         let fuel = p.spec.fuel.unwrap_or(u64::MAX);
-        let ticks = p.spec.time_limit.as_nanos().div_ceil(TICK.as_nanos()) as u64 + 1;
-        store.set_epoch_deadline(ticks);
-        store.epoch_deadline_trap();
+        store.set_epoch_deadline(ticks_for(p.spec.time_limit) + 1);
+        // At the deadline tick, the wall clock decides: the epoch only approximates it (its ticker can fall
+        // behind on a busy machine, and catches up at once), so a run is never cut early nor let run late.
+        store.epoch_deadline_callback(|ctx| {
+            let left = ctx.data().deadline.saturating_duration_since(Instant::now());
+            Ok(if left.is_zero() { UpdateDeadline::Interrupt } else { UpdateDeadline::Continue(ticks_for(left)) })
+        });
         let outcome = match (store.set_fuel(fuel), grant_error) {
             (Err(e), _) => Err(Failure::Instantiate(format!("fuel: {e}"))),
             (_, Some(e)) => Err(Failure::Instantiate(e)),
@@ -422,8 +426,11 @@ impl Plugin {
         };
         let outcome = match outcome {
             Err(Failure::Trap(_)) if store.data().limiter.denied => Err(Failure::Memory(p.spec.memory_limit)),
-            // It waited in WASI up to the deadline: whatever it did after, it ran out of time.
-            _ if store.data().overslept => Err(Failure::Timeout(p.spec.time_limit)),
+            // It waited in WASI up to the deadline: whatever it did after, it ran out of time. (A long
+            // subscription it never waited on, with the deadline not reached, is no timeout.)
+            _ if store.data().overslept && Instant::now() >= store.data().deadline => {
+                Err(Failure::Timeout(p.spec.time_limit))
+            }
             other => other,
         };
         let mut state = store.into_data();
@@ -474,6 +481,11 @@ impl Plugin {
             })
             .collect())
     }
+}
+
+/// Epoch ticks in `d`, at least one.
+fn ticks_for(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos().div_ceil(TICK.as_nanos())).unwrap_or(u64::MAX).max(1)
 }
 
 fn first_line(s: &str) -> String {
@@ -579,13 +591,15 @@ struct Limiter {
     limit: u64,
     /// Bytes of all memories now.
     total: u64,
+    /// The last growth allowed, (current, desired): undone if the memory then fails to grow.
+    allowed: Option<(u64, u64)>,
     peak: u64,
     denied: bool,
 }
 
 impl Limiter {
     fn new(limit: u64) -> Limiter {
-        Limiter { limit, total: 0, peak: 0, denied: false }
+        Limiter { limit, total: 0, allowed: None, peak: 0, denied: false }
     }
 }
 
@@ -598,8 +612,17 @@ impl wasmtime::ResourceLimiter for Limiter {
             return Ok(false);
         }
         self.total = total;
+        self.allowed = Some((current as u64, desired as u64));
         self.peak = self.peak.max(total);
         Ok(true)
+    }
+
+    /// A growth this limiter allowed failed after all (the memory's own maximum, or the allocation).
+    fn memory_grow_failed(&mut self, _error: wasmtime::Error) -> wasmtime::Result<()> {
+        if let Some((current, desired)) = self.allowed.take() {
+            self.total = self.total.saturating_sub(desired).saturating_add(current);
+        }
+        Ok(())
     }
 
     fn table_growing(&mut self, _current: usize, desired: usize, _maximum: Option<usize>) -> wasmtime::Result<bool> {
@@ -730,5 +753,11 @@ mod tests {
         assert!(l.memory_growing(40 * MIB, 44 * MIB, None).unwrap(), "A grows to 44: 64 in all");
         assert!(!l.memory_growing(20 * MIB, 21 * MIB, None).unwrap(), "B cannot grow past the total");
         assert_eq!(l.peak, 64 * MIB as u64);
+        // A growth allowed here that then fails (the memory's own maximum) is not counted.
+        let mut l = Limiter::new(64 * MIB as u64);
+        assert!(l.memory_growing(0, 40 * MIB, None).unwrap());
+        assert!(l.memory_growing(40 * MIB, 60 * MIB, None).unwrap());
+        l.memory_grow_failed(wasmtime::Error::msg("past the memory's maximum")).unwrap();
+        assert!(l.memory_growing(40 * MIB, 64 * MIB, None).unwrap(), "still at 40 MiB, so 64 fits");
     }
 }

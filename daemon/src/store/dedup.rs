@@ -97,10 +97,17 @@ impl RecentKeys {
     }
 
     /// Sets what is known of the answer to event `seq` (dedup hash `hash`); returns what it was, `None` for
-    /// an event the map does not hold (outside the window, or never loaded: nothing to change).
+    /// an event the map does not hold (outside the window, or never loaded: nothing to change). Certain
+    /// stays certain: once the provider has seen an answer for these bytes, a later cut answer (its retry's
+    /// answers and the original's may be reported in any order) must not make the next distinct copy a
+    /// duplicate; at worst a retry is delivered twice.
     pub(super) fn set_answer(&mut self, hash: i64, seq: i64, answer: Answer) -> Option<Answer> {
         let entry = self.by_hash.get_mut(&hash)?.iter_mut().find(|e| e.seq == seq)?;
-        Some(std::mem::replace(&mut entry.answer, answer))
+        let before = entry.answer;
+        if before != Answer::Certain {
+            entry.answer = answer;
+        }
+        Some(before)
     }
 
     /// The current transaction committed: its events are known from now on. Entries received before
@@ -173,6 +180,14 @@ mod tests {
         assert!(entry(400, Answer::Pending).is_target(&rule));
         // Outside the dedup window: never.
         assert!(!entry(99, Answer::Uncertain).is_target(&rule));
+        // Certain stays certain, whatever is reported after.
+        let mut keys = RecentKeys::new();
+        keys.stage(7, 1, 600);
+        keys.commit(0);
+        assert_eq!(keys.set_answer(7, 1, Answer::Certain), Some(Answer::Pending));
+        assert_eq!(keys.set_answer(7, 1, Answer::Uncertain), Some(Answer::Certain));
+        assert_eq!(keys.set_answer(7, 1, Answer::Uncertain), Some(Answer::Certain));
+        assert_eq!(keys.set_answer(8, 1, Answer::Uncertain), None, "not in the index");
         // Delivery ids: any copy within the window.
         let ids = Dedup::DeliveryId { since_ms: 100 };
         assert!(entry(600, Answer::Certain).is_target(&ids));

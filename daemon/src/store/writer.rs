@@ -277,7 +277,8 @@ fn take_answers(conn: &Connection, recent: &mut RecentKeys, marks: &AnswerMarks)
     for (seq, hash, certain) in marks {
         let now = if certain { Answer::Certain } else { Answer::Uncertain };
         let Some(before) = recent.set_answer(hash, seq, now) else { continue };
-        if (before == Answer::Uncertain) != (now == Answer::Uncertain)
+        if before != Answer::Certain
+            && (before == Answer::Uncertain) != (now == Answer::Uncertain)
             && let Err(e) = ops::set_uncertain(conn, seq, now == Answer::Uncertain)
         {
             tracing::warn!(error = %e, seq, "cannot record a webhook answer in the spool");
@@ -416,7 +417,10 @@ pub(super) fn run(
     // Everything committed is synced and answered before the writer says it has stopped.
     drop(to_syncer);
     let _ = syncer.join();
-    let _ = conn.pragma_update(None, "wal_checkpoint", "TRUNCATE");
+    // After a failed sync nothing more is written: the next start recovers from the WAL as it is.
+    if !failed.load(Ordering::Acquire) {
+        let _ = conn.pragma_update(None, "wal_checkpoint", "TRUNCATE");
+    }
     // Answer whoever asked us to stop; operations still queued are dropped unanswered (their callers see
     // `Closed`, and a webhook among them gets 503, so nothing acknowledged is lost).
     if let Some(reply) = shutdown {
