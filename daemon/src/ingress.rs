@@ -424,9 +424,9 @@ async fn handle(
             };
             let (response, stored) = accept(&s, &cfg, source, &checked, (&path, sub.as_deref()), &headers, body).await;
             match stored {
-                Some((seq, hash)) => {
+                Some((seq, hash, duplicate)) => {
                     let deadline = started.checked_add(source.dedup.provider_timeout).unwrap_or(started);
-                    let answered = Answered { shared: s, source: source.id.clone(), seq, hash, deadline };
+                    let answered = Answered { shared: s, source: source.id.clone(), seq, hash, duplicate, deadline };
                     response.map(|body| Body::new(WatchedBody { inner: body, answered: Some(answered) }))
                 }
                 None => response,
@@ -457,6 +457,8 @@ struct Answered {
     source: String,
     seq: i64,
     hash: i64,
+    /// The request was a duplicate of event `seq`.
+    duplicate: bool,
     deadline: Instant,
 }
 
@@ -466,7 +468,10 @@ impl Answered {
         if !certain {
             self.shared.metrics.uncertain_answer(&self.source);
         }
-        self.shared.store.answered(self.seq, self.hash, certain);
+        // A new event answered in time is what the spool assumes: nothing to report.
+        if !certain || self.duplicate {
+            self.shared.store.answered(self.seq, self.hash, certain);
+        }
     }
 }
 
@@ -581,7 +586,8 @@ async fn read_body(body: Body, limit: u64, timeout: Duration, min_rate: u64) -> 
 }
 
 /// Classify, route, spool (the request is verified). Answers 2xx only after the spool commit; with the
-/// stored event's seq and dedup hash when a copy of it dedups by its answer (a content key).
+/// stored event's seq and dedup hash when a copy of it dedups by its answer (a content key), and whether
+/// this request was a duplicate of it.
 async fn accept(
     s: &Shared,
     cfg: &Settings,
@@ -590,7 +596,7 @@ async fn accept(
     (path, sub): (&str, Option<&str>),
     headers: &HeaderMap,
     body: Bytes,
-) -> (Response, Option<(i64, i64)>) {
+) -> (Response, Option<(i64, i64, bool)>) {
     if let (true, Scheme::ClockifyAddon(a)) = (checked.lifecycle, &source.scheme) {
         use crate::addon::Outcome;
         let req =
@@ -656,7 +662,6 @@ async fn accept(
         (Some(w), DedupKey::DeliveryId) => Dedup::DeliveryId { since_ms: now.saturating_sub(ms(w)) },
         (Some(w), DedupKey::Content) => Dedup::Content {
             since_ms: now.saturating_sub(ms(w)),
-            unanswered_before_ms: now.saturating_sub(ms(source.dedup.provider_timeout)),
             retry_since_ms: match source.dedup.retry_window {
                 w if w.is_zero() => i64::MAX,
                 w => now.saturating_sub(ms(w)),
@@ -682,12 +687,12 @@ async fn accept(
             // through, the provider has seen one for that content, so its next copy is a new event.
             s.metrics.duplicate(&source.id, &event_type, &original);
             let response = axum::Json(json!({"status": "duplicate", "id": original})).into_response();
-            (response, watch.map(|hash| (seq, hash)))
+            (response, watch.map(|hash| (seq, hash, true)))
         }
         Ok(Inserted::New { seq }) => {
             s.metrics.accepted(&source.id, &event_type, &id, &decision.sinks);
             let status = if decision.sinks.is_empty() { "unrouted" } else { "accepted" };
-            (axum::Json(json!({"status": status, "id": id})).into_response(), watch.map(|hash| (seq, hash)))
+            (axum::Json(json!({"status": status, "id": id})).into_response(), watch.map(|hash| (seq, hash, false)))
         }
         Err(e) => {
             tracing::error!(source = %source.id, error = %e, "cannot commit event to the spool");

@@ -10,11 +10,14 @@
 //! (key and source), so a collision of the 8-byte hash never makes two events one.
 //!
 //! Answers: a content key (see [`super::Dedup`]) dedups only against an earlier copy whose answer the
-//! provider may not have seen. The ingress reports each answer once it is written ([`super::Store::answered`]):
-//! in time and whole, the answer is certain (memory only: the common case costs no write); cut, failed or
-//! late, it is uncertain, and that is also written to `uncertain_answers`, so a restart keeps it. An event
-//! loaded from the spool is certain unless that table names it: after a crash, a provider's retry of a
-//! request that was in flight at the crash is delivered again (at least once, never lost).
+//! provider may not have seen. The ingress reports an answer that was cut, failed or late
+//! ([`super::Store::answered`]): it is uncertain, and that is also written to `uncertain_answers`, so a
+//! restart keeps it. An answer written whole and in time is not reported at all (the common case costs the
+//! writer nothing), except a duplicate's, which makes its original certain for good: the provider has seen
+//! an answer for those bytes. An event loaded from the spool is answered unless that table names it: after a
+//! crash, a provider's retry of a request that was in flight at the crash is delivered again (at least once,
+//! never lost). An answer not yet reported is taken as seen: a retry that arrives while the first copy is
+//! still being stored (the provider timed out first) is delivered twice.
 //!
 //! Memory: about 48 bytes per event received within the window (`storage.dedup_window`, default 73 h).
 
@@ -28,9 +31,9 @@ use crate::event::now_ms;
 /// What is known of the answer to an event's webhook.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Answer {
-    /// Not written yet.
+    /// Nothing reported: written whole and in time, or not written yet.
     Pending,
-    /// Written whole, in time: the provider has it.
+    /// A duplicate of it was answered whole and in time: the provider has an answer for its bytes.
     Certain,
     /// Cut, failed or late: the provider may retry (recorded in `uncertain_answers`).
     Uncertain,
@@ -49,11 +52,8 @@ impl Entry {
         match *rule {
             Dedup::Off => false,
             Dedup::DeliveryId { since_ms } => self.received_at >= since_ms,
-            Dedup::Content { since_ms, unanswered_before_ms, retry_since_ms } => {
-                self.received_at >= since_ms
-                    && (self.received_at >= retry_since_ms
-                        || self.answer == Answer::Uncertain
-                        || (self.answer == Answer::Pending && self.received_at < unanswered_before_ms))
+            Dedup::Content { since_ms, retry_since_ms } => {
+                self.received_at >= since_ms && (self.received_at >= retry_since_ms || self.answer == Answer::Uncertain)
             }
         }
     }
@@ -169,15 +169,14 @@ mod tests {
 
     #[test]
     fn content_copies_are_retries_only_while_the_answer_is_uncertain() {
-        let rule = Dedup::Content { since_ms: 100, unanswered_before_ms: 500, retry_since_ms: 900 };
+        let rule = Dedup::Content { since_ms: 100, retry_since_ms: 900 };
         // Answered in time: a copy is a new event, unless it comes within the retry window.
         assert!(!entry(600, Answer::Certain).is_target(&rule));
         assert!(entry(900, Answer::Certain).is_target(&rule));
         // Cut or late: a retry.
         assert!(entry(600, Answer::Uncertain).is_target(&rule));
-        // Still unanswered: a retry only once the provider may have given up on it.
+        // Answered (nothing reported), or not yet: a new event.
         assert!(!entry(600, Answer::Pending).is_target(&rule));
-        assert!(entry(400, Answer::Pending).is_target(&rule));
         // Outside the dedup window: never.
         assert!(!entry(99, Answer::Uncertain).is_target(&rule));
         // Certain stays certain, whatever is reported after.

@@ -221,15 +221,12 @@ pub enum Dedup {
         since_ms: i64,
     },
     /// The key is the content: an event with the same key received since `since_ms` makes this one a
-    /// duplicate only if the provider may not have seen its answer: the answer was cut, failed or late
-    /// ([`Store::answered`]), or it is still unanswered and was received before `unanswered_before_ms`
-    /// (the provider has given up waiting), or it was received at or after `retry_since_ms` (the window of
-    /// the provider's immediate retries).
+    /// duplicate only if the provider may not have seen its answer (the answer was reported cut, failed or
+    /// late: [`Store::answered`]), or if it was received at or after `retry_since_ms` (the window of the
+    /// provider's immediate retries).
     Content {
         /// Start of the dedup window.
         since_ms: i64,
-        /// Now less the provider's timeout.
-        unanswered_before_ms: i64,
         /// Now less the retry window.
         retry_since_ms: i64,
     },
@@ -446,8 +443,10 @@ impl Store {
 
     /// Reports the answer to the webhook of event `seq` (whose dedup key hashes to `hash`, see
     /// [`dedup_hash`]): `certain` when it was written whole within the provider's timeout, else the provider
-    /// may retry, and a copy of the event is then a duplicate (see [`Dedup::Content`]). The common case
-    /// (certain) costs the writer no write; an uncertain answer is recorded in the spool.
+    /// may retry, and a copy of the event is then a duplicate (see [`Dedup::Content`]); an uncertain answer
+    /// is recorded in the spool. An event nobody reports on counts as answered: the ingress reports only
+    /// uncertain answers, and certain ones for duplicates (the provider has then seen an answer for the
+    /// original's bytes), so the common case costs the writer nothing.
     pub fn answered(&self, seq: i64, hash: i64, certain: bool) {
         if let Ok(mut marks) = self.answers.lock() {
             marks.push((seq, hash, certain));
