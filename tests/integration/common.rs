@@ -249,13 +249,7 @@ impl TestBridge {
     }
 
     pub async fn post(&self, path: &str, headers: &[(&str, &str)], body: impl Into<reqwest::Body>) -> (u16, String) {
-        let mut req = client().post(self.url(path)).body(body);
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        let r = req.send().await.unwrap();
-        let status = r.status().as_u16();
-        (status, r.text().await.unwrap())
+        post_to(&self.url(path), headers, body).await
     }
 
     pub async fn metrics(&self) -> String {
@@ -315,6 +309,17 @@ impl TestBridge {
         }
         std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap())
     }
+}
+
+/// POSTs `body` with `headers` to `url` (a TestBridge or a child daemon): status and body text.
+pub async fn post_to(url: &str, headers: &[(&str, &str)], body: impl Into<reqwest::Body>) -> (u16, String) {
+    let mut req = client().post(url).body(body);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let r = req.send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.text().await.unwrap())
 }
 
 pub fn client() -> reqwest::Client {
@@ -414,5 +419,23 @@ pub async fn wait_healthy(url: &str) {
     while !client().get(url).send().await.map(|r| r.status().is_success()).unwrap_or(false) {
         assert!(Instant::now() < deadline, "daemon did not become healthy at {url}");
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Sends SIGTERM to a child daemon.
+pub fn sigterm(child: &std::process::Child) {
+    let sent = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(sent.success(), "kill -TERM failed");
+}
+
+/// Waits for a child daemon to exit; panics with `what` once `timeout` has passed.
+pub async fn wait_exit(child: &mut std::process::Child, timeout: Duration, what: &str) -> std::process::ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::common::*;
 
@@ -109,15 +109,9 @@ to = ["out", "file"]
             f.write_all(br#"{"id":"torn","source":"clockify","body":{"descr"#).unwrap();
         }
         Stop::Term => {
-            let started = Instant::now();
-            assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
-            let status = loop {
-                if let Some(s) = child.try_wait().unwrap() {
-                    break s;
-                }
-                assert!(started.elapsed() < Duration::from_secs(35), "no exit within shutdown_timeout (30s) + margin");
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            };
+            sigterm(&child);
+            let status =
+                wait_exit(&mut child, Duration::from_secs(35), "no exit within shutdown_timeout (30s) + margin").await;
             assert!(status.success(), "{status:?}");
         }
     }
@@ -166,16 +160,8 @@ to = ["out", "file"]
     assert!(in_file.is_some(), "acknowledged events missing from the file sink");
 
     // SIGTERM: a clean exit.
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
-    assert!(status.success());
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let exit = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "no exit after SIGTERM");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    sigterm(&child);
+    let exit = wait_exit(&mut child, Duration::from_secs(30), "no exit after SIGTERM").await;
     assert!(exit.success(), "exit after SIGTERM: {exit:?}");
     let log = std::fs::read_to_string(dir.path().join("run2.log")).unwrap();
     assert!(!log.contains(SECRET), "a secret reached the log");

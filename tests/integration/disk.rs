@@ -190,14 +190,7 @@ to = ["file"]
     assert_eq!(post(port, "before").await, 200);
     std::fs::remove_file(dir.path().join("data/spool.db-wal")).unwrap();
     assert_eq!(post(port, "after").await, 503, "a webhook whose sync failed must not be acknowledged");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "the daemon went on running after a failed sync");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let status = wait_exit(&mut child, Duration::from_secs(20), "the daemon went on running after a failed sync").await;
     let text = std::fs::read_to_string(&log).unwrap();
     assert_eq!(status.code(), Some(1), "{text}");
     assert!(text.contains("failed sync"), "the log says why:\n{text}");
@@ -212,6 +205,6 @@ to = ["file"]
     })
     .await;
     assert!(delivered.is_some(), "delivered: {:?}", ids_in(&out));
-    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
-    assert!(child.wait().unwrap().success());
+    sigterm(&child);
+    assert!(wait_exit(&mut child, Duration::from_secs(30), "no exit after SIGTERM").await.success());
 }

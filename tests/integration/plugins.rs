@@ -462,30 +462,15 @@ to = ["sleep"]
     let mut child = spawn_daemon(&config, &log);
     let base = format!("http://127.0.0.1:{port}");
     wait_healthy(&format!("{base}/healthz")).await;
-    let r = client()
-        .post(format!("{base}/hooks/clockify"))
-        .headers(
-            clockify_headers(SECRET, "NEW_TIME_ENTRY")
-                .into_iter()
-                .map(|(k, v)| (k.parse().unwrap(), v.parse().unwrap()))
-                .collect(),
-        )
-        .body(r#"{"id":"sleepy"}"#)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
+    let (status, text) =
+        post_to(&format!("{base}/hooks/clockify"), &clockify_headers(SECRET, "NEW_TIME_ENTRY"), r#"{"id":"sleepy"}"#)
+            .await;
+    assert_eq!(status, 200, "{text}");
     // The plugin is asleep now.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let started = std::time::Instant::now();
-    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(started.elapsed() < Duration::from_secs(20), "no exit 20 s after SIGTERM");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let started = Instant::now();
+    sigterm(&child);
+    let status = wait_exit(&mut child, Duration::from_secs(20), "no exit 20 s after SIGTERM").await;
     let took = started.elapsed();
     assert!(status.success(), "{status:?}: {}", std::fs::read_to_string(&log).unwrap_or_default());
     assert!(took < Duration::from_secs(6), "shutdown took {took:?} with a plugin asleep (limit 2 s)");
