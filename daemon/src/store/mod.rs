@@ -275,7 +275,7 @@ pub struct Record {
 }
 
 /// How a delivery ended (or not).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// The sink acknowledged it.
     Delivered,
