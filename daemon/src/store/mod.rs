@@ -5,6 +5,7 @@
 //! in the daemon (admin API) or in another process (CLI); SQLite's locking keeps them consistent.
 
 mod dedup;
+pub mod log;
 mod ops;
 mod schema;
 mod writer;

@@ -1,0 +1,432 @@
+//! The append-only segment log: the spool's hot path (`../shared/design/SPOOL-LOG.md` in the team's notes;
+//! `ARCHITECTURE.md` has the decisions). Healthy events are framed ([`frame`]) into segments ([`segment`]);
+//! a commit is one positioned write of every frame staged since the last one and one `fdatasync`, shared
+//! by all of them (group commit). An event is durable, and may be answered for, once [`Log::commit`]
+//! returned a `durable_seq` above its seq. No crate fits (see ARCHITECTURE.md), so the log is ours, and it
+//! runs on [`file::Disk`] so that tests can crash it on a simulated disk at every byte.
+//!
+//! The rules it keeps:
+//! - One writer, appending strictly in seq order; a failed sync fails the log for good (a sync is never
+//!   retried: the kernel may have dropped the pages it could not write).
+//! - A segment recovered at open is never written again: the log goes on in a new segment, so stale bytes
+//!   never sit after a new tail.
+//! - A segment is rolled when the next frame would pass `segment_size`: the old one gets a SEAL frame and
+//!   its sync, the new one its header, a STATE frame and the batch, then its sync and the directory's.
+//!   A segment holds at least one frame, so one larger than `segment_size` still fits (in a segment of its
+//!   own), and a batch may pass the size by itself: a roll happens at most once per commit.
+
+pub mod file;
+pub mod frame;
+pub mod segment;
+pub mod sinks;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+use std::path::{Path, PathBuf};
+
+use file::{Disk, LogFile};
+use frame::{Kind, LoggedEvent, Place, TooBig};
+use segment::{HEADER_SIZE, Header, HeaderError, Hole};
+use sinks::SinkState;
+
+use crate::event::{Event, now_ms};
+
+/// Default segment size.
+pub const SEGMENT_SIZE: u64 = 64 << 20;
+
+/// Log failures.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// A file operation failed.
+    #[error("spool log {path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// A segment that is not the newest has no valid header, or belongs to another spool.
+    #[error("spool log {path}: {why}")]
+    Corrupt {
+        /// The segment.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
+    /// A segment written by a newer hookbridge.
+    #[error("spool log {path}: {source}")]
+    Newer {
+        /// The segment.
+        path: PathBuf,
+        /// The format.
+        source: HeaderError,
+    },
+    /// The event does not fit the format.
+    #[error(transparent)]
+    TooBig(#[from] TooBig),
+    /// A commit failed earlier: nothing is written or answered any more.
+    #[error("spool log failed earlier (a write or sync failed); restart to recover")]
+    Failed,
+}
+
+/// What recovery found at open.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Recovery {
+    /// Segments read.
+    pub segments: usize,
+    /// Events found.
+    pub events: u64,
+    /// Corrupt stretches with valid frames after them, per segment: their events are lost.
+    pub holes: Vec<(u64, Hole)>,
+    /// The newest segment ended in a torn write (what follows it was never acknowledged).
+    pub torn_tail: bool,
+    /// The newest segment's header was torn (a roll that crashed before its first sync): removed.
+    pub removed_torn_segment: Option<u64>,
+}
+
+impl Recovery {
+    /// Events lost to holes.
+    pub fn lost_events(&self) -> u64 {
+        self.holes.iter().map(|(_, h)| h.lost_events).sum()
+    }
+}
+
+/// Where one event's frame is.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    seq: u64,
+    offset: u64,
+    size: u32,
+}
+
+/// A segment: its header, its file, and the events it holds.
+struct Seg<F> {
+    header: Header,
+    file: F,
+    events: Vec<Entry>,
+}
+
+/// The append-only log.
+pub struct Log<D: Disk> {
+    disk: D,
+    dir: PathBuf,
+    uuid: [u8; 16],
+    segment_size: u64,
+    /// Every segment, by number; the last is the active one.
+    segments: BTreeMap<u64, Seg<D::File>>,
+    /// Where the active segment's next frame goes.
+    tail: u64,
+    /// The last segment is this run's (not a recovered or sealed one): frames may be appended to it.
+    writable: bool,
+    /// Frames staged for the active segment, then (from `roll_at`) for the next one.
+    buf: Vec<u8>,
+    roll_at: Option<usize>,
+    /// Staged events: seq, offset in `buf`, size.
+    staged: Vec<(u64, usize, u32)>,
+    next_seq: u64,
+    durable_seq: u64,
+    failed: bool,
+    /// Each sink's progress, and the sinks whose progress changed since the last commit.
+    sinks: BTreeMap<String, SinkState>,
+    dirty: BTreeSet<String>,
+}
+
+impl<D: Disk> std::fmt::Debug for Log<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Log")
+            .field("dir", &self.dir)
+            .field("segments", &self.segments.keys().collect::<Vec<_>>())
+            .field("next_seq", &self.next_seq)
+            .field("durable_seq", &self.durable_seq)
+            .field("failed", &self.failed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<D: Disk> Log<D> {
+    /// Opens (or creates) the log in `dir` for the spool `uuid`, recovers it, and starts a new segment.
+    pub fn open(disk: D, dir: &Path, uuid: [u8; 16], segment_size: u64) -> Result<(Self, Recovery), LogError> {
+        let io_err = |path: &Path| {
+            let path = path.to_owned();
+            move |source| LogError::Io { path, source }
+        };
+        disk.create_dir_all(dir).map_err(io_err(dir))?;
+        if let Some(parent) = dir.parent() {
+            disk.sync_dir(parent).map_err(io_err(parent))?;
+        }
+        let mut numbers: Vec<u64> =
+            disk.list(dir).map_err(io_err(dir))?.iter().filter_map(|n| segment::parse_name(n)).collect();
+        numbers.sort_unstable();
+        let mut recovery = Recovery::default();
+        let mut segments = BTreeMap::new();
+        let mut next_seq = 0;
+        let mut progress: BTreeMap<String, SinkState> = BTreeMap::new();
+        let newest = numbers.last().copied();
+        for segno in numbers {
+            let path = dir.join(segment::file_name(segno));
+            let file = disk.open(&path, false).map_err(io_err(&path))?;
+            let len = file.size().map_err(io_err(&path))?;
+            let mut data = vec![0u8; usize::try_from(len).unwrap_or(usize::MAX)];
+            let n = file.read_at(&mut data, 0).map_err(io_err(&path))?;
+            data.truncate(n);
+            let header = match Header::decode(&data) {
+                Ok(h) => h,
+                Err(HeaderError::Invalid) if Some(segno) == newest => {
+                    // Header, STATE and first batch go out in one write and one sync: a torn header means
+                    // nothing in this segment was ever acknowledged.
+                    drop(file);
+                    disk.remove(&path).map_err(io_err(&path))?;
+                    disk.sync_dir(dir).map_err(io_err(dir))?;
+                    recovery.removed_torn_segment = Some(segno);
+                    continue;
+                }
+                Err(e @ HeaderError::Newer(_)) => return Err(LogError::Newer { path, source: e }),
+                Err(HeaderError::Invalid) => {
+                    return Err(LogError::Corrupt { path, why: "the segment header is not valid".into() });
+                }
+            };
+            if header.segno != segno || header.spool_uuid != uuid {
+                return Err(LogError::Corrupt { path, why: "the segment belongs to another spool or file".into() });
+            }
+            if !segments.is_empty() && header.base_seq < next_seq {
+                return Err(LogError::Corrupt { path, why: "the segment starts before its predecessor ends".into() });
+            }
+            let scan = segment::scan(&data, &header);
+            let events: Vec<Entry> = scan
+                .frames
+                .iter()
+                .filter(|f| f.kind == Kind::Event)
+                .map(|f| Entry { seq: f.seq, offset: f.offset as u64, size: f.size as u32 })
+                .collect();
+            for f in scan.frames.iter().filter(|f| matches!(f.kind, Kind::State | Kind::SinkCheckpoint)) {
+                let Ok((fr, _)) = frame::decode(&data[f.offset..], header.place()) else { continue };
+                match fr.kind {
+                    Kind::State => {
+                        if let Some(state) = sinks::get_state(fr.payload) {
+                            progress = state;
+                        }
+                    }
+                    _ => {
+                        if let Some((name, state)) = sinks::get_checkpoint(fr.payload) {
+                            progress.insert(name, state);
+                        }
+                    }
+                }
+            }
+            recovery.segments += 1;
+            recovery.events += events.len() as u64;
+            recovery.holes.extend(scan.holes.iter().map(|h| (segno, *h)));
+            recovery.torn_tail = Some(segno) == newest && scan.end_reason != frame::Reject::Empty;
+            next_seq = scan.next_seq;
+            segments.insert(segno, Seg { header, file, events });
+        }
+        // A checkpoint is never ahead of the events it covers (they were durable when taken); a disk that
+        // kept a later page of a torn write and not an earlier one could make it look so.
+        for state in progress.values_mut() {
+            state.taken = state.taken.min(next_seq);
+            state.outstanding.retain(|s| *s < next_seq);
+        }
+        let mut log = Log {
+            disk,
+            dir: dir.to_owned(),
+            uuid,
+            segment_size: segment_size.max(HEADER_SIZE as u64 * 2),
+            segments,
+            tail: 0,
+            writable: false,
+            buf: Vec::new(),
+            roll_at: None,
+            staged: Vec::new(),
+            next_seq,
+            durable_seq: next_seq,
+            failed: false,
+            sinks: progress,
+            dirty: BTreeSet::new(),
+        };
+        // Never write into a recovered segment: the log goes on in a new one.
+        log.roll_at = Some(0);
+        log.commit()?;
+        Ok((log, recovery))
+    }
+
+    /// The seq the next appended event gets.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Every event with a lower seq is durable.
+    pub fn durable_seq(&self) -> u64 {
+        self.durable_seq
+    }
+
+    /// The lowest seq the log still holds (pruning will move it).
+    pub fn first_seq(&self) -> u64 {
+        self.segments.values().find_map(|s| s.events.first().map(|e| e.seq)).unwrap_or(self.durable_seq)
+    }
+
+    /// Each sink's progress (as the last commit made it durable, plus what was reported since).
+    pub fn sinks(&self) -> &BTreeMap<String, SinkState> {
+        &self.sinks
+    }
+
+    /// A sink's dispatcher took every durable event below `upto` (passing over those not routed to it);
+    /// `outstanding` are those it took and has not finished. Durable with the next commit.
+    pub fn taken(&mut self, sink: &str, upto: u64, outstanding: impl IntoIterator<Item = u64>) {
+        let state = self.sinks.entry(sink.to_owned()).or_default();
+        let upto = upto.min(self.durable_seq).max(state.taken);
+        state.outstanding.extend(outstanding.into_iter().filter(|s| *s < upto));
+        state.taken = upto;
+        self.dirty.insert(sink.to_owned());
+    }
+
+    /// A sink finished these seqs (delivered, or moved to the cold path). Durable with the next commit.
+    pub fn finished(&mut self, sink: &str, seqs: &[u64]) {
+        if let Some(state) = self.sinks.get_mut(sink) {
+            for s in seqs {
+                state.outstanding.remove(s);
+            }
+            self.dirty.insert(sink.to_owned());
+        }
+    }
+
+    /// Stages an event for the next commit; its seq. Nothing is written until [`Log::commit`].
+    pub fn append(&mut self, event: &Event, sinks: &[String], dedup_hash: u64, flags: u8) -> Result<u64, LogError> {
+        if self.failed {
+            return Err(LogError::Failed);
+        }
+        let size = frame::size(frame::event_payload_len(event, sinks)?);
+        let place = self.staging_place(size as u64);
+        let seq = self.next_seq;
+        let at = self.buf.len();
+        frame::encode(&mut self.buf, Kind::Event, flags, seq, place, |b| frame::put_event(b, event, sinks, dedup_hash));
+        self.staged.push((seq, at, size as u32));
+        self.next_seq += 1;
+        Ok(seq)
+    }
+
+    /// Where a frame of `size` bytes staged now goes: the active segment, or the next one once it would not
+    /// fit or the active one is a recovered one (a roll, at most one per commit).
+    fn staging_place(&mut self, size: u64) -> Place {
+        if self.roll_at.is_none() {
+            match self.segments.last_key_value() {
+                Some((_, seg)) if self.writable && self.tail + self.buf.len() as u64 + size <= self.segment_size => {
+                    return seg.header.place();
+                }
+                _ => self.roll_at = Some(self.buf.len()),
+            }
+        }
+        let segno = self.segments.last_key_value().map_or(0, |(n, _)| n + 1);
+        Header { segno, base_seq: 0, spool_uuid: self.uuid, created_ms: 0 }.place()
+    }
+
+    /// Writes every staged frame and syncs: one write and one `fdatasync` (plus, at a roll, the old
+    /// segment's seal and sync and the directory's sync). Returns the new `durable_seq`. An error fails the
+    /// log for good: nothing staged is durable, and nothing more is accepted.
+    pub fn commit(&mut self) -> Result<u64, LogError> {
+        if self.failed {
+            return Err(LogError::Failed);
+        }
+        // One checkpoint per sink whose progress changed, after the batch's events.
+        for name in std::mem::take(&mut self.dirty) {
+            let Some(state) = self.sinks.get(&name) else { continue };
+            let mut payload = Vec::new();
+            sinks::put_checkpoint(&mut payload, &name, state);
+            let place = self.staging_place(frame::size(payload.len()) as u64);
+            frame::encode(&mut self.buf, Kind::SinkCheckpoint, 0, self.next_seq, place, |b| {
+                b.extend_from_slice(&payload)
+            });
+        }
+        if self.buf.is_empty() && self.roll_at.is_none() {
+            return Ok(self.durable_seq);
+        }
+        match self.write_staged() {
+            Ok(()) => {
+                self.durable_seq = self.next_seq;
+                Ok(self.durable_seq)
+            }
+            Err(e) => {
+                self.failed = true;
+                Err(e)
+            }
+        }
+    }
+
+    fn write_staged(&mut self) -> Result<(), LogError> {
+        let io_err = |path: PathBuf| move |source| LogError::Io { path, source };
+        let buf = std::mem::take(&mut self.buf);
+        let staged = std::mem::take(&mut self.staged);
+        let split = self.roll_at.take();
+        let first_new =
+            split.map_or(staged.len(), |i| staged.iter().position(|(_, at, _)| *at >= i).unwrap_or(staged.len()));
+        // The seq the log has reached at the roll: the first event of the new segment's.
+        let base_seq = staged.get(first_new).map_or(self.next_seq, |(seq, ..)| *seq);
+        if self.writable
+            && let Some(mut last) = self.segments.last_entry()
+        {
+            let segno = *last.key();
+            let seg = last.get_mut();
+            let mut part = buf[..split.unwrap_or(buf.len())].to_vec();
+            if split.is_some() {
+                frame::encode(&mut part, Kind::Seal, 0, base_seq, seg.header.place(), |_| {});
+            }
+            let path = self.dir.join(segment::file_name(segno));
+            seg.file.write_at(&part, self.tail).map_err(io_err(path.clone()))?;
+            seg.file.sync_data().map_err(io_err(path.clone()))?;
+            for (seq, at, size) in &staged[..first_new] {
+                seg.events.push(Entry { seq: *seq, offset: self.tail + *at as u64, size: *size });
+            }
+            self.tail += part.len() as u64;
+            if split.is_some() {
+                // Sealed: read-only from now on (for a real file, no write handle stays open).
+                seg.file = self.disk.open(&path, false).map_err(io_err(path))?;
+                self.writable = false;
+            }
+        }
+        let Some(split) = split else { return Ok(()) };
+        // The new segment: header, STATE, the rest of the batch, in one write and one sync.
+        let segno = self.segments.last_key_value().map_or(0, |(n, _)| n + 1);
+        let header = Header { segno, base_seq, spool_uuid: self.uuid, created_ms: now_ms() };
+        let path = self.dir.join(segment::file_name(segno));
+        let mut data = header.encode();
+        let progress = &self.sinks;
+        frame::encode(&mut data, Kind::State, 0, base_seq, header.place(), |b| sinks::put_state(b, progress));
+        let start = data.len();
+        data.extend_from_slice(&buf[split..]);
+        let mut file = self.disk.create_new(&path).map_err(io_err(path.clone()))?;
+        file.write_at(&data, 0).map_err(io_err(path.clone()))?;
+        file.sync_data().map_err(io_err(path))?;
+        self.disk.sync_dir(&self.dir).map_err(io_err(self.dir.clone()))?;
+        let events = staged[first_new..]
+            .iter()
+            .map(|(seq, at, size)| Entry { seq: *seq, offset: (start + at - split) as u64, size: *size })
+            .collect();
+        self.segments.insert(segno, Seg { header, file, events });
+        self.tail = data.len() as u64;
+        self.writable = true;
+        Ok(())
+    }
+
+    /// Reads a durable event back; `None` if the log does not hold it (pruned, lost in a hole, or not yet
+    /// durable).
+    pub fn read(&self, seq: u64) -> Result<Option<LoggedEvent>, LogError> {
+        if seq >= self.durable_seq {
+            return Ok(None);
+        }
+        // The last segment starting at or before it.
+        let Some((&segno, seg)) = self.segments.iter().rev().find(|(_, s)| s.header.base_seq <= seq) else {
+            return Ok(None);
+        };
+        let Ok(i) = seg.events.binary_search_by_key(&seq, |e| e.seq) else { return Ok(None) };
+        let entry = seg.events[i];
+        let path = || self.dir.join(segment::file_name(segno));
+        let mut data = vec![0u8; entry.size as usize];
+        let n = seg.file.read_at(&mut data, entry.offset).map_err(|source| LogError::Io { path: path(), source })?;
+        data.truncate(n);
+        let corrupt = |why: &str| LogError::Corrupt { path: path(), why: format!("event {seq}: {why}") };
+        let (frame, _) = frame::decode(&data, seg.header.place()).map_err(|r| corrupt(&format!("{r:?}")))?;
+        frame::get_event(frame.payload).map(Some).ok_or_else(|| corrupt("not an event payload"))
+    }
+}
+
+#[cfg(test)]
+mod tests;
