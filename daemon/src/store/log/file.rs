@@ -24,6 +24,50 @@ pub trait LogFile: Send + 'static {
     fn size(&self) -> io::Result<u64>;
     /// Sets the length (zeros when it grows); durable with the next `sync_data`.
     fn set_len(&mut self, len: u64) -> io::Result<()>;
+    /// Writes all of `buf` at `offset` and makes it durable, as `write_at` then `sync_data` do (the real
+    /// file does it in one `pwritev2(RWF_DSYNC)`).
+    fn write_durable_at(&mut self, buf: &[u8], offset: u64) -> io::Result<()> {
+        self.write_at(buf, offset)?;
+        self.sync_data()
+    }
+    /// Reserves `len` bytes from the start, as `how` says, and makes that durable.
+    fn preallocate(&mut self, len: u64, how: Prealloc) -> io::Result<()> {
+        match how {
+            Prealloc::Grow => Ok(()),
+            Prealloc::ZeroFill | Prealloc::Fallocate => {
+                let have = self.size()?;
+                if have < len {
+                    self.set_len(len)?;
+                }
+                self.sync_data()
+            }
+        }
+    }
+}
+
+/// How a new segment's space is reserved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Prealloc {
+    /// Not at all: every commit grows the file, so every `fdatasync` also commits the new size (on ext4, a
+    /// journal commit).
+    #[default]
+    Grow,
+    /// Zeros written and synced before use: a commit then syncs data only, at the price of writing every
+    /// segment twice.
+    ZeroFill,
+    /// `fallocate`: the extents are reserved but unwritten, so the first write to each converts it (a
+    /// journal commit again, in smaller steps).
+    Fallocate,
+}
+
+/// How a commit makes its write durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SyncMode {
+    /// `pwrite`, then `fdatasync`: two syscalls.
+    #[default]
+    Fdatasync,
+    /// One `pwritev2` with `RWF_DSYNC`.
+    Dsync,
 }
 
 /// The directory the log lives in.
@@ -78,6 +122,39 @@ impl LogFile for OsFile {
     }
     fn set_len(&mut self, len: u64) -> io::Result<()> {
         self.0.set_len(len)
+    }
+    fn write_durable_at(&mut self, mut buf: &[u8], mut offset: u64) -> io::Result<()> {
+        use rustix::io::{ReadWriteFlags, pwritev2};
+        while !buf.is_empty() {
+            match pwritev2(&self.0, &[io::IoSlice::new(buf)], offset, ReadWriteFlags::DSYNC) {
+                Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
+                Ok(n) => {
+                    buf = &buf[n..];
+                    offset += n as u64;
+                }
+                Err(e) if e == rustix::io::Errno::INTR => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
+    fn preallocate(&mut self, len: u64, how: Prealloc) -> io::Result<()> {
+        match how {
+            Prealloc::Grow => return Ok(()),
+            Prealloc::Fallocate => {
+                rustix::fs::fallocate(&self.0, rustix::fs::FallocateFlags::empty(), 0, len)?;
+            }
+            Prealloc::ZeroFill => {
+                let zeros = vec![0u8; 1 << 20];
+                let mut at = self.size()?;
+                while at < len {
+                    let n = (len - at).min(zeros.len() as u64) as usize;
+                    self.0.write_all_at(&zeros[..n], at)?;
+                    at += n as u64;
+                }
+            }
+        }
+        self.0.sync_data()
     }
 }
 

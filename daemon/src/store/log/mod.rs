@@ -19,12 +19,13 @@ pub mod file;
 pub mod frame;
 pub mod segment;
 pub mod sinks;
+pub mod writer;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::{Path, PathBuf};
 
-use file::{Disk, LogFile};
+use file::{Disk, LogFile, Prealloc, SyncMode};
 use frame::{Kind, LoggedEvent, Place, TooBig};
 use segment::{HEADER_SIZE, Header, HeaderError, Hole};
 use sinks::SinkState;
@@ -33,6 +34,30 @@ use crate::event::{Event, now_ms};
 
 /// Default segment size.
 pub const SEGMENT_SIZE: u64 = 64 << 20;
+
+/// How the log writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Options {
+    /// A segment is rolled when the next frame would pass this size.
+    pub segment_size: u64,
+    /// How a new segment's space is reserved (at its creation, for now on the commit that rolls).
+    pub prealloc: Prealloc,
+    /// How a commit makes its write durable.
+    pub sync: SyncMode,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { segment_size: SEGMENT_SIZE, prealloc: Prealloc::Grow, sync: SyncMode::Fdatasync }
+    }
+}
+
+impl Options {
+    /// The defaults with another segment size.
+    pub fn with_segment_size(segment_size: u64) -> Self {
+        Options { segment_size, ..Options::default() }
+    }
+}
 
 /// Log failures.
 #[derive(Debug, thiserror::Error)]
@@ -112,6 +137,7 @@ pub struct Log<D: Disk> {
     dir: PathBuf,
     uuid: [u8; 16],
     segment_size: u64,
+    options: Options,
     /// Every segment, by number; the last is the active one.
     segments: BTreeMap<u64, Seg<D::File>>,
     /// Where the active segment's next frame goes.
@@ -145,7 +171,7 @@ impl<D: Disk> std::fmt::Debug for Log<D> {
 
 impl<D: Disk> Log<D> {
     /// Opens (or creates) the log in `dir` for the spool `uuid`, recovers it, and starts a new segment.
-    pub fn open(disk: D, dir: &Path, uuid: [u8; 16], segment_size: u64) -> Result<(Self, Recovery), LogError> {
+    pub fn open(disk: D, dir: &Path, uuid: [u8; 16], options: Options) -> Result<(Self, Recovery), LogError> {
         let io_err = |path: &Path| {
             let path = path.to_owned();
             move |source| LogError::Io { path, source }
@@ -230,7 +256,8 @@ impl<D: Disk> Log<D> {
             disk,
             dir: dir.to_owned(),
             uuid,
-            segment_size: segment_size.max(HEADER_SIZE as u64 * 2),
+            segment_size: options.segment_size.max(HEADER_SIZE as u64 * 2),
+            options,
             segments,
             tail: 0,
             writable: false,
@@ -370,8 +397,13 @@ impl<D: Disk> Log<D> {
                 frame::encode(&mut part, Kind::Seal, 0, base_seq, seg.header.place(), |_| {});
             }
             let path = self.dir.join(segment::file_name(segno));
-            seg.file.write_at(&part, self.tail).map_err(io_err(path.clone()))?;
-            seg.file.sync_data().map_err(io_err(path.clone()))?;
+            match self.options.sync {
+                SyncMode::Fdatasync => {
+                    seg.file.write_at(&part, self.tail).map_err(io_err(path.clone()))?;
+                    seg.file.sync_data().map_err(io_err(path.clone()))?;
+                }
+                SyncMode::Dsync => seg.file.write_durable_at(&part, self.tail).map_err(io_err(path.clone()))?,
+            }
             for (seq, at, size) in &staged[..first_new] {
                 seg.events.push(Entry { seq: *seq, offset: self.tail + *at as u64, size: *size });
             }
@@ -393,8 +425,8 @@ impl<D: Disk> Log<D> {
         let start = data.len();
         data.extend_from_slice(&buf[split..]);
         let mut file = self.disk.create_new(&path).map_err(io_err(path.clone()))?;
-        file.write_at(&data, 0).map_err(io_err(path.clone()))?;
-        file.sync_data().map_err(io_err(path))?;
+        file.preallocate(self.segment_size, self.options.prealloc).map_err(io_err(path.clone()))?;
+        file.write_durable_at(&data, 0).map_err(io_err(path))?;
         self.disk.sync_dir(&self.dir).map_err(io_err(self.dir.clone()))?;
         let events = staged[first_new..]
             .iter()

@@ -30,7 +30,7 @@ fn event(n: u64, body_len: usize) -> Event {
 }
 
 fn open(disk: &SimDisk, segment_size: u64) -> (Log<SimDisk>, Recovery) {
-    Log::open(disk.clone(), &dir(), UUID, segment_size).unwrap()
+    Log::open(disk.clone(), &dir(), UUID, Options::with_segment_size(segment_size)).unwrap()
 }
 
 fn read(log: &Log<SimDisk>, seq: u64) -> Option<Event> {
@@ -179,7 +179,7 @@ fn a_torn_new_segment_is_removed_and_a_foreign_one_refused() {
     assert_eq!(rec.removed_torn_segment, Some(9));
     assert!(same(&read(&log, 0).unwrap(), &event(0, 10)));
     drop(log);
-    let other = Log::open(disk.clone(), &dir(), *b"another-spool-id", SEGMENT_SIZE);
+    let other = Log::open(disk.clone(), &dir(), *b"another-spool-id", Options::default());
     assert!(matches!(other, Err(LogError::Corrupt { .. })), "{other:?}");
 }
 
@@ -369,6 +369,40 @@ proptest! {
                         x.since_commit.clear();
                     }
                 }
+            }
+        }
+    }
+}
+
+/// The real file system, in every preallocation and sync mode: rolls, reopen, every event read back; a
+/// preallocated segment has its full size from the start.
+#[test]
+fn the_real_disk_in_every_mode() {
+    use super::file::{OsDisk, Prealloc, SyncMode};
+    for prealloc in [Prealloc::Grow, Prealloc::ZeroFill, Prealloc::Fallocate] {
+        for sync in [SyncMode::Fdatasync, SyncMode::Dsync] {
+            let tmp = tempfile::tempdir().unwrap();
+            let dir = tmp.path().join("log");
+            let options = Options { segment_size: 64 << 10, prealloc, sync };
+            let (mut log, _) = Log::open(OsDisk, &dir, UUID, options).unwrap();
+            for n in 0..100 {
+                log.append(&event(n, 500), &[], 0, 0).unwrap();
+                if n % 10 == 9 {
+                    log.commit().unwrap();
+                }
+            }
+            drop(log);
+            let (log, rec) = Log::open(OsDisk, &dir, UUID, options).unwrap();
+            assert_eq!((rec.events, rec.holes.len(), rec.torn_tail), (100, 0, false), "{prealloc:?} {sync:?}");
+            assert!(rec.segments > 1, "rolled");
+            for n in 0..100 {
+                let got = log.read(n).unwrap().unwrap().event.0;
+                assert!(same(&got, &event(n, 500)), "{prealloc:?} {sync:?}: {n}");
+            }
+            let first = std::fs::read_dir(&dir).unwrap().next().unwrap().unwrap();
+            let len = first.metadata().unwrap().len();
+            if prealloc != Prealloc::Grow {
+                assert!(len >= 64 << 10, "{prealloc:?}: {len}");
             }
         }
     }
