@@ -187,6 +187,7 @@ impl<D: Disk> Log<D> {
         let mut segments = BTreeMap::new();
         let mut next_seq = 0;
         let mut progress: BTreeMap<String, SinkState> = BTreeMap::new();
+        let mut last_end: Option<(u64, usize)> = None;
         let newest = numbers.last().copied();
         for segno in numbers {
             let path = dir.join(segment::file_name(segno));
@@ -217,6 +218,14 @@ impl<D: Disk> Log<D> {
             if !segments.is_empty() && header.base_seq < next_seq {
                 return Err(LogError::Corrupt { path, why: "the segment starts before its predecessor ends".into() });
             }
+            // A segment starts where its predecessor's valid frames ended when it was made: a later start
+            // means synced frames at the predecessor's end became unreadable since (its scan took them for
+            // a torn tail). They are lost, and counted.
+            if let Some((prev, end)) = last_end
+                && header.base_seq > next_seq
+            {
+                recovery.holes.push((prev, Hole { from: end, to: end, lost_events: header.base_seq - next_seq }));
+            }
             let scan = segment::scan(&data, &header);
             let events: Vec<Entry> = scan
                 .frames
@@ -244,6 +253,7 @@ impl<D: Disk> Log<D> {
             recovery.holes.extend(scan.holes.iter().map(|h| (segno, *h)));
             recovery.torn_tail = Some(segno) == newest && scan.end_reason != frame::Reject::Empty;
             next_seq = scan.next_seq;
+            last_end = Some((segno, scan.end));
             segments.insert(segno, Seg { header, file, events });
         }
         // A checkpoint is never ahead of the events it covers (they were durable when taken); a disk that

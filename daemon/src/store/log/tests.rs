@@ -161,6 +161,35 @@ fn corruption_in_the_middle_is_counted_and_the_rest_is_kept() {
     assert_eq!(log.next_seq(), 10);
 }
 
+/// Synced frames at the end of a sealed segment that became unreadable (its last event and its seal):
+/// the next segment's start says how many events are gone, and they are counted, not taken for a torn
+/// tail.
+#[test]
+fn unreadable_frames_at_a_segments_end_are_counted() {
+    let disk = SimDisk::default();
+    let (mut log, _) = open(&disk, 16 << 10);
+    for n in 0..40 {
+        log.append(&event(n, 400), &[], 0, 0).unwrap();
+        log.commit().unwrap();
+    }
+    drop(log);
+    let first = dir().join(segment_files(&disk)[0].clone());
+    let data = disk.contents(&first).unwrap();
+    let header = segment::Header::decode(&data).unwrap();
+    let scan = segment::scan(&data, &header);
+    assert!(scan.sealed);
+    let last_event = scan.frames.iter().rev().find(|f| f.kind == Kind::Event).unwrap();
+    let seal = scan.frames.last().unwrap();
+    disk.flip_bit(&first, last_event.offset + frame::HEADER + 2, 1);
+    disk.flip_bit(&first, seal.offset + 2, 1);
+    disk.crash_clean();
+    let (log, rec) = open(&disk, 16 << 10);
+    assert_eq!(rec.lost_events(), 1, "{rec:?}");
+    assert!(log.read(last_event.seq).unwrap().is_none());
+    assert!(log.read(last_event.seq + 1).unwrap().is_some(), "the next segment's events are all there");
+    assert_eq!(log.next_seq(), 40);
+}
+
 /// A roll that crashed before the new segment's first sync leaves a torn header: that segment held
 /// nothing acknowledged and is removed; a segment of another spool is refused.
 #[test]
