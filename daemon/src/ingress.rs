@@ -225,6 +225,23 @@ fn error(status: StatusCode, message: &str) -> Response {
     (status, axum::Json(json!({"error": message}))).into_response()
 }
 
+/// `{"status": <status>, "id": <id>}` for a stored event, formatted straight into the body: this is every
+/// accepted webhook's answer.
+fn stored_response(status: &'static str, id: &str) -> Response {
+    let mut body = Vec::with_capacity(24 + status.len() + id.len());
+    body.extend_from_slice(b"{\"status\":\"");
+    body.extend_from_slice(status.as_bytes());
+    body.extend_from_slice(b"\",\"id\":");
+    // Ids are UUIDs; written as a JSON string whatever they hold.
+    if serde_json::to_writer(&mut body, id).is_err() {
+        body.extend_from_slice(b"null");
+    }
+    body.push(b'}');
+    let mut response = Response::new(Body::from(body));
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
 fn unavailable(message: &str) -> Response {
     let mut r = error(StatusCode::SERVICE_UNAVAILABLE, message);
     r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
@@ -537,41 +554,22 @@ const BODY_RATE_CHECK: Duration = Duration::from_millis(250);
 /// Reads a body of at most `limit` bytes within `timeout`, at `min_rate` bytes per second or faster on
 /// average once [`BODY_RATE_GRACE`] has passed (`0`: any rate).
 async fn read_body(body: Body, limit: u64, timeout: Duration, min_rate: u64) -> Result<Bytes, BodyError> {
-    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
-    let started = tokio::time::Instant::now();
-    let deadline = started + timeout;
+    use futures_util::FutureExt;
     let mut body = body;
-    let mut chunks: Vec<Bytes> = Vec::new();
-    let mut len = 0usize;
-    let mut check = tokio::time::interval_at(started + BODY_RATE_CHECK, BODY_RATE_CHECK);
-    loop {
-        tokio::select! {
-            frame = body.frame() => match frame {
-                None => break,
-                Some(Ok(frame)) => {
-                    if let Ok(data) = frame.into_data() {
-                        len = len.saturating_add(data.len());
-                        if len > limit {
-                            return Err(BodyError::TooLarge);
-                        }
-                        if !data.is_empty() {
-                            chunks.push(data);
-                        }
-                    }
-                }
-                Some(Err(_)) => return Err(BodyError::Io),
-            },
-            _ = tokio::time::sleep_until(deadline) => return Err(BodyError::Timeout),
-            _ = check.tick() => {}
+    let mut got = Collected { chunks: Vec::new(), len: 0, limit: usize::try_from(limit).unwrap_or(usize::MAX) };
+    // A small body usually arrives with the head: what is already there is taken without arming a timer.
+    let complete = loop {
+        match body.frame().now_or_never() {
+            Some(None) => break true,
+            Some(Some(Ok(frame))) => got.push(frame)?,
+            Some(Some(Err(_))) => return Err(BodyError::Io),
+            None => break false,
         }
-        let elapsed = started.elapsed();
-        if min_rate > 0 && elapsed > BODY_RATE_GRACE {
-            let owed = min_rate as f64 * (elapsed - BODY_RATE_GRACE).as_secs_f64();
-            if (len as f64) < owed {
-                return Err(BodyError::TooSlow);
-            }
-        }
+    };
+    if !complete {
+        read_rest(&mut body, &mut got, timeout, min_rate).await?;
     }
+    let Collected { mut chunks, len, .. } = got;
     Ok(match chunks.len() {
         0 => Bytes::new(),
         1 => chunks.pop().unwrap_or_default(),
@@ -583,6 +581,53 @@ async fn read_body(body: Body, limit: u64, timeout: Duration, min_rate: u64) -> 
             all.freeze()
         }
     })
+}
+
+/// A body's chunks so far.
+struct Collected {
+    chunks: Vec<Bytes>,
+    len: usize,
+    limit: usize,
+}
+
+impl Collected {
+    fn push(&mut self, frame: http_body::Frame<Bytes>) -> Result<(), BodyError> {
+        if let Ok(data) = frame.into_data() {
+            self.len = self.len.saturating_add(data.len());
+            if self.len > self.limit {
+                return Err(BodyError::TooLarge);
+            }
+            if !data.is_empty() {
+                self.chunks.push(data);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The rest of a body that was not all there at once, within `timeout` and at `min_rate` (see [`read_body`]).
+async fn read_rest(body: &mut Body, got: &mut Collected, timeout: Duration, min_rate: u64) -> Result<(), BodyError> {
+    let started = tokio::time::Instant::now();
+    let deadline = started + timeout;
+    let mut check = tokio::time::interval_at(started + BODY_RATE_CHECK, BODY_RATE_CHECK);
+    loop {
+        tokio::select! {
+            frame = body.frame() => match frame {
+                None => return Ok(()),
+                Some(Ok(frame)) => got.push(frame)?,
+                Some(Err(_)) => return Err(BodyError::Io),
+            },
+            _ = tokio::time::sleep_until(deadline) => return Err(BodyError::Timeout),
+            _ = check.tick() => {}
+        }
+        let elapsed = started.elapsed();
+        if min_rate > 0 && elapsed > BODY_RATE_GRACE {
+            let owed = min_rate as f64 * (elapsed - BODY_RATE_GRACE).as_secs_f64();
+            if (got.len as f64) < owed {
+                return Err(BodyError::TooSlow);
+            }
+        }
+    }
 }
 
 /// Classify, route, spool (the request is verified). Answers 2xx only after the spool commit; with the
@@ -686,13 +731,13 @@ async fn accept(
             // The provider must stop retrying: 200, and nothing is delivered again. Once this answer is
             // through, the provider has seen one for that content, so its next copy is a new event.
             s.metrics.duplicate(&source.id, &event_type, &original);
-            let response = axum::Json(json!({"status": "duplicate", "id": original})).into_response();
+            let response = stored_response("duplicate", &original);
             (response, watch.map(|hash| (seq, hash, true)))
         }
         Ok(Inserted::New { seq }) => {
             s.metrics.accepted(&source.id, &event_type, &id, &decision.sinks);
             let status = if decision.sinks.is_empty() { "unrouted" } else { "accepted" };
-            (axum::Json(json!({"status": status, "id": id})).into_response(), watch.map(|hash| (seq, hash, false)))
+            (stored_response(status, &id), watch.map(|hash| (seq, hash, false)))
         }
         Err(e) => {
             tracing::error!(source = %source.id, error = %e, "cannot commit event to the spool");
