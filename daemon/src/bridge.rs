@@ -216,6 +216,7 @@ impl Inner {
             max_in_flight: spec.max_in_flight,
             retry: spec.retry,
             metrics: self.metrics.clone(),
+            sink_metrics: Default::default(),
         };
         let cancel = self.cancel.child_token();
         let handle = tokio::spawn(d.run(feed, cancel.clone()));

@@ -270,7 +270,7 @@ async fn webhook(State(s): State<Arc<Shared>>, request: Request) -> Response {
         return error(StatusCode::NOT_FOUND, "no webhook source at this path");
     };
     let response = handle(&s, &settings, source, sub.as_deref(), request, started).await;
-    s.metrics.request(&source.id, response.status().as_u16(), started.elapsed().as_secs_f64());
+    s.metrics.source_request(&source.metrics, &source.id, response.status().as_u16(), started.elapsed().as_secs_f64());
     response
 }
 
@@ -311,7 +311,7 @@ fn check_headers(
     match crate::verify::verify_headers(&source.scheme, headers) {
         Ok(crate::verify::Early::Verified(secret)) => {
             if let Some(i) = secret {
-                s.metrics.secret_matched(&source.id, i);
+                s.metrics.secret_matched(&source.metrics, &source.id, i);
             }
             Ok(Checked { verified: true, paused: false, lifecycle: false, claims: None })
         }
@@ -413,7 +413,7 @@ async fn handle(
             };
         }
         match verify(&source.scheme, &parts.headers, &body) {
-            Ok(Some(secret)) => s.metrics.secret_matched(&source.id, secret),
+            Ok(Some(secret)) => s.metrics.secret_matched(&source.metrics, &source.id, secret),
             Ok(None) => {}
             Err(e) => {
                 s.metrics.rejected(&source.id, e.reason());
@@ -735,7 +735,7 @@ async fn accept(
             (response, watch.map(|hash| (seq, hash, true)))
         }
         Ok(Inserted::New { seq }) => {
-            s.metrics.accepted(&source.id, &event_type, &id, &decision.sinks);
+            s.metrics.accepted(&source.metrics, &source.id, &event_type, &id, &decision.sinks);
             let status = if decision.sinks.is_empty() { "unrouted" } else { "accepted" };
             (stored_response(status, &id), watch.map(|hash| (seq, hash, false)))
         }

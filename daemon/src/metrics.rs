@@ -1,8 +1,11 @@
 //! Telemetry: Prometheus metrics (names as constants, labels bounded to configured ids and fixed reasons)
 //! and the log line that goes with each observable event, in one place.
 
+use std::sync::OnceLock;
+
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 use crate::store::SpoolGauges;
@@ -73,6 +76,26 @@ pub const CONNECTION_LIMIT_TOTAL: &str = "hookbridge_connection_limit_waits_tota
 
 /// Label used for requests that matched no source.
 pub const NO_SOURCE: &str = "-";
+
+/// The children of one source's webhook-path metrics, resolved at first use and then kept, so that an
+/// accepted webhook does not look its labels up again (a lookup hashes the label values under a lock). Kept
+/// in the source's settings, which belong to one daemon: a reload starts with an empty cache.
+#[derive(Debug, Clone, Default)]
+pub struct SourceMetrics {
+    status_200: OnceLock<IntCounter>,
+    status_202: OnceLock<IntCounter>,
+    duration: OnceLock<Histogram>,
+    routed: OnceLock<IntCounter>,
+    first_secret: OnceLock<IntCounter>,
+}
+
+/// The children of one sink's delivery metrics, resolved at first use (see [`SourceMetrics`]).
+#[derive(Debug, Clone, Default)]
+pub struct SinkMetrics {
+    delivered: OnceLock<IntCounter>,
+    duration: OnceLock<Histogram>,
+    latency: OnceLock<Histogram>,
+}
 
 /// The daemon's metrics (one registry per bridge, so embedders can run several).
 #[derive(Debug, Clone)]
@@ -285,6 +308,20 @@ impl Metrics {
         self.request_duration.with_label_values(&[source]).observe(seconds);
     }
 
+    /// A webhook request to a configured source was answered ([`Metrics::request`] through the source's
+    /// cached children).
+    pub fn source_request(&self, hot: &SourceMetrics, source: &str, status: u16, seconds: f64) {
+        let requests = |cell: &OnceLock<IntCounter>, label| {
+            cell.get_or_init(|| self.requests.with_label_values(&[source, label])).inc();
+        };
+        match status {
+            200 => requests(&hot.status_200, "200"),
+            202 => requests(&hot.status_202, "202"),
+            _ => self.requests.with_label_values(&[source, status_label(status)]).inc(),
+        }
+        hot.duration.get_or_init(|| self.request_duration.with_label_values(&[source])).observe(seconds);
+    }
+
     /// A webhook request was refused.
     pub fn rejected(&self, source: &str, reason: &str) {
         tracing::info!(source, reason, "webhook rejected");
@@ -292,19 +329,23 @@ impl Metrics {
     }
 
     /// An event was accepted.
-    pub fn accepted(&self, source: &str, event_type: &str, id: &str, sinks: &[String]) {
+    pub fn accepted(&self, hot: &SourceMetrics, source: &str, event_type: &str, id: &str, sinks: &[String]) {
         if sinks.is_empty() {
             tracing::info!(source, event_type, id, "event accepted, unrouted");
             self.unrouted.with_label_values(&[source]).inc();
         } else {
             tracing::debug!(source, event_type, id, sinks = ?sinks, "event accepted");
-            self.routed.with_label_values(&[source]).inc();
+            hot.routed.get_or_init(|| self.routed.with_label_values(&[source])).inc();
         }
     }
 
     /// A request was verified with the source's `index`-th secret.
-    pub fn secret_matched(&self, source: &str, index: usize) {
+    pub fn secret_matched(&self, hot: &SourceMetrics, source: &str, index: usize) {
         const LABELS: [&str; 8] = ["0", "1", "2", "3", "4", "5", "6", "7"];
+        if index == 0 {
+            hot.first_secret.get_or_init(|| self.secret_matches.with_label_values(&[source, "0"])).inc();
+            return;
+        }
         let label = LABELS.get(index).copied().unwrap_or("8+");
         self.secret_matches.with_label_values(&[source, label]).inc();
     }
@@ -355,14 +396,18 @@ impl Metrics {
     }
 
     /// An event's first delivery to `sink` succeeded `seconds` after the webhook was received.
-    pub fn event_latency(&self, sink: &str, seconds: f64) {
-        self.event_latency.with_label_values(&[sink]).observe(seconds);
+    pub fn event_latency(&self, hot: &SinkMetrics, sink: &str, seconds: f64) {
+        hot.latency.get_or_init(|| self.event_latency.with_label_values(&[sink])).observe(seconds);
     }
 
     /// A delivery attempt ended.
-    pub fn delivery(&self, sink: &str, outcome: &str, seconds: f64) {
-        self.deliveries.with_label_values(&[sink, outcome]).inc();
-        self.delivery_duration.with_label_values(&[sink]).observe(seconds);
+    pub fn delivery(&self, hot: &SinkMetrics, sink: &str, outcome: &str, seconds: f64) {
+        if outcome == "delivered" {
+            hot.delivered.get_or_init(|| self.deliveries.with_label_values(&[sink, outcome])).inc();
+        } else {
+            self.deliveries.with_label_values(&[sink, outcome]).inc();
+        }
+        hot.duration.get_or_init(|| self.delivery_duration.with_label_values(&[sink])).observe(seconds);
     }
 }
 

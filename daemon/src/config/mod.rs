@@ -43,6 +43,8 @@ pub struct Source {
     pub scheme: Scheme,
     /// How its content-keyed webhooks dedup.
     pub dedup: SourceDedup,
+    /// Its metric children, resolved at first use (`Default::default()`).
+    pub metrics: crate::metrics::SourceMetrics,
 }
 
 /// How a source's webhooks whose dedup key is their content dedup (see [`crate::store::Dedup::Content`]).
@@ -318,7 +320,7 @@ impl Config {
                 if matches!(scheme, Scheme::None { .. }) {
                     tracing::warn!(source = %id, "source has kind = \"none\": its webhooks are not verified");
                 }
-                sources.insert(id.clone(), Source { id, path, scheme, dedup });
+                sources.insert(id.clone(), Source { id, path, scheme, dedup, metrics: Default::default() });
             }
         }
 

@@ -61,6 +61,8 @@ pub struct Dispatcher {
     pub retry: RetryPolicy,
     /// Telemetry.
     pub metrics: Metrics,
+    /// The sink's metric children, resolved at first use (`Default::default()`).
+    pub sink_metrics: crate::metrics::SinkMetrics,
 }
 
 impl Dispatcher {

@@ -31,10 +31,10 @@ impl Dispatcher {
 
     /// Metrics for a recorded attempt.
     pub(super) fn count(&self, row: &PendingDelivery, counted: &str, seconds: f64) {
-        self.metrics.delivery(&self.sink_id, counted, seconds);
+        self.metrics.delivery(&self.sink_metrics, &self.sink_id, counted, seconds);
         if counted == "delivered" && !row.replay {
             let since = (now_ms() - row.event.received_at_ms).max(0) as f64 / 1000.0;
-            self.metrics.event_latency(&self.sink_id, since);
+            self.metrics.event_latency(&self.sink_metrics, &self.sink_id, since);
         }
     }
 

@@ -52,6 +52,7 @@ fn dispatcher(store: &Store, sink: &Arc<Recorder>, max_in_flight: usize) -> Disp
         },
         metrics: Metrics::new().unwrap(),
     }
+        sink_metrics: Default::default(),
 }
 
 async fn wait_for(sink: &Recorder, n: usize) {
