@@ -156,6 +156,7 @@ fn event(source: &str, body: &bytes::Bytes) -> Event {
         headers: vec![("content-type".to_owned(), "application/json".to_owned())],
         body: body.clone(),
         ordering_key: None,
+        body_is_json: false,
     }
 }
 

@@ -48,6 +48,7 @@ fn main() {
         body: Bytes::from(std::fs::read(body).expect("body")),
         dedup_key: String::new(),
         ordering_key: None,
+        body_is_json: false,
     };
     // Warm-up: the first instances fault in the pool's pages.
     for _ in 0..200 {

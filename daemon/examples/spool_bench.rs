@@ -34,6 +34,7 @@ fn event(n: u64, body: &Bytes) -> Event {
         body: body.clone(),
         dedup_key: "clockify:9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08".into(),
         ordering_key: Some("clockify:64c777ddd3fcab07cfbb210c".into()),
+        body_is_json: true,
     }
 }
 

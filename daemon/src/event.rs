@@ -24,6 +24,9 @@ pub struct Event {
     /// Events with the same ordering key reach each sink in receive order (the entity they are about, e.g.
     /// `clockify:<time entry id>`); `None`: no constraint.
     pub ordering_key: Option<String>,
+    /// The body was checked to be JSON when it arrived (classification refuses whatever `serde_json::Value`
+    /// refuses), so a sink may embed it without parsing it again. `false` is always safe: the sink checks.
+    pub body_is_json: bool,
 }
 
 impl Event {

@@ -723,6 +723,7 @@ async fn accept(
         body,
         dedup_key: classified.dedup_key,
         ordering_key: classified.ordering_key,
+        body_is_json: true,
     };
     let id = event.id.clone();
     let event_type = event.event_type.clone();

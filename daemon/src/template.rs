@@ -317,6 +317,7 @@ mod tests {
             body: bytes::Bytes::from(body.to_owned()),
             dedup_key: String::new(),
             ordering_key: None,
+            body_is_json: false,
         }
     }
 

@@ -456,6 +456,7 @@ async fn scrapes_of_metrics_cost_the_same_with_100k_pending_deliveries() {
                 body: bytes::Bytes::from(format!(r#"{{"id":"{n}"}}"#)),
                 dedup_key: format!("k{n}"),
                 ordering_key: None,
+                body_is_json: false,
             };
             batch.push(store.insert(event, vec!["down".into()], hookbridge::store::Dedup::Off));
             if batch.len() == 2000 {

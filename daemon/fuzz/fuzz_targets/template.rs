@@ -20,6 +20,7 @@ fn event(body: &[u8]) -> Event {
         body: bytes::Bytes::copy_from_slice(body),
         dedup_key: "clockify:fuzz".into(),
         ordering_key: None,
+        body_is_json: false,
     }
 }
 

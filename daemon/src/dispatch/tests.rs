@@ -35,6 +35,7 @@ fn event(id: String, ordering_key: Option<String>) -> Event {
         headers: vec![],
         body: bytes::Bytes::from_static(b"{}"),
         ordering_key,
+        body_is_json: false,
     }
 }
 
@@ -51,8 +52,8 @@ fn dispatcher(store: &Store, sink: &Arc<Recorder>, max_in_flight: usize) -> Disp
             max_attempts: None,
         },
         metrics: Metrics::new().unwrap(),
-    }
         sink_metrics: Default::default(),
+    }
 }
 
 async fn wait_for(sink: &Recorder, n: usize) {

@@ -68,6 +68,7 @@ pub fn test(args: &TestArgs) -> Result<(String, bool), String> {
         body: Bytes::from(body),
         dedup_key: String::new(),
         ordering_key: None,
+        body_is_json: false,
     };
     let temp = std::env::temp_dir().join(format!("hookbridge-plugin-test-{}-{}", std::process::id(), now_ms()));
     let dir = args.data_dir.clone().unwrap_or_else(|| temp.clone());

@@ -276,6 +276,7 @@ mod tests {
             body: bytes::Bytes::from_static(b"{}"),
             dedup_key: "k".into(),
             ordering_key: None,
+            body_is_json: false,
         }
     }
 

@@ -133,6 +133,7 @@ fn emitted_event(
         body: Bytes::from(payload),
         dedup_key: format!("emit:{}:{index}", parent.id),
         ordering_key: parent.ordering_key.clone(),
+        body_is_json: false,
     }
 }
 

@@ -25,6 +25,7 @@ fn event_from_row(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Event> {
         body: Bytes::from(r.get::<_, Vec<u8>>(at + 6)?),
         dedup_key: r.get(at + 7)?,
         ordering_key: r.get(at + 8)?,
+        body_is_json: false,
     })
 }
 

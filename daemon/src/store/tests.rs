@@ -12,6 +12,7 @@ fn event(id: &str, body: &str) -> Event {
         body: Bytes::from(body.to_owned()),
         dedup_key: format!("k-{id}"),
         ordering_key: None,
+        body_is_json: false,
     }
 }
 

@@ -188,6 +188,7 @@ impl PartialEq for EventEq {
             && a.body == b.body
             && a.dedup_key == b.dedup_key
             && a.ordering_key == b.ordering_key
+            && a.body_is_json == b.body_is_json
     }
 }
 impl Eq for EventEq {}
@@ -255,8 +256,8 @@ fn put_str(buf: &mut Vec<u8>, s: &str) {
 
 /// Reads an EVENT payload; `None` if it is not one (a frame whose CRC matched but whose payload does not
 /// parse was written by another format, never by this one).
-pub fn get_event(payload: &[u8]) -> Option<LoggedEvent> {
-    let mut r = Reader(payload);
+pub fn get_event(frame: &Frame<'_>) -> Option<LoggedEvent> {
+    let mut r = Reader(frame.payload);
     let received_at_ms = i64::from_le_bytes(r.take(8)?.try_into().ok()?);
     let dedup_hash = u64::from_le_bytes(r.take(8)?.try_into().ok()?);
     let id = r.str()?;
@@ -276,7 +277,8 @@ pub fn get_event(payload: &[u8]) -> Option<LoggedEvent> {
     if !r.0.is_empty() {
         return None;
     }
-    let event = Event { id, source, event_type, received_at_ms, headers, body, dedup_key, ordering_key };
+    let body_is_json = frame.flags & FLAG_VALIDATED_JSON != 0;
+    let event = Event { id, source, event_type, received_at_ms, headers, body, dedup_key, ordering_key, body_is_json };
     Some(LoggedEvent { event: EventEq(event), sinks, dedup_hash })
 }
 
@@ -322,6 +324,7 @@ mod tests {
             body: Bytes::copy_from_slice(body),
             dedup_key: "clockify:ab12".into(),
             ordering_key: ordering_key.map(str::to_owned),
+            body_is_json: false,
         }
     }
 
@@ -331,7 +334,8 @@ mod tests {
 
     fn event_frame(e: &Event, sinks: &[String], seq: u64, segno: u64) -> Vec<u8> {
         let mut buf = Vec::new();
-        encode(&mut buf, Kind::Event, FLAG_VALIDATED_JSON, seq, at(segno), |b| put_event(b, e, sinks, 77));
+        let flags = if e.body_is_json { FLAG_VALIDATED_JSON } else { 0 };
+        encode(&mut buf, Kind::Event, flags, seq, at(segno), |b| put_event(b, e, sinks, 77));
         buf
     }
 
@@ -339,14 +343,16 @@ mod tests {
     fn an_event_frame_round_trips_and_is_aligned() {
         let sinks = vec!["kafka".to_owned(), "file".to_owned()];
         for (body, key) in [(&b"{\"id\":1}"[..], Some("clockify:te-1")), (&b""[..], None)] {
-            let e = event(body, key);
+            let mut e = event(body, key);
+            e.body_is_json = !body.is_empty();
             let buf = event_frame(&e, &sinks, 42, 7);
             assert_eq!(buf.len() % 8, 0);
             assert_eq!(buf.len(), size(event_payload_len(&e, &sinks).unwrap()));
             let (frame, n) = decode(&buf, at(7)).unwrap();
             assert_eq!(n, buf.len());
-            assert_eq!((frame.kind, frame.flags, frame.seq), (Kind::Event, FLAG_VALIDATED_JSON, 42));
-            let got = get_event(frame.payload).unwrap();
+            let flags = if e.body_is_json { FLAG_VALIDATED_JSON } else { 0 };
+            assert_eq!((frame.kind, frame.flags, frame.seq), (Kind::Event, flags, 42));
+            let got = get_event(&frame).unwrap();
             assert_eq!(got, LoggedEvent { event: EventEq(e), sinks: sinks.clone(), dedup_hash: 77 });
         }
     }
@@ -381,9 +387,9 @@ mod tests {
         fn frame_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512), segno in 0u64..4) {
             if let Ok((frame, n)) = decode(&bytes, at(segno)) {
                 prop_assert!(n <= bytes.len());
-                let _ = get_event(frame.payload);
+                let _ = get_event(&frame);
             }
-            let _ = get_event(&bytes);
+            let _ = get_event(&Frame { kind: Kind::Event, flags: 0, seq: 0, payload: &bytes });
         }
 
         #[test]
@@ -399,7 +405,7 @@ mod tests {
             let buf = event_frame(&e, &sinks, seq, 1);
             let (frame, _) = decode(&buf, at(1)).unwrap();
             prop_assert_eq!(frame.seq, seq);
-            prop_assert_eq!(get_event(frame.payload).unwrap(), LoggedEvent { event: EventEq(e), sinks, dedup_hash: 77 });
+            prop_assert_eq!(get_event(&frame).unwrap(), LoggedEvent { event: EventEq(e), sinks, dedup_hash: 77 });
         }
     }
 }

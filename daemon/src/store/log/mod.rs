@@ -335,6 +335,7 @@ impl<D: Disk> Log<D> {
         let place = self.staging_place(size as u64);
         let seq = self.next_seq;
         let at = self.buf.len();
+        let flags = if event.body_is_json { flags | frame::FLAG_VALIDATED_JSON } else { flags };
         frame::encode(&mut self.buf, Kind::Event, flags, seq, place, |b| frame::put_event(b, event, sinks, dedup_hash));
         self.staged.push((seq, at, size as u32));
         self.next_seq += 1;
@@ -466,7 +467,7 @@ impl<D: Disk> Log<D> {
         data.truncate(n);
         let corrupt = |why: &str| LogError::Corrupt { path: path(), why: format!("event {seq}: {why}") };
         let (frame, _) = frame::decode(&data, seg.header.place()).map_err(|r| corrupt(&format!("{r:?}")))?;
-        frame::get_event(frame.payload).map(Some).ok_or_else(|| corrupt("not an event payload"))
+        frame::get_event(&frame).map(Some).ok_or_else(|| corrupt("not an event payload"))
     }
 }
 

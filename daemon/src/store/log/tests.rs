@@ -26,6 +26,7 @@ fn event(n: u64, body_len: usize) -> Event {
         body: Bytes::from(format!("{{\"n\":{n},\"pad\":\"{}\"}}", "x".repeat(body_len))),
         dedup_key: format!("clockify:{n}"),
         ordering_key: Some(format!("e{}", n % 3)),
+        body_is_json: false,
     }
 }
 

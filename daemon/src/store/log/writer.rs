@@ -136,6 +136,7 @@ mod tests {
             body: Bytes::from(format!("{{\"n\":{n}}}")),
             dedup_key: String::new(),
             ordering_key: None,
+            body_is_json: false,
         }
     }
 
