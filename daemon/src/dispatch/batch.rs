@@ -178,7 +178,7 @@ impl Dispatcher {
     ) {
         let started_at_ms = now_ms();
         let started = Instant::now();
-        let events: Vec<&crate::event::Event> = batch.iter().map(|(row, _)| &row.event).collect();
+        let events: Vec<&crate::event::Event> = batch.iter().map(|(row, _)| &*row.event).collect();
         let mut results = self.sink.deliver_batch(&events).await;
         drop(events);
         // A sink must answer for each event; one that did not is treated as a failure of the rest.

@@ -185,8 +185,8 @@ pub struct PendingDelivery {
     pub attempts: u32,
     /// Made by a replay or a dead-letter retry.
     pub replay: bool,
-    /// The event.
-    pub event: Event,
+    /// The event (shared by its deliveries to every sink).
+    pub event: Arc<Event>,
     /// When this delivery was created (the event's receive time, or the replay's time), ms since the epoch.
     pub created_at_ms: i64,
     /// When its next attempt is due (set by a failed attempt; kept across restarts), ms since the epoch.

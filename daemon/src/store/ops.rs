@@ -263,7 +263,7 @@ pub(super) fn pending(
             attempts: r.get(1)?,
             replay: r.get::<_, i64>(2)? != 0,
             seq: r.get(3)?,
-            event: event_from_row(r, 3)?,
+            event: std::sync::Arc::new(event_from_row(r, 3)?),
             created_at_ms: r.get(12)?,
             next_attempt_ms: r.get(13)?,
         })

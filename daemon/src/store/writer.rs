@@ -541,6 +541,7 @@ fn feed(feeds: &Feeds, committed: Vec<Committed>) {
     }
     let Ok(feeds) = feeds.lock() else { return };
     for (seq, event, deliveries) in committed {
+        let event = Arc::new(event);
         for (id, sink) in deliveries {
             if let Some(f) = feeds.get(&sink) {
                 let created_at_ms = event.received_at_ms;
@@ -549,7 +550,7 @@ fn feed(feeds: &Feeds, committed: Vec<Committed>) {
                     seq,
                     attempts: 0,
                     replay: false,
-                    event: event.clone(),
+                    event: Arc::clone(&event),
                     created_at_ms,
                     next_attempt_ms: None,
                 };
