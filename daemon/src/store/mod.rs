@@ -385,7 +385,10 @@ impl Store {
         let f = Arc::clone(&feeds);
         let answers = writer::AnswerMarks::default();
         let failure = Arc::new(tokio::sync::watch::Sender::new(None));
-        let shared = writer::Shared { answers: answers.clone(), failure: Arc::clone(&failure) };
+        // Answers are completed by a task on the runtime that opened the spool, when there is one (see
+        // `writer::Acker`).
+        let acker = tokio::runtime::Handle::try_current().ok().map(|rt| writer::Acker::spawn(&rt));
+        let shared = writer::Shared { answers: answers.clone(), failure: Arc::clone(&failure), acker };
         let handle = std::thread::Builder::new()
             .name("hookbridge-spool".into())
             .spawn(move || writer::run(conn, rx, g, f, shared))

@@ -39,6 +39,31 @@ pub(super) struct Shared {
     pub(super) answers: AnswerMarks,
     /// Set once a sync failed (with the error).
     pub(super) failure: Arc<tokio::sync::watch::Sender<Option<String>>>,
+    /// Completes the answers on the runtime (`None`: the syncer completes them itself).
+    pub(super) acker: Option<Acker>,
+}
+
+/// Answers for the acker: every waiter of one sync, with its result.
+type Answers = Vec<(Waiter, Result<Applied, StoreError>)>;
+
+/// A task on the runtime that completes the answers of each sync. A `oneshot` completed from the syncer
+/// thread wakes its task from outside the runtime: through the runtime's shared inject queue, with a futex
+/// wake of a parked worker, once per webhook. Handed over as one message per sync, the answers are completed
+/// from a worker, where a wake is a push onto that worker's own run queue.
+pub(super) struct Acker(mpsc::UnboundedSender<Answers>);
+
+impl Acker {
+    pub(super) fn spawn(rt: &tokio::runtime::Handle) -> Acker {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Answers>();
+        rt.spawn(async move {
+            while let Some(answers) = rx.recv().await {
+                for (waiter, r) in answers {
+                    answer(waiter, r);
+                }
+            }
+        });
+        Acker(tx)
+    }
 }
 
 /// A committed event (seq, event) with its new deliveries (id, sink), to hand to the dispatchers.
@@ -291,7 +316,7 @@ pub(super) fn run(
     mut rx: mpsc::Receiver<Op>,
     gauges: Arc<SpoolGauges>,
     feeds: Feeds,
-    shared: Shared,
+    mut shared: Shared,
 ) {
     let mut shutdown: Option<oneshot::Sender<()>> = None;
     // Every commit leaves the WAL sync to the syncer.
@@ -306,9 +331,10 @@ pub(super) fn run(
         let failed = Arc::clone(&failed);
         let gauges = Arc::clone(&gauges);
         let failure = Arc::clone(&shared.failure);
+        let acker = shared.acker.take();
         std::thread::Builder::new()
             .name("hookbridge-sync".into())
-            .spawn(move || sync_loop(wal, from_writer, &gauges, &feeds, (&failed, &failure)))
+            .spawn(move || sync_loop(wal, from_writer, &gauges, &feeds, (&failed, &failure), acker))
     };
     let syncer = match syncer {
         Ok(s) => s,
@@ -443,8 +469,15 @@ fn sync_loop(
     gauges: &SpoolGauges,
     feeds: &Feeds,
     (failed, failure): (&AtomicBool, &tokio::sync::watch::Sender<Option<String>>),
+    acker: Option<Acker>,
 ) {
     let mut file: Option<(std::fs::File, (u64, u64))> = None;
+    // With an acker, this sync's answers are collected and handed over together.
+    let mut acked: Answers = Vec::new();
+    let direct = acker.is_none();
+    let settle = |acked: &mut Answers, waiter: Waiter, r: Result<Applied, StoreError>| {
+        if direct { answer(waiter, r) } else { acked.push((waiter, r)) }
+    };
     while let Ok(first) = rx.recv() {
         let mut batches = vec![first];
         batches.extend(rx.try_iter());
@@ -466,7 +499,7 @@ fn sync_loop(
                     None => "the spool stopped after a failed sync".to_owned(),
                 };
                 for (waiter, _) in b.answers {
-                    answer(waiter, Err(StoreError::Commit(msg.clone())));
+                    settle(&mut acked, waiter, Err(StoreError::Commit(msg.clone())));
                 }
                 continue;
             }
@@ -476,8 +509,14 @@ fn sync_loop(
             }
             feed(feeds, b.fed);
             for (waiter, r) in b.answers {
-                answer(waiter, r);
+                settle(&mut acked, waiter, r);
             }
+        }
+        if let Some(Acker(tx)) = &acker
+            && !acked.is_empty()
+        {
+            // The runtime is gone only when the daemon is: the answers' waiters are gone with it.
+            let _ = tx.send(std::mem::take(&mut acked));
         }
     }
 }
