@@ -241,7 +241,13 @@ mod tests {
     use axum::http::HeaderMap;
 
     fn source(scheme: Scheme) -> Source {
-        Source { id: "s".into(), path: "/hooks/s".into(), scheme, dedup: Default::default(), metrics: Default::default() }
+        Source {
+            id: "s".into(),
+            path: "/hooks/s".into(),
+            scheme,
+            dedup: Default::default(),
+            metrics: Default::default(),
+        }
     }
 
     fn headers(signed: &SignedRequest) -> HeaderMap {
