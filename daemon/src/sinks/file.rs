@@ -309,7 +309,7 @@ mod tests {
         };
         let expected = "{\"id\":\"a\\\"b\",\"source\":\"clockify\",\"type\":\"NEW_TIME_ENTRY\",\
                         \"time\":\"2025-12-02T00:00:00.123Z\",\"headers\":{\"x-a\":\"é\\n\",\"x-b\":\"2\"},\
-                        \"body\":{  \"k\": \"v\\n\"}}\n";
+                        \"body\":{   \"k\": \"v\\n\"}}\n";
         let mut out = b"before".to_vec();
         render(&event, &mut out).unwrap();
         assert_eq!(std::str::from_utf8(&out[6..]).unwrap(), expected);
