@@ -70,8 +70,9 @@ pub enum SyncMode {
     Dsync,
 }
 
-/// The directory the log lives in.
-pub trait Disk: Send + Sync + 'static {
+/// The directory the log lives in (clones are the same directory: the log prepares its next segment on a
+/// thread of its own).
+pub trait Disk: Clone + Send + Sync + 'static {
     /// Its files.
     type File: LogFile;
     /// Creates `path`, which must not exist, for reading and writing.
@@ -147,9 +148,12 @@ impl LogFile for OsFile {
             Prealloc::ZeroFill => {
                 let zeros = vec![0u8; 1 << 20];
                 let mut at = self.size()?;
+                // A megabyte at a time, each synced: written all at once and then synced, 64 MiB of zeros
+                // queue ahead of every commit's sync on the device while they drain.
                 while at < len {
                     let n = (len - at).min(zeros.len() as u64) as usize;
                     self.0.write_all_at(&zeros[..n], at)?;
+                    self.0.sync_data()?;
                     at += n as u64;
                 }
             }

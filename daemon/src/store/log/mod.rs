@@ -40,7 +40,8 @@ pub const SEGMENT_SIZE: u64 = 64 << 20;
 pub struct Options {
     /// A segment is rolled when the next frame would pass this size.
     pub segment_size: u64,
-    /// How a new segment's space is reserved (at its creation, for now on the commit that rolls).
+    /// How a new segment's space is reserved: by a helper thread, on the spare segment that the next roll
+    /// takes (except the first one, at open).
     pub prealloc: Prealloc,
     /// How a commit makes its write durable.
     pub sync: SyncMode,
@@ -48,7 +49,8 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Options { segment_size: SEGMENT_SIZE, prealloc: Prealloc::Grow, sync: SyncMode::Fdatasync }
+        // Measured in BENCHMARKS.md: a commit into zero-filled blocks syncs data only.
+        Options { segment_size: SEGMENT_SIZE, prealloc: Prealloc::ZeroFill, sync: SyncMode::Fdatasync }
     }
 }
 
@@ -93,6 +95,15 @@ pub enum LogError {
     #[error("spool log failed earlier (a write or sync failed); restart to recover")]
     Failed,
 }
+
+/// The spare segment's file name for segment `segno`: preallocated ahead by a helper thread, renamed to the
+/// segment's name at the roll. Not a segment name, so recovery never reads it; leftovers are removed at open.
+fn spare_name(segno: u64) -> String {
+    format!("spare.{segno:016x}")
+}
+
+/// The spare segment on its way: the helper thread answers once it is preallocated (and synced).
+type Spare<F> = std::sync::mpsc::Receiver<std::io::Result<F>>;
 
 /// What recovery found at open.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -155,6 +166,9 @@ pub struct Log<D: Disk> {
     /// Each sink's progress, and the sinks whose progress changed since the last commit.
     sinks: BTreeMap<String, SinkState>,
     dirty: BTreeSet<String>,
+    /// The next segment's file (for that segment number), being prepared (`None`: none asked for, or
+    /// `Prealloc::Grow`).
+    spare: Option<(u64, Spare<D::File>)>,
 }
 
 impl<D: Disk> std::fmt::Debug for Log<D> {
@@ -180,8 +194,15 @@ impl<D: Disk> Log<D> {
         if let Some(parent) = dir.parent() {
             disk.sync_dir(parent).map_err(io_err(parent))?;
         }
-        let mut numbers: Vec<u64> =
-            disk.list(dir).map_err(io_err(dir))?.iter().filter_map(|n| segment::parse_name(n)).collect();
+        let names = disk.list(dir).map_err(io_err(dir))?;
+        // Spares prepared for a roll that never came: nothing in them was ever written. One that cannot be
+        // removed only means that its segment will be made on its roll.
+        for name in names.iter().filter(|n| n.starts_with("spare.")) {
+            if let Err(e) = disk.remove(&dir.join(name)) {
+                tracing::warn!(error = %e, file = %dir.join(name).display(), "cannot remove a leftover spare segment");
+            }
+        }
+        let mut numbers: Vec<u64> = names.iter().filter_map(|n| segment::parse_name(n)).collect();
         numbers.sort_unstable();
         let mut recovery = Recovery::default();
         let mut segments = BTreeMap::new();
@@ -279,6 +300,7 @@ impl<D: Disk> Log<D> {
             failed: false,
             sinks: progress,
             dirty: BTreeSet::new(),
+            spare: None,
         };
         // Never write into a recovered segment: the log goes on in a new one.
         log.roll_at = Some(0);
@@ -435,9 +457,16 @@ impl<D: Disk> Log<D> {
         frame::encode(&mut data, Kind::State, 0, base_seq, header.place(), |b| sinks::put_state(b, progress));
         let start = data.len();
         data.extend_from_slice(&buf[split..]);
-        let mut file = self.disk.create_new(&path).map_err(io_err(path.clone()))?;
-        file.preallocate(self.segment_size, self.options.prealloc).map_err(io_err(path.clone()))?;
+        let mut file = match self.take_spare(segno, &path)? {
+            Some(file) => file,
+            None => {
+                let mut file = self.disk.create_new(&path).map_err(io_err(path.clone()))?;
+                file.preallocate(self.segment_size, self.options.prealloc).map_err(io_err(path.clone()))?;
+                file
+            }
+        };
         file.write_durable_at(&data, 0).map_err(io_err(path))?;
+        // The new name (created, or renamed from the spare) is durable before anything in it is answered.
         self.disk.sync_dir(&self.dir).map_err(io_err(self.dir.clone()))?;
         let events = staged[first_new..]
             .iter()
@@ -446,7 +475,58 @@ impl<D: Disk> Log<D> {
         self.segments.insert(segno, Seg { header, file, events });
         self.tail = data.len() as u64;
         self.writable = true;
+        self.prepare_spare();
         Ok(())
+    }
+
+    /// Starts preparing the next segment's file on a helper thread, so that the roll that needs it does
+    /// not preallocate (a zero-filled 64 MiB segment is tens of milliseconds of writing and syncing).
+    fn prepare_spare(&mut self) {
+        if self.options.prealloc == Prealloc::Grow || self.spare.is_some() {
+            return;
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let Some(segno) = self.segments.last_key_value().map(|(n, _)| n + 1) else { return };
+        let path = self.dir.join(spare_name(segno));
+        let (disk, size, how) = (self.disk.clone(), self.segment_size, self.options.prealloc);
+        let prepare = move || {
+            let made = (|| {
+                match disk.remove(&path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
+                let mut file = disk.create_new(&path)?;
+                file.preallocate(size, how)?;
+                Ok(file)
+            })();
+            let _ = tx.send(made);
+        };
+        match std::thread::Builder::new().name("hookbridge-spare".into()).spawn(prepare) {
+            Ok(_) => self.spare = Some((segno, rx)),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot start the spool's spare-segment thread; segments are preallocated as they are needed")
+            }
+        }
+    }
+
+    /// The prepared spare, renamed to `path` (waiting for it if it is still being prepared); `None` if
+    /// there is none or preparing it failed (the roll then makes the segment itself).
+    fn take_spare(&mut self, segno: u64, path: &Path) -> Result<Option<D::File>, LogError> {
+        let Some((spare_segno, spare)) = self.spare.take() else { return Ok(None) };
+        if spare_segno != segno {
+            return Ok(None);
+        }
+        let file = match spare.recv() {
+            Ok(Ok(file)) => file,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, dir = %self.dir.display(), "cannot prepare the spool's spare segment; making it on the roll");
+                return Ok(None);
+            }
+            Err(_) => return Ok(None),
+        };
+        let spare_path = self.dir.join(spare_name(segno));
+        self.disk.rename(&spare_path, path).map_err(|source| LogError::Io { path: spare_path, source })?;
+        Ok(Some(file))
     }
 
     /// Reads a durable event back; `None` if the log does not hold it (pruned, lost in a hole, or not yet

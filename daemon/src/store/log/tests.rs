@@ -43,9 +43,21 @@ fn same(a: &Event, b: &Event) -> bool {
 }
 
 fn segment_files(disk: &SimDisk) -> Vec<String> {
-    let mut names = disk.list(&dir()).unwrap();
+    let mut names: Vec<String> = disk.list(&dir()).unwrap().into_iter().filter(|n| n.ends_with(".seg")).collect();
     names.sort();
     names
+}
+
+/// Waits (a few seconds at most) until `cond` holds; whether it did.
+fn eventually(mut cond: impl FnMut() -> bool) -> bool {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::time::Instant::now() < until {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    cond()
 }
 
 #[test]
@@ -84,7 +96,9 @@ fn events_round_trip_across_commits_rolls_and_reopens() {
 #[test]
 fn a_commit_is_one_sync() {
     let disk = SimDisk::default();
-    let (mut log, _) = open(&disk, SEGMENT_SIZE);
+    // Growing: no spare segment being prepared meanwhile, whose syncs would be counted too.
+    let options = Options { prealloc: super::file::Prealloc::Grow, ..Options::default() };
+    let (mut log, _) = Log::open(disk.clone(), &dir(), UUID, options).unwrap();
     let before = disk.syncs();
     for n in 0..100 {
         log.append(&event(n, 100), &[], 0, 0).unwrap();
@@ -93,6 +107,62 @@ fn a_commit_is_one_sync() {
     assert_eq!(disk.syncs() - before, 1);
     log.commit().unwrap();
     assert_eq!(disk.syncs() - before, 1, "nothing staged: no sync");
+}
+
+/// The next segment is preallocated ahead, on a helper thread, as a spare under a name of its own; the
+/// roll renames it. A spare left by a crash is removed at open, and one that cannot be made only means
+/// that the roll makes the segment itself.
+#[test]
+fn a_roll_takes_the_spare_prepared_for_it() {
+    let disk = SimDisk::default();
+    let (mut log, _) = open(&disk, 16 << 10);
+    let names = || disk.list(&dir()).unwrap();
+    let spare = |segno: u64| format!("spare.{segno:016x}");
+    for segno in 1..4u64 {
+        assert!(eventually(|| names().contains(&spare(segno))), "spare {segno} prepared: {:?}", names());
+        while segment_files(&disk).len() as u64 <= segno {
+            let n = log.next_seq();
+            log.append(&event(n, 900), &[], 0, 0).unwrap();
+            log.commit().unwrap();
+        }
+        assert!(!names().contains(&spare(segno)), "renamed: {:?}", names());
+        let seg = dir().join(segment::file_name(segno));
+        assert_eq!(disk.contents(&seg).unwrap().len() as u64, 16 << 10, "preallocated");
+    }
+    let last = log.next_seq();
+    // The spare of the next roll is made before the crash (a helper still at work would make it after).
+    assert!(eventually(|| names().contains(&spare(4))));
+    drop(log);
+    disk.crash_clean();
+    let (log, rec) = open(&disk, 16 << 10);
+    assert_eq!(rec.events, last);
+    assert!((0..last).all(|n| same(&read(&log, n).unwrap(), &event(n, 900))));
+    assert!(eventually(|| names().iter().filter(|n| n.starts_with("spare.")).count() == 1), "{:?}", names());
+}
+
+#[test]
+fn a_leftover_spare_is_removed_and_a_spare_that_cannot_be_made_is_made_on_the_roll() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("log");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("spare.00000000000000ff"), b"left by a crash").unwrap();
+    // A directory where the first spare would go: neither removed nor replaced.
+    std::fs::create_dir(dir.join("spare.0000000000000001")).unwrap();
+    let options = Options { segment_size: 16 << 10, ..Options::default() };
+    let (mut log, _) = Log::open(super::file::OsDisk, &dir, UUID, options).unwrap();
+    assert!(!dir.join("spare.00000000000000ff").exists());
+    let mut n = 0;
+    while !dir.join(segment::file_name(2)).exists() {
+        log.append(&event(n, 900), &[], 0, 0).unwrap();
+        log.commit().unwrap();
+        n += 1;
+    }
+    assert_eq!(std::fs::metadata(dir.join(segment::file_name(1))).unwrap().len(), 16 << 10);
+    assert!((0..n).all(|i| same(&read_os(&log, i), &event(i, 900))));
+}
+
+fn read_os(log: &Log<super::file::OsDisk>, seq: u64) -> Event {
+    log.read(seq).unwrap().unwrap().event.0
 }
 
 /// An event larger than a segment gets a segment of its own.
@@ -119,7 +189,9 @@ fn an_event_larger_than_a_segment_still_fits() {
 #[test]
 fn a_failed_sync_is_never_acknowledged_and_fails_the_log() {
     let disk = SimDisk::default();
-    let (mut log, _) = open(&disk, SEGMENT_SIZE);
+    // Growing: no spare being prepared, whose sync could be the one that fails.
+    let grow = Options { prealloc: super::file::Prealloc::Grow, ..Options::default() };
+    let (mut log, _) = Log::open(disk.clone(), &dir(), UUID, grow).unwrap();
     log.append(&event(0, 10), &[], 0, 0).unwrap();
     assert_eq!(log.commit().unwrap(), 1);
     log.append(&event(1, 10), &[], 0, 0).unwrap();
