@@ -17,6 +17,7 @@
 
 pub mod file;
 pub mod frame;
+pub mod inspect;
 pub mod segment;
 pub mod sinks;
 pub mod writer;
@@ -104,6 +105,16 @@ fn spare_name(segno: u64) -> String {
 
 /// The spare segment on its way: the helper thread answers once it is preallocated (and synced).
 type Spare<F> = std::sync::mpsc::Receiver<std::io::Result<F>>;
+
+/// A whole file's bytes.
+fn read_whole<F: LogFile>(file: &F, path: &Path) -> Result<Vec<u8>, LogError> {
+    let io_err = |source| LogError::Io { path: path.to_owned(), source };
+    let len = file.size().map_err(io_err)?;
+    let mut data = vec![0u8; usize::try_from(len).unwrap_or(usize::MAX)];
+    let n = file.read_at(&mut data, 0).map_err(|source| LogError::Io { path: path.to_owned(), source })?;
+    data.truncate(n);
+    Ok(data)
+}
 
 /// What recovery found at open.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -213,10 +224,7 @@ impl<D: Disk> Log<D> {
         for segno in numbers {
             let path = dir.join(segment::file_name(segno));
             let file = disk.open(&path, false).map_err(io_err(&path))?;
-            let len = file.size().map_err(io_err(&path))?;
-            let mut data = vec![0u8; usize::try_from(len).unwrap_or(usize::MAX)];
-            let n = file.read_at(&mut data, 0).map_err(io_err(&path))?;
-            data.truncate(n);
+            let data = read_whole(&file, &path)?;
             let header = match Header::decode(&data) {
                 Ok(h) => h,
                 Err(HeaderError::Invalid) if Some(segno) == newest => {
