@@ -66,6 +66,8 @@ fn main() {
     // A 1.4 KB body, the size of the captured Clockify NEW_TIME_ENTRY (about 1.6 KB framed).
     let body = Bytes::from(format!("{{\"id\":\"64c777ddd3fcab07cfbb210c\",\"pad\":\"{}\"}}", "x".repeat(1360)));
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
+    // The spool thread answers through a task on this runtime, as in the daemon.
+    let _enter = rt.enter();
     println!("tasks {tasks}, {seconds} s per mode, body {} B, dir {}", body.len(), root.display());
     println!();
     println!("| mode | appends/s | commits/s | events/commit | p50 µs | p99 µs | syscalls/event | disk B/event |");

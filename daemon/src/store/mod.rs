@@ -4,6 +4,7 @@
 //! own connections and never block the writer. Operator commands ([`Operator`]) use a connection of their own,
 //! in the daemon (admin API) or in another process (CLI); SQLite's locking keeps them consistent.
 
+mod acker;
 mod dedup;
 pub mod log;
 mod ops;
@@ -385,10 +386,9 @@ impl Store {
         let f = Arc::clone(&feeds);
         let answers = writer::AnswerMarks::default();
         let failure = Arc::new(tokio::sync::watch::Sender::new(None));
-        // Answers are completed by a task on the runtime that opened the spool, when there is one (see
-        // `writer::Acker`).
-        let acker = tokio::runtime::Handle::try_current().ok().map(|rt| writer::Acker::spawn(&rt));
-        let shared = writer::Shared { answers: answers.clone(), failure: Arc::clone(&failure), acker };
+        // Answers are completed by a task on the runtime that opens the spool, when there is one (`acker`).
+        let answers_out = acker::Answers::new();
+        let shared = writer::Shared { answers: answers.clone(), failure: Arc::clone(&failure), answers_out };
         let handle = std::thread::Builder::new()
             .name("hookbridge-spool".into())
             .spawn(move || writer::run(conn, rx, g, f, shared))

@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use rusqlite::{Connection, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
+use super::acker::{Answers, Complete};
 use super::dedup::{Answer, RecentKeys};
 use super::ops;
 use super::{Dedup, Feeds, Inserted, PendingDelivery, Record, SpoolGauges, StoreError, schema};
@@ -39,30 +40,16 @@ pub(super) struct Shared {
     pub(super) answers: AnswerMarks,
     /// Set once a sync failed (with the error).
     pub(super) failure: Arc<tokio::sync::watch::Sender<Option<String>>>,
-    /// Completes the answers on the runtime (`None`: the syncer completes them itself).
-    pub(super) acker: Option<Acker>,
+    /// Completes the answers, on the runtime the spool was opened in if there was one.
+    pub(super) answers_out: Answers<Settle>,
 }
 
-/// Answers for the acker: every waiter of one sync, with its result.
-type Answers = Vec<(Waiter, Result<Applied, StoreError>)>;
+/// One answer for the acker: a waiter with its result.
+pub(super) struct Settle(Waiter, Result<Applied, StoreError>);
 
-/// A task on the runtime that completes the answers of each sync. A `oneshot` completed from the syncer
-/// thread wakes its task from outside the runtime: through the runtime's shared inject queue, with a futex
-/// wake of a parked worker, once per webhook. Handed over as one message per sync, the answers are completed
-/// from a worker, where a wake is a push onto that worker's own run queue.
-pub(super) struct Acker(mpsc::UnboundedSender<Answers>);
-
-impl Acker {
-    pub(super) fn spawn(rt: &tokio::runtime::Handle) -> Acker {
-        let (tx, mut rx) = mpsc::unbounded_channel::<Answers>();
-        rt.spawn(async move {
-            while let Some(answers) = rx.recv().await {
-                for (waiter, r) in answers {
-                    answer(waiter, r);
-                }
-            }
-        });
-        Acker(tx)
+impl Complete for Settle {
+    fn complete(self) {
+        answer(self.0, self.1);
     }
 }
 
@@ -316,7 +303,7 @@ pub(super) fn run(
     mut rx: mpsc::Receiver<Op>,
     gauges: Arc<SpoolGauges>,
     feeds: Feeds,
-    mut shared: Shared,
+    shared: Shared,
 ) {
     let mut shutdown: Option<oneshot::Sender<()>> = None;
     // Every commit leaves the WAL sync to the syncer.
@@ -331,10 +318,10 @@ pub(super) fn run(
         let failed = Arc::clone(&failed);
         let gauges = Arc::clone(&gauges);
         let failure = Arc::clone(&shared.failure);
-        let acker = shared.acker.take();
+        let answers = shared.answers_out;
         std::thread::Builder::new()
             .name("hookbridge-sync".into())
-            .spawn(move || sync_loop(wal, from_writer, &gauges, &feeds, (&failed, &failure), acker))
+            .spawn(move || sync_loop(wal, from_writer, &gauges, &feeds, (&failed, &failure), answers))
     };
     let syncer = match syncer {
         Ok(s) => s,
@@ -469,15 +456,9 @@ fn sync_loop(
     gauges: &SpoolGauges,
     feeds: &Feeds,
     (failed, failure): (&AtomicBool, &tokio::sync::watch::Sender<Option<String>>),
-    acker: Option<Acker>,
+    mut answers: Answers<Settle>,
 ) {
     let mut file: Option<(std::fs::File, (u64, u64))> = None;
-    // With an acker, this sync's answers are collected and handed over together.
-    let mut acked: Answers = Vec::new();
-    let direct = acker.is_none();
-    let settle = |acked: &mut Answers, waiter: Waiter, r: Result<Applied, StoreError>| {
-        if direct { answer(waiter, r) } else { acked.push((waiter, r)) }
-    };
     while let Ok(first) = rx.recv() {
         let mut batches = vec![first];
         batches.extend(rx.try_iter());
@@ -499,7 +480,7 @@ fn sync_loop(
                     None => "the spool stopped after a failed sync".to_owned(),
                 };
                 for (waiter, _) in b.answers {
-                    settle(&mut acked, waiter, Err(StoreError::Commit(msg.clone())));
+                    answers.push(Settle(waiter, Err(StoreError::Commit(msg.clone()))));
                 }
                 continue;
             }
@@ -509,15 +490,11 @@ fn sync_loop(
             }
             feed(feeds, b.fed);
             for (waiter, r) in b.answers {
-                settle(&mut acked, waiter, r);
+                answers.push(Settle(waiter, r));
             }
         }
-        if let Some(Acker(tx)) = &acker
-            && !acked.is_empty()
-        {
-            // The runtime is gone only when the daemon is: the answers' waiters are gone with it.
-            let _ = tx.send(std::mem::take(&mut acked));
-        }
+        // One hand-over per sync.
+        answers.flush();
     }
 }
 

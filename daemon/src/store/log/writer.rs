@@ -1,6 +1,7 @@
 //! The spool thread: owns the [`Log`] and turns every append waiting in its queue into one commit (group
-//! commit), then answers each. There is no timer and no sleep: a batch is whatever arrived while the
-//! previous commit's `fdatasync` ran, so batches grow with the load by themselves.
+//! commit), then answers each (through a task on the runtime that spawned it, one hand-over per commit: see
+//! `store::acker`). There is no timer and no sleep: a batch is whatever arrived while the previous commit's
+//! `fdatasync` ran, so batches grow with the load by themselves.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -8,6 +9,7 @@ use std::thread::JoinHandle;
 
 use tokio::sync::{mpsc, oneshot};
 
+use super::super::acker::Answers;
 use super::file::Disk;
 use super::{Log, LogError};
 use crate::event::Event;
@@ -63,9 +65,10 @@ impl Appender {
         let (tx, rx) = mpsc::channel(queue.max(1));
         let stats = Arc::new(Stats::default());
         let counters = Arc::clone(&stats);
+        let answers = Answers::new();
         let thread = std::thread::Builder::new()
             .name("hookbridge-log".into())
-            .spawn(move || run(log, rx, max_batch.max(1), &counters))?;
+            .spawn(move || run(log, rx, max_batch.max(1), &counters, answers))?;
         Ok((Appender { tx, stats }, thread))
     }
 
@@ -82,7 +85,13 @@ impl Appender {
     }
 }
 
-fn run<D: Disk>(mut log: Log<D>, mut rx: mpsc::Receiver<Append>, max_batch: usize, stats: &Stats) -> Log<D> {
+fn run<D: Disk>(
+    mut log: Log<D>,
+    mut rx: mpsc::Receiver<Append>,
+    max_batch: usize,
+    stats: &Stats,
+    mut answers: Answers<(Reply, Result<u64, AppendError>)>,
+) -> Log<D> {
     let mut batch: Vec<Append> = Vec::with_capacity(max_batch);
     let mut replies: Vec<(Reply, Result<u64, AppendError>)> = Vec::with_capacity(max_batch);
     while let Some(first) = rx.blocking_recv() {
@@ -113,8 +122,9 @@ fn run<D: Disk>(mut log: Log<D>, mut rx: mpsc::Receiver<Append>, max_batch: usiz
                 (_, Err(e)) => Err(e),
                 (Err(e), Ok(_)) => Err(AppendError::Failed(e.to_string())),
             };
-            let _ = reply.send(answer);
+            answers.push((reply, answer));
         }
+        answers.flush();
     }
     log
 }
