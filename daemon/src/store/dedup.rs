@@ -4,10 +4,11 @@
 //!
 //! Why not an SQLite index: dedup hashes are random, so each new event dirtied a different leaf page of an
 //! on-disk index, and every commit wrote (and every checkpoint rewrote) one 4 KiB page per event for 16 bytes
-//! of news: about a third of the spool's disk writes. The hashes are still stored in each event's row; the map
-//! is filled from there for whatever part of the window it does not hold yet (at the first insert after a
-//! start, or when a reload lengthens the window), and a hash found here is confirmed against the row
-//! (key and source), so a collision of the 8-byte hash never makes two events one.
+//! of news: about a third of the spool's disk writes. The hashes are still stored with each event; the map
+//! is filled from the spool (whichever holds the events: the caller passes the loader) for whatever part of
+//! the window it does not hold yet (at the first insert after a start, or when a reload lengthens the
+//! window), and a hash found here is confirmed against the stored event (key and source), so a collision of
+//! the 8-byte hash never makes two events one.
 //!
 //! Answers: a content key (see [`super::Dedup`]) dedups only against an earlier copy whose answer the
 //! provider may not have seen. The ingress reports an answer that was cut, failed or late
@@ -23,8 +24,6 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use rusqlite::{Connection, params};
-
 use super::Dedup;
 use crate::event::now_ms;
 
@@ -37,6 +36,16 @@ pub(super) enum Answer {
     Certain,
     /// Cut, failed or late: the provider may retry (recorded in `uncertain_answers`).
     Uncertain,
+}
+
+/// A stored event as the index is filled with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Known {
+    pub seq: i64,
+    pub hash: i64,
+    pub received_at_ms: i64,
+    /// Its answer was recorded as uncertain (else it is taken as seen).
+    pub uncertain: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -78,11 +87,18 @@ impl RecentKeys {
     }
 
     /// The events (seq) with `hash` that a copy received now is a duplicate of under `rule`, committed or
-    /// staged, the first received first.
-    pub(super) fn candidates(&mut self, conn: &Connection, hash: i64, rule: &Dedup) -> rusqlite::Result<Vec<i64>> {
+    /// staged, the first received first. `load(since, until)` gives the stored events received in
+    /// `[since, until)`, newest first, when the index must reach back further than it holds.
+    pub(super) fn candidates<E>(
+        &mut self,
+        load: impl FnOnce(i64, i64) -> Result<Vec<Known>, E>,
+        hash: i64,
+        rule: &Dedup,
+    ) -> Result<Vec<i64>, E> {
         let Some(since_ms) = rule.since_ms() else { return Ok(Vec::new()) };
         if since_ms < self.complete_from {
-            self.load(conn, since_ms)?;
+            let known = load(since_ms, self.complete_from)?;
+            self.fill(known, since_ms);
         }
         let mut found: Vec<i64> =
             self.by_hash.get(&hash).into_iter().flatten().filter(|e| e.is_target(rule)).map(|e| e.seq).collect();
@@ -137,25 +153,15 @@ impl RecentKeys {
         self.staged.clear();
     }
 
-    /// Loads the events received in `[since_ms, complete_from)` from the spool, with their answers.
-    fn load(&mut self, conn: &Connection, since_ms: i64) -> rusqlite::Result<()> {
-        let mut stmt = conn.prepare_cached(
-            "SELECT e.seq, e.dedup_hash, e.received_at, u.seq IS NOT NULL FROM events e
-             LEFT JOIN uncertain_answers u ON u.seq = e.seq
-             WHERE e.received_at >= ?1 AND e.received_at < ?2 ORDER BY e.seq DESC",
-        )?;
-        let rows = stmt.query_map(params![since_ms, self.complete_from], |r| {
-            Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?, r.get::<_, bool>(3)?))
-        })?;
+    /// Adds the stored events received in `[since_ms, complete_from)` (`known`, newest first).
+    fn fill(&mut self, known: Vec<Known>, since_ms: i64) {
         // Newest first, each put in front of what is known: `order` stays in receive order.
-        for row in rows {
-            let (seq, hash, at, uncertain) = row?;
-            let answer = if uncertain { Answer::Uncertain } else { Answer::Certain };
-            self.by_hash.entry(hash).or_default().push(Entry { seq, received_at: at, answer });
-            self.order.push_front((at, hash, seq));
+        for k in known {
+            let answer = if k.uncertain { Answer::Uncertain } else { Answer::Certain };
+            self.by_hash.entry(k.hash).or_default().push(Entry { seq: k.seq, received_at: k.received_at_ms, answer });
+            self.order.push_front((k.received_at_ms, k.hash, k.seq));
         }
         self.complete_from = since_ms;
-        Ok(())
     }
 }
 
@@ -165,6 +171,34 @@ mod tests {
 
     fn entry(received_at: i64, answer: Answer) -> Entry {
         Entry { seq: 1, received_at, answer }
+    }
+
+    /// The index asks the spool only for the part of the window it does not hold, once, and takes what it
+    /// is given as answered unless marked uncertain.
+    #[test]
+    fn the_index_is_filled_from_the_spool_once_per_stretch_of_the_window() {
+        let mut keys = RecentKeys::new();
+        let now = keys.complete_from;
+        let mut asked = Vec::new();
+        let stored = [
+            Known { seq: 3, hash: 7, received_at_ms: now - 1_000, uncertain: true },
+            Known { seq: 2, hash: 7, received_at_ms: now - 2_000, uncertain: false },
+            Known { seq: 1, hash: 9, received_at_ms: now - 9_000, uncertain: false },
+        ];
+        let mut load = |since: i64, until: i64| {
+            asked.push((since, until));
+            Ok::<_, ()>(
+                stored.iter().copied().filter(|k| k.received_at_ms >= since && k.received_at_ms < until).collect(),
+            )
+        };
+        let ids = Dedup::DeliveryId { since_ms: now - 5_000 };
+        assert_eq!(keys.candidates(&mut load, 7, &ids), Ok(vec![2, 3]));
+        assert_eq!(keys.candidates(&mut load, 7, &ids), Ok(vec![2, 3]), "not asked again");
+        let content = Dedup::Content { since_ms: now - 5_000, retry_since_ms: now };
+        assert_eq!(keys.candidates(&mut load, 7, &content), Ok(vec![3]), "only the uncertain answer");
+        let longer = Dedup::DeliveryId { since_ms: now - 10_000 };
+        assert_eq!(keys.candidates(&mut load, 9, &longer), Ok(vec![1]));
+        assert_eq!(asked, [(now - 5_000, now), (now - 10_000, now - 5_000)]);
     }
 
     #[test]

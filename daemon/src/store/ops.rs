@@ -7,6 +7,7 @@ use bytes::Bytes;
 use rusqlite::{Connection, OptionalExtension, params};
 use serde::Serialize;
 
+use super::dedup::Known;
 use super::{Handshake, Outcome, PendingDelivery, Record};
 use crate::event::{Event, now_ms};
 use crate::limits::HANDSHAKES_KEPT;
@@ -27,6 +28,19 @@ fn event_from_row(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Event> {
         ordering_key: r.get(at + 8)?,
         body_is_json: false,
     })
+}
+
+/// The events received in `[since_ms, until_ms)`, newest first, for the dedup index.
+pub(super) fn recent_keys(c: &Connection, since_ms: i64, until_ms: i64) -> rusqlite::Result<Vec<Known>> {
+    let mut stmt = c.prepare_cached(
+        "SELECT e.seq, e.dedup_hash, e.received_at, u.seq IS NOT NULL FROM events e
+         LEFT JOIN uncertain_answers u ON u.seq = e.seq
+         WHERE e.received_at >= ?1 AND e.received_at < ?2 ORDER BY e.seq DESC",
+    )?;
+    let rows = stmt.query_map(params![since_ms, until_ms], |r| {
+        Ok(Known { seq: r.get(0)?, hash: r.get(1)?, received_at_ms: r.get(2)?, uncertain: r.get(3)? })
+    })?;
+    rows.collect()
 }
 
 /// The id of the first of the events `seqs` (dedup candidates) that really has this dedup key and source.

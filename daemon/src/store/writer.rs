@@ -168,7 +168,7 @@ fn apply(c: &Connection, work: &Work, recent: &mut RecentKeys) -> rusqlite::Resu
     Ok(match work {
         Work::Insert { event, sinks, dedup } => {
             let hash = ops::dedup_hash(&event.dedup_key);
-            let seqs = recent.candidates(c, hash, dedup)?;
+            let seqs = recent.candidates(|since, until| ops::recent_keys(c, since, until), hash, dedup)?;
             if let Some((seq, original)) = ops::find_duplicate(c, &seqs, &event.dedup_key, &event.source)? {
                 return Ok(Applied::Inserted(Inserted::Duplicate { original, seq }, Vec::new(), None));
             }
