@@ -111,7 +111,7 @@ fn read_whole<F: LogFile>(file: &F, path: &Path) -> Result<Vec<u8>, LogError> {
     let io_err = |source| LogError::Io { path: path.to_owned(), source };
     let len = file.size().map_err(io_err)?;
     let mut data = vec![0u8; usize::try_from(len).unwrap_or(usize::MAX)];
-    let n = file.read_at(&mut data, 0).map_err(|source| LogError::Io { path: path.to_owned(), source })?;
+    let n = file.read_at(&mut data, 0).map_err(io_err)?;
     data.truncate(n);
     Ok(data)
 }
