@@ -302,7 +302,8 @@ impl Metrics {
         String::from_utf8(buf).unwrap_or_default()
     }
 
-    /// A webhook request was answered.
+    /// A webhook request was answered (one that matched no source: those to a configured source go through
+    /// [`Metrics::source_request`]).
     pub fn request(&self, source: &str, status: u16, seconds: f64) {
         self.requests.with_label_values(&[source, status_label(status)]).inc();
         self.request_duration.with_label_values(&[source]).observe(seconds);

@@ -229,6 +229,7 @@ fn write_loop(mut file: File, path: PathBuf, mut len: u64, mut rx: mpsc::Receive
 fn write_all_vectored(file: &mut File, jobs: &[Job]) -> std::io::Result<()> {
     let mut slices: Vec<std::io::IoSlice<'_>> = jobs.iter().map(|(l, _)| std::io::IoSlice::new(l)).collect();
     let mut rest = &mut slices[..];
+    // Drops leading empty slices, so that only a write of nothing at all can return 0.
     std::io::IoSlice::advance_slices(&mut rest, 0);
     while !rest.is_empty() {
         match file.write_vectored(rest) {
