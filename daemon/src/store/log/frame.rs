@@ -5,7 +5,7 @@
 //!  4  u32  len     payload bytes; a header of zeros (crc 0, len 0) is no frame: never written
 //!  8  u64  seq     EVENT: its seq; other kinds: the seq the next EVENT gets (the log's next_seq then)
 //! 16  u32  segno   low 32 bits of the segment number (rejects stale frames in recycled files)
-//! 20  u8   kind    1 EVENT · 2 SINK_CHECKPOINT · 3 STATE · 4 HEARTBEAT · 5 SEAL
+//! 20  u8   kind    1 EVENT · 2 SINK_CHECKPOINT · 3 STATE · 4 HEARTBEAT · 5 SEAL · 6 ANSWER
 //! 21  u8   flags   bit 0: the body is JSON the ingress validated
 //! 22  u16  reserved, 0
 //! 24  payload[len], zero padding to a multiple of 8
@@ -41,6 +41,9 @@ pub enum Kind {
     Heartbeat = 4,
     /// The last frame of a segment that is full: nothing follows it.
     Seal = 5,
+    /// What became known of the answers to some events' webhooks (see `store::dedup`): `count u32 ·
+    /// (seq u64 · uncertain u8)*`.
+    Answer = 6,
 }
 
 impl Kind {
@@ -51,6 +54,7 @@ impl Kind {
             3 => Kind::State,
             4 => Kind::Heartbeat,
             5 => Kind::Seal,
+            6 => Kind::Answer,
             _ => return None,
         })
     }
@@ -282,6 +286,75 @@ pub fn get_event(frame: &Frame<'_>) -> Option<LoggedEvent> {
     Some(LoggedEvent { event: EventEq(event), sinks, dedup_hash })
 }
 
+/// What recovery and the spool thread's index need of an EVENT payload, read without copying the body:
+/// receive time, dedup hash and the sinks it was routed to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventHead<'a> {
+    /// Receive time, ms since the epoch.
+    pub received_at_ms: i64,
+    /// The dedup hash.
+    pub dedup_hash: u64,
+    /// The sinks it was routed to.
+    pub sinks: Vec<&'a str>,
+    /// Body bytes.
+    pub body_len: u32,
+}
+
+/// Reads the head of an EVENT payload (checking that the rest parses too); `None` if it is not one.
+pub fn event_head(payload: &[u8]) -> Option<EventHead<'_>> {
+    let mut r = Reader(payload);
+    let received_at_ms = i64::from_le_bytes(r.take(8)?.try_into().ok()?);
+    let dedup_hash = u64::from_le_bytes(r.take(8)?.try_into().ok()?);
+    r.str_ref()?;
+    let n = r.u16()?;
+    let sinks = (0..n).map(|_| r.str_ref()).collect::<Option<Vec<_>>>()?;
+    for _ in 0..3 {
+        r.str_ref()?;
+    }
+    match r.u16()? {
+        u16::MAX => {}
+        len => {
+            std::str::from_utf8(r.take(usize::from(len))?).ok()?;
+        }
+    }
+    for _ in 0..r.u16()? {
+        r.str_ref()?;
+        r.str_ref()?;
+    }
+    let body_len = u32::from_le_bytes(r.take(4)?.try_into().ok()?);
+    r.take(body_len as usize)?;
+    r.0.is_empty().then_some(EventHead { received_at_ms, dedup_hash, sinks, body_len })
+}
+
+/// Appends an ANSWER payload.
+pub fn put_answers(buf: &mut Vec<u8>, answers: &[(u64, bool)]) {
+    buf.extend_from_slice(&(answers.len() as u32).to_le_bytes());
+    for (seq, uncertain) in answers {
+        buf.extend_from_slice(&seq.to_le_bytes());
+        buf.push(u8::from(*uncertain));
+    }
+}
+
+/// Reads an ANSWER payload: (seq, uncertain) in the order written; `None` if it is not one.
+pub fn get_answers(payload: &[u8]) -> Option<Vec<(u64, bool)>> {
+    let mut r = Reader(payload);
+    let n = u32::from_le_bytes(r.take(4)?.try_into().ok()?) as usize;
+    if n > payload.len() / 9 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let seq = u64::from_le_bytes(r.take(8)?.try_into().ok()?);
+        let uncertain = match r.take(1)?[0] {
+            0 => false,
+            1 => true,
+            _ => return None,
+        };
+        out.push((seq, uncertain));
+    }
+    r.0.is_empty().then_some(out)
+}
+
 /// A cursor over a payload; every read is bounds-checked.
 struct Reader<'a>(&'a [u8]);
 
@@ -301,11 +374,14 @@ impl<'a> Reader<'a> {
         String::from_utf8(self.take(n)?.to_vec()).ok()
     }
     fn str(&mut self) -> Option<String> {
+        self.str_ref().map(str::to_owned)
+    }
+    fn str_ref(&mut self) -> Option<&'a str> {
         let n = self.u16()?;
         if n == u16::MAX {
             return None;
         }
-        self.utf8(usize::from(n))
+        std::str::from_utf8(self.take(usize::from(n))?).ok()
     }
 }
 
@@ -390,6 +466,19 @@ mod tests {
                 let _ = get_event(&frame);
             }
             let _ = get_event(&Frame { kind: Kind::Event, flags: 0, seq: 0, payload: &bytes });
+            let _ = event_head(&bytes);
+            if let Some(answers) = get_answers(&bytes) {
+                let mut again = Vec::new();
+                put_answers(&mut again, &answers);
+                prop_assert_eq!(again, bytes);
+            }
+        }
+
+        #[test]
+        fn answers_round_trip(answers in proptest::collection::vec((any::<u64>(), any::<bool>()), 0..20)) {
+            let mut buf = Vec::new();
+            put_answers(&mut buf, &answers);
+            prop_assert_eq!(get_answers(&buf), Some(answers));
         }
 
         #[test]
@@ -405,6 +494,9 @@ mod tests {
             let buf = event_frame(&e, &sinks, seq, 1);
             let (frame, _) = decode(&buf, at(1)).unwrap();
             prop_assert_eq!(frame.seq, seq);
+            let head = event_head(frame.payload).unwrap();
+            let names: Vec<&str> = sinks.iter().map(String::as_str).collect();
+            prop_assert_eq!(head, EventHead { received_at_ms: e.received_at_ms, dedup_hash: 77, sinks: names, body_len: body.len() as u32 });
             prop_assert_eq!(get_event(&frame).unwrap(), LoggedEvent { event: EventEq(e), sinks, dedup_hash: 77 });
         }
     }

@@ -106,6 +106,18 @@ fn spare_name(segno: u64) -> String {
 /// The spare segment on its way: the helper thread answers once it is preallocated (and synced).
 type Spare<F> = std::sync::mpsc::Receiver<std::io::Result<F>>;
 
+/// The mask bit of `sink` in `ids`, interning it (bit 63 for every sink past the 63rd).
+fn intern(ids: &mut Vec<String>, sink: &str) -> u64 {
+    match ids.iter().position(|s| s == sink) {
+        Some(i) => 1 << i,
+        None if ids.len() < 63 => {
+            ids.push(sink.to_owned());
+            1 << (ids.len() - 1)
+        }
+        None => SINKS_OVERFLOW,
+    }
+}
+
 /// A whole file's bytes.
 fn read_whole<F: LogFile>(file: &F, path: &Path) -> Result<Vec<u8>, LogError> {
     let io_err = |source| LogError::Io { path: path.to_owned(), source };
@@ -138,12 +150,37 @@ impl Recovery {
     }
 }
 
-/// Where one event's frame is.
+/// Where one event's frame is, and what the spool thread needs of it without reading it back (48 bytes
+/// per event held).
 #[derive(Debug, Clone, Copy)]
 struct Entry {
     seq: u64,
     offset: u64,
     size: u32,
+    body_len: u32,
+    received_at_ms: i64,
+    dedup_hash: u64,
+    /// The sinks it was routed to: bit `i` for `Log::sink_ids[i]`, bit 63 for any sink past the 63rd
+    /// (whose frame is then read to tell).
+    sinks: u64,
+}
+
+/// The bit that stands for every sink past the 63rd.
+const SINKS_OVERFLOW: u64 = 1 << 63;
+
+/// What the spool thread needs of one event held by the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Held {
+    /// Its seq.
+    pub seq: u64,
+    /// Receive time, ms since the epoch.
+    pub received_at_ms: i64,
+    /// Its dedup hash.
+    pub dedup_hash: u64,
+    /// Body bytes.
+    pub body_len: u32,
+    /// How many sinks it was routed to.
+    pub routed: u32,
 }
 
 /// A segment: its header, its file, and the events it holds.
@@ -169,8 +206,8 @@ pub struct Log<D: Disk> {
     /// Frames staged for the active segment, then (from `roll_at`) for the next one.
     buf: Vec<u8>,
     roll_at: Option<usize>,
-    /// Staged events: seq, offset in `buf`, size.
-    staged: Vec<(u64, usize, u32)>,
+    /// Staged events, their offsets in `buf`.
+    staged: Vec<Entry>,
     next_seq: u64,
     durable_seq: u64,
     failed: bool,
@@ -180,6 +217,12 @@ pub struct Log<D: Disk> {
     /// The next segment's file (for that segment number), being prepared (`None`: none asked for, or
     /// `Prealloc::Grow`).
     spare: Option<(u64, Spare<D::File>)>,
+    /// Sink ids in the order first seen (an event's `sinks` mask indexes this; 63 at most).
+    sink_ids: Vec<String>,
+    /// Events whose webhook answer is uncertain (ANSWER frames; see `store::dedup`).
+    uncertain: BTreeSet<u64>,
+    /// Answers staged for the next commit: (seq, uncertain).
+    answers: Vec<(u64, bool)>,
 }
 
 impl<D: Disk> std::fmt::Debug for Log<D> {
@@ -219,6 +262,8 @@ impl<D: Disk> Log<D> {
         let mut segments = BTreeMap::new();
         let mut next_seq = 0;
         let mut progress: BTreeMap<String, SinkState> = BTreeMap::new();
+        let mut sink_ids: Vec<String> = Vec::new();
+        let mut uncertain: BTreeSet<u64> = BTreeSet::new();
         let mut last_end: Option<(u64, usize)> = None;
         let newest = numbers.last().copied();
         for segno in numbers {
@@ -256,25 +301,44 @@ impl<D: Disk> Log<D> {
                 recovery.holes.push((prev, Hole { from: end, to: end, lost_events: header.base_seq - next_seq }));
             }
             let scan = segment::scan(&data, &header);
-            let events: Vec<Entry> = scan
-                .frames
-                .iter()
-                .filter(|f| f.kind == Kind::Event)
-                .map(|f| Entry { seq: f.seq, offset: f.offset as u64, size: f.size as u32 })
-                .collect();
-            for f in scan.frames.iter().filter(|f| matches!(f.kind, Kind::State | Kind::SinkCheckpoint)) {
+            let mut events: Vec<Entry> = Vec::new();
+            for f in &scan.frames {
                 let Ok((fr, _)) = frame::decode(&data[f.offset..], header.place()) else { continue };
                 match fr.kind {
+                    Kind::Event => {
+                        // A frame whose CRC matched always parses (only this format writes one).
+                        let Some(head) = frame::event_head(fr.payload) else { continue };
+                        let mask = head.sinks.iter().fold(0, |m, s| m | intern(&mut sink_ids, s));
+                        events.push(Entry {
+                            seq: f.seq,
+                            offset: f.offset as u64,
+                            size: f.size as u32,
+                            body_len: head.body_len,
+                            received_at_ms: head.received_at_ms,
+                            dedup_hash: head.dedup_hash,
+                            sinks: mask,
+                        });
+                    }
                     Kind::State => {
                         if let Some(state) = sinks::get_state(fr.payload) {
                             progress = state;
                         }
                     }
-                    _ => {
+                    Kind::SinkCheckpoint => {
                         if let Some((name, state)) = sinks::get_checkpoint(fr.payload) {
                             progress.insert(name, state);
                         }
                     }
+                    Kind::Answer => {
+                        for (seq, is_uncertain) in frame::get_answers(fr.payload).unwrap_or_default() {
+                            if is_uncertain {
+                                uncertain.insert(seq);
+                            } else {
+                                uncertain.remove(&seq);
+                            }
+                        }
+                    }
+                    Kind::Heartbeat | Kind::Seal => {}
                 }
             }
             recovery.segments += 1;
@@ -309,6 +373,9 @@ impl<D: Disk> Log<D> {
             sinks: progress,
             dirty: BTreeSet::new(),
             spare: None,
+            sink_ids,
+            uncertain,
+            answers: Vec::new(),
         };
         // Never write into a recovered segment: the log goes on in a new one.
         log.roll_at = Some(0);
@@ -364,12 +431,99 @@ impl<D: Disk> Log<D> {
         let size = frame::size(frame::event_payload_len(event, sinks)?);
         let place = self.staging_place(size as u64);
         let seq = self.next_seq;
-        let at = self.buf.len();
+        let at = self.buf.len() as u64;
         let flags = if event.body_is_json { flags | frame::FLAG_VALIDATED_JSON } else { flags };
         frame::encode(&mut self.buf, Kind::Event, flags, seq, place, |b| frame::put_event(b, event, sinks, dedup_hash));
-        self.staged.push((seq, at, size as u32));
+        let mask = sinks.iter().fold(0, |m, s| m | intern(&mut self.sink_ids, s));
+        self.staged.push(Entry {
+            seq,
+            offset: at,
+            size: size as u32,
+            body_len: event.body.len() as u32,
+            received_at_ms: event.received_at_ms,
+            dedup_hash,
+            sinks: mask,
+        });
         self.next_seq += 1;
         Ok(seq)
+    }
+
+    /// Stages what became known of the answer to event `seq`'s webhook (durable with the next commit).
+    pub fn answer(&mut self, seq: u64, uncertain: bool) {
+        if seq < self.next_seq {
+            self.answers.push((seq, uncertain));
+        }
+    }
+
+    /// Whether the answer to event `seq` was recorded as uncertain (and not made certain since).
+    pub fn is_uncertain(&self, seq: u64) -> bool {
+        self.uncertain.contains(&seq)
+    }
+
+    /// The durable events received in `[since_ms, until_ms)`, newest first (for the dedup index).
+    pub fn received_between(&self, since_ms: i64, until_ms: i64) -> Vec<Held> {
+        let mut out = Vec::new();
+        for seg in self.segments.values().rev() {
+            for e in seg.events.iter().rev() {
+                if e.received_at_ms >= since_ms && e.received_at_ms < until_ms {
+                    out.push(self.held(e));
+                }
+            }
+        }
+        out
+    }
+
+    fn held(&self, e: &Entry) -> Held {
+        Held {
+            seq: e.seq,
+            received_at_ms: e.received_at_ms,
+            dedup_hash: e.dedup_hash,
+            body_len: e.body_len,
+            routed: (e.sinks & !SINKS_OVERFLOW).count_ones() + u32::from(e.sinks & SINKS_OVERFLOW != 0),
+        }
+    }
+
+    /// The durable events from `from` on (at most `limit`) routed to `sink`, in seq order, and the seq the
+    /// walk reached (every event below it was looked at).
+    pub fn routed_to(&self, sink: &str, from: u64, limit: usize) -> Result<(Vec<u64>, u64), LogError> {
+        let bit = match self.sink_ids.iter().position(|s| s == sink) {
+            Some(i) => 1u64 << i,
+            None if self.sink_ids.len() < 63 => return Ok((Vec::new(), self.durable_seq)),
+            None => SINKS_OVERFLOW,
+        };
+        let mut found = Vec::new();
+        for seg in self.segments.values() {
+            let first = seg.events.partition_point(|e| e.seq < from);
+            for e in &seg.events[first..] {
+                if found.len() >= limit {
+                    return Ok((found, e.seq));
+                }
+                if e.sinks & bit == 0 {
+                    continue;
+                }
+                if bit == SINKS_OVERFLOW {
+                    // Past the 63rd sink: the frame tells.
+                    match self.read(e.seq)? {
+                        Some(logged) if logged.sinks.iter().any(|s| s == sink) => {}
+                        _ => continue,
+                    }
+                }
+                found.push(e.seq);
+            }
+        }
+        Ok((found, self.durable_seq))
+    }
+
+    /// What the log holds of durable event `seq`, without reading it.
+    pub fn held_event(&self, seq: u64) -> Option<Held> {
+        let (_, seg) = self.segments.iter().rev().find(|(_, s)| s.header.base_seq <= seq)?;
+        let i = seg.events.binary_search_by_key(&seq, |e| e.seq).ok()?;
+        Some(self.held(&seg.events[i]))
+    }
+
+    /// Every durable event held, in seq order.
+    pub fn held_events(&self) -> impl Iterator<Item = Held> + '_ {
+        self.segments.values().flat_map(|s| s.events.iter()).map(|e| self.held(e))
     }
 
     /// Where a frame of `size` bytes staged now goes: the active segment, or the next one once it would not
@@ -393,6 +547,20 @@ impl<D: Disk> Log<D> {
     pub fn commit(&mut self) -> Result<u64, LogError> {
         if self.failed {
             return Err(LogError::Failed);
+        }
+        if !self.answers.is_empty() {
+            let answers = std::mem::take(&mut self.answers);
+            let mut payload = Vec::with_capacity(4 + 9 * answers.len());
+            frame::put_answers(&mut payload, &answers);
+            let place = self.staging_place(frame::size(payload.len()) as u64);
+            frame::encode(&mut self.buf, Kind::Answer, 0, self.next_seq, place, |b| b.extend_from_slice(&payload));
+            for (seq, uncertain) in answers {
+                if uncertain {
+                    self.uncertain.insert(seq);
+                } else {
+                    self.uncertain.remove(&seq);
+                }
+            }
         }
         // One checkpoint per sink whose progress changed, after the batch's events.
         for name in std::mem::take(&mut self.dirty) {
@@ -425,9 +593,9 @@ impl<D: Disk> Log<D> {
         let staged = std::mem::take(&mut self.staged);
         let split = self.roll_at.take();
         let first_new =
-            split.map_or(staged.len(), |i| staged.iter().position(|(_, at, _)| *at >= i).unwrap_or(staged.len()));
+            split.map_or(staged.len(), |i| staged.iter().position(|e| e.offset >= i as u64).unwrap_or(staged.len()));
         // The seq the log has reached at the roll: the first event of the new segment's.
-        let base_seq = staged.get(first_new).map_or(self.next_seq, |(seq, ..)| *seq);
+        let base_seq = staged.get(first_new).map_or(self.next_seq, |e| e.seq);
         if self.writable
             && let Some(mut last) = self.segments.last_entry()
         {
@@ -445,8 +613,8 @@ impl<D: Disk> Log<D> {
                 }
                 SyncMode::Dsync => seg.file.write_durable_at(&part, self.tail).map_err(io_err(path.clone()))?,
             }
-            for (seq, at, size) in &staged[..first_new] {
-                seg.events.push(Entry { seq: *seq, offset: self.tail + *at as u64, size: *size });
+            for e in &staged[..first_new] {
+                seg.events.push(Entry { offset: self.tail + e.offset, ..*e });
             }
             self.tail += part.len() as u64;
             if split.is_some() {
@@ -478,7 +646,7 @@ impl<D: Disk> Log<D> {
         self.disk.sync_dir(&self.dir).map_err(io_err(self.dir.clone()))?;
         let events = staged[first_new..]
             .iter()
-            .map(|(seq, at, size)| Entry { seq: *seq, offset: (start + at - split) as u64, size: *size })
+            .map(|e| Entry { offset: (start as u64 + e.offset - split as u64), ..*e })
             .collect();
         self.segments.insert(segno, Seg { header, file, events });
         self.tail = data.len() as u64;

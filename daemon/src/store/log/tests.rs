@@ -509,3 +509,51 @@ fn the_real_disk_in_every_mode() {
         }
     }
 }
+
+/// What the spool thread needs without reading frames back (receive times, dedup hashes, routing, answers)
+/// is the same after a reopen as it was when written, across rolls; a sink past the 63rd is told by its
+/// frame.
+#[test]
+fn the_index_routing_and_answers_survive_a_reopen() {
+    let disk = SimDisk::default();
+    let (mut log, _) = open(&disk, 8 << 10);
+    let many: Vec<String> = (0..70).map(|i| format!("s{i}")).collect();
+    for n in 0..60 {
+        let sinks: Vec<String> = match n % 3 {
+            0 => vec!["a".into()],
+            1 => vec!["a".into(), "b".into()],
+            _ => many.clone(),
+        };
+        log.append(&event(n, 200), &sinks, 1000 + n, 0).unwrap();
+        if n % 5 == 4 {
+            log.commit().unwrap();
+        }
+    }
+    log.answer(7, true);
+    log.answer(8, true);
+    log.answer(8, false);
+    log.commit().unwrap();
+    let check = |log: &Log<SimDisk>| {
+        assert!(log.is_uncertain(7) && !log.is_uncertain(8) && !log.is_uncertain(9));
+        let (a, reached) = log.routed_to("a", 0, 1000).unwrap();
+        assert_eq!(a, (0..60).filter(|n| n % 3 != 2).collect::<Vec<_>>());
+        assert_eq!(reached, 60);
+        let (b, _) = log.routed_to("b", 10, 1000).unwrap();
+        assert_eq!(b, (10..60).filter(|n| n % 3 == 1).collect::<Vec<_>>());
+        let (last, _) = log.routed_to("s69", 0, 1000).unwrap();
+        assert_eq!(last, (0..60).filter(|n| n % 3 == 2).collect::<Vec<_>>(), "past the 63rd sink");
+        let (first, reached) = log.routed_to("a", 0, 3).unwrap();
+        assert_eq!((first, reached), (vec![0, 1, 3], 4));
+        assert_eq!(log.routed_to("nobody", 0, 10).unwrap(), (vec![], 60));
+        let held = log.held_event(4).unwrap();
+        assert_eq!((held.dedup_hash, held.routed, held.received_at_ms), (1004, 2, event(4, 0).received_at_ms));
+        let recent = log.received_between(event(10, 0).received_at_ms, event(13, 0).received_at_ms);
+        assert_eq!(recent.iter().map(|h| h.seq).collect::<Vec<_>>(), vec![12, 11, 10], "newest first");
+        assert_eq!(log.held_events().count(), 60);
+    };
+    check(&log);
+    drop(log);
+    let (log, rec) = open(&disk, 8 << 10);
+    assert!(rec.segments > 2, "{rec:?}");
+    check(&log);
+}
