@@ -1,5 +1,5 @@
 //! The spool log on its own (`store::log`, issue #17): N tasks each append a 1.6 KB event and wait until
-//! it is durable, again and again, through the spool thread (`store::log::writer`), on the real disk.
+//! it is durable, again and again, through the spool thread (`store::log::spool`), on the real disk.
 //! Prints, per preallocation and sync mode, appends/s, commits (one write and one sync each)/s, the mean
 //! batch, latency p50/p99, the write and sync syscalls per event, and disk bytes per event.
 //!
@@ -16,8 +16,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use hookbridge::event::Event;
+use hookbridge::store::Dedup;
 use hookbridge::store::log::file::{OsDisk, Prealloc, SyncMode};
-use hookbridge::store::log::writer::Appender;
+use hookbridge::store::log::spool::Spool;
 use hookbridge::store::log::{Log, Options};
 
 fn event(n: u64, body: &Bytes) -> Event {
@@ -78,25 +79,25 @@ fn main() {
         let _ = std::fs::remove_dir_all(&dir);
         let options = Options { segment_size: 64 << 20, prealloc, sync };
         let (log, _) = Log::open(OsDisk, &dir, *b"spool-bench-uuid", options).expect("open");
-        let (appender, thread) = Appender::spawn(log, 4096, 1024).expect("spool thread");
+        let (spool, thread) = Spool::spawn(log, 4096, 1024).expect("spool thread");
         let stop = Arc::new(AtomicBool::new(false));
         let (events, commits, mut latencies, wall) = rt.block_on(async {
             // Warm-up: the first segment's pages, the runtime's threads.
             for n in 0..200 {
-                appender.append(event(n, &body), vec!["file".into()], n).await.expect("append");
+                spool.insert(event(n, &body), vec!["file".into()], Dedup::Off).await.expect("append");
             }
             let (e0, c0) =
-                (appender.stats().events.load(Ordering::Relaxed), appender.stats().commits.load(Ordering::Relaxed));
+                (spool.stats().events.load(Ordering::Relaxed), spool.stats().commits.load(Ordering::Relaxed));
             let started = Instant::now();
             let workers: Vec<_> = (0..tasks)
                 .map(|t| {
-                    let (a, stop, body) = (appender.clone(), Arc::clone(&stop), body.clone());
+                    let (a, stop, body) = (spool.clone(), Arc::clone(&stop), body.clone());
                     tokio::spawn(async move {
                         let mut lat = Vec::new();
                         let mut n = t as u64;
                         while !stop.load(Ordering::Relaxed) {
                             let at = Instant::now();
-                            a.append(event(n, &body), vec!["file".into()], n).await.expect("append");
+                            a.insert(event(n, &body), vec!["file".into()], Dedup::Off).await.expect("append");
                             lat.push(at.elapsed());
                             n += tasks as u64;
                         }
@@ -111,10 +112,10 @@ fn main() {
                 all.extend(w.await.expect("task"));
             }
             let wall = started.elapsed();
-            let stats = appender.stats();
+            let stats = spool.stats();
             (stats.events.load(Ordering::Relaxed) - e0, stats.commits.load(Ordering::Relaxed) - c0, all, wall)
         });
-        drop(appender);
+        drop(spool);
         let log = thread.join().expect("spool thread");
         drop(log);
         latencies.sort_unstable();

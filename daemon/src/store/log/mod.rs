@@ -20,7 +20,7 @@ pub mod frame;
 pub mod inspect;
 pub mod segment;
 pub mod sinks;
-pub mod writer;
+pub mod spool;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
@@ -446,6 +446,18 @@ impl<D: Disk> Log<D> {
         });
         self.next_seq += 1;
         Ok(seq)
+    }
+
+    /// Stages a HEARTBEAT frame: the next commit writes and syncs even with nothing else staged (a readiness
+    /// probe's proof that the log is writable).
+    pub fn heartbeat(&mut self) {
+        let place = self.staging_place(frame::size(0) as u64);
+        frame::encode(&mut self.buf, Kind::Heartbeat, 0, self.next_seq, place, |_| {});
+    }
+
+    /// Every sink id an event held was routed to (the 63 first seen; past them, read the frames).
+    pub fn sink_ids(&self) -> &[String] {
+        &self.sink_ids
     }
 
     /// Stages what became known of the answer to event `seq`'s webhook (durable with the next commit).

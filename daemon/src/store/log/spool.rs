@@ -1,0 +1,569 @@
+//! The spool thread: owns the [`Log`] and everything decided on it, so that dedup, seq order and each
+//! sink's progress have one writer. Every operation waiting in its queue goes into one commit (group
+//! commit): inserts (deduped against the in-memory index, a hit confirmed against the stored event, or
+//! against an event staged earlier in the same batch), sinks' finished deliveries, answers and heartbeats.
+//! Then it answers each caller (through a task on the runtime that spawned it, one hand-over per commit:
+//! `store::acker`) and feeds the dispatchers. There is no timer and no sleep: a batch is whatever arrived
+//! while the previous commit's `fdatasync` ran, so batches grow with the load by themselves.
+//!
+//! A sink's progress (`sinks.rs`): an event is *handed* to its dispatcher when it is pushed onto the sink's
+//! feed or returned by [`Spool::pending`]; `taken` moves past it, and it stays *outstanding* until the
+//! dispatcher reports it finished ([`Spool::finished`]: delivered, or moved to the cold path). A feed is
+//! pushed to only while everything before the commit was already handed (`taken` at the commit's first
+//! seq), so `taken` never passes an event nobody was handed; a full feed is marked lagged, and its
+//! dispatcher then reads [`Spool::pending`] until it has caught up, as with the SQLite spool.
+//! [`Spool::finished`] answers after the commit that holds the sink's checkpoint: a dispatcher that
+//! releases an ordering key on that answer never has a delivery redelivered after a later one of the same
+//! key, whatever crashes.
+//!
+//! Ids: the store's API numbers events from 1 (a dispatcher's cursor starts at 0 and takes what is above
+//! it), the log from 0: [`public_seq`] and [`log_seq`] convert. A delivery's id is its event's public seq.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::super::acker::{Answers, Complete};
+use super::super::dedup::{Answer, Known, RecentKeys};
+use super::super::{Dedup, Feed, FeedSender, Feeds, Inserted, PendingDelivery, SpoolGauges, dedup_hash};
+use super::file::Disk;
+use super::{Log, LogError};
+use crate::event::{Event, now_ms};
+
+/// The store's seq (and delivery id) of log seq `seq`.
+pub fn public_seq(seq: u64) -> i64 {
+    i64::try_from(seq).map_or(i64::MAX, |s| s.saturating_add(1))
+}
+
+/// The log seq of the store's seq (or delivery id) `id`; `None` for an id no event has.
+pub fn log_seq(id: i64) -> Option<u64> {
+    u64::try_from(id).ok()?.checked_sub(1)
+}
+
+/// Why the spool thread did not do what it was asked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpoolError {
+    /// A commit failed, or one before it did: the log takes nothing more (restart to recover).
+    #[error("spool log failed: {0}")]
+    Failed(String),
+    /// The event does not fit the log's format.
+    #[error("{0}")]
+    TooBig(String),
+    /// The spool thread has stopped.
+    #[error("spool log is not running")]
+    Closed,
+}
+
+impl From<LogError> for SpoolError {
+    fn from(e: LogError) -> Self {
+        match e {
+            LogError::TooBig(t) => SpoolError::TooBig(t.to_string()),
+            other => SpoolError::Failed(other.to_string()),
+        }
+    }
+}
+
+/// Counters of the spool thread.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Commits made (each one write and one sync).
+    pub commits: AtomicU64,
+    /// Events made durable.
+    pub events: AtomicU64,
+}
+
+type Reply<T> = oneshot::Sender<Result<T, SpoolError>>;
+
+/// Answers reported by the ingress for the thread to take: (log seq, dedup hash, certain).
+type Marks = Arc<Mutex<Vec<(u64, i64, bool)>>>;
+
+enum Op {
+    Insert {
+        event: Event,
+        sinks: Vec<String>,
+        dedup: Dedup,
+        reply: Reply<Inserted>,
+    },
+    Finished {
+        sink: String,
+        seqs: Vec<u64>,
+        reply: Reply<()>,
+    },
+    Pending {
+        sink: String,
+        from: u64,
+        limit: usize,
+        reply: Reply<Vec<PendingDelivery>>,
+    },
+    /// Take the reported answers now (an uncertain one is to be written).
+    Answers,
+    Ping {
+        reply: Reply<()>,
+    },
+}
+
+/// One answer for the acker.
+enum Settle {
+    Inserted(Reply<Inserted>, Result<Inserted, SpoolError>),
+    Unit(Reply<()>, Result<(), SpoolError>),
+}
+
+impl Complete for Settle {
+    fn complete(self) {
+        match self {
+            Settle::Inserted(reply, r) => {
+                let _ = reply.send(r);
+            }
+            Settle::Unit(reply, r) => {
+                let _ = reply.send(r);
+            }
+        }
+    }
+}
+
+/// The handle the async side works through; the thread stops when every handle is gone.
+#[derive(Clone)]
+pub struct Spool {
+    tx: mpsc::Sender<Op>,
+    stats: Arc<Stats>,
+    feeds: Feeds,
+    marks: Marks,
+    gauges: Arc<SpoolGauges>,
+    failure: Arc<watch::Sender<Option<String>>>,
+}
+
+impl std::fmt::Debug for Spool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Spool").field("stats", &self.stats).finish_non_exhaustive()
+    }
+}
+
+impl Spool {
+    /// Starts the spool thread over `log`: at most `queue` operations wait, at most `max_batch` go into one
+    /// commit. The thread gives the log back when it ends.
+    pub fn spawn<D: Disk>(log: Log<D>, queue: usize, max_batch: usize) -> std::io::Result<(Spool, JoinHandle<Log<D>>)> {
+        let (tx, rx) = mpsc::channel(queue.max(1));
+        let spool = Spool {
+            tx,
+            stats: Arc::default(),
+            feeds: Arc::default(),
+            marks: Arc::default(),
+            gauges: Arc::default(),
+            failure: Arc::new(watch::Sender::new(None)),
+        };
+        let thread = Thread::new(log, &spool);
+        let answers = Answers::new();
+        let handle = std::thread::Builder::new()
+            .name("hookbridge-log".into())
+            .spawn(move || thread.run(rx, max_batch.max(1), answers))?;
+        Ok((spool, handle))
+    }
+
+    async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Op) -> Result<T, SpoolError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx.send(make(reply)).await.map_err(|_| SpoolError::Closed)?;
+        answer.await.map_err(|_| SpoolError::Closed)?
+    }
+
+    /// Stores an event routed to `sinks`, durably, unless `dedup` makes it a duplicate of one stored.
+    pub async fn insert(&self, event: Event, sinks: Vec<String>, dedup: Dedup) -> Result<Inserted, SpoolError> {
+        self.call(|reply| Op::Insert { event, sinks, dedup, reply }).await
+    }
+
+    /// `sink`'s deliveries with these ids are finished (delivered, or moved to the cold path); answers once
+    /// that is durable.
+    pub async fn finished(&self, sink: &str, ids: &[i64]) -> Result<(), SpoolError> {
+        let seqs = ids.iter().filter_map(|id| log_seq(*id)).collect();
+        self.call(|reply| Op::Finished { sink: sink.to_owned(), seqs, reply }).await
+    }
+
+    /// `sink`'s unfinished deliveries with ids above `after`, in id order, at most `limit`: those handed
+    /// before and not finished, then those never handed (which are handed now).
+    pub async fn pending(&self, sink: &str, after: i64, limit: usize) -> Result<Vec<PendingDelivery>, SpoolError> {
+        let from = u64::try_from(after).unwrap_or(0);
+        self.call(|reply| Op::Pending { sink: sink.to_owned(), from, limit, reply }).await
+    }
+
+    /// Subscribes to `sink`'s deliveries from now on (replacing an earlier subscription). The feed starts
+    /// lagged: read [`Spool::pending`] first.
+    pub fn subscribe(&self, sink: &str, capacity: usize) -> Feed {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let lagged = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        if let Ok(mut feeds) = self.feeds.lock() {
+            feeds.insert(sink.to_owned(), FeedSender { tx, lagged: Arc::clone(&lagged) });
+        }
+        Feed { rx, lagged }
+    }
+
+    /// Reports the answer to the webhook of event `seq` (as [`super::super::Store::answered`]).
+    pub fn answered(&self, seq: i64, hash: i64, certain: bool) {
+        let Some(seq) = log_seq(seq) else { return };
+        if let Ok(mut marks) = self.marks.lock() {
+            marks.push((seq, hash, certain));
+        }
+        if !certain {
+            // Written now, not at the next insert.
+            let _ = self.tx.try_send(Op::Answers);
+        }
+    }
+
+    /// A durable write of its own (readiness).
+    pub async fn ping(&self) -> Result<(), SpoolError> {
+        self.call(|reply| Op::Ping { reply }).await
+    }
+
+    /// The thread's counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Exact counts of what is pending in the log (and stored unrouted).
+    pub fn gauges(&self) -> &SpoolGauges {
+        &self.gauges
+    }
+
+    /// Completes when a commit failed, with the error (nothing more is written).
+    pub async fn failed(&self) -> String {
+        let mut rx = self.failure.subscribe();
+        match rx.wait_for(Option::is_some).await.ok().and_then(|v| v.clone()) {
+            Some(e) => e,
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// An event staged by the current batch.
+struct Staged {
+    seq: u64,
+    event: Arc<Event>,
+    sinks: Vec<String>,
+}
+
+/// Who waits for what an operation of the batch did.
+enum Waiter {
+    Inserted(Reply<Inserted>, Result<Inserted, SpoolError>),
+    Unit(Reply<()>, Result<(), SpoolError>),
+}
+
+struct Thread<D: Disk> {
+    log: Log<D>,
+    recent: RecentKeys,
+    /// The dedup window as the last insert gave it (`None`: no insert yet, nothing to forget).
+    window_ms: Option<i64>,
+    /// Events with a sink not done: seq -> (sinks not done, body bytes).
+    remaining: BTreeMap<u64, (u32, u32)>,
+    stats: Arc<Stats>,
+    feeds: Feeds,
+    marks: Marks,
+    gauges: Arc<SpoolGauges>,
+    failure: Arc<watch::Sender<Option<String>>>,
+}
+
+impl<D: Disk> Thread<D> {
+    fn new(log: Log<D>, spool: &Spool) -> Self {
+        let mut t = Thread {
+            log,
+            recent: RecentKeys::new(),
+            window_ms: None,
+            remaining: BTreeMap::new(),
+            stats: Arc::clone(&spool.stats),
+            feeds: Arc::clone(&spool.feeds),
+            marks: Arc::clone(&spool.marks),
+            gauges: Arc::clone(&spool.gauges),
+            failure: Arc::clone(&spool.failure),
+        };
+        t.count();
+        t
+    }
+
+    /// Counts what is pending from the log (at open): every event routed to a sink that is not done with it.
+    fn count(&mut self) {
+        let mut names: Vec<String> = self.log.sink_ids().to_vec();
+        for name in self.log.sinks().keys() {
+            if !names.contains(name) {
+                names.push(name.clone());
+            }
+        }
+        for name in names {
+            let (taken, outstanding) = self
+                .log
+                .sinks()
+                .get(&name)
+                .map_or((0, Vec::new()), |s| (s.taken, s.outstanding.iter().copied().collect()));
+            let fresh = match self.log.routed_to(&name, taken, usize::MAX) {
+                Ok((seqs, _)) => seqs,
+                Err(e) => {
+                    tracing::error!(sink = %name, error = %e, "cannot count the spool log's pending deliveries");
+                    Vec::new()
+                }
+            };
+            for seq in outstanding.into_iter().chain(fresh) {
+                if let Some(held) = self.log.held_event(seq) {
+                    self.remaining.entry(seq).or_insert((0, held.body_len)).0 += 1;
+                }
+            }
+        }
+        let (mut unrouted, mut unrouted_bytes) = (0u64, 0u64);
+        for h in self.log.held_events().filter(|h| h.routed == 0) {
+            unrouted += 1;
+            unrouted_bytes += u64::from(h.body_len);
+        }
+        self.gauges.unrouted_events.store(unrouted, Ordering::Relaxed);
+        self.gauges.unrouted_bytes.store(unrouted_bytes, Ordering::Relaxed);
+        self.publish();
+    }
+
+    /// Publishes the pending counts.
+    fn publish(&self) {
+        let deliveries: u64 = self.remaining.values().map(|(n, _)| u64::from(*n)).sum();
+        let bytes: u64 = self.remaining.values().map(|(_, b)| u64::from(*b)).sum();
+        self.gauges.pending_events.store(self.remaining.len() as u64, Ordering::Relaxed);
+        self.gauges.pending_bytes.store(bytes, Ordering::Relaxed);
+        self.gauges.pending_deliveries.store(deliveries, Ordering::Relaxed);
+    }
+
+    fn run(mut self, mut rx: mpsc::Receiver<Op>, max_batch: usize, mut answers: Answers<Settle>) -> Log<D> {
+        let mut batch: Vec<Op> = Vec::with_capacity(max_batch);
+        while let Some(first) = rx.blocking_recv() {
+            batch.push(first);
+            while batch.len() < max_batch {
+                match rx.try_recv() {
+                    Ok(op) => batch.push(op),
+                    Err(_) => break,
+                }
+            }
+            let reads = self.commit_batch(&mut batch, &mut answers);
+            answers.flush();
+            for (sink, from, limit, reply) in reads {
+                let _ = reply.send(self.pending(&sink, from, limit));
+            }
+        }
+        // Every handle is gone: give the log back.
+        self.log
+    }
+
+    /// Applies a batch, commits it, answers and feeds; returns the reads to serve after it.
+    #[allow(clippy::type_complexity)]
+    fn commit_batch(
+        &mut self,
+        batch: &mut Vec<Op>,
+        answers: &mut Answers<Settle>,
+    ) -> Vec<(String, u64, usize, Reply<Vec<PendingDelivery>>)> {
+        // Before the inserts: an answer reported before a copy arrived decides whether the copy is a retry.
+        self.take_answers();
+        let first_seq = self.log.next_seq();
+        let now = now_ms();
+        let mut staged: Vec<Staged> = Vec::new();
+        let mut waiters: Vec<Waiter> = Vec::with_capacity(batch.len());
+        let mut reads = Vec::new();
+        let mut finished_any = false;
+        for op in batch.drain(..) {
+            match op {
+                Op::Insert { event, sinks, dedup, reply } => {
+                    if let Some(since) = dedup.since_ms() {
+                        self.window_ms = Some((now - since).max(0));
+                    }
+                    let r = self.insert(event, sinks, &dedup, first_seq, &mut staged);
+                    waiters.push(Waiter::Inserted(reply, r));
+                }
+                Op::Finished { sink, seqs, reply } => {
+                    self.finish(&sink, &seqs);
+                    finished_any = true;
+                    waiters.push(Waiter::Unit(reply, Ok(())));
+                }
+                Op::Pending { sink, from, limit, reply } => reads.push((sink, from, limit, reply)),
+                Op::Answers => {}
+                Op::Ping { reply } => {
+                    self.log.heartbeat();
+                    waiters.push(Waiter::Unit(reply, Ok(())));
+                }
+            }
+        }
+        let committed = self.log.commit();
+        match &committed {
+            Ok(_) => {
+                self.stats.commits.fetch_add(1, Ordering::Relaxed);
+                self.stats.events.fetch_add(staged.len() as u64, Ordering::Relaxed);
+                self.recent.commit(self.window_ms.map_or(i64::MIN, |w| now - w));
+                for s in &staged {
+                    if s.sinks.is_empty() {
+                        self.gauges.unrouted_events.fetch_add(1, Ordering::Relaxed);
+                        self.gauges.unrouted_bytes.fetch_add(s.event.body.len() as u64, Ordering::Relaxed);
+                    } else {
+                        self.remaining.insert(s.seq, (s.sinks.len() as u32, s.event.body.len() as u32));
+                    }
+                }
+                if !staged.is_empty() || finished_any {
+                    self.publish();
+                }
+            }
+            Err(e) => {
+                self.recent.discard();
+                tracing::error!(error = %e, "spool log commit failed; nothing more is accepted until a restart");
+                self.failure.send_replace(Some(e.to_string()));
+            }
+        }
+        let failed = committed.as_ref().err().map(|e| SpoolError::Failed(e.to_string()));
+        for w in waiters {
+            answers.push(match (w, &failed) {
+                (Waiter::Inserted(reply, r), None) => Settle::Inserted(reply, r),
+                (Waiter::Inserted(reply, Err(e)), Some(_)) => Settle::Inserted(reply, Err(e)),
+                (Waiter::Inserted(reply, Ok(_)), Some(e)) => Settle::Inserted(reply, Err(e.clone())),
+                (Waiter::Unit(reply, r), None) => Settle::Unit(reply, r),
+                (Waiter::Unit(reply, _), Some(e)) => Settle::Unit(reply, Err(e.clone())),
+            });
+        }
+        if failed.is_none() {
+            self.feed(first_seq, &staged);
+        }
+        reads
+    }
+
+    /// Dedups and stages one insert.
+    fn insert(
+        &mut self,
+        event: Event,
+        sinks: Vec<String>,
+        dedup: &Dedup,
+        first_seq: u64,
+        staged: &mut Vec<Staged>,
+    ) -> Result<Inserted, SpoolError> {
+        let hash = dedup_hash(&event.dedup_key);
+        let log = &self.log;
+        let load = |since, until| -> Result<Vec<Known>, LogError> {
+            Ok(log
+                .received_between(since, until)
+                .into_iter()
+                .map(|h| Known {
+                    seq: h.seq as i64,
+                    hash: h.dedup_hash as i64,
+                    received_at_ms: h.received_at_ms,
+                    uncertain: log.is_uncertain(h.seq),
+                })
+                .collect())
+        };
+        for candidate in self.recent.candidates(load, hash, dedup)? {
+            let seq = candidate as u64;
+            // A hash is confirmed against the event itself: staged by this batch, or read back.
+            let original = if seq >= first_seq {
+                staged
+                    .iter()
+                    .find(|s| s.seq == seq)
+                    .map(|s| (s.event.dedup_key.clone(), s.event.source.clone(), s.event.id.clone()))
+            } else {
+                self.log.read(seq)?.map(|l| (l.event.0.dedup_key, l.event.0.source, l.event.0.id))
+            };
+            if let Some((key, source, id)) = original
+                && key == event.dedup_key
+                && source == event.source
+            {
+                return Ok(Inserted::Duplicate { original: id, seq: public_seq(seq) });
+            }
+        }
+        let seq = self.log.append(&event, &sinks, hash as u64, 0)?;
+        self.recent.stage(hash, seq as i64, event.received_at_ms);
+        staged.push(Staged { seq, event: Arc::new(event), sinks });
+        Ok(Inserted::New { seq: public_seq(seq) })
+    }
+
+    /// A sink finished these seqs: those it had outstanding are done.
+    fn finish(&mut self, sink: &str, seqs: &[u64]) {
+        let Some(state) = self.log.sinks().get(sink) else { return };
+        let done: Vec<u64> = seqs.iter().copied().filter(|s| state.outstanding.contains(s)).collect();
+        for seq in &done {
+            if let std::collections::btree_map::Entry::Occupied(mut e) = self.remaining.entry(*seq) {
+                e.get_mut().0 = e.get().0.saturating_sub(1);
+                if e.get().0 == 0 {
+                    e.remove();
+                }
+            }
+        }
+        self.log.finished(sink, &done);
+    }
+
+    /// Applies the answers reported since the last batch to the dedup index; one that turned uncertain (or
+    /// certain again) is written with this batch's commit.
+    fn take_answers(&mut self) {
+        let marks = match self.marks.lock() {
+            Ok(mut m) if !m.is_empty() => std::mem::take(&mut *m),
+            _ => return,
+        };
+        for (seq, hash, certain) in marks {
+            let now = if certain { Answer::Certain } else { Answer::Uncertain };
+            let Some(before) = self.recent.set_answer(hash, seq as i64, now) else { continue };
+            if before != Answer::Certain && (before == Answer::Uncertain) != (now == Answer::Uncertain) {
+                self.log.answer(seq, now == Answer::Uncertain);
+            }
+        }
+    }
+
+    /// Pushes the commit's events onto the feeds of the sinks that had everything before it handed; a full
+    /// feed is marked lagged, and its sink is handed nothing more until [`Spool::pending`] catches up.
+    fn feed(&mut self, first_seq: u64, staged: &[Staged]) {
+        let durable = self.log.durable_seq();
+        let Ok(feeds) = self.feeds.lock() else { return };
+        for (name, f) in feeds.iter() {
+            let taken = self.log.sinks().get(name).map_or(0, |s| s.taken);
+            if taken < first_seq || f.lagged.load(Ordering::Acquire) || taken >= durable {
+                continue;
+            }
+            let mut upto = durable;
+            let mut pushed = Vec::new();
+            for s in staged.iter().filter(|s| s.seq >= taken && s.sinks.iter().any(|k| k == name)) {
+                let item = delivery(s.seq, Arc::clone(&s.event));
+                if f.tx.try_send(item).is_err() {
+                    f.lagged.store(true, Ordering::Release);
+                    upto = s.seq;
+                    break;
+                }
+                pushed.push(s.seq);
+            }
+            self.log.taken(name, upto, pushed);
+        }
+    }
+
+    /// `sink`'s unfinished events with log seq at or above `from`: outstanding ones, then fresh ones (handed
+    /// now), at most `limit` in all.
+    fn pending(&mut self, sink: &str, from: u64, limit: usize) -> Result<Vec<PendingDelivery>, SpoolError> {
+        let (taken, outstanding): (u64, Vec<u64>) = self
+            .log
+            .sinks()
+            .get(sink)
+            .map_or((0, Vec::new()), |s| (s.taken, s.outstanding.range(from..).copied().take(limit).collect()));
+        // The walk starts where the sink's handing stopped, so that `taken` passes over nothing unhanded (a
+        // dispatcher's cursor is never above it: it only holds what it was handed).
+        let room = limit - outstanding.len();
+        let (fresh, reached) = if room > 0 { self.log.routed_to(sink, taken, room)? } else { (Vec::new(), taken) };
+        if reached > taken {
+            self.log.taken(sink, reached, fresh.iter().copied());
+        }
+        let mut out = Vec::with_capacity(outstanding.len() + fresh.len());
+        for seq in outstanding.into_iter().chain(fresh) {
+            match self.log.read(seq)? {
+                Some(logged) => out.push(delivery(seq, Arc::new(logged.event.0))),
+                None => tracing::error!(sink, seq, "a pending event is missing from the spool log"),
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// A delivery of log seq `seq`.
+fn delivery(seq: u64, event: Arc<Event>) -> PendingDelivery {
+    let created_at_ms = event.received_at_ms;
+    PendingDelivery {
+        id: public_seq(seq),
+        seq: public_seq(seq),
+        attempts: 0,
+        replay: false,
+        event,
+        created_at_ms,
+        next_attempt_ms: None,
+    }
+}
+
+#[cfg(test)]
+mod tests;
