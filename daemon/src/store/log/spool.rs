@@ -255,6 +255,8 @@ struct Thread<D: Disk> {
     window_ms: Option<i64>,
     /// Events with a sink not done: seq -> (sinks not done, body bytes).
     remaining: BTreeMap<u64, (u32, u32)>,
+    /// The sums over `remaining`: (sinks not done, body bytes).
+    totals: (u64, u64),
     stats: Arc<Stats>,
     feeds: Feeds,
     marks: Marks,
@@ -269,6 +271,7 @@ impl<D: Disk> Thread<D> {
             recent: RecentKeys::new(),
             window_ms: None,
             remaining: BTreeMap::new(),
+            totals: (0, 0),
             stats: Arc::clone(&spool.stats),
             feeds: Arc::clone(&spool.feeds),
             marks: Arc::clone(&spool.marks),
@@ -302,7 +305,12 @@ impl<D: Disk> Thread<D> {
             };
             for seq in outstanding.into_iter().chain(fresh) {
                 if let Some(held) = self.log.held_event(seq) {
-                    self.remaining.entry(seq).or_insert((0, held.body_len)).0 += 1;
+                    let entry = self.remaining.entry(seq).or_insert_with(|| {
+                        self.totals.1 += u64::from(held.body_len);
+                        (0, held.body_len)
+                    });
+                    entry.0 += 1;
+                    self.totals.0 += 1;
                 }
             }
         }
@@ -316,13 +324,11 @@ impl<D: Disk> Thread<D> {
         self.publish();
     }
 
-    /// Publishes the pending counts.
+    /// Publishes the pending counts (kept as running totals: a commit costs nothing per event pending).
     fn publish(&self) {
-        let deliveries: u64 = self.remaining.values().map(|(n, _)| u64::from(*n)).sum();
-        let bytes: u64 = self.remaining.values().map(|(_, b)| u64::from(*b)).sum();
         self.gauges.pending_events.store(self.remaining.len() as u64, Ordering::Relaxed);
-        self.gauges.pending_bytes.store(bytes, Ordering::Relaxed);
-        self.gauges.pending_deliveries.store(deliveries, Ordering::Relaxed);
+        self.gauges.pending_bytes.store(self.totals.1, Ordering::Relaxed);
+        self.gauges.pending_deliveries.store(self.totals.0, Ordering::Relaxed);
     }
 
     fn run(mut self, mut rx: mpsc::Receiver<Op>, max_batch: usize, mut answers: Answers<Settle>) -> Log<D> {
@@ -394,6 +400,8 @@ impl<D: Disk> Thread<D> {
                         self.gauges.unrouted_bytes.fetch_add(s.event.body.len() as u64, Ordering::Relaxed);
                     } else {
                         self.remaining.insert(s.seq, (s.sinks.len() as u32, s.event.body.len() as u32));
+                        self.totals.0 += s.sinks.len() as u64;
+                        self.totals.1 += s.event.body.len() as u64;
                     }
                 }
                 if !staged.is_empty() || finished_any {
@@ -476,8 +484,9 @@ impl<D: Disk> Thread<D> {
         for seq in &done {
             if let std::collections::btree_map::Entry::Occupied(mut e) = self.remaining.entry(*seq) {
                 e.get_mut().0 = e.get().0.saturating_sub(1);
+                self.totals.0 = self.totals.0.saturating_sub(1);
                 if e.get().0 == 0 {
-                    e.remove();
+                    self.totals.1 = self.totals.1.saturating_sub(u64::from(e.remove().1));
                 }
             }
         }
