@@ -179,8 +179,8 @@ pub struct Held {
     pub dedup_hash: u64,
     /// Body bytes.
     pub body_len: u32,
-    /// How many sinks it was routed to.
-    pub routed: u32,
+    /// It was routed to a sink (an unrouted event is kept only until pruned).
+    pub routed: bool,
 }
 
 /// A segment: its header, its file, and the events it holds.
@@ -491,7 +491,7 @@ impl<D: Disk> Log<D> {
             received_at_ms: e.received_at_ms,
             dedup_hash: e.dedup_hash,
             body_len: e.body_len,
-            routed: (e.sinks & !SINKS_OVERFLOW).count_ones() + u32::from(e.sinks & SINKS_OVERFLOW != 0),
+            routed: e.sinks != 0,
         }
     }
 

@@ -315,7 +315,7 @@ impl<D: Disk> Thread<D> {
             }
         }
         let (mut unrouted, mut unrouted_bytes) = (0u64, 0u64);
-        for h in self.log.held_events().filter(|h| h.routed == 0) {
+        for h in self.log.held_events().filter(|h| !h.routed) {
             unrouted += 1;
             unrouted_bytes += u64::from(h.body_len);
         }

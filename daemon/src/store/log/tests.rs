@@ -546,7 +546,7 @@ fn the_index_routing_and_answers_survive_a_reopen() {
         assert_eq!((first, reached), (vec![0, 1, 3], 4));
         assert_eq!(log.routed_to("nobody", 0, 10).unwrap(), (vec![], 60));
         let held = log.held_event(4).unwrap();
-        assert_eq!((held.dedup_hash, held.routed, held.received_at_ms), (1004, 2, event(4, 0).received_at_ms));
+        assert_eq!((held.dedup_hash, held.routed, held.received_at_ms), (1004, true, event(4, 0).received_at_ms));
         let recent = log.received_between(event(10, 0).received_at_ms, event(13, 0).received_at_ms);
         assert_eq!(recent.iter().map(|h| h.seq).collect::<Vec<_>>(), vec![12, 11, 10], "newest first");
         assert_eq!(log.held_events().count(), 60);

@@ -92,6 +92,8 @@ async fn duplicates_are_found_in_the_log_in_the_same_batch_and_after_a_restart()
     assert!(matches!(spool.insert(event(3, "k1"), vec![], Dedup::Off).await.unwrap(), Inserted::New { .. }));
     stop(spool, thread).await;
     let (spool, thread) = start(&disk);
+    assert_eq!(spool.gauges().unrouted().0, 1, "the one event routed nowhere, counted from the log");
+    assert_eq!(spool.gauges().snapshot().2, 2);
     assert_eq!(
         spool.insert(event(4, "k1"), vec!["a".into()], window()).await.unwrap(),
         Inserted::Duplicate { original: "ev-1".into(), seq: 1 },
