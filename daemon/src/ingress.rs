@@ -217,7 +217,7 @@ async fn metrics(State(s): State<Arc<Shared>>) -> Response {
             }
         }
     }
-    let body = s.metrics.render(s.store.gauges(), &sinks, &s.connections());
+    let body = s.metrics.render(&s.store.gauges(), &sinks, &s.connections());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
 }
 
@@ -696,7 +696,7 @@ async fn accept(
         // The add-on is INACTIVE in this workspace: accepted and stored, not routed.
         decision.sinks.clear();
     }
-    if let Err(reason) = cfg.spool.room_for(s.store.gauges(), decision.sinks.is_empty(), body.len() as u64) {
+    if let Err(reason) = cfg.spool.room_for(&s.store.gauges(), decision.sinks.is_empty(), body.len() as u64) {
         s.metrics.rejected(&source.id, reason);
         return (unavailable("spool is full; retry later"), None);
     }

@@ -44,7 +44,7 @@ impl Dispatcher {
     pub(super) async fn record(&self, event: &str, records: Vec<Record>, cancel: &CancellationToken) -> bool {
         let mut wait = self.retry.initial_backoff;
         loop {
-            match self.store.record_all(records.clone()).await {
+            match self.store.record_all(&self.sink_id, records.clone()).await {
                 Ok(()) => return true,
                 Err(e) => {
                     tracing::error!(sink = %self.sink_id, event = %event, deliveries = records.len(), error = %e, "cannot record delivery outcome; will try again");

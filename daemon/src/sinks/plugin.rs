@@ -78,7 +78,7 @@ impl PluginSink {
                         )));
                     }
                     let emitted = emitted_event(id, event, i, event_type, payload, headers);
-                    if let Err(reason) = self.limits.room_for_emit(self.store.gauges(), emitted.body.len() as u64) {
+                    if let Err(reason) = self.limits.room_for_emit(&self.store.gauges(), emitted.body.len() as u64) {
                         // Retried later, when the spool has room again.
                         return Err(SinkError::retryable(format!("cannot store the plugin's emit: {reason}")));
                     }

@@ -9,6 +9,7 @@ mod dedup;
 pub mod log;
 mod ops;
 mod schema;
+mod sqlite;
 mod writer;
 
 use std::collections::HashMap;
@@ -17,13 +18,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 pub use ops::{AttemptInfo, DeadLetter, DeliveryInfo, EventDetail, EventFilter, EventSummary};
 
 use crate::event::Event;
-use crate::limits::WRITER_QUEUE;
-use writer::Op;
 
 /// File name of the database inside `storage.data_dir`.
 pub const DB_FILE: &str = "spool.db";
@@ -331,118 +330,62 @@ struct FeedSender {
 
 type Feeds = Arc<Mutex<HashMap<String, FeedSender>>>;
 
-/// Handle to the daemon's spool. Cheap to clone.
-#[derive(Clone)]
+
+/// Handle to the daemon's spool. Cheap to clone. Which backend holds the events is `store/`'s business
+/// alone: everything outside works through this API.
+#[derive(Clone, Debug)]
 pub struct Store {
-    tx: mpsc::Sender<Op>,
-    feeds: Feeds,
-    /// Held (locked) while any handle is alive.
-    lock: Arc<std::fs::File>,
-    path: PathBuf,
-    readers: Arc<Mutex<Vec<Connection>>>,
-    /// Reads in progress at most (each holds a blocking thread and a connection).
-    read_slots: Arc<tokio::sync::Semaphore>,
-    gauges: Arc<SpoolGauges>,
-    writer: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
-    /// Answers reported and not yet taken by the writer: (seq, dedup hash, certain).
-    answers: writer::AnswerMarks,
-    /// Set by the writer when a sync failed.
-    failure: Arc<tokio::sync::watch::Sender<Option<String>>>,
+    backend: Backend,
 }
 
-impl std::fmt::Debug for Store {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("path", &self.path).finish_non_exhaustive()
-    }
+#[derive(Clone, Debug)]
+enum Backend {
+    Sqlite(sqlite::Sqlite),
 }
 
 impl Store {
     /// Opens (creating if needed) the spool in `data_dir` and starts its writer thread.
     pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
-        std::fs::create_dir_all(data_dir).map_err(|source| StoreError::Dir { path: data_dir.to_owned(), source })?;
-        restrict_permissions(data_dir);
-        // One daemon per spool: two would both dispatch every pending delivery.
-        let lock_path = data_dir.join("lock");
-        let lock = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|source| StoreError::Dir { path: lock_path.clone(), source })?;
-        lock.try_lock().map_err(|_| {
-            StoreError::Schema(format!(
-                "{} is in use by another hookbridge daemon (one daemon per data_dir)",
-                data_dir.display()
-            ))
-        })?;
-        let path = data_dir.join(DB_FILE);
-        let conn = Connection::open(&path)?;
-        schema::prepare_writer(&conn)?;
-        restrict_file(&path);
-        let gauges = Arc::new(schema::load_gauges(&conn)?);
-        let (tx, rx) = mpsc::channel(WRITER_QUEUE);
-        let g = Arc::clone(&gauges);
-        let feeds: Feeds = Arc::default();
-        let f = Arc::clone(&feeds);
-        let answers = writer::AnswerMarks::default();
-        let failure = Arc::new(tokio::sync::watch::Sender::new(None));
-        // Answers are completed by a task on the runtime that opens the spool, when there is one (`acker`).
-        let answers_out = acker::Answers::new();
-        let shared = writer::Shared { answers: answers.clone(), failure: Arc::clone(&failure), answers_out };
-        let handle = std::thread::Builder::new()
-            .name("hookbridge-spool".into())
-            .spawn(move || writer::run(conn, rx, g, f, shared))
-            .map_err(|source| StoreError::Dir { path: data_dir.to_owned(), source })?;
-        Ok(Store {
-            tx,
-            feeds,
-            lock: Arc::new(lock),
-            path,
-            readers: Arc::new(Mutex::new(Vec::new())),
-            read_slots: Arc::new(tokio::sync::Semaphore::new(READERS_MAX)),
-            gauges,
-            writer: Arc::new(Mutex::new(Some(handle))),
-            answers,
-            failure,
-        })
+        Ok(Store { backend: Backend::Sqlite(sqlite::Sqlite::open(data_dir)?) })
     }
 
     /// The database file.
     pub fn path(&self) -> &Path {
-        &self.path
+        match &self.backend {
+            Backend::Sqlite(s) => s.path(),
+        }
     }
 
     /// Subscribes to the deliveries for `sink` committed from now on (replacing an earlier subscription).
     /// The feed starts lagged: read the spool first for what was pending before.
     pub fn subscribe(&self, sink: &str, capacity: usize) -> Feed {
-        let (tx, rx) = mpsc::channel(capacity.max(1));
-        let lagged = Arc::new(AtomicBool::new(true));
-        if let Ok(mut feeds) = self.feeds.lock() {
-            feeds.insert(sink.to_owned(), FeedSender { tx, lagged: Arc::clone(&lagged) });
+        match &self.backend {
+            Backend::Sqlite(s) => s.subscribe(sink, capacity),
         }
-        Feed { rx, lagged }
     }
 
     /// True once the writer has stopped.
     pub fn is_closed(&self) -> bool {
-        self.tx.is_closed()
+        match &self.backend {
+            Backend::Sqlite(s) => s.is_closed(),
+        }
     }
 
-    /// Live counters.
-    pub fn gauges(&self) -> &SpoolGauges {
-        &self.gauges
-    }
-
-    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Op) -> Result<T, StoreError> {
-        let (reply, rx) = oneshot::channel();
-        self.tx.send(make(reply)).await.map_err(|_| StoreError::Closed)?;
-        rx.await.map_err(|_| StoreError::Closed)?
+    /// Live counters (a snapshot).
+    pub fn gauges(&self) -> SpoolGauges {
+        let g = SpoolGauges::default();
+        match &self.backend {
+            Backend::Sqlite(s) => g.set_from(s.gauges()),
+        }
+        g
     }
 
     /// Commits an event and one pending delivery per sink, durably, unless `dedup` makes it a duplicate of
     /// an event already stored.
     pub async fn insert(&self, event: Event, sinks: Vec<String>, dedup: Dedup) -> Result<Inserted, StoreError> {
-        self.call(|reply| Op::Insert { event, sinks, dedup, reply }).await
+        match &self.backend {
+            Backend::Sqlite(s) => s.insert(event, sinks, dedup).await,
+        }
     }
 
     /// Reports the answer to the webhook of event `seq` (whose dedup key hashes to `hash`, see
@@ -452,47 +395,47 @@ impl Store {
     /// uncertain answers, and certain ones for duplicates (the provider has then seen an answer for the
     /// original's bytes), so the common case costs the writer nothing.
     pub fn answered(&self, seq: i64, hash: i64, certain: bool) {
-        if let Ok(mut marks) = self.answers.lock() {
-            marks.push((seq, hash, certain));
-        }
-        if !certain {
-            // Wake the writer so that it is recorded now, not at the next insert.
-            let _ = self.tx.try_send(Op::Answers);
+        match &self.backend {
+            Backend::Sqlite(s) => s.answered(seq, hash, certain),
         }
     }
 
     /// Completes when the spool has stopped for good after a failed sync, with the error: nothing written
-    /// since can be promised, so the process should exit and be restarted (SQLite recovers from the WAL).
+    /// since can be promised, so the process should exit and be restarted (the spool recovers at open).
     pub async fn failed(&self) -> String {
-        let mut rx = self.failure.subscribe();
-        let failed = rx.wait_for(Option::is_some).await.ok().and_then(|v| v.clone());
-        match failed {
-            Some(e) => e,
-            // The writer is gone without failing (shutdown): never completes.
-            None => std::future::pending().await,
+        match &self.backend {
+            Backend::Sqlite(s) => s.failed().await,
         }
     }
 
-    /// Records one attempt of a delivery and its outcome (`attempts` counts this one).
+    /// Records one attempt of `sink`'s delivery and its outcome (`attempts` counts this one).
     pub async fn record(
         &self,
+        sink: &str,
         delivery_id: i64,
         attempts: u32,
         outcome: Outcome,
         attempt: Attempt,
     ) -> Result<(), StoreError> {
-        self.record_all(vec![Record { delivery_id, attempts, outcome, attempt, event: None }]).await
+        self.record_all(sink, vec![Record { delivery_id, attempts, outcome, attempt, event: None }]).await
     }
 
-    /// Records several attempts and outcomes in one operation (a batch delivered together).
-    pub async fn record_all(&self, records: Vec<Record>) -> Result<(), StoreError> {
-        self.call(|reply| Op::Record { records, reply }).await
+    /// Records several attempts of `sink`'s deliveries and their outcomes in one operation (a batch
+    /// delivered together).
+    pub async fn record_all(&self, sink: &str, records: Vec<Record>) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Sqlite(s) => {
+                let _ = sink;
+                s.record_all(records).await
+            }
+        }
     }
 
     /// Stores a Clockodo handshake secret (the newest few per source are kept).
     pub async fn record_handshake(&self, source: &str, secret: &str, received_at_ms: i64) -> Result<(), StoreError> {
-        let (source, secret) = (source.to_owned(), secret.to_owned());
-        self.call(|reply| Op::Handshake { source, secret, received_at_ms, reply }).await
+        match &self.backend {
+            Backend::Sqlite(s) => s.record_handshake(source, secret, received_at_ms).await,
+        }
     }
 
     /// Stores (replaces) an add-on installation record, durably.
@@ -503,36 +446,45 @@ impl Store {
         addon_id: &str,
         record: String,
     ) -> Result<(), StoreError> {
-        let (source, workspace, addon_id) = (source.to_owned(), workspace.to_owned(), addon_id.to_owned());
-        self.call(|reply| Op::Installation { source, workspace, addon_id, record, reply }).await
+        match &self.backend {
+            Backend::Sqlite(s) => s.save_installation(source, workspace, addon_id, record).await,
+        }
     }
 
     /// Every add-on installation record: (source, workspace, add-on id, record).
     pub async fn installations(&self) -> Result<Vec<(String, String, String, String)>, StoreError> {
-        self.read(|conn| Ok(ops::installations(conn)?)).await
+        match &self.backend {
+            Backend::Sqlite(s) => s.installations().await,
+        }
     }
 
     /// A small durable write: proves the store is writable (readiness).
     pub async fn ping(&self) -> Result<(), StoreError> {
-        self.call(|reply| Op::Ping { reply }).await
+        match &self.backend {
+            Backend::Sqlite(s) => s.ping().await,
+        }
     }
 
     /// Deletes finished events older than `before_ms` with their deliveries and attempts, at most `limit` of
     /// them; recounts the gauges. Returns the number of events deleted (call again while it equals `limit`).
     pub async fn prune(&self, before_ms: i64, limit: usize) -> Result<u64, StoreError> {
-        self.call(|reply| Op::Prune { before_ms, limit, reply }).await
+        match &self.backend {
+            Backend::Sqlite(s) => s.prune(before_ms, limit).await,
+        }
     }
 
-    /// Recounts the gauges from the database if another connection (an operator) changed it since the last
-    /// look (SQLite's `data_version`); cheap otherwise.
+    /// Takes in what operators changed since the last look (recounting the gauges); cheap otherwise.
     pub async fn resync(&self) -> Result<(), StoreError> {
-        self.call(|reply| Op::Resync { reply }).await
+        match &self.backend {
+            Backend::Sqlite(s) => s.resync().await,
+        }
     }
 
     /// Pending deliveries for `sink` with id greater than `after`, in id order, at most `limit`.
     pub async fn pending(&self, sink: &str, after: i64, limit: usize) -> Result<Vec<PendingDelivery>, StoreError> {
-        let sink = sink.to_owned();
-        self.read(move |conn| Ok(ops::pending(conn, &sink, after, limit, None)?)).await
+        match &self.backend {
+            Backend::Sqlite(s) => s.pending(sink, after, limit).await,
+        }
     }
 
     /// Pending replays and dead-letter retries for `sink` with ids in `(after, up_to]`, in id order: an
@@ -544,73 +496,31 @@ impl Store {
         up_to: i64,
         limit: usize,
     ) -> Result<Vec<PendingDelivery>, StoreError> {
-        let sink = sink.to_owned();
-        self.read(move |conn| Ok(ops::pending(conn, &sink, after, limit, Some(up_to))?)).await
+        match &self.backend {
+            Backend::Sqlite(s) => s.pending_replays(sink, after, up_to, limit).await,
+        }
     }
 
     /// Dead letters and oldest pending delivery per sink.
     pub async fn sink_stats(&self) -> Result<Vec<SinkStats>, StoreError> {
-        self.read(|conn| {
-            Ok(ops::sink_stats(conn)?
-                .into_iter()
-                .map(|(sink, dead, oldest_pending_ms)| SinkStats { sink, dead, oldest_pending_ms })
-                .collect())
-        })
-        .await
+        match &self.backend {
+            Backend::Sqlite(s) => s.sink_stats().await,
+        }
     }
 
     /// Everything about one event.
     pub async fn event(&self, id: &str) -> Result<Option<EventDetail>, StoreError> {
-        let id = id.to_owned();
-        self.read(move |conn| Ok(ops::show_event(conn, &id)?)).await
-    }
-
-    async fn read<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
-    ) -> Result<T, StoreError> {
-        let readers = Arc::clone(&self.readers);
-        let path = self.path.clone();
-        let slot = Arc::clone(&self.read_slots).acquire_owned().await.map_err(|e| StoreError::Join(e.to_string()))?;
-        tokio::task::spawn_blocking(move || {
-            let _slot = slot;
-            let conn = readers.lock().map_err(|e| StoreError::Join(e.to_string()))?.pop();
-            let conn = match conn {
-                Some(c) => c,
-                None => open_reader(&path)?,
-            };
-            let result = f(&conn);
-            // Trimmed: connections beyond the few kept idle are closed.
-            if let Ok(mut pool) = readers.lock()
-                && pool.len() < READERS_IDLE
-            {
-                pool.push(conn);
-            }
-            result
-        })
-        .await
-        .map_err(|e| StoreError::Join(e.to_string()))?
+        match &self.backend {
+            Backend::Sqlite(s) => s.event(id).await,
+        }
     }
 
     /// Stops the writer after it has committed everything queued before this call, and waits for it.
     pub async fn close(&self) {
-        let (reply, rx) = oneshot::channel();
-        if self.tx.send(Op::Shutdown { reply }).await.is_ok() {
-            let _ = rx.await;
+        match &self.backend {
+            Backend::Sqlite(s) => s.close().await,
         }
-        let handle = self.writer.lock().ok().and_then(|mut h| h.take());
-        if let Some(handle) = handle {
-            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
-        }
-        // The writer is gone: another daemon may take the spool now.
-        let _ = self.lock.unlock();
     }
-}
-
-fn open_reader(path: &Path) -> Result<Connection, StoreError> {
-    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
-    Ok(conn)
 }
 
 /// Operator access to a spool (the CLI's `events` and `dlq` commands, and the admin API): inspection and
@@ -695,13 +605,13 @@ impl Operator {
 /// Add-on installation records stored in the spool at `data_dir` (source, workspace, add-on id, JSON record
 /// holding credentials: show only what is safe), read-only.
 pub fn list_installations(data_dir: &Path) -> Result<Vec<(String, String, String, String)>, StoreError> {
-    let conn = open_reader(&data_dir.join(DB_FILE))?;
+    let conn = sqlite::open_reader(&data_dir.join(DB_FILE))?;
     Ok(ops::installations(&conn)?)
 }
 
 /// Handshakes stored in the spool at `data_dir`, newest first, read-only (safe while a daemon runs).
 pub fn list_handshakes(data_dir: &Path) -> Result<Vec<Handshake>, StoreError> {
-    let conn = open_reader(&data_dir.join(DB_FILE))?;
+    let conn = sqlite::open_reader(&data_dir.join(DB_FILE))?;
     Ok(ops::list_handshakes(&conn)?)
 }
 

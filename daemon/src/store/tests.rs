@@ -48,14 +48,14 @@ async fn events_survive_reopen_and_gauges_follow_deliveries() {
     let a2 = store.pending("s2", 0, 10).await.unwrap()[0].id;
 
     let retry = Outcome::Retry { next_attempt_ms: now_ms(), error: "HTTP 503".into() };
-    store.record(a1, 1, retry, Attempt { status: Some(503), ..attempt() }).await.unwrap();
+    store.record("s1", a1, 1, retry, Attempt { status: Some(503), ..attempt() }).await.unwrap();
     assert_eq!(store.pending("s1", 0, 10).await.unwrap()[0].attempts, 1);
-    store.record(a1, 2, Outcome::Delivered, attempt()).await.unwrap();
+    store.record("s1", a1, 2, Outcome::Delivered, attempt()).await.unwrap();
     assert_eq!(store.gauges().snapshot(), (2, 14, 2));
-    store.record(a2, 1, Outcome::Dead("HTTP 410".into()), Attempt { status: Some(410), ..attempt() }).await.unwrap();
+    store.record("s2", a2, 1, Outcome::Dead("HTTP 410".into()), Attempt { status: Some(410), ..attempt() }).await.unwrap();
     assert_eq!(store.gauges().snapshot(), (1, 7, 1));
     // Recording twice changes nothing.
-    store.record(a2, 1, Outcome::Delivered, attempt()).await.unwrap();
+    store.record("s2", a2, 1, Outcome::Delivered, attempt()).await.unwrap();
     assert_eq!(store.gauges().snapshot(), (1, 7, 1));
     let detail = store.event("a").await.unwrap().unwrap();
     assert_eq!(detail.summary.status, "dead");
@@ -75,7 +75,7 @@ async fn events_survive_reopen_and_gauges_follow_deliveries() {
     // A fully delivered event, with its attempt.
     new(&store, "d", "{}", &["s1"]).await;
     let d1 = store.pending("s1", a1, 10).await.unwrap().into_iter().find(|p| p.event.id == "d").unwrap().id;
-    store.record(d1, 1, Outcome::Delivered, attempt()).await.unwrap();
+    store.record("s1", d1, 1, Outcome::Delivered, attempt()).await.unwrap();
     assert_eq!(store.event("d").await.unwrap().unwrap().attempts.len(), 1);
 
     // Pruning keeps the dead letter's event and the pending one; it removes the unrouted and the delivered one.
@@ -121,8 +121,8 @@ async fn operators_replay_retry_and_purge_beside_a_running_writer() {
     new(&store, "a", "{}", &["s"]).await;
     new(&store, "b", "{}", &["s"]).await;
     let rows = store.pending("s", 0, 10).await.unwrap();
-    store.record(rows[0].id, 1, Outcome::Dead("HTTP 400".into()), attempt()).await.unwrap();
-    store.record(rows[1].id, 1, Outcome::Delivered, attempt()).await.unwrap();
+    store.record("s", rows[0].id, 1, Outcome::Dead("HTTP 400".into()), attempt()).await.unwrap();
+    store.record("s", rows[1].id, 1, Outcome::Delivered, attempt()).await.unwrap();
 
     let mut op = Operator::open(dir.path()).unwrap();
     let dead = op.dead_letters(None).unwrap();
@@ -142,7 +142,7 @@ async fn operators_replay_retry_and_purge_beside_a_running_writer() {
     assert_eq!(listed.len(), 2);
 
     // Purge gives a dead letter up.
-    store.record(again[0].id, 1, Outcome::Dead("HTTP 400".into()), attempt()).await.unwrap();
+    store.record("s", again[0].id, 1, Outcome::Dead("HTTP 400".into()), attempt()).await.unwrap();
     let id = op.dead_letters(Some("s")).unwrap()[0].delivery_id;
     assert_eq!(op.purge_dead(&[id]).unwrap(), 1);
     assert!(op.dead_letters(None).unwrap().is_empty());
@@ -301,17 +301,17 @@ async fn records_with_the_event_given_by_the_caller_match_the_spool() {
         event: known(p),
     };
     let retry = Outcome::Retry { next_attempt_ms: now_ms(), error: "HTTP 503".into() };
-    store.record_all(vec![rec(&rows[0], retry), rec(&rows[1], Outcome::Delivered)]).await.unwrap();
+    store.record_all("s1", vec![rec(&rows[0], retry), rec(&rows[1], Outcome::Delivered)]).await.unwrap();
     assert_eq!(store.gauges().snapshot(), (1, 7, 2), "b's only delivery finished; a still has two pending");
-    store.record_all(vec![rec(&rows[1], Outcome::Dead("late".into()))]).await.unwrap();
+    store.record_all("s1", vec![rec(&rows[1], Outcome::Dead("late".into()))]).await.unwrap();
     assert_eq!(store.gauges().snapshot(), (1, 7, 2), "recording twice changes nothing");
     let b = store.event("b").await.unwrap().unwrap();
     assert_eq!(b.summary.status, "delivered");
     assert_eq!(b.attempts.len(), 1, "the ignored record left no attempt");
-    store.record_all(vec![rec(&rows[0], Outcome::Delivered)]).await.unwrap();
+    store.record_all("s1", vec![rec(&rows[0], Outcome::Delivered)]).await.unwrap();
     assert_eq!(store.gauges().snapshot(), (1, 7, 1), "a's other sink is still pending");
     let s2 = store.pending("s2", 0, 10).await.unwrap();
-    store.record_all(vec![rec(&s2[0], Outcome::Delivered)]).await.unwrap();
+    store.record_all("s2", vec![rec(&s2[0], Outcome::Delivered)]).await.unwrap();
     assert_eq!(store.gauges().snapshot(), (0, 0, 0));
     store.close().await;
 }
