@@ -12,14 +12,26 @@ const SECRET: &str = "crash-test-secret";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_acknowledged_event_survives_sigkill() {
-    acknowledged_events_survive(Stop::Kill).await;
+    acknowledged_events_survive(Stop::Kill, "sqlite").await;
+}
+
+/// The same test on the log engine (`storage.engine = "log"`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_acknowledged_event_survives_sigkill_on_the_log() {
+    acknowledged_events_survive(Stop::Kill, "log").await;
 }
 
 /// SIGTERM under load: the daemon exits within its shutdown deadline, and everything it acknowledged is
 /// delivered (before it exits or after the restart).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_acknowledged_event_survives_sigterm_under_load() {
-    acknowledged_events_survive(Stop::Term).await;
+    acknowledged_events_survive(Stop::Term, "sqlite").await;
+}
+
+/// The same test on the log engine.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_acknowledged_event_survives_sigterm_under_load_on_the_log() {
+    acknowledged_events_survive(Stop::Term, "log").await;
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -28,7 +40,7 @@ enum Stop {
     Term,
 }
 
-async fn acknowledged_events_survive(stop: Stop) {
+async fn acknowledged_events_survive(stop: Stop, engine: &str) {
     let receiver = Receiver::start().await;
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
@@ -42,6 +54,7 @@ listen = "127.0.0.1:{port}"
 internal_listen = "127.0.0.1:0"
 [storage]
 data_dir = "data"
+engine = "{engine}"
 [sources.clockify]
 kind = "clockify"
 secrets = ["{SECRET}"]

@@ -132,6 +132,11 @@ pub struct StorageConfig {
     /// Default `73h` (Clockify retries up to 72 h after a failure). `"0s"` turns dedup off.
     #[serde(default = "limits::default_dedup_window")]
     pub dedup_window: HumanDuration,
+    /// Where healthy events are kept: `"sqlite"` (default: everything in `spool.db`) or `"log"`
+    /// (experimental: an append-only segment log in `log/`, with retries and dead letters in `spool.db`;
+    /// `hookbridge events` and `dlq` do not read it yet). A spool is refused by the other engine.
+    #[serde(default)]
+    pub engine: crate::store::Engine,
 }
 
 impl Default for StorageConfig {
@@ -144,6 +149,7 @@ impl Default for StorageConfig {
             max_unrouted_bytes: limits::default_max_unrouted_bytes(),
             retention: limits::default_retention(),
             dedup_window: limits::default_dedup_window(),
+            engine: crate::store::Engine::default(),
         }
     }
 }

@@ -10,7 +10,7 @@ use crate::config::RetryPolicy;
 use crate::event::{Event, now_ms};
 use crate::metrics::Metrics;
 use crate::sinks::{BoxFuture, Sink, SinkError};
-use crate::store::{Dedup, Operator, Store};
+use crate::store::{Dedup, Engine, Operator, Store};
 
 /// Records what it is given; the unit under test is the dispatcher, not a sink.
 #[derive(Debug, Default)]
@@ -68,8 +68,18 @@ async fn wait_for(sink: &Recorder, n: usize) {
 /// once and in order: the dispatcher falls back to reading the spool when the feed overflows.
 #[tokio::test]
 async fn backlog_and_overflowing_feed_deliver_everything_in_order() {
+    backlog_and_overflowing_feed_deliver_everything_in_order_on(Engine::Sqlite).await;
+}
+
+/// The same on the log engine (a retry goes through its cold path).
+#[tokio::test]
+async fn backlog_and_overflowing_feed_deliver_everything_in_order_on_the_log() {
+    backlog_and_overflowing_feed_deliver_everything_in_order_on(Engine::Log).await;
+}
+
+async fn backlog_and_overflowing_feed_deliver_everything_in_order_on(engine: Engine) {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+    let store = Store::open_engine(dir.path(), engine).unwrap();
     let ev = |i: usize| event(format!("{i:04}"), Some(format!("entity-{}", i % 7)));
     for i in 0..30 {
         store.insert(ev(i), vec!["r".into()], Dedup::Off).await.unwrap();
@@ -128,8 +138,18 @@ impl Sink for BatchRecorder {
 /// in order per entity, and the spool ends with nothing pending.
 #[tokio::test]
 async fn batches_keep_order_per_entity_and_retry_alone() {
+    batches_keep_order_per_entity_and_retry_alone_on(Engine::Sqlite).await;
+}
+
+/// The same on the log engine (a retry goes through its cold path).
+#[tokio::test]
+async fn batches_keep_order_per_entity_and_retry_alone_on_the_log() {
+    batches_keep_order_per_entity_and_retry_alone_on(Engine::Log).await;
+}
+
+async fn batches_keep_order_per_entity_and_retry_alone_on(engine: Engine) {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+    let store = Store::open_engine(dir.path(), engine).unwrap();
     let ev = |i: usize| event(format!("{i:04}"), Some(format!("entity-{}", i % 5)));
     for i in 0..40 {
         store.insert(ev(i), vec!["r".into()], Dedup::Off).await.unwrap();

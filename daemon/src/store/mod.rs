@@ -5,8 +5,10 @@
 //! in the daemon (admin API) or in another process (CLI); SQLite's locking keeps them consistent.
 
 mod acker;
+mod cold;
 mod dedup;
 pub mod log;
+mod logged;
 mod ops;
 mod schema;
 mod sqlite;
@@ -57,6 +59,9 @@ pub enum StoreError {
     /// A blocking task failed.
     #[error("spool task failed: {0}")]
     Join(String),
+    /// Not (yet) done by the log engine.
+    #[error("{0} is not available with storage.engine = \"log\" yet")]
+    Unsupported(&'static str),
 }
 
 /// Live spool counters, kept by the writer after each commit and recounted periodically.
@@ -330,7 +335,6 @@ struct FeedSender {
 
 type Feeds = Arc<Mutex<HashMap<String, FeedSender>>>;
 
-
 /// Handle to the daemon's spool. Cheap to clone. Which backend holds the events is `store/`'s business
 /// alone: everything outside works through this API.
 #[derive(Clone, Debug)]
@@ -341,18 +345,53 @@ pub struct Store {
 #[derive(Clone, Debug)]
 enum Backend {
     Sqlite(sqlite::Sqlite),
+    Log(logged::Logged),
+}
+
+/// Where the spool keeps healthy events (`storage.engine`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// Everything in SQLite (`spool.db`).
+    #[default]
+    Sqlite,
+    /// Healthy events in the append-only segment log (`log/`), the cold path in SQLite (experimental: the
+    /// operator commands `events` and `dlq` do not read it yet).
+    Log,
 }
 
 impl Store {
-    /// Opens (creating if needed) the spool in `data_dir` and starts its writer thread.
+    /// Opens (creating if needed) the SQLite-engine spool in `data_dir` and starts its writer thread.
     pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
-        Ok(Store { backend: Backend::Sqlite(sqlite::Sqlite::open(data_dir)?) })
+        Store::open_engine(data_dir, Engine::Sqlite)
+    }
+
+    /// Opens (creating if needed) the spool in `data_dir` with `engine`, recovering it, and starts its
+    /// threads. A spool made by the other engine is refused with the reason.
+    pub fn open_engine(data_dir: &Path, engine: Engine) -> Result<Store, StoreError> {
+        let sqlite = sqlite::Sqlite::open(data_dir)?;
+        let backend = match engine {
+            Engine::Sqlite => {
+                let conn = sqlite::open_reader(sqlite.path())?;
+                if schema::meta(&conn, "engine")?.as_deref() == Some("log") {
+                    return Err(StoreError::Schema(format!(
+                        "{} was made by storage.engine = \"log\": set it back (its events are in {}/)",
+                        data_dir.display(),
+                        logged::LOG_DIR
+                    )));
+                }
+                Backend::Sqlite(sqlite)
+            }
+            Engine::Log => Backend::Log(logged::Logged::open(data_dir, sqlite)?),
+        };
+        Ok(Store { backend })
     }
 
     /// The database file.
     pub fn path(&self) -> &Path {
         match &self.backend {
             Backend::Sqlite(s) => s.path(),
+            Backend::Log(l) => l.sqlite().path(),
         }
     }
 
@@ -361,6 +400,7 @@ impl Store {
     pub fn subscribe(&self, sink: &str, capacity: usize) -> Feed {
         match &self.backend {
             Backend::Sqlite(s) => s.subscribe(sink, capacity),
+            Backend::Log(l) => l.subscribe(sink, capacity),
         }
     }
 
@@ -368,6 +408,7 @@ impl Store {
     pub fn is_closed(&self) -> bool {
         match &self.backend {
             Backend::Sqlite(s) => s.is_closed(),
+            Backend::Log(l) => l.is_closed(),
         }
     }
 
@@ -376,6 +417,7 @@ impl Store {
         let g = SpoolGauges::default();
         match &self.backend {
             Backend::Sqlite(s) => g.set_from(s.gauges()),
+            Backend::Log(l) => l.gauges(&g),
         }
         g
     }
@@ -385,6 +427,7 @@ impl Store {
     pub async fn insert(&self, event: Event, sinks: Vec<String>, dedup: Dedup) -> Result<Inserted, StoreError> {
         match &self.backend {
             Backend::Sqlite(s) => s.insert(event, sinks, dedup).await,
+            Backend::Log(l) => l.insert(event, sinks, dedup).await,
         }
     }
 
@@ -397,6 +440,7 @@ impl Store {
     pub fn answered(&self, seq: i64, hash: i64, certain: bool) {
         match &self.backend {
             Backend::Sqlite(s) => s.answered(seq, hash, certain),
+            Backend::Log(l) => l.answered(seq, hash, certain),
         }
     }
 
@@ -405,6 +449,7 @@ impl Store {
     pub async fn failed(&self) -> String {
         match &self.backend {
             Backend::Sqlite(s) => s.failed().await,
+            Backend::Log(l) => l.failed().await,
         }
     }
 
@@ -424,10 +469,8 @@ impl Store {
     /// delivered together).
     pub async fn record_all(&self, sink: &str, records: Vec<Record>) -> Result<(), StoreError> {
         match &self.backend {
-            Backend::Sqlite(s) => {
-                let _ = sink;
-                s.record_all(records).await
-            }
+            Backend::Sqlite(s) => s.record_all(records).await,
+            Backend::Log(l) => l.record_all(sink, records).await,
         }
     }
 
@@ -435,6 +478,7 @@ impl Store {
     pub async fn record_handshake(&self, source: &str, secret: &str, received_at_ms: i64) -> Result<(), StoreError> {
         match &self.backend {
             Backend::Sqlite(s) => s.record_handshake(source, secret, received_at_ms).await,
+            Backend::Log(l) => l.sqlite().record_handshake(source, secret, received_at_ms).await,
         }
     }
 
@@ -448,6 +492,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         match &self.backend {
             Backend::Sqlite(s) => s.save_installation(source, workspace, addon_id, record).await,
+            Backend::Log(l) => l.sqlite().save_installation(source, workspace, addon_id, record).await,
         }
     }
 
@@ -455,6 +500,7 @@ impl Store {
     pub async fn installations(&self) -> Result<Vec<(String, String, String, String)>, StoreError> {
         match &self.backend {
             Backend::Sqlite(s) => s.installations().await,
+            Backend::Log(l) => l.sqlite().installations().await,
         }
     }
 
@@ -462,6 +508,7 @@ impl Store {
     pub async fn ping(&self) -> Result<(), StoreError> {
         match &self.backend {
             Backend::Sqlite(s) => s.ping().await,
+            Backend::Log(l) => l.ping().await,
         }
     }
 
@@ -470,6 +517,7 @@ impl Store {
     pub async fn prune(&self, before_ms: i64, limit: usize) -> Result<u64, StoreError> {
         match &self.backend {
             Backend::Sqlite(s) => s.prune(before_ms, limit).await,
+            Backend::Log(l) => l.prune(before_ms, limit).await,
         }
     }
 
@@ -477,6 +525,7 @@ impl Store {
     pub async fn resync(&self) -> Result<(), StoreError> {
         match &self.backend {
             Backend::Sqlite(s) => s.resync().await,
+            Backend::Log(l) => l.sqlite().resync().await,
         }
     }
 
@@ -484,6 +533,7 @@ impl Store {
     pub async fn pending(&self, sink: &str, after: i64, limit: usize) -> Result<Vec<PendingDelivery>, StoreError> {
         match &self.backend {
             Backend::Sqlite(s) => s.pending(sink, after, limit).await,
+            Backend::Log(l) => l.pending(sink, after, limit).await,
         }
     }
 
@@ -498,6 +548,8 @@ impl Store {
     ) -> Result<Vec<PendingDelivery>, StoreError> {
         match &self.backend {
             Backend::Sqlite(s) => s.pending_replays(sink, after, up_to, limit).await,
+            // Replays and dead-letter retries are not there yet on the log engine (`Operator` refuses it).
+            Backend::Log(_) => Ok(Vec::new()),
         }
     }
 
@@ -505,6 +557,7 @@ impl Store {
     pub async fn sink_stats(&self) -> Result<Vec<SinkStats>, StoreError> {
         match &self.backend {
             Backend::Sqlite(s) => s.sink_stats().await,
+            Backend::Log(l) => l.sink_stats().await,
         }
     }
 
@@ -512,6 +565,7 @@ impl Store {
     pub async fn event(&self, id: &str) -> Result<Option<EventDetail>, StoreError> {
         match &self.backend {
             Backend::Sqlite(s) => s.event(id).await,
+            Backend::Log(_) => Err(StoreError::Unsupported("showing an event")),
         }
     }
 
@@ -519,6 +573,7 @@ impl Store {
     pub async fn close(&self) {
         match &self.backend {
             Backend::Sqlite(s) => s.close().await,
+            Backend::Log(l) => l.close().await,
         }
     }
 }
@@ -544,6 +599,9 @@ impl Operator {
         let conn =
             Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
         schema::configure(&conn)?;
+        if schema::meta(&conn, "engine")?.as_deref() == Some("log") {
+            return Err(StoreError::Unsupported("inspecting and repairing the spool (`events`, `dlq`)"));
+        }
         Ok(Operator { conn })
     }
 

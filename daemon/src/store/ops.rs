@@ -15,7 +15,7 @@ use crate::limits::HANDSHAKES_KEPT;
 const EVENT_COLUMNS: &str =
     "e.seq, e.id, e.source, e.event_type, e.received_at, e.headers, e.body, e.dedup_key, e.ordering_key";
 
-fn event_from_row(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Event> {
+pub(super) fn event_from_row(r: &rusqlite::Row<'_>, at: usize) -> rusqlite::Result<Event> {
     let headers: String = r.get(at + 5)?;
     Ok(Event {
         id: r.get(at + 1)?,

@@ -5,7 +5,7 @@ use rusqlite::Connection;
 use super::{SpoolGauges, StoreError};
 
 /// Bumped when the schema changes; a newer database is refused rather than misread.
-const SCHEMA_VERSION: i64 = 5;
+const SCHEMA_VERSION: i64 = 6;
 
 /// - `events`: one row per accepted webhook (unrouted ones too), body byte for byte; written once, never
 ///   updated (so delivery bookkeeping never rewrites pages that hold bodies). `dedup_hash` is the first 8 bytes
@@ -21,6 +21,10 @@ const SCHEMA_VERSION: i64 = 5;
 /// - `handshakes`: Clockodo validation secrets (bounded per source).
 /// - `installations`: Clockify add-on installations (JSON records holding credentials: the spool folder and
 ///   files are owner-only).
+/// - The log engine's cold path (`cold.rs`; empty under the SQLite engine): `event_copies` (a copy of each
+///   event with a delivery being retried or dead-lettered, so that neither pins the log), `deferred` (a
+///   delivery being retried: its attempts and when the next is due), `dead_letters` and `failed_attempts`
+///   (the attempt log: failed attempts and the success after them; a first-attempt success is implied).
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS events (
     seq          INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -78,6 +82,53 @@ CREATE TABLE IF NOT EXISTS installations (
     PRIMARY KEY (source, workspace_id, addon_id)
 );
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS event_copies (
+    seq          INTEGER PRIMARY KEY,
+    id           TEXT NOT NULL,
+    source       TEXT NOT NULL,
+    event_type   TEXT NOT NULL,
+    received_at  INTEGER NOT NULL,
+    headers      TEXT NOT NULL,
+    body         BLOB NOT NULL,
+    dedup_key    TEXT NOT NULL,
+    ordering_key TEXT
+);
+CREATE TABLE IF NOT EXISTS deferred (
+    sink            TEXT NOT NULL,
+    seq             INTEGER NOT NULL,
+    attempts        INTEGER NOT NULL,
+    next_attempt_at INTEGER,
+    last_error      TEXT,
+    last_status     INTEGER,
+    created_at      INTEGER NOT NULL,
+    updated_at      INTEGER NOT NULL,
+    PRIMARY KEY (sink, seq)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id          INTEGER PRIMARY KEY,
+    sink        TEXT NOT NULL,
+    seq         INTEGER NOT NULL,
+    status      TEXT NOT NULL CHECK (status IN ('dead', 'retried', 'purged')),
+    attempts    INTEGER NOT NULL,
+    last_error  TEXT,
+    last_status INTEGER,
+    dead_at     INTEGER NOT NULL,
+    updated_at  INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS dead_letters_status ON dead_letters (status, sink);
+CREATE INDEX IF NOT EXISTS dead_letters_seq ON dead_letters (seq);
+CREATE TABLE IF NOT EXISTS failed_attempts (
+    id          INTEGER PRIMARY KEY,
+    sink        TEXT NOT NULL,
+    seq         INTEGER NOT NULL,
+    attempt     INTEGER NOT NULL,
+    started_at  INTEGER NOT NULL,
+    duration_ms INTEGER NOT NULL,
+    outcome     TEXT NOT NULL,
+    status      INTEGER,
+    error       TEXT
+);
+CREATE INDEX IF NOT EXISTS failed_attempts_seq ON failed_attempts (seq);
 ";
 
 /// Common settings for every connection that writes (the daemon's writer, the CLI, the admin API).
@@ -99,7 +150,8 @@ pub(super) fn prepare_writer(conn: &Connection) -> Result<(), StoreError> {
         conn.execute_batch("DROP INDEX IF EXISTS events_dedup_hash")?;
     }
     // 4 -> 5: `uncertain_answers` (created by the schema below). Events stored before it count as answered.
-    if ![0, 3, 4, SCHEMA_VERSION].contains(&version) {
+    // 5 -> 6: the log engine's cold tables (created by the schema below, empty).
+    if ![0, 3, 4, 5, SCHEMA_VERSION].contains(&version) {
         return Err(StoreError::Schema(format!(
             "spool schema version {version}, this hookbridge uses {SCHEMA_VERSION}: start with an empty data_dir \
              (or drain the spool with the matching version first)"
@@ -143,4 +195,21 @@ pub(super) fn store_gauges(conn: &Connection, g: &SpoolGauges) -> Result<(), Sto
     g.unrouted_events.store(unrouted as u64, Relaxed);
     g.unrouted_bytes.store(unrouted_bytes as u64, Relaxed);
     Ok(())
+}
+
+/// A value of the `meta` table.
+pub(super) fn meta(conn: &Connection, key: &str) -> Result<Option<String>, StoreError> {
+    use rusqlite::OptionalExtension;
+    Ok(conn.query_row("SELECT v FROM meta WHERE k = ?1", [key], |r| r.get(0)).optional()?)
+}
+
+/// Sets a value of the `meta` table.
+pub(super) fn set_meta(conn: &Connection, key: &str, value: &str) -> Result<(), StoreError> {
+    conn.execute("INSERT INTO meta (k, v) VALUES (?1, ?2) ON CONFLICT (k) DO UPDATE SET v = excluded.v", [key, value])?;
+    Ok(())
+}
+
+/// Deliveries pending in the SQLite engine's tables.
+pub(super) fn sqlite_pending(conn: &Connection) -> Result<i64, StoreError> {
+    Ok(conn.query_row("SELECT count(*) FROM deliveries WHERE status IN ('pending', 'dead')", [], |r| r.get(0))?)
 }

@@ -9,11 +9,11 @@ use std::sync::{Arc, Mutex};
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::{mpsc, oneshot};
 
+use super::cold::ColdWrite;
 use super::writer::{self, Op};
 use super::{
-    DB_FILE, Dedup, EventDetail, Feed, FeedSender, Feeds, Inserted, PendingDelivery, READERS_IDLE,
-    READERS_MAX, Record, SinkStats, SpoolGauges, StoreError, acker, ops, restrict_file, restrict_permissions,
-    schema,
+    DB_FILE, Dedup, EventDetail, Feed, FeedSender, Feeds, Inserted, PendingDelivery, READERS_IDLE, READERS_MAX, Record,
+    SinkStats, SpoolGauges, StoreError, acker, ops, restrict_file, restrict_permissions, schema,
 };
 use crate::event::Event;
 use crate::limits::WRITER_QUEUE;
@@ -160,13 +160,23 @@ impl Sqlite {
         }
     }
 
+    /// Writes to the log engine's cold tables, durably.
+    pub(super) async fn cold(&self, writes: Vec<ColdWrite>) -> Result<(), StoreError> {
+        self.call(|reply| Op::Cold { writes, reply }).await
+    }
+
     /// Records several attempts and outcomes in one operation (a batch delivered together).
     pub(super) async fn record_all(&self, records: Vec<Record>) -> Result<(), StoreError> {
         self.call(|reply| Op::Record { records, reply }).await
     }
 
     /// Stores a Clockodo handshake secret (the newest few per source are kept).
-    pub(super) async fn record_handshake(&self, source: &str, secret: &str, received_at_ms: i64) -> Result<(), StoreError> {
+    pub(super) async fn record_handshake(
+        &self,
+        source: &str,
+        secret: &str,
+        received_at_ms: i64,
+    ) -> Result<(), StoreError> {
         let (source, secret) = (source.to_owned(), secret.to_owned());
         self.call(|reply| Op::Handshake { source, secret, received_at_ms, reply }).await
     }
@@ -206,7 +216,12 @@ impl Sqlite {
     }
 
     /// Pending deliveries for `sink` with id greater than `after`, in id order, at most `limit`.
-    pub(super) async fn pending(&self, sink: &str, after: i64, limit: usize) -> Result<Vec<PendingDelivery>, StoreError> {
+    pub(super) async fn pending(
+        &self,
+        sink: &str,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<PendingDelivery>, StoreError> {
         let sink = sink.to_owned();
         self.read(move |conn| Ok(ops::pending(conn, &sink, after, limit, None)?)).await
     }
@@ -241,7 +256,7 @@ impl Sqlite {
         self.read(move |conn| Ok(ops::show_event(conn, &id)?)).await
     }
 
-    async fn read<T: Send + 'static>(
+    pub(super) async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {

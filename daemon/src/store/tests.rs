@@ -52,7 +52,10 @@ async fn events_survive_reopen_and_gauges_follow_deliveries() {
     assert_eq!(store.pending("s1", 0, 10).await.unwrap()[0].attempts, 1);
     store.record("s1", a1, 2, Outcome::Delivered, attempt()).await.unwrap();
     assert_eq!(store.gauges().snapshot(), (2, 14, 2));
-    store.record("s2", a2, 1, Outcome::Dead("HTTP 410".into()), Attempt { status: Some(410), ..attempt() }).await.unwrap();
+    store
+        .record("s2", a2, 1, Outcome::Dead("HTTP 410".into()), Attempt { status: Some(410), ..attempt() })
+        .await
+        .unwrap();
     assert_eq!(store.gauges().snapshot(), (1, 7, 1));
     // Recording twice changes nothing.
     store.record("s2", a2, 1, Outcome::Delivered, attempt()).await.unwrap();
@@ -258,7 +261,7 @@ async fn a_version_3_spool_is_migrated() {
         .unwrap();
     assert_eq!(indexes, 0);
     let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
-    assert_eq!(version, 5);
+    assert_eq!(version, 6);
 }
 
 /// When the WAL cannot be synced (here: someone deleted it under the running daemon), the webhook waiting

@@ -23,6 +23,7 @@ use rusqlite::{Connection, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
 use super::acker::{Answers, Complete};
+use super::cold::{self, ColdWrite};
 use super::dedup::{Answer, RecentKeys};
 use super::ops;
 use super::{Dedup, Feeds, Inserted, PendingDelivery, Record, SpoolGauges, StoreError, schema};
@@ -93,6 +94,11 @@ pub(super) enum Op {
     Resync {
         reply: Reply<()>,
     },
+    /// The log engine's cold path (`cold.rs`): durable before it is answered.
+    Cold {
+        writes: Vec<ColdWrite>,
+        reply: Reply<()>,
+    },
     Shutdown {
         reply: oneshot::Sender<()>,
     },
@@ -127,6 +133,9 @@ enum Work {
         limit: usize,
     },
     Resync,
+    Cold {
+        writes: Vec<ColdWrite>,
+    },
 }
 
 /// Who is waiting for an operation's answer.
@@ -160,6 +169,7 @@ fn split(op: Op) -> Result<(Work, Waiter), oneshot::Sender<()>> {
         }
         Op::Prune { before_ms, limit, reply } => (Work::Prune { before_ms, limit }, Waiter::Count(reply)),
         Op::Resync { reply } => (Work::Resync, Waiter::Unit(reply)),
+        Op::Cold { writes, reply } => (Work::Cold { writes }, Waiter::Unit(reply)),
         Op::Shutdown { reply } => return Err(reply),
     })
 }
@@ -195,7 +205,17 @@ fn apply(c: &Connection, work: &Work, recent: &mut RecentKeys) -> rusqlite::Resu
             ops::heartbeat(c)?;
             Applied::Unit
         }
-        Work::Prune { before_ms, limit } => Applied::Count(ops::prune(c, *before_ms, *limit)?),
+        Work::Prune { before_ms, limit } => {
+            let n = ops::prune(c, *before_ms, *limit)?;
+            cold::prune(c, *before_ms)?;
+            Applied::Count(n)
+        }
+        Work::Cold { writes } => {
+            for w in writes {
+                cold::apply(c, w)?;
+            }
+            Applied::Unit
+        }
         Work::Resync | Work::Answers => Applied::Unit,
     })
 }

@@ -717,6 +717,61 @@ impl<D: Disk> Log<D> {
         Ok(Some(file))
     }
 
+    /// Deletes the oldest segments that nothing needs any more, oldest first, stopping at the first that is
+    /// still needed: one is needed while it is the active one, holds an event received at or after
+    /// `before_ms` (retention), or holds an event some sink is not done with (every sink an event here was
+    /// routed to counts, with or without a dispatcher: a sink that has none yet pins the log, as a pending
+    /// delivery does). Only a prefix goes, so recovery never takes a pruned segment for a hole. Returns the
+    /// (segments, events) deleted.
+    pub fn prune(&mut self, before_ms: i64) -> Result<(u64, u64), LogError> {
+        if self.failed {
+            return Err(LogError::Failed);
+        }
+        // Every seq below `floor` is done for every sink named in a mask; a sink past the 63rd is looked
+        // up by name (its frames tell its name).
+        let floor_of = |name: &str| self.sinks.get(name).map_or(0, SinkState::floor);
+        let floor = self.sink_ids.iter().map(|s| floor_of(s)).min().unwrap_or(u64::MAX).min(self.durable_seq);
+        let mut doomed = Vec::new();
+        let last = self.segments.last_key_value().map(|(n, _)| *n);
+        for (&segno, seg) in &self.segments {
+            if Some(segno) == last {
+                break;
+            }
+            let young = seg.events.iter().any(|e| e.received_at_ms >= before_ms);
+            let needed = seg.events.last().is_some_and(|e| e.seq >= floor);
+            let overflow =
+                seg.events.iter().filter(|e| e.sinks & SINKS_OVERFLOW != 0).try_fold(false, |pinned, e| {
+                    if pinned {
+                        return Ok::<_, LogError>(true);
+                    }
+                    Ok(match self.read(e.seq)? {
+                        Some(logged) => {
+                            logged.sinks.iter().any(|s| !self.sinks.get(s).is_some_and(|st| st.is_done(e.seq)))
+                        }
+                        None => false,
+                    })
+                })?;
+            if young || needed || overflow {
+                break;
+            }
+            doomed.push(segno);
+        }
+        let mut events = 0;
+        for segno in &doomed {
+            let path = self.dir.join(segment::file_name(*segno));
+            self.disk.remove(&path).map_err(|source| LogError::Io { path: path.clone(), source })?;
+            if let Some(seg) = self.segments.remove(segno) {
+                events += seg.events.len() as u64;
+            }
+        }
+        if !doomed.is_empty() {
+            self.disk.sync_dir(&self.dir).map_err(|source| LogError::Io { path: self.dir.clone(), source })?;
+            let first = self.first_seq();
+            self.uncertain = self.uncertain.split_off(&first);
+        }
+        Ok((doomed.len() as u64, events))
+    }
+
     /// Reads a durable event back; `None` if the log does not hold it (pruned, lost in a hole, or not yet
     /// durable).
     pub fn read(&self, seq: u64) -> Result<Option<LoggedEvent>, LogError> {

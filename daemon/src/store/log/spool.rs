@@ -103,6 +103,25 @@ enum Op {
     Ping {
         reply: Reply<()>,
     },
+    /// The events of those of `seqs` that `sink` has outstanding (to move them to the cold path).
+    Outstanding {
+        sink: String,
+        seqs: Vec<u64>,
+        reply: Reply<Vec<(i64, Arc<Event>)>>,
+    },
+    /// Per sink, the receive time of the oldest event it is not done with.
+    Oldest {
+        reply: Reply<Vec<(String, i64)>>,
+    },
+    /// Deletes the segments retention and every sink let go.
+    Prune {
+        before_ms: i64,
+        reply: Reply<u64>,
+    },
+    /// Commit what is queued, then stop.
+    Shutdown {
+        reply: Reply<()>,
+    },
 }
 
 /// One answer for the acker.
@@ -215,6 +234,35 @@ impl Spool {
         self.call(|reply| Op::Ping { reply }).await
     }
 
+    /// The events of those of `ids` that `sink` has outstanding (handed and not finished), to move to the
+    /// cold path; a delivery already finished is left out.
+    pub async fn outstanding(&self, sink: &str, ids: &[i64]) -> Result<Vec<(i64, Arc<Event>)>, SpoolError> {
+        let seqs = ids.iter().filter_map(|id| log_seq(*id)).collect();
+        self.call(|reply| Op::Outstanding { sink: sink.to_owned(), seqs, reply }).await
+    }
+
+    /// Per sink, the receive time of the oldest event it is not done with.
+    pub async fn oldest(&self) -> Result<Vec<(String, i64)>, SpoolError> {
+        self.call(|reply| Op::Oldest { reply }).await
+    }
+
+    /// Deletes the oldest segments that hold only events received before `before_ms` that every sink is
+    /// done with; the number of events deleted.
+    pub async fn prune(&self, before_ms: i64) -> Result<u64, SpoolError> {
+        self.call(|reply| Op::Prune { before_ms, reply }).await
+    }
+
+    /// Commits everything queued before this call, then stops the thread (later calls get
+    /// [`SpoolError::Closed`]).
+    pub async fn shutdown(&self) {
+        let _ = self.call(|reply| Op::Shutdown { reply }).await;
+    }
+
+    /// True once the thread has stopped.
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
     /// The thread's counters.
     pub fn stats(&self) -> &Stats {
         &self.stats
@@ -248,6 +296,14 @@ enum Waiter {
     Unit(Reply<()>, Result<(), SpoolError>),
 }
 
+/// A read served after the batch's commit (it must see the batch).
+enum Read {
+    Pending(String, u64, usize, Reply<Vec<PendingDelivery>>),
+    Outstanding(String, Vec<u64>, Reply<Vec<(i64, Arc<Event>)>>),
+    Oldest(Reply<Vec<(String, i64)>>),
+    Prune(i64, Reply<u64>),
+}
+
 struct Thread<D: Disk> {
     log: Log<D>,
     recent: RecentKeys,
@@ -262,6 +318,8 @@ struct Thread<D: Disk> {
     marks: Marks,
     gauges: Arc<SpoolGauges>,
     failure: Arc<watch::Sender<Option<String>>>,
+    /// Asked to stop after this batch.
+    closing: bool,
 }
 
 impl<D: Disk> Thread<D> {
@@ -277,6 +335,7 @@ impl<D: Disk> Thread<D> {
             marks: Arc::clone(&spool.marks),
             gauges: Arc::clone(&spool.gauges),
             failure: Arc::clone(&spool.failure),
+            closing: false,
         };
         t.count();
         t
@@ -343,21 +402,32 @@ impl<D: Disk> Thread<D> {
             }
             let reads = self.commit_batch(&mut batch, &mut answers);
             answers.flush();
-            for (sink, from, limit, reply) in reads {
-                let _ = reply.send(self.pending(&sink, from, limit));
+            for read in reads {
+                match read {
+                    Read::Pending(sink, from, limit, reply) => {
+                        let _ = reply.send(self.pending(&sink, from, limit));
+                    }
+                    Read::Outstanding(sink, seqs, reply) => {
+                        let _ = reply.send(self.outstanding(&sink, &seqs));
+                    }
+                    Read::Oldest(reply) => {
+                        let _ = reply.send(Ok(self.oldest()));
+                    }
+                    Read::Prune(before_ms, reply) => {
+                        let _ = reply.send(self.prune(before_ms));
+                    }
+                }
+            }
+            if self.closing {
+                break;
             }
         }
-        // Every handle is gone: give the log back.
+        // Every handle is gone, or a shutdown was asked for: give the log back.
         self.log
     }
 
     /// Applies a batch, commits it, answers and feeds; returns the reads to serve after it.
-    #[allow(clippy::type_complexity)]
-    fn commit_batch(
-        &mut self,
-        batch: &mut Vec<Op>,
-        answers: &mut Answers<Settle>,
-    ) -> Vec<(String, u64, usize, Reply<Vec<PendingDelivery>>)> {
+    fn commit_batch(&mut self, batch: &mut Vec<Op>, answers: &mut Answers<Settle>) -> Vec<Read> {
         // Before the inserts: an answer reported before a copy arrived decides whether the copy is a retry.
         self.take_answers();
         let first_seq = self.log.next_seq();
@@ -380,7 +450,14 @@ impl<D: Disk> Thread<D> {
                     finished_any = true;
                     waiters.push(Waiter::Unit(reply, Ok(())));
                 }
-                Op::Pending { sink, from, limit, reply } => reads.push((sink, from, limit, reply)),
+                Op::Pending { sink, from, limit, reply } => reads.push(Read::Pending(sink, from, limit, reply)),
+                Op::Outstanding { sink, seqs, reply } => reads.push(Read::Outstanding(sink, seqs, reply)),
+                Op::Oldest { reply } => reads.push(Read::Oldest(reply)),
+                Op::Prune { before_ms, reply } => reads.push(Read::Prune(before_ms, reply)),
+                Op::Shutdown { reply } => {
+                    self.closing = true;
+                    waiters.push(Waiter::Unit(reply, Ok(())));
+                }
                 Op::Answers => {}
                 Op::Ping { reply } => {
                     self.log.heartbeat();
@@ -557,6 +634,55 @@ impl<D: Disk> Thread<D> {
             }
         }
         Ok(out)
+    }
+}
+
+impl<D: Disk> Thread<D> {
+    /// The events of those of `seqs` that `sink` has outstanding.
+    fn outstanding(&self, sink: &str, seqs: &[u64]) -> Result<Vec<(i64, Arc<Event>)>, SpoolError> {
+        let Some(state) = self.log.sinks().get(sink) else { return Ok(Vec::new()) };
+        let mut out = Vec::new();
+        for seq in seqs.iter().filter(|s| state.outstanding.contains(s)) {
+            if let Some(logged) = self.log.read(*seq)? {
+                out.push((public_seq(*seq), Arc::new(logged.event.0)));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Per sink, the receive time of the oldest event it is not done with.
+    fn oldest(&self) -> Vec<(String, i64)> {
+        let mut out = Vec::new();
+        for name in self.log.sink_ids().iter().chain(self.log.sinks().keys()) {
+            if out.iter().any(|(n, _)| n == name) {
+                continue;
+            }
+            let state = self.log.sinks().get(name);
+            let first_out = state.and_then(|s| s.outstanding.first().copied());
+            let taken = state.map_or(0, |s| s.taken);
+            let first_fresh = self.log.routed_to(name, taken, 1).ok().and_then(|(seqs, _)| seqs.first().copied());
+            let oldest = [first_out, first_fresh].into_iter().flatten().min();
+            if let Some(at) = oldest.and_then(|seq| self.log.held_event(seq)).map(|h| h.received_at_ms) {
+                out.push((name.clone(), at));
+            }
+        }
+        out
+    }
+
+    /// Deletes what retention and every sink let go; recounts what is stored unrouted.
+    fn prune(&mut self, before_ms: i64) -> Result<u64, SpoolError> {
+        let (segments, events) = self.log.prune(before_ms)?;
+        if segments > 0 {
+            let (mut unrouted, mut unrouted_bytes) = (0u64, 0u64);
+            for h in self.log.held_events().filter(|h| !h.routed) {
+                unrouted += 1;
+                unrouted_bytes += u64::from(h.body_len);
+            }
+            self.gauges.unrouted_events.store(unrouted, Ordering::Relaxed);
+            self.gauges.unrouted_bytes.store(unrouted_bytes, Ordering::Relaxed);
+            tracing::debug!(segments, events, "pruned the spool log");
+        }
+        Ok(events)
     }
 }
 

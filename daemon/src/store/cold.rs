@@ -1,0 +1,238 @@
+//! The log engine's cold path in SQLite (`schema.rs` has the tables): what leaves the log because it did
+//! not go well. A delivery's first failure moves it here (`deferred`, with a copy of its event in
+//! `event_copies`, so that a delivery retried for days never pins the log's segments), and so does a dead
+//! letter. Healthy deliveries never touch SQLite. Every write runs in the SQLite writer's group commit and
+//! is answered only once it is synced: the log's checkpoint that drops the delivery is written after it, so
+//! SQLite is the authority for what moved, whatever crashes.
+
+use std::sync::Arc;
+
+use rusqlite::{Connection, params};
+
+use super::{Outcome, PendingDelivery, Record};
+use crate::event::{Event, now_ms};
+
+/// One write to the cold tables.
+#[derive(Debug, Clone)]
+pub(super) enum ColdWrite {
+    /// A delivery of the log leaves it after an attempt that did not deliver (`record`'s outcome is a
+    /// retry or a dead letter): its event is copied.
+    Move {
+        /// The sink.
+        sink: String,
+        /// The event (its seq is the delivery's id).
+        event: Arc<Event>,
+        /// The attempt and its outcome.
+        record: Record,
+    },
+    /// Another attempt of a delivery already here.
+    Update {
+        /// The sink.
+        sink: String,
+        /// The attempt and its outcome.
+        record: Record,
+    },
+}
+
+/// A deferred delivery, as the dispatchers' bookkeeping holds it: (sink, seq, body bytes).
+pub(super) type DeferredKey = (String, i64, u32);
+
+fn outcome_parts(outcome: &Outcome) -> (&'static str, Option<i64>, Option<&str>) {
+    match outcome {
+        Outcome::Delivered => ("delivered", None, None),
+        Outcome::Dead(e) => ("dead", None, Some(e.as_str())),
+        Outcome::Retry { next_attempt_ms, error } => ("retry", Some(*next_attempt_ms), Some(error.as_str())),
+    }
+}
+
+fn attempt_row(tx: &Connection, sink: &str, r: &Record) -> rusqlite::Result<()> {
+    let (label, _, error) = outcome_parts(&r.outcome);
+    tx.prepare_cached(
+        "INSERT INTO failed_attempts (sink, seq, attempt, started_at, duration_ms, outcome, status, error)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?
+    .execute(params![
+        sink,
+        r.delivery_id,
+        r.attempts,
+        r.attempt.started_at_ms,
+        r.attempt.duration_ms,
+        label,
+        r.attempt.status,
+        error
+    ])?;
+    Ok(())
+}
+
+fn dead_letter(tx: &Connection, sink: &str, r: &Record, error: &str) -> rusqlite::Result<()> {
+    let now = now_ms();
+    tx.prepare_cached(
+        "INSERT INTO dead_letters (sink, seq, status, attempts, last_error, last_status, dead_at, updated_at)
+         VALUES (?1, ?2, 'dead', ?3, ?4, ?5, ?6, ?6)",
+    )?
+    .execute(params![sink, r.delivery_id, r.attempts, error, r.attempt.status, now])?;
+    Ok(())
+}
+
+/// Applies one write. Returns whether it changed anything (an update of a delivery no longer deferred,
+/// recorded twice, does not).
+pub(super) fn apply(tx: &Connection, w: &ColdWrite) -> rusqlite::Result<bool> {
+    let now = now_ms();
+    match w {
+        ColdWrite::Move { sink, event, record } => {
+            let headers = serde_json::to_string(&event.headers).unwrap_or_else(|_| "[]".into());
+            tx.prepare_cached(
+                "INSERT OR IGNORE INTO event_copies
+                   (seq, id, source, event_type, received_at, headers, body, dedup_key, ordering_key)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?
+            .execute(params![
+                record.delivery_id,
+                event.id,
+                event.source,
+                event.event_type,
+                event.received_at_ms,
+                headers,
+                &event.body[..],
+                event.dedup_key,
+                event.ordering_key
+            ])?;
+            match &record.outcome {
+                Outcome::Retry { next_attempt_ms, error } => {
+                    tx.prepare_cached(
+                        "INSERT OR REPLACE INTO deferred
+                           (sink, seq, attempts, next_attempt_at, last_error, last_status, created_at, updated_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    )?
+                    .execute(params![
+                        sink,
+                        record.delivery_id,
+                        record.attempts,
+                        next_attempt_ms,
+                        error,
+                        record.attempt.status,
+                        event.received_at_ms,
+                        now
+                    ])?;
+                }
+                Outcome::Dead(error) => dead_letter(tx, sink, record, error)?,
+                // Nothing to move: a delivered delivery is finished in the log alone.
+                Outcome::Delivered => return Ok(false),
+            }
+            attempt_row(tx, sink, record)?;
+            Ok(true)
+        }
+        ColdWrite::Update { sink, record } => {
+            let changed = match &record.outcome {
+                Outcome::Delivered => tx
+                    .prepare_cached("DELETE FROM deferred WHERE sink = ?1 AND seq = ?2")?
+                    .execute(params![sink, record.delivery_id])?,
+                Outcome::Retry { next_attempt_ms, error } => tx
+                    .prepare_cached(
+                        "UPDATE deferred SET attempts = ?3, next_attempt_at = ?4, last_error = ?5,
+                           last_status = coalesce(?6, last_status), updated_at = ?7
+                         WHERE sink = ?1 AND seq = ?2",
+                    )?
+                    .execute(params![
+                        sink,
+                        record.delivery_id,
+                        record.attempts,
+                        next_attempt_ms,
+                        error,
+                        record.attempt.status,
+                        now
+                    ])?,
+                Outcome::Dead(error) => {
+                    let n = tx
+                        .prepare_cached("DELETE FROM deferred WHERE sink = ?1 AND seq = ?2")?
+                        .execute(params![sink, record.delivery_id])?;
+                    if n > 0 {
+                        dead_letter(tx, sink, record, error)?;
+                    }
+                    n
+                }
+            };
+            if changed > 0 {
+                attempt_row(tx, sink, record)?;
+            }
+            Ok(changed > 0)
+        }
+    }
+}
+
+/// `sink`'s deferred deliveries with seq above `after`, in seq order, at most `limit`.
+pub(super) fn deferred(
+    conn: &Connection,
+    sink: &str,
+    after: i64,
+    limit: usize,
+) -> rusqlite::Result<Vec<PendingDelivery>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT d.seq, d.attempts, e.seq, e.id, e.source, e.event_type, e.received_at, e.headers, e.body,
+                e.dedup_key, e.ordering_key, d.created_at, d.next_attempt_at
+         FROM deferred d JOIN event_copies e ON e.seq = d.seq
+         WHERE d.sink = ?1 AND d.seq > ?2 ORDER BY d.seq LIMIT ?3",
+    )?;
+    let rows = stmt.query_map(params![sink, after, limit as i64], |r| {
+        Ok(PendingDelivery {
+            id: r.get(0)?,
+            seq: r.get(0)?,
+            attempts: r.get(1)?,
+            replay: false,
+            event: Arc::new(super::ops::event_from_row(r, 2)?),
+            created_at_ms: r.get(11)?,
+            next_attempt_ms: r.get(12)?,
+        })
+    })?;
+    rows.collect()
+}
+
+/// Every deferred delivery: (sink, seq, body bytes).
+pub(super) fn all_deferred(conn: &Connection) -> rusqlite::Result<Vec<DeferredKey>> {
+    let mut stmt = conn.prepare(
+        "SELECT d.sink, d.seq, length(e.body) FROM deferred d JOIN event_copies e ON e.seq = d.seq ORDER BY d.seq",
+    )?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u32)))?;
+    rows.collect()
+}
+
+/// The (sink, seq) of every dead letter with seq at or above `from` (those the log may not have been told
+/// about yet: their move committed, and the crash came before the log's checkpoint).
+pub(super) fn dead_since(conn: &Connection, from: i64) -> rusqlite::Result<Vec<(String, i64)>> {
+    let mut stmt = conn.prepare("SELECT sink, seq FROM dead_letters WHERE seq >= ?1")?;
+    let rows = stmt.query_map([from], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    rows.collect()
+}
+
+/// Dead letters per sink.
+pub(super) fn dead_counts(conn: &Connection) -> rusqlite::Result<Vec<(String, i64)>> {
+    let mut stmt =
+        conn.prepare_cached("SELECT sink, count(*) FROM dead_letters WHERE status = 'dead' GROUP BY sink")?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    rows.collect()
+}
+
+/// The oldest deferred delivery's event receive time per sink.
+pub(super) fn oldest_deferred(conn: &Connection) -> rusqlite::Result<Vec<(String, i64)>> {
+    let mut stmt = conn.prepare_cached("SELECT sink, min(created_at) FROM deferred GROUP BY sink")?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+    rows.collect()
+}
+
+/// Deletes what retention lets go: dead letters given up or retried before `before_ms`, copies of events
+/// received before it that no deferred delivery or dead letter needs, and the attempts of those events.
+pub(super) fn prune(tx: &Connection, before_ms: i64) -> rusqlite::Result<()> {
+    tx.execute("DELETE FROM dead_letters WHERE status <> 'dead' AND updated_at < ?1", [before_ms])?;
+    tx.execute(
+        "DELETE FROM event_copies WHERE received_at < ?1
+           AND NOT EXISTS (SELECT 1 FROM deferred d WHERE d.seq = event_copies.seq)
+           AND NOT EXISTS (SELECT 1 FROM dead_letters l WHERE l.seq = event_copies.seq)",
+        [before_ms],
+    )?;
+    tx.execute(
+        "DELETE FROM failed_attempts WHERE started_at < ?1
+           AND NOT EXISTS (SELECT 1 FROM event_copies e WHERE e.seq = failed_attempts.seq)",
+        [before_ms],
+    )?;
+    Ok(())
+}

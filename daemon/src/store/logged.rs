@@ -1,0 +1,330 @@
+//! The log engine (`storage.engine = "log"`): healthy events go through the append-only segment log
+//! (`log/`, its spool thread in `log/spool.rs`: one write and one `fdatasync` per group commit), and only
+//! what did not go well reaches SQLite (`cold.rs`, written by the SQLite writer of `sqlite.rs`, which also
+//! keeps handshakes and add-on installations).
+//!
+//! A delivery lives in the log until its first attempt that does not deliver. Then it moves: its event is
+//! copied and its state written to `deferred` (to retry) or `dead_letters`, synced, and only then is the
+//! log told that the sink finished it. A crash between the two leaves the log thinking it undone and
+//! SQLite holding it; SQLite wins: [`Logged::pending`] drops such a delivery from what the log hands out
+//! and finishes it there (`settle`, filled at open from the dead letters the log may not know of; the
+//! deferred ones are known anyway). So a delivery is always in exactly one place once the pending read
+//! after a start has run, and nothing is lost in between: at worst it is attempted once more.
+//!
+//! Deliveries ids are the event's seq (the log's seq plus one) in both places, so that a sink's deferred
+//! and logged deliveries merge into one order: a deferred delivery keeps its ordering key busy ahead of the
+//! newer events of the same key, across restarts.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use super::cold::{self, ColdWrite};
+use super::log::file::OsDisk;
+use super::log::spool::{Spool, SpoolError};
+use super::log::{self, Log, Options};
+use super::sqlite::Sqlite;
+use super::{Dedup, Feed, Inserted, Outcome, PendingDelivery, Record, SinkStats, SpoolGauges, StoreError, schema};
+use crate::event::Event;
+use crate::limits::{GROUP_COMMIT_MAX, WRITER_QUEUE};
+
+/// The log's folder inside `data_dir`.
+pub const LOG_DIR: &str = "log";
+
+/// What the log engine keeps in memory of the cold path.
+#[derive(Debug, Default)]
+struct Cold {
+    /// Deferred deliveries: (sink, seq).
+    deferred: BTreeSet<(String, i64)>,
+    /// Deferred events: seq -> (deliveries deferred, body bytes).
+    events: BTreeMap<i64, (u32, u32)>,
+    /// The sum of those body bytes.
+    bytes: u64,
+    /// Dead letters the log may still hold as undone (their move committed, the log's checkpoint did not).
+    settle: BTreeSet<(String, i64)>,
+}
+
+impl Cold {
+    fn defer(&mut self, sink: &str, seq: i64, bytes: u32) {
+        if self.deferred.insert((sink.to_owned(), seq)) {
+            let e = self.events.entry(seq).or_insert_with(|| {
+                self.bytes += u64::from(bytes);
+                (0, bytes)
+            });
+            e.0 += 1;
+        }
+    }
+
+    fn undefer(&mut self, sink: &str, seq: i64) {
+        if self.deferred.remove(&(sink.to_owned(), seq))
+            && let std::collections::btree_map::Entry::Occupied(mut e) = self.events.entry(seq)
+        {
+            e.get_mut().0 -= 1;
+            if e.get().0 == 0 {
+                self.bytes -= u64::from(e.remove().1);
+            }
+        }
+    }
+
+    /// Whether `sink` has deferred deliveries with seq above `after`.
+    fn deferred_after(&self, sink: &str, after: i64) -> bool {
+        self.deferred.range((sink.to_owned(), after.saturating_add(1))..(sink.to_owned(), i64::MAX)).next().is_some()
+    }
+
+    /// Whether the log's delivery `(sink, seq)` lives in SQLite now.
+    fn moved(&self, sink: &str, seq: i64) -> bool {
+        let key = (sink.to_owned(), seq);
+        self.deferred.contains(&key) || self.settle.contains(&key)
+    }
+}
+
+/// The log engine's handle. Cheap to clone.
+#[derive(Clone)]
+pub(super) struct Logged {
+    spool: Spool,
+    sqlite: Sqlite,
+    cold: Arc<Mutex<Cold>>,
+    thread: Arc<Mutex<Option<JoinHandle<Log<OsDisk>>>>>,
+    dir: PathBuf,
+}
+
+impl std::fmt::Debug for Logged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Logged").field("dir", &self.dir).finish_non_exhaustive()
+    }
+}
+
+fn spool_error(e: SpoolError) -> StoreError {
+    match e {
+        SpoolError::Closed => StoreError::Closed,
+        other => StoreError::Commit(other.to_string()),
+    }
+}
+
+impl Logged {
+    /// Opens the log engine's spool in `data_dir` over the SQLite spool `sqlite` (already open: it holds
+    /// the data directory's lock), recovering the log.
+    pub(super) fn open(data_dir: &Path, sqlite: Sqlite) -> Result<Logged, StoreError> {
+        let conn = rusqlite::Connection::open(sqlite.path())?;
+        schema::configure(&conn)?;
+        match schema::meta(&conn, "engine")?.as_deref() {
+            Some("log") => {}
+            _ => {
+                let pending = schema::sqlite_pending(&conn)?;
+                if pending > 0 {
+                    return Err(StoreError::Schema(format!(
+                        "{} holds {pending} pending or dead-lettered deliveries of the sqlite engine: drain them \
+                         with storage.engine = \"sqlite\" before switching to \"log\" (migration is not there yet)",
+                        data_dir.display()
+                    )));
+                }
+                schema::set_meta(&conn, "engine", "log")?;
+            }
+        }
+        let uuid = match schema::meta(&conn, "log_uuid")?.and_then(|u| uuid::Uuid::parse_str(&u).ok()) {
+            Some(u) => *u.as_bytes(),
+            None => {
+                let u = uuid::Uuid::now_v7();
+                schema::set_meta(&conn, "log_uuid", &u.to_string())?;
+                *u.as_bytes()
+            }
+        };
+        let dir = data_dir.join(LOG_DIR);
+        let (log, recovery) = Log::open(OsDisk, &dir, uuid, Options::default())
+            .map_err(|e| StoreError::Schema(format!("cannot open the spool log: {e}")))?;
+        if recovery.lost_events() > 0 {
+            tracing::error!(
+                lost = recovery.lost_events(),
+                holes = ?recovery.holes,
+                "the spool log has corrupt stretches: the events in them are lost (disk corruption?)"
+            );
+        }
+        tracing::info!(
+            segments = recovery.segments,
+            events = recovery.events,
+            torn_tail = recovery.torn_tail,
+            "spool log recovered"
+        );
+        // Dead letters from the oldest seq any sink is not done with: those the log may not know were moved.
+        let floor = log.sinks().values().map(|s| s.floor()).min().unwrap_or(0).min(log.first_seq());
+        let mut state = Cold::default();
+        for (sink, seq, bytes) in cold::all_deferred(&conn)? {
+            state.defer(&sink, seq, bytes);
+        }
+        state.settle = cold::dead_since(&conn, log::spool::public_seq(floor))?.into_iter().collect();
+        drop(conn);
+        let (spool, thread) = Spool::spawn(log, WRITER_QUEUE, GROUP_COMMIT_MAX)
+            .map_err(|source| StoreError::Dir { path: dir.clone(), source })?;
+        Ok(Logged { spool, sqlite, cold: Arc::new(Mutex::new(state)), thread: Arc::new(Mutex::new(Some(thread))), dir })
+    }
+
+    /// The SQLite spool (cold path, handshakes, installations).
+    pub(super) fn sqlite(&self) -> &Sqlite {
+        &self.sqlite
+    }
+
+    pub(super) fn subscribe(&self, sink: &str, capacity: usize) -> Feed {
+        self.spool.subscribe(sink, capacity)
+    }
+
+    pub(super) fn is_closed(&self) -> bool {
+        self.spool.is_closed() || self.sqlite.is_closed()
+    }
+
+    /// The log's pending counts plus the deferred deliveries'. An event with a delivery pending in the log
+    /// and another deferred counts twice in events and bytes (an upper bound: the spool-full check errs on
+    /// the safe side).
+    pub(super) fn gauges(&self, into: &SpoolGauges) {
+        into.set_from(self.spool.gauges());
+        if let Ok(c) = self.cold.lock() {
+            into.pending_events.fetch_add(c.events.len() as u64, Ordering::Relaxed);
+            into.pending_bytes.fetch_add(c.bytes, Ordering::Relaxed);
+            into.pending_deliveries.fetch_add(c.deferred.len() as u64, Ordering::Relaxed);
+        }
+    }
+
+    pub(super) async fn insert(&self, event: Event, sinks: Vec<String>, dedup: Dedup) -> Result<Inserted, StoreError> {
+        self.spool.insert(event, sinks, dedup).await.map_err(spool_error)
+    }
+
+    pub(super) fn answered(&self, seq: i64, hash: i64, certain: bool) {
+        self.spool.answered(seq, hash, certain);
+    }
+
+    pub(super) async fn failed(&self) -> String {
+        tokio::select! {
+            e = self.spool.failed() => e,
+            e = self.sqlite.failed() => e,
+        }
+    }
+
+    /// Records outcomes of `sink`'s deliveries: a deferred one's in SQLite; a logged one that was delivered
+    /// is finished in the log; one that was not moves to SQLite first, then is finished in the log. A
+    /// delivery that is neither deferred nor outstanding (recorded twice) is left alone.
+    pub(super) async fn record_all(&self, sink: &str, records: Vec<Record>) -> Result<(), StoreError> {
+        let mut writes = Vec::new();
+        let mut finished = Vec::new();
+        let mut moving = Vec::new();
+        {
+            let cold = self.cold.lock().map_err(|e| StoreError::Join(e.to_string()))?;
+            for r in records {
+                if cold.deferred.contains(&(sink.to_owned(), r.delivery_id)) {
+                    writes.push(ColdWrite::Update { sink: sink.to_owned(), record: r });
+                } else if r.outcome == Outcome::Delivered {
+                    finished.push(r.delivery_id);
+                } else {
+                    moving.push(r);
+                }
+            }
+        }
+        if !moving.is_empty() {
+            let ids: Vec<i64> = moving.iter().map(|r| r.delivery_id).collect();
+            let events = self.spool.outstanding(sink, &ids).await.map_err(spool_error)?;
+            for r in moving {
+                if let Some((_, event)) = events.iter().find(|(id, _)| *id == r.delivery_id) {
+                    finished.push(r.delivery_id);
+                    writes.push(ColdWrite::Move { sink: sink.to_owned(), event: Arc::clone(event), record: r });
+                }
+            }
+        }
+        if !writes.is_empty() {
+            self.sqlite.cold(writes.clone()).await?;
+            let mut cold = self.cold.lock().map_err(|e| StoreError::Join(e.to_string()))?;
+            for w in &writes {
+                match w {
+                    ColdWrite::Move { event, record, .. } if matches!(record.outcome, Outcome::Retry { .. }) => {
+                        cold.defer(sink, record.delivery_id, event.body.len() as u32);
+                    }
+                    ColdWrite::Update { record, .. } if !matches!(record.outcome, Outcome::Retry { .. }) => {
+                        cold.undefer(sink, record.delivery_id);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if !finished.is_empty() {
+            self.spool.finished(sink, &finished).await.map_err(spool_error)?;
+        }
+        Ok(())
+    }
+
+    /// `sink`'s deliveries with id above `after`, in id order, at most `limit`: the deferred ones and those
+    /// the log holds for it, merged.
+    pub(super) async fn pending(
+        &self,
+        sink: &str,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<PendingDelivery>, StoreError> {
+        let logged = self.spool.pending(sink, after, limit).await.map_err(spool_error)?;
+        let (read_cold, moved): (bool, Vec<i64>) = {
+            let cold = self.cold.lock().map_err(|e| StoreError::Join(e.to_string()))?;
+            let moved = logged.iter().filter(|p| cold.moved(sink, p.id)).map(|p| p.id).collect();
+            (cold.deferred_after(sink, after), moved)
+        };
+        let mut rows: Vec<PendingDelivery> = logged.into_iter().filter(|p| !moved.contains(&p.id)).collect();
+        if !moved.is_empty() {
+            // Moved before a crash, and the log was not told: it is told now.
+            self.spool.finished(sink, &moved).await.map_err(spool_error)?;
+            if let Ok(mut cold) = self.cold.lock() {
+                for id in &moved {
+                    cold.settle.remove(&(sink.to_owned(), *id));
+                }
+            }
+        }
+        if read_cold {
+            let s = sink.to_owned();
+            let deferred = self.sqlite.read(move |c| Ok(cold::deferred(c, &s, after, limit)?)).await?;
+            rows.extend(deferred);
+            rows.sort_by_key(|p| p.id);
+            rows.dedup_by_key(|p| p.id);
+            // What is cut off here was handed by the log and stays outstanding: the next read returns it.
+            rows.truncate(limit);
+        }
+        Ok(rows)
+    }
+
+    /// Dead letters per sink (SQLite) and the oldest pending delivery (log and deferred).
+    pub(super) async fn sink_stats(&self) -> Result<Vec<SinkStats>, StoreError> {
+        let (dead, deferred) = self.sqlite.read(|c| Ok((cold::dead_counts(c)?, cold::oldest_deferred(c)?))).await?;
+        let logged = self.spool.oldest().await.map_err(spool_error)?;
+        let mut out: BTreeMap<String, SinkStats> = BTreeMap::new();
+        for (sink, n) in dead {
+            out.entry(sink.clone()).or_insert_with(|| SinkStats { sink, dead: 0, oldest_pending_ms: None }).dead = n;
+        }
+        for (sink, at) in deferred.into_iter().chain(logged) {
+            let s = out.entry(sink.clone()).or_insert_with(|| SinkStats { sink, dead: 0, oldest_pending_ms: None });
+            s.oldest_pending_ms = Some(s.oldest_pending_ms.map_or(at, |o| o.min(at)));
+        }
+        Ok(out.into_values().collect())
+    }
+
+    /// Deletes the log's segments that retention and every sink let go, and the cold rows retention lets
+    /// go; the events deleted.
+    pub(super) async fn prune(&self, before_ms: i64, limit: usize) -> Result<u64, StoreError> {
+        let logged = self.spool.prune(before_ms).await.map_err(spool_error)?;
+        let sqlite = self.sqlite.prune(before_ms, limit).await?;
+        Ok(logged + sqlite)
+    }
+
+    /// Readiness: a durable write to the log and one to SQLite.
+    pub(super) async fn ping(&self) -> Result<(), StoreError> {
+        self.spool.ping().await.map_err(spool_error)?;
+        self.sqlite.ping().await
+    }
+
+    /// Stops the log's thread and then the SQLite writer, after what is queued, and waits for both.
+    pub(super) async fn close(&self) {
+        self.spool.shutdown().await;
+        let thread = self.thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(thread) = thread {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+        self.sqlite.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,249 @@
+//! The log engine behind `Store`: the same promises as the SQLite engine, with the cold path in SQLite.
+
+use bytes::Bytes;
+
+use super::super::cold::ColdWrite;
+use super::super::*;
+use crate::event::now_ms;
+
+fn event(id: &str, body: &str) -> Event {
+    Event {
+        id: id.into(),
+        source: "clockify".into(),
+        event_type: "NEW_TIME_ENTRY".into(),
+        received_at_ms: now_ms(),
+        headers: vec![("content-type".into(), "application/json".into())],
+        body: Bytes::from(body.to_owned()),
+        dedup_key: format!("k-{id}"),
+        ordering_key: None,
+        body_is_json: false,
+    }
+}
+
+fn open(dir: &Path) -> Store {
+    Store::open_engine(dir, Engine::Log).unwrap()
+}
+
+fn attempt(status: Option<u16>) -> Attempt {
+    Attempt { started_at_ms: now_ms(), duration_ms: 3, status }
+}
+
+fn retry() -> Outcome {
+    Outcome::Retry { next_attempt_ms: now_ms() + 60_000, error: "HTTP 503".into() }
+}
+
+async fn new(store: &Store, id: &str, body: &str, sinks: &[&str]) -> i64 {
+    match store.insert(event(id, body), sinks.iter().map(|s| s.to_string()).collect(), Dedup::Off).await.unwrap() {
+        Inserted::New { seq } => seq,
+        other => panic!("{other:?}"),
+    }
+}
+
+fn ids(rows: &[PendingDelivery]) -> Vec<&str> {
+    rows.iter().map(|p| p.event.id.as_str()).collect()
+}
+
+fn dead_letters(dir: &Path) -> Vec<(String, i64, String, u32)> {
+    let conn = rusqlite::Connection::open(dir.join(DB_FILE)).unwrap();
+    let mut stmt = conn.prepare("SELECT sink, seq, last_error, attempts FROM dead_letters ORDER BY id").unwrap();
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))).unwrap().map(Result::unwrap).collect()
+}
+
+/// Events through their whole life: pending after a restart, a retry moved to the cold path (counted,
+/// served in order with what the log holds, its attempts kept), delivered from there, a dead letter, a
+/// second record that changes nothing, and gauges that end at zero and stay there across a restart.
+#[tokio::test]
+async fn deliveries_move_to_the_cold_path_and_back_out_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let a = new(&store, "a", "{\"n\":1}", &["s1", "s2"]).await;
+    let b = new(&store, "b", "{\"n\":2}", &["s1"]).await;
+    new(&store, "c", "{}", &[]).await;
+    assert!(a < b);
+    assert_eq!(store.gauges().snapshot(), (2, 14, 3));
+    assert_eq!(store.gauges().unrouted(), (1, 2));
+    store.close().await;
+    assert!(matches!(store.ping().await, Err(StoreError::Closed)));
+
+    let store = open(dir.path());
+    assert_eq!(store.gauges().snapshot(), (2, 14, 3));
+    let s1 = store.pending("s1", 0, 10).await.unwrap();
+    assert_eq!(ids(&s1), ["a", "b"]);
+    assert_eq!(s1[0].event.body, Bytes::from_static(b"{\"n\":1}"));
+    assert_eq!((s1[0].id, s1[1].id), (a, b));
+
+    // a's first attempt to s1 fails: it moves to SQLite, still pending and counted.
+    store.record("s1", a, 1, retry(), attempt(Some(503))).await.unwrap();
+    assert_eq!(store.gauges().snapshot().2, 3, "a retry is still pending");
+    store.close().await;
+
+    let store = open(dir.path());
+    assert_eq!(store.gauges().snapshot().2, 3);
+    let s1 = store.pending("s1", 0, 10).await.unwrap();
+    assert_eq!(ids(&s1), ["a", "b"], "the deferred delivery and the logged one, in seq order");
+    assert_eq!((s1[0].attempts, s1[1].attempts), (1, 0));
+    assert!(s1[0].next_attempt_ms.is_some_and(|t| t > now_ms()), "its next attempt stays due later");
+    assert_eq!(s1[0].event.body, Bytes::from_static(b"{\"n\":1}"), "served from its copy");
+    assert_eq!(ids(&store.pending("s1", a, 10).await.unwrap()), ["b"]);
+
+    store.record("s1", a, 2, retry(), attempt(Some(502))).await.unwrap();
+    store.record("s1", a, 3, Outcome::Delivered, attempt(Some(200))).await.unwrap();
+    store.record("s1", b, 1, Outcome::Delivered, attempt(Some(200))).await.unwrap();
+    assert_eq!(store.gauges().snapshot(), (1, 7, 1), "only a's delivery to s2 is left");
+    // Recording twice changes nothing: neither a dead letter nor a count.
+    store.record("s1", a, 4, Outcome::Dead("late".into()), attempt(None)).await.unwrap();
+    store.record("s1", b, 2, Outcome::Dead("late".into()), attempt(None)).await.unwrap();
+    assert!(dead_letters(dir.path()).is_empty());
+    assert_eq!(store.gauges().snapshot(), (1, 7, 1));
+
+    let s2 = store.pending("s2", 0, 10).await.unwrap();
+    assert_eq!(ids(&s2), ["a"]);
+    store.record("s2", a, 1, Outcome::Dead("HTTP 410".into()), attempt(Some(410))).await.unwrap();
+    assert_eq!(store.gauges().snapshot(), (0, 0, 0));
+    assert_eq!(dead_letters(dir.path()), [("s2".to_owned(), a, "HTTP 410".to_owned(), 1)]);
+    let stats = store.sink_stats().await.unwrap();
+    let s2_stats = stats.iter().find(|s| s.sink == "s2").unwrap();
+    assert_eq!((s2_stats.dead, s2_stats.oldest_pending_ms), (1, None));
+    assert!(store.pending("s1", 0, 10).await.unwrap().is_empty());
+    store.close().await;
+
+    let store = open(dir.path());
+    assert_eq!(store.gauges().snapshot(), (0, 0, 0));
+    assert!(store.pending("s1", 0, 10).await.unwrap().is_empty());
+    assert!(store.pending("s2", 0, 10).await.unwrap().is_empty());
+    // The attempt log holds the failures and the success after them, not a first-attempt success.
+    let conn = rusqlite::Connection::open(dir.path().join(DB_FILE)).unwrap();
+    let outcomes: Vec<(String, i64, String)> = conn
+        .prepare("SELECT sink, seq, outcome FROM failed_attempts ORDER BY id")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let o = |s: &str, seq, out: &str| (s.to_owned(), seq, out.to_owned());
+    assert_eq!(outcomes, [o("s1", a, "retry"), o("s1", a, "retry"), o("s1", a, "delivered"), o("s2", a, "dead")]);
+    store.close().await;
+}
+
+/// A move whose SQLite commit landed and whose log checkpoint did not (a crash between the two): SQLite
+/// wins at the next start, the log's copy of the delivery is not handed out again, and nothing is lost.
+#[tokio::test]
+async fn a_crash_between_the_move_and_the_log_checkpoint_leaves_one_delivery() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let a = new(&store, "a", "{}", &["s"]).await;
+    let b = new(&store, "b", "{}", &["s"]).await;
+    let c = new(&store, "c", "{}", &["s"]).await;
+    let rows = store.pending("s", 0, 10).await.unwrap();
+    assert_eq!(ids(&rows), ["a", "b", "c"]);
+    // The moves alone, as the crash leaves them: a deferred, b dead-lettered, the log not told.
+    let Backend::Log(l) = &store.backend else { unreachable!() };
+    let rec = |id, outcome| Record { delivery_id: id, attempts: 1, outcome, attempt: attempt(None), event: None };
+    let writes = vec![
+        ColdWrite::Move { sink: "s".into(), event: Arc::clone(&rows[0].event), record: rec(a, retry()) },
+        ColdWrite::Move {
+            sink: "s".into(),
+            event: Arc::clone(&rows[1].event),
+            record: rec(b, Outcome::Dead("x".into())),
+        },
+    ];
+    l.sqlite().cold(writes).await.unwrap();
+    store.close().await;
+
+    let store = open(dir.path());
+    let rows = store.pending("s", 0, 10).await.unwrap();
+    assert_eq!(ids(&rows), ["a", "c"], "a once (deferred), b not at all (dead), c from the log");
+    assert_eq!((rows[0].attempts, rows[1].attempts), (1, 0));
+    assert_eq!(store.gauges().snapshot().2, 2);
+    store.record("s", a, 2, Outcome::Delivered, attempt(None)).await.unwrap();
+    store.record("s", c, 1, Outcome::Delivered, attempt(None)).await.unwrap();
+    assert_eq!(store.gauges().snapshot(), (0, 0, 0));
+    store.close().await;
+    let store = open(dir.path());
+    assert!(store.pending("s", 0, 10).await.unwrap().is_empty(), "the log was told, durably");
+    store.close().await;
+}
+
+/// Dedup on the log engine, across a restart.
+#[tokio::test]
+async fn duplicates_are_found_in_the_log_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    new(&store, "x1", "{}", &["s"]).await;
+    store.close().await;
+    let store = open(dir.path());
+    let mut copy = event("x2", "{}");
+    copy.dedup_key = "k-x1".into();
+    let since = Dedup::DeliveryId { since_ms: now_ms() - 60_000 };
+    let r = store.insert(copy, vec!["s".into()], since).await.unwrap();
+    assert!(matches!(r, Inserted::Duplicate { ref original, .. } if original == "x1"), "{r:?}");
+    assert_eq!(store.gauges().snapshot().2, 1);
+    store.close().await;
+}
+
+/// A spool is read only by the engine that made it; a SQLite spool with deliveries to finish is not taken
+/// over by the log engine (there is no migration yet); the operator commands say they do not read the log.
+#[tokio::test]
+async fn each_engine_refuses_the_others_spool() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    new(&store, "a", "{}", &["s"]).await;
+    store.close().await;
+    let e = Store::open_engine(dir.path(), Engine::Log).unwrap_err();
+    assert!(e.to_string().contains("1 pending or dead-lettered deliveries of the sqlite engine"), "{e}");
+    let store = Store::open(dir.path()).unwrap();
+    let id = store.pending("s", 0, 10).await.unwrap()[0].id;
+    store.record("s", id, 1, Outcome::Delivered, attempt(None)).await.unwrap();
+    store.close().await;
+
+    // Drained: the log engine takes it over, and from then on the SQLite engine refuses it.
+    let store = open(dir.path());
+    new(&store, "b", "{}", &["s"]).await;
+    store.close().await;
+    let e = Store::open(dir.path()).unwrap_err();
+    assert!(e.to_string().contains("storage.engine = \"log\""), "{e}");
+    let e = Operator::open(dir.path()).unwrap_err();
+    assert!(matches!(e, StoreError::Unsupported(_)), "{e}");
+    let store = open(dir.path());
+    assert_eq!(ids(&store.pending("s", 0, 10).await.unwrap()), ["b"]);
+    store.close().await;
+}
+
+/// Retention deletes whole segments once every sink is done with them, never one with a pending delivery,
+/// and never the active one.
+#[tokio::test]
+async fn pruning_deletes_old_segments_every_sink_is_done_with() {
+    let dir = tempfile::tempdir().unwrap();
+    let segments = || {
+        std::fs::read_dir(dir.path().join(logged::LOG_DIR))
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".seg"))
+            .count()
+    };
+    let store = open(dir.path());
+    let a = new(&store, "a", "{}", &["s"]).await;
+    new(&store, "u", "{}", &[]).await;
+    store.close().await;
+    // Each start opens a new segment: a and u are in the first.
+    let store = open(dir.path());
+    let b = new(&store, "b", "{}", &["s"]).await;
+    let before = segments();
+    assert!(before >= 2, "{before}");
+    assert_eq!(store.prune(now_ms() + 1, 100).await.unwrap(), 0, "a is pending");
+    assert_eq!(segments(), before);
+    let rows = store.pending("s", 0, 10).await.unwrap();
+    assert_eq!(ids(&rows), ["a", "b"]);
+    store.record("s", a, 1, Outcome::Delivered, attempt(None)).await.unwrap();
+    assert_eq!(store.prune(now_ms() - 3_600_000, 100).await.unwrap(), 0, "a and u are inside retention");
+    assert_eq!(store.prune(now_ms() + 1, 100).await.unwrap(), 2, "a and u go with their segment");
+    assert_eq!(store.gauges().unrouted(), (0, 0));
+    assert!(segments() < before);
+    assert_eq!(ids(&store.pending("s", 0, 10).await.unwrap()), ["b"], "b is still pending, in the active segment");
+    store.close().await;
+    let store = open(dir.path());
+    assert_eq!(ids(&store.pending("s", 0, 10).await.unwrap()), ["b"]);
+    assert_eq!(store.gauges().snapshot(), (1, 2, 1));
+    let _ = b;
+    store.close().await;
+}
