@@ -377,3 +377,43 @@ to = ["out"]
     bridge.stop().await;
     receiver.stop().await;
 }
+
+/// The log engine (`storage.engine = "log"`) end to end: a delivery that fails goes through the cold path
+/// and is retried while the next event of its entity waits, a refused one is a dead letter counted in the
+/// metrics, and nothing is left pending; the operator commands say they do not read this engine yet.
+#[tokio::test]
+async fn the_log_engine_retries_through_the_cold_path_in_order_and_dead_letters() {
+    let receiver = Receiver::start().await;
+    receiver.fail("entry-slow", 503, 2, None);
+    receiver.fail("entry-bad", 422, 1, None);
+    let toml = config(&receiver.url(), "").replace("[storage]\n", "[storage]\nengine = \"log\"\n");
+    let bridge = TestBridge::start(&toml).await;
+    post(&bridge, "NEW_TIME_ENTRY", &entry("entry-slow", "first")).await;
+    post(&bridge, "TIME_ENTRY_UPDATED", &entry("entry-slow", "second")).await;
+    post(&bridge, "NEW_TIME_ENTRY", &entry("entry-bad", "refused")).await;
+    post(&bridge, "NEW_TIME_ENTRY", &entry("entry-other", "unrelated")).await;
+    let got = receiver.wait_for(3, Duration::from_secs(20)).await;
+    let order: Vec<String> = got
+        .iter()
+        .map(|r| {
+            let v: Value = serde_json::from_slice(&r.body).unwrap();
+            format!("{}/{}", v["id"].as_str().unwrap(), v["description"].as_str().unwrap())
+        })
+        .collect();
+    assert_eq!(order, ["entry-other/unrelated", "entry-slow/first", "entry-slow/second"]);
+    let statuses: Vec<u16> = receiver
+        .hits()
+        .into_iter()
+        .filter(|h| String::from_utf8_lossy(&h.body).contains("entry-slow"))
+        .map(|h| h.status)
+        .collect();
+    assert_eq!(statuses, [503, 503, 200, 200], "the second waited for the first's retries");
+    bridge.wait_metric(r#"hookbridge_dead_letters{sink="out"}"#, 1.0).await;
+    bridge.wait_metric_eq("hookbridge_spool_pending_deliveries", 0.0).await;
+    let admin = format!("http://{}", bridge.admin.unwrap());
+    let r = client().get(format!("{admin}/api/v1/dlq")).bearer_auth("admin-token-0123456789").send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 501);
+    assert!(r.text().await.unwrap().contains("storage.engine"));
+    bridge.stop().await;
+    receiver.stop().await;
+}
