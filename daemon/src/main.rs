@@ -82,11 +82,37 @@ enum Command {
         #[command(subcommand)]
         command: PluginCommand,
     },
+    /// The log engine's segment log (`storage.engine = "log"`): check it, or print what it holds (read-only;
+    /// works beside a running daemon).
+    Spool {
+        #[command(subcommand)]
+        command: SpoolCommand,
+    },
     /// Show Clockodo validation handshake secrets received (newest first), to enter in Clockodo.
     Handshakes {
         /// Config file (for the data directory).
         #[arg(long, short, env = "HOOKBRIDGE_CONFIG")]
         config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum SpoolCommand {
+    /// Read every segment in full and check headers, checksums and seqs; exit code 1 if anything is wrong
+    /// (a torn tail is not: nothing in it was acknowledged).
+    Verify {
+        /// Config file (for the data directory).
+        #[arg(long, short, env = "HOOKBRIDGE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Print every valid frame, oldest first, one JSON object per line.
+    Dump {
+        /// Config file (for the data directory).
+        #[arg(long, short, env = "HOOKBRIDGE_CONFIG")]
+        config: PathBuf,
+        /// Include event bodies (personal data: mind where the output goes).
+        #[arg(long)]
+        bodies: bool,
     },
 }
 
@@ -346,6 +372,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
         Command::Events { command } => events(command),
+        Command::Spool { command } => spool(command),
         Command::Dlq { command } => dlq(command),
         Command::Installations { config } => {
             let config = load(&config)?;
@@ -376,6 +403,52 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 println!("{}\t{}\t{}", humantime::format_rfc3339_seconds(t), h.source, h.secret);
             }
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+#[allow(clippy::print_stdout)]
+fn spool(command: SpoolCommand) -> anyhow::Result<ExitCode> {
+    use hookbridge::store::log::{file::OsDisk, inspect};
+    let dir = |config: &std::path::Path| -> anyhow::Result<PathBuf> {
+        let dir = load(config)?.storage.data_dir.join(hookbridge::store::LOG_DIR);
+        if !dir.is_dir() {
+            anyhow::bail!("no spool log at {} (is storage.engine \"log\"?)", dir.display());
+        }
+        Ok(dir)
+    };
+    match command {
+        SpoolCommand::Verify { config } => {
+            let report = inspect::verify(&OsDisk, &dir(&config)?)?;
+            for s in &report.segments {
+                let base = s.header.as_ref().map_or("-".to_owned(), |h| h.base_seq.to_string());
+                println!(
+                    "segment {:016x}  seqs {base}..{}  {} event(s)  {} frame(s)  {} of {} bytes valid, {:?}  {} hole(s)",
+                    s.segno,
+                    s.next_seq,
+                    s.events,
+                    s.frames,
+                    s.valid_bytes,
+                    s.file_bytes,
+                    s.end,
+                    s.holes.len()
+                );
+            }
+            println!("{} segment(s), {} event(s), {} lost", report.segments.len(), report.events, report.lost_events);
+            for p in &report.problems {
+                println!("PROBLEM: {p}");
+            }
+            Ok(if report.ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        SpoolCommand::Dump { config, bodies } => {
+            use std::io::Write;
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            let written = inspect::dump(&OsDisk, &dir(&config)?, |d| writeln!(out, "{}", d.to_json(bodies)))?;
+            match written.and_then(|()| out.flush()) {
+                // The reader stopped reading (`| head`): not a failure.
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+                _ => Ok(ExitCode::SUCCESS),
+            }
         }
     }
 }

@@ -414,6 +414,14 @@ async fn the_log_engine_retries_through_the_cold_path_in_order_and_dead_letters(
     let r = client().get(format!("{admin}/api/v1/dlq")).bearer_auth("admin-token-0123456789").send().await.unwrap();
     assert_eq!(r.status().as_u16(), 501);
     assert!(r.text().await.unwrap().contains("storage.engine"));
+    // The log itself, read beside the running daemon.
+    let verified = bridge.cli(&["spool", "verify"]);
+    assert!(verified.contains(", 4 event(s), 0 lost"), "{verified}");
+    let dumped = bridge.cli(&["spool", "dump", "--bodies"]);
+    let events: Vec<Value> = dumped.lines().map(json).filter(|f| f["kind"] == "Event").collect();
+    assert_eq!(events.len(), 4, "{dumped}");
+    assert!(events[2]["body"].as_str().unwrap().contains("entry-bad"), "{dumped}");
+    assert!(!bridge.cli(&["spool", "dump"]).contains("\"body\""), "bodies only when asked for");
     bridge.stop().await;
     receiver.stop().await;
 }

@@ -217,6 +217,10 @@ impl Config {
                 errs.locate(key, &root, "must be more than 0");
             }
         }
+        if storage.engine == crate::store::Engine::Log && server.max_body_size.0 > 64 << 20 {
+            // A log frame holds 80 MiB: the body, its headers (at most 1 MiB) and its fields.
+            errs.locate("server.max_body_size", &root, "must be at most 64MiB with storage.engine = \"log\"");
+        }
         if server.max_header_size.0 < 1024 || server.max_header_size.0 > 1 << 20 {
             errs.locate("server.max_header_size", &root, "must be between 1KiB and 1MiB");
         }

@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use rusqlite::{Connection, OpenFlags, TransactionBehavior};
 use tokio::sync::mpsc;
 
+pub use logged::LOG_DIR;
 pub use ops::{AttemptInfo, DeadLetter, DeliveryInfo, EventDetail, EventFilter, EventSummary};
 
 use crate::event::Event;
