@@ -380,7 +380,8 @@ to = ["out"]
 
 /// The log engine (`storage.engine = "log"`) end to end: a delivery that fails goes through the cold path
 /// and is retried while the next event of its entity waits, a refused one is a dead letter counted in the
-/// metrics, and nothing is left pending; the operator commands say they do not read this engine yet.
+/// metrics and delivered after a `dlq retry`, nothing is left pending, the log verifies and dumps; `events`
+/// says it does not read this engine yet.
 #[tokio::test]
 async fn the_log_engine_retries_through_the_cold_path_in_order_and_dead_letters() {
     let receiver = Receiver::start().await;
@@ -410,16 +411,28 @@ async fn the_log_engine_retries_through_the_cold_path_in_order_and_dead_letters(
     assert_eq!(statuses, [503, 503, 200, 200], "the second waited for the first's retries");
     bridge.wait_metric(r#"hookbridge_dead_letters{sink="out"}"#, 1.0).await;
     bridge.wait_metric_eq("hookbridge_spool_pending_deliveries", 0.0).await;
+    // The dead letter, listed and retried through the admin API: appended to the log again, delivered.
     let admin = format!("http://{}", bridge.admin.unwrap());
-    let r = client().get(format!("{admin}/api/v1/dlq")).bearer_auth("admin-token-0123456789").send().await.unwrap();
+    let (c, auth) = (client(), "admin-token-0123456789");
+    let dlq = json(&c.get(format!("{admin}/api/v1/dlq")).bearer_auth(auth).send().await.unwrap().text().await.unwrap());
+    assert_eq!(dlq.as_array().unwrap().len(), 1, "{dlq}");
+    assert_eq!(dlq[0]["last_status"], 422);
+    let r = c.post(format!("{admin}/api/v1/dlq/retry?all=true")).bearer_auth(auth).send().await.unwrap();
+    assert_eq!(json(&r.text().await.unwrap())["retried"], 1);
+    let got = receiver.wait_for(4, Duration::from_secs(20)).await;
+    assert!(String::from_utf8_lossy(&got[3].body).contains("entry-bad"));
+    bridge.wait_metric_eq(r#"hookbridge_dead_letters{sink="out"}"#, 0.0).await;
+    bridge.wait_metric_eq("hookbridge_spool_pending_deliveries", 0.0).await;
+    // What the log engine does not do yet says so.
+    let r = c.get(format!("{admin}/api/v1/events")).bearer_auth(auth).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 501);
     assert!(r.text().await.unwrap().contains("storage.engine"));
     // The log itself, read beside the running daemon.
     let verified = bridge.cli(&["spool", "verify"]);
-    assert!(verified.contains(", 4 event(s), 0 lost"), "{verified}");
+    assert!(verified.contains(", 5 event(s), 0 lost"), "the four webhooks and the retry: {verified}");
     let dumped = bridge.cli(&["spool", "dump", "--bodies"]);
     let events: Vec<Value> = dumped.lines().map(json).filter(|f| f["kind"] == "Event").collect();
-    assert_eq!(events.len(), 4, "{dumped}");
+    assert_eq!(events.len(), 5, "{dumped}");
     assert!(events[2]["body"].as_str().unwrap().contains("entry-bad"), "{dumped}");
     assert!(!bridge.cli(&["spool", "dump"]).contains("\"body\""), "bodies only when asked for");
     bridge.stop().await;

@@ -32,6 +32,13 @@ pub(super) enum ColdWrite {
         /// The attempt and its outcome.
         record: Record,
     },
+    /// A replay was appended to the log as event `queued` (`None`: its event is gone).
+    Replayed {
+        /// The `replays` row.
+        id: i64,
+        /// The new event's seq.
+        queued: Option<i64>,
+    },
 }
 
 /// A deferred delivery, as the dispatchers' bookkeeping holds it: (sink, seq, body bytes).
@@ -121,6 +128,13 @@ pub(super) fn apply(tx: &Connection, w: &ColdWrite) -> rusqlite::Result<bool> {
             }
             attempt_row(tx, sink, record)?;
             Ok(true)
+        }
+        ColdWrite::Replayed { id, queued } => {
+            let status = if queued.is_some() { "queued" } else { "missing" };
+            let n = tx
+                .prepare_cached("UPDATE replays SET status = ?2, queued_seq = ?3, updated_at = ?4 WHERE id = ?1")?
+                .execute(params![id, status, queued, now])?;
+            Ok(n > 0)
         }
         ColdWrite::Update { sink, record } => {
             let changed = match &record.outcome {
@@ -220,19 +234,95 @@ pub(super) fn oldest_deferred(conn: &Connection) -> rusqlite::Result<Vec<(String
 }
 
 /// Deletes what retention lets go: dead letters given up or retried before `before_ms`, copies of events
-/// received before it that no deferred delivery or dead letter needs, and the attempts of those events.
+/// received before it that no deferred delivery, dead letter or waiting replay needs, the attempts of those
+/// events, and replays done before it.
 pub(super) fn prune(tx: &Connection, before_ms: i64) -> rusqlite::Result<()> {
     tx.execute("DELETE FROM dead_letters WHERE status <> 'dead' AND updated_at < ?1", [before_ms])?;
     tx.execute(
         "DELETE FROM event_copies WHERE received_at < ?1
            AND NOT EXISTS (SELECT 1 FROM deferred d WHERE d.seq = event_copies.seq)
-           AND NOT EXISTS (SELECT 1 FROM dead_letters l WHERE l.seq = event_copies.seq)",
+           AND NOT EXISTS (SELECT 1 FROM dead_letters l WHERE l.seq = event_copies.seq)
+           AND NOT EXISTS (SELECT 1 FROM replays r WHERE r.seq = event_copies.seq AND r.status = 'pending')",
         [before_ms],
     )?;
+    tx.execute("DELETE FROM replays WHERE status <> 'pending' AND updated_at < ?1", [before_ms])?;
     tx.execute(
         "DELETE FROM failed_attempts WHERE started_at < ?1
            AND NOT EXISTS (SELECT 1 FROM event_copies e WHERE e.seq = failed_attempts.seq)",
         [before_ms],
     )?;
     Ok(())
+}
+
+/// A replay waiting to be appended to the log: (row id, the event's seq, sink, from a dead letter).
+pub(super) type Replay = (i64, i64, String, bool);
+
+/// The replays waiting, oldest first, at most `limit`.
+pub(super) fn pending_replays(conn: &Connection, limit: usize) -> rusqlite::Result<Vec<Replay>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, seq, sink, origin = 'dlq' FROM replays WHERE status = 'pending' ORDER BY id LIMIT ?1",
+    )?;
+    let rows = stmt.query_map([limit as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?;
+    rows.collect()
+}
+
+/// The copy of event `seq`, if one is kept.
+pub(super) fn copy(conn: &Connection, seq: i64) -> rusqlite::Result<Option<Event>> {
+    use rusqlite::OptionalExtension;
+    conn.prepare_cached(
+        "SELECT e.seq, e.id, e.source, e.event_type, e.received_at, e.headers, e.body, e.dedup_key, e.ordering_key
+         FROM event_copies e WHERE e.seq = ?1",
+    )?
+    .query_row([seq], |r| super::ops::event_from_row(r, 0))
+    .optional()
+}
+
+/// Dead letters (status `dead`), oldest first, of one sink or all.
+pub(super) fn dead_letters(conn: &Connection, sink: Option<&str>) -> rusqlite::Result<Vec<super::DeadLetter>> {
+    let mut stmt = conn.prepare(
+        "SELECT l.id, e.id, e.source, e.event_type, l.sink, l.attempts, l.last_error, l.last_status, e.received_at,
+                l.dead_at
+         FROM dead_letters l JOIN event_copies e ON e.seq = l.seq
+         WHERE l.status = 'dead' AND (?1 IS NULL OR l.sink = ?1) ORDER BY l.id",
+    )?;
+    let rows = stmt.query_map([sink], |r| {
+        Ok(super::DeadLetter {
+            delivery_id: r.get(0)?,
+            event_id: r.get(1)?,
+            source: r.get(2)?,
+            event_type: r.get(3)?,
+            sink: r.get(4)?,
+            attempts: r.get(5)?,
+            last_error: r.get(6)?,
+            last_status: r.get(7)?,
+            received_at_ms: r.get(8)?,
+            dead_at_ms: r.get(9)?,
+        })
+    })?;
+    rows.collect()
+}
+
+/// Retries a dead letter: it becomes `retried`, and a `replays` row asks the daemon to append its event to
+/// the log again for its sink. False when `id` is not a dead letter.
+pub(super) fn retry_dead(tx: &Connection, id: i64) -> rusqlite::Result<bool> {
+    let now = now_ms();
+    let n = tx.execute(
+        "INSERT INTO replays (seq, sink, origin, dead_letter_id, status, created_at, updated_at)
+         SELECT seq, sink, 'dlq', id, 'pending', ?2, ?2 FROM dead_letters WHERE id = ?1 AND status = 'dead'",
+        params![id, now],
+    )?;
+    if n == 0 {
+        return Ok(false);
+    }
+    tx.execute("UPDATE dead_letters SET status = 'retried', updated_at = ?2 WHERE id = ?1", params![id, now])?;
+    Ok(true)
+}
+
+/// Gives a dead letter up: it becomes `purged` (its copy goes with retention). False when `id` is not one.
+pub(super) fn purge_dead(tx: &Connection, id: i64) -> rusqlite::Result<bool> {
+    let n = tx.execute(
+        "UPDATE dead_letters SET status = 'purged', updated_at = ?2 WHERE id = ?1 AND status = 'dead'",
+        params![id, now_ms()],
+    )?;
+    Ok(n == 1)
 }

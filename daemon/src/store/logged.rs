@@ -33,6 +33,9 @@ use crate::limits::{GROUP_COMMIT_MAX, WRITER_QUEUE};
 /// The log's folder inside `data_dir`.
 pub const LOG_DIR: &str = "log";
 
+/// Replays taken from SQLite into the log at a time.
+const REPLAYS_PER_TAKE: usize = 256;
+
 /// What the log engine keeps in memory of the cold path.
 #[derive(Debug, Default)]
 struct Cold {
@@ -307,6 +310,47 @@ impl Logged {
         let logged = self.spool.prune(before_ms).await.map_err(spool_error)?;
         let sqlite = self.sqlite.prune(before_ms, limit).await?;
         Ok(logged + sqlite)
+    }
+
+    /// Takes in what operators changed: SQLite's side (recounted if another connection wrote), then the
+    /// replays and dead-letter retries they asked for, appended to the log as new events marked replay (for
+    /// the one sink each names), after which their rows are marked done. A crash between the two appends
+    /// them again at the next start: twice at worst, never lost.
+    pub(super) async fn resync(&self) -> Result<(), StoreError> {
+        self.sqlite.resync().await?;
+        loop {
+            let waiting = self.sqlite.read(|c| Ok(cold::pending_replays(c, REPLAYS_PER_TAKE)?)).await?;
+            if waiting.is_empty() {
+                return Ok(());
+            }
+            let from_log: Vec<i64> = waiting.iter().filter(|r| !r.3).map(|r| r.1).collect();
+            let mut logged = self.spool.read(&from_log).await.map_err(spool_error)?.into_iter();
+            let mut writes = Vec::with_capacity(waiting.len());
+            for (id, seq, sink, dead_letter) in &waiting {
+                // A dead letter's event is its copy; a replay's is in the log, or its copy if it moved.
+                let event = match if *dead_letter { None } else { logged.next().flatten() } {
+                    Some(e) => Some(e),
+                    None => {
+                        let seq = *seq;
+                        self.sqlite.read(move |c| Ok(cold::copy(c, seq)?)).await?
+                    }
+                };
+                let queued = match event {
+                    Some(e) => match self.spool.replay(e, vec![sink.clone()]).await.map_err(spool_error)? {
+                        Inserted::New { seq } | Inserted::Duplicate { seq, .. } => Some(seq),
+                    },
+                    None => {
+                        tracing::warn!(replay = id, seq, sink = %sink, "a replayed event is no longer stored (pruned)");
+                        None
+                    }
+                };
+                writes.push(ColdWrite::Replayed { id: *id, queued });
+            }
+            self.sqlite.cold(writes).await?;
+            if waiting.len() < REPLAYS_PER_TAKE {
+                return Ok(());
+            }
+        }
     }
 
     /// Readiness: a durable write to the log and one to SQLite.

@@ -526,7 +526,7 @@ impl Store {
     pub async fn resync(&self) -> Result<(), StoreError> {
         match &self.backend {
             Backend::Sqlite(s) => s.resync().await,
-            Backend::Log(l) => l.sqlite().resync().await,
+            Backend::Log(l) => l.resync().await,
         }
     }
 
@@ -585,6 +585,8 @@ impl Store {
 #[derive(Debug)]
 pub struct Operator {
     conn: Connection,
+    /// The spool is the log engine's: dead letters live in its cold tables, events in the log.
+    log: bool,
 }
 
 impl Operator {
@@ -600,30 +602,36 @@ impl Operator {
         let conn =
             Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
         schema::configure(&conn)?;
-        if schema::meta(&conn, "engine")?.as_deref() == Some("log") {
-            return Err(StoreError::Unsupported("inspecting and repairing the spool (`events`, `dlq`)"));
-        }
-        Ok(Operator { conn })
+        let log = schema::meta(&conn, "engine")?.as_deref() == Some("log");
+        Ok(Operator { conn, log })
+    }
+
+    fn not_on_log(&self, what: &'static str) -> Result<(), StoreError> {
+        if self.log { Err(StoreError::Unsupported(what)) } else { Ok(()) }
     }
 
     /// Events matching `filter`, newest first.
     pub fn events(&self, filter: &EventFilter) -> Result<Vec<EventSummary>, StoreError> {
+        self.not_on_log("listing events (`events list`)")?;
         Ok(ops::list_events(&self.conn, filter)?)
     }
 
     /// One event, with deliveries and attempts.
     pub fn event(&self, id: &str) -> Result<Option<EventDetail>, StoreError> {
+        self.not_on_log("showing an event (`events show`)")?;
         Ok(ops::show_event(&self.conn, id)?)
     }
 
     /// The events a replay would touch: one by id, or those received in `[since_ms, until_ms)`.
     pub fn replay_targets(&self, id: Option<&str>, since_ms: i64, until_ms: i64) -> Result<Vec<i64>, StoreError> {
+        self.not_on_log("replaying events (`events replay`)")?;
         Ok(ops::replay_targets(&self.conn, id, since_ms, until_ms)?)
     }
 
     /// Queues new deliveries (marked replay) for these events, to `sink` or to the sinks they were routed to,
     /// in one transaction. Returns how many deliveries were queued.
     pub fn replay(&mut self, seqs: &[i64], sink: Option<&str>) -> Result<usize, StoreError> {
+        self.not_on_log("replaying events (`events replay`)")?;
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut n = 0;
         for seq in seqs {
@@ -633,8 +641,11 @@ impl Operator {
         Ok(n)
     }
 
-    /// Dead letters, oldest first.
+    /// Dead letters, oldest first (on the log engine, `delivery_id` is the dead letter's own id).
     pub fn dead_letters(&self, sink: Option<&str>) -> Result<Vec<DeadLetter>, StoreError> {
+        if self.log {
+            return Ok(cold::dead_letters(&self.conn, sink)?);
+        }
         Ok(ops::dead_letters(&self.conn, sink)?)
     }
 
@@ -643,7 +654,7 @@ impl Operator {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut n = 0;
         for id in ids {
-            n += usize::from(ops::retry_dead(&tx, *id)?);
+            n += usize::from(if self.log { cold::retry_dead(&tx, *id)? } else { ops::retry_dead(&tx, *id)? });
         }
         tx.commit()?;
         Ok(n)
@@ -654,7 +665,7 @@ impl Operator {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut n = 0;
         for id in ids {
-            n += usize::from(ops::purge_dead(&tx, *id)?);
+            n += usize::from(if self.log { cold::purge_dead(&tx, *id)? } else { ops::purge_dead(&tx, *id)? });
         }
         tx.commit()?;
         Ok(n)

@@ -24,7 +24,9 @@ const SCHEMA_VERSION: i64 = 6;
 /// - The log engine's cold path (`cold.rs`; empty under the SQLite engine): `event_copies` (a copy of each
 ///   event with a delivery being retried or dead-lettered, so that neither pins the log), `deferred` (a
 ///   delivery being retried: its attempts and when the next is due), `dead_letters` and `failed_attempts`
-///   (the attempt log: failed attempts and the success after them; a first-attempt success is implied).
+///   (the attempt log: failed attempts and the success after them; a first-attempt success is implied), and
+///   `replays` (dead-letter retries and replays asked for by an operator, until the daemon has appended
+///   them to the log as new events: `queued`, or found their event gone: `missing`).
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS events (
     seq          INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -129,6 +131,18 @@ CREATE TABLE IF NOT EXISTS failed_attempts (
     error       TEXT
 );
 CREATE INDEX IF NOT EXISTS failed_attempts_seq ON failed_attempts (seq);
+CREATE TABLE IF NOT EXISTS replays (
+    id             INTEGER PRIMARY KEY,
+    seq            INTEGER NOT NULL,
+    sink           TEXT NOT NULL,
+    origin         TEXT NOT NULL CHECK (origin IN ('replay', 'dlq')),
+    dead_letter_id INTEGER,
+    status         TEXT NOT NULL CHECK (status IN ('pending', 'queued', 'missing')),
+    queued_seq     INTEGER,
+    created_at     INTEGER NOT NULL,
+    updated_at     INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS replays_pending ON replays (id) WHERE status = 'pending';
 ";
 
 /// Common settings for every connection that writes (the daemon's writer, the CLI, the admin API).

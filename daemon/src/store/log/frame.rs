@@ -62,6 +62,9 @@ impl Kind {
 
 /// Flag bit: the EVENT's body is JSON the ingress validated (sinks need not check it again).
 pub const FLAG_VALIDATED_JSON: u8 = 1;
+/// Flag bit: the EVENT is a replay or a dead-letter retry an operator asked for (a copy of an earlier
+/// event, for the sinks it names).
+pub const FLAG_REPLAY: u8 = 2;
 
 /// A frame read back.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,7 +153,7 @@ pub fn decode(bytes: &[u8], at: Place) -> Result<(Frame<'_>, usize), Reject> {
     let (Some(kind), 0) = (Kind::from_u8(h[20]), u16::from_le_bytes([h[22], h[23]])) else {
         return Err(Reject::Malformed);
     };
-    if h[21] & !FLAG_VALIDATED_JSON != 0 {
+    if h[21] & !(FLAG_VALIDATED_JSON | FLAG_REPLAY) != 0 {
         return Err(Reject::Malformed);
     }
     let body = bytes.get(4..HEADER + len).ok_or(Reject::Short)?;
@@ -175,6 +178,8 @@ pub struct LoggedEvent {
     pub sinks: Vec<String>,
     /// The hash the dedup index keeps (0: not a dedup candidate).
     pub dedup_hash: u64,
+    /// A replay ([`FLAG_REPLAY`]).
+    pub replay: bool,
 }
 
 /// [`Event`] with equality (for tests and for comparing a duplicate candidate).
@@ -283,7 +288,7 @@ pub fn get_event(frame: &Frame<'_>) -> Option<LoggedEvent> {
     }
     let body_is_json = frame.flags & FLAG_VALIDATED_JSON != 0;
     let event = Event { id, source, event_type, received_at_ms, headers, body, dedup_key, ordering_key, body_is_json };
-    Some(LoggedEvent { event: EventEq(event), sinks, dedup_hash })
+    Some(LoggedEvent { event: EventEq(event), sinks, dedup_hash, replay: frame.flags & FLAG_REPLAY != 0 })
 }
 
 /// What recovery and the spool thread's index need of an EVENT payload, read without copying the body:
@@ -429,7 +434,7 @@ mod tests {
             let flags = if e.body_is_json { FLAG_VALIDATED_JSON } else { 0 };
             assert_eq!((frame.kind, frame.flags, frame.seq), (Kind::Event, flags, 42));
             let got = get_event(&frame).unwrap();
-            assert_eq!(got, LoggedEvent { event: EventEq(e), sinks: sinks.clone(), dedup_hash: 77 });
+            assert_eq!(got, LoggedEvent { event: EventEq(e), sinks: sinks.clone(), dedup_hash: 77, replay: false });
         }
     }
 
@@ -497,7 +502,7 @@ mod tests {
             let head = event_head(frame.payload).unwrap();
             let names: Vec<&str> = sinks.iter().map(String::as_str).collect();
             prop_assert_eq!(head, EventHead { received_at_ms: e.received_at_ms, dedup_hash: 77, sinks: names, body_len: body.len() as u32 });
-            prop_assert_eq!(get_event(&frame).unwrap(), LoggedEvent { event: EventEq(e), sinks, dedup_hash: 77 });
+            prop_assert_eq!(get_event(&frame).unwrap(), LoggedEvent { event: EventEq(e), sinks, dedup_hash: 77, replay: false });
         }
     }
 }

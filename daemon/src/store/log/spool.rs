@@ -85,7 +85,14 @@ enum Op {
         event: Event,
         sinks: Vec<String>,
         dedup: Dedup,
+        /// A replay (not deduped, marked).
+        replay: bool,
         reply: Reply<Inserted>,
+    },
+    /// Events by seq, for a replay.
+    Read {
+        seqs: Vec<u64>,
+        reply: Reply<Vec<Option<Event>>>,
     },
     Finished {
         sink: String,
@@ -189,7 +196,18 @@ impl Spool {
 
     /// Stores an event routed to `sinks`, durably, unless `dedup` makes it a duplicate of one stored.
     pub async fn insert(&self, event: Event, sinks: Vec<String>, dedup: Dedup) -> Result<Inserted, SpoolError> {
-        self.call(|reply| Op::Insert { event, sinks, dedup, reply }).await
+        self.call(|reply| Op::Insert { event, sinks, dedup, replay: false, reply }).await
+    }
+
+    /// Stores a copy of an earlier event for `sinks`, marked replay (its deliveries say so), durably.
+    pub async fn replay(&self, event: Event, sinks: Vec<String>) -> Result<Inserted, SpoolError> {
+        self.call(|reply| Op::Insert { event, sinks, dedup: Dedup::Off, replay: true, reply }).await
+    }
+
+    /// The events with these ids the log holds (`None`: pruned, or never durable).
+    pub async fn read(&self, ids: &[i64]) -> Result<Vec<Option<Event>>, SpoolError> {
+        let seqs = ids.iter().map(|id| log_seq(*id).unwrap_or(u64::MAX)).collect();
+        self.call(|reply| Op::Read { seqs, reply }).await
     }
 
     /// `sink`'s deliveries with these ids are finished (delivered, or moved to the cold path); answers once
@@ -288,6 +306,7 @@ struct Staged {
     seq: u64,
     event: Arc<Event>,
     sinks: Vec<String>,
+    replay: bool,
 }
 
 /// Who waits for what an operation of the batch did.
@@ -302,6 +321,7 @@ enum Read {
     Outstanding(String, Vec<u64>, Reply<Vec<(i64, Arc<Event>)>>),
     Oldest(Reply<Vec<(String, i64)>>),
     Prune(i64, Reply<u64>),
+    Read(Vec<u64>, Reply<Vec<Option<Event>>>),
 }
 
 struct Thread<D: Disk> {
@@ -416,6 +436,10 @@ impl<D: Disk> Thread<D> {
                     Read::Prune(before_ms, reply) => {
                         let _ = reply.send(self.prune(before_ms));
                     }
+                    Read::Read(seqs, reply) => {
+                        let read = seqs.iter().map(|s| Ok(self.log.read(*s)?.map(|l| l.event.0))).collect();
+                        let _ = reply.send(read);
+                    }
                 }
             }
             if self.closing {
@@ -438,11 +462,15 @@ impl<D: Disk> Thread<D> {
         let mut finished_any = false;
         for op in batch.drain(..) {
             match op {
-                Op::Insert { event, sinks, dedup, reply } => {
+                Op::Insert { event, sinks, dedup, replay, reply } => {
                     if let Some(since) = dedup.since_ms() {
                         self.window_ms = Some((now - since).max(0));
                     }
-                    let r = self.insert(event, sinks, &dedup, first_seq, &mut staged);
+                    let r = if replay {
+                        self.append_replay(event, sinks, &mut staged)
+                    } else {
+                        self.insert(event, sinks, &dedup, first_seq, &mut staged)
+                    };
                     waiters.push(Waiter::Inserted(reply, r));
                 }
                 Op::Finished { sink, seqs, reply } => {
@@ -454,6 +482,7 @@ impl<D: Disk> Thread<D> {
                 Op::Outstanding { sink, seqs, reply } => reads.push(Read::Outstanding(sink, seqs, reply)),
                 Op::Oldest { reply } => reads.push(Read::Oldest(reply)),
                 Op::Prune { before_ms, reply } => reads.push(Read::Prune(before_ms, reply)),
+                Op::Read { seqs, reply } => reads.push(Read::Read(seqs, reply)),
                 Op::Shutdown { reply } => {
                     self.closing = true;
                     waiters.push(Waiter::Unit(reply, Ok(())));
@@ -550,7 +579,19 @@ impl<D: Disk> Thread<D> {
         }
         let seq = self.log.append(&event, &sinks, hash as u64, 0)?;
         self.recent.stage(hash, seq as i64, event.received_at_ms);
-        staged.push(Staged { seq, event: Arc::new(event), sinks });
+        staged.push(Staged { seq, event: Arc::new(event), sinks, replay: false });
+        Ok(Inserted::New { seq: public_seq(seq) })
+    }
+
+    /// Stages a replay: not deduped, not a dedup candidate (hash 0), marked.
+    fn append_replay(
+        &mut self,
+        event: Event,
+        sinks: Vec<String>,
+        staged: &mut Vec<Staged>,
+    ) -> Result<Inserted, SpoolError> {
+        let seq = self.log.append(&event, &sinks, 0, super::frame::FLAG_REPLAY)?;
+        staged.push(Staged { seq, event: Arc::new(event), sinks, replay: true });
         Ok(Inserted::New { seq: public_seq(seq) })
     }
 
@@ -599,7 +640,7 @@ impl<D: Disk> Thread<D> {
             let mut upto = durable;
             let mut pushed = Vec::new();
             for s in staged.iter().filter(|s| s.seq >= taken && s.sinks.iter().any(|k| k == name)) {
-                let item = delivery(s.seq, Arc::clone(&s.event));
+                let item = delivery(s.seq, Arc::clone(&s.event), s.replay);
                 if f.tx.try_send(item).is_err() {
                     f.lagged.store(true, Ordering::Release);
                     upto = s.seq;
@@ -629,7 +670,7 @@ impl<D: Disk> Thread<D> {
         let mut out = Vec::with_capacity(outstanding.len() + fresh.len());
         for seq in outstanding.into_iter().chain(fresh) {
             match self.log.read(seq)? {
-                Some(logged) => out.push(delivery(seq, Arc::new(logged.event.0))),
+                Some(logged) => out.push(delivery(seq, Arc::new(logged.event.0), logged.replay)),
                 None => tracing::error!(sink, seq, "a pending event is missing from the spool log"),
             }
         }
@@ -687,13 +728,13 @@ impl<D: Disk> Thread<D> {
 }
 
 /// A delivery of log seq `seq`.
-fn delivery(seq: u64, event: Arc<Event>) -> PendingDelivery {
+fn delivery(seq: u64, event: Arc<Event>, replay: bool) -> PendingDelivery {
     let created_at_ms = event.received_at_ms;
     PendingDelivery {
         id: public_seq(seq),
         seq: public_seq(seq),
         attempts: 0,
-        replay: false,
+        replay,
         event,
         created_at_ms,
         next_attempt_ms: None,

@@ -202,8 +202,10 @@ async fn each_engine_refuses_the_others_spool() {
     store.close().await;
     let e = Store::open(dir.path()).unwrap_err();
     assert!(e.to_string().contains("storage.engine = \"log\""), "{e}");
-    let e = Operator::open(dir.path()).unwrap_err();
+    let op = Operator::open(dir.path()).unwrap();
+    let e = op.events(&EventFilter { limit: 10, ..Default::default() }).unwrap_err();
     assert!(matches!(e, StoreError::Unsupported(_)), "{e}");
+    assert!(e.to_string().contains("storage.engine = \"log\""), "{e}");
     let store = open(dir.path());
     assert_eq!(ids(&store.pending("s", 0, 10).await.unwrap()), ["b"]);
     store.close().await;
@@ -245,5 +247,61 @@ async fn pruning_deletes_old_segments_every_sink_is_done_with() {
     assert_eq!(ids(&store.pending("s", 0, 10).await.unwrap()), ["b"]);
     assert_eq!(store.gauges().snapshot(), (1, 2, 1));
     let _ = b;
+    store.close().await;
+}
+
+/// Dead letters on the log engine: listed, retried (appended to the log again as a replay for their sink,
+/// delivered once more), purged; a retry whose append is not marked done before a crash is appended again
+/// (twice at worst, never lost).
+#[tokio::test]
+async fn dead_letters_are_listed_retried_through_the_log_and_purged() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let a = new(&store, "a", "{\"n\":1}", &["s"]).await;
+    let b = new(&store, "b", "{}", &["s"]).await;
+    assert_eq!(ids(&store.pending("s", 0, 10).await.unwrap()), ["a", "b"]);
+    store.record("s", a, 1, Outcome::Dead("HTTP 400".into()), attempt(Some(400))).await.unwrap();
+    store.record("s", b, 3, Outcome::Dead("HTTP 410".into()), attempt(Some(410))).await.unwrap();
+    let mut op = Operator::open(dir.path()).unwrap();
+    let dead = op.dead_letters(None).unwrap();
+    let got: Vec<(&str, &str, u32, Option<&str>, Option<u16>)> = dead
+        .iter()
+        .map(|d| (d.event_id.as_str(), d.sink.as_str(), d.attempts, d.last_error.as_deref(), d.last_status))
+        .collect();
+    assert_eq!(got, [("a", "s", 1, Some("HTTP 400"), Some(400)), ("b", "s", 3, Some("HTTP 410"), Some(410))]);
+    assert!(op.dead_letters(Some("other")).unwrap().is_empty());
+
+    assert_eq!(op.retry_dead(&[dead[0].delivery_id, 999]).unwrap(), 1);
+    assert_eq!(op.retry_dead(&[dead[0].delivery_id]).unwrap(), 0, "a dead letter is retried once");
+    assert_eq!(op.purge_dead(&[dead[1].delivery_id]).unwrap(), 1);
+    assert!(op.dead_letters(None).unwrap().is_empty());
+    assert!(store.pending("s", b, 10).await.unwrap().is_empty(), "nothing until the daemon takes the retry in");
+    store.resync().await.unwrap();
+    let again = store.pending("s", b, 10).await.unwrap();
+    assert_eq!(ids(&again), ["a"]);
+    assert!(again[0].replay && again[0].id > b, "a new delivery, marked replay: {:?}", again[0]);
+    assert_eq!(again[0].event.body, Bytes::from_static(b"{\"n\":1}"));
+    store.resync().await.unwrap();
+    assert_eq!(store.pending("s", b, 10).await.unwrap().len(), 1, "taken in once");
+    store.record("s", again[0].id, 1, Outcome::Delivered, attempt(None)).await.unwrap();
+    assert_eq!(store.gauges().snapshot(), (0, 0, 0));
+
+    // A retry appended, and the crash before its row says so: appended again at the next start.
+    let (seq, sink) = (a, "s".to_owned());
+    let conn = rusqlite::Connection::open(dir.path().join(DB_FILE)).unwrap();
+    conn.execute(
+        "INSERT INTO replays (seq, sink, origin, status, created_at, updated_at) VALUES (?1, ?2, 'dlq', 'pending', 0, 0)",
+        rusqlite::params![seq, sink],
+    )
+    .unwrap();
+    let Backend::Log(l) = &store.backend else { unreachable!() };
+    let event = (*again[0].event).clone();
+    l.spool.replay(event, vec!["s".into()]).await.unwrap();
+    store.close().await;
+    let store = open(dir.path());
+    store.resync().await.unwrap();
+    let twice = store.pending("s", again[0].id, 10).await.unwrap();
+    assert_eq!(ids(&twice), ["a", "a"], "twice, never zero");
+    assert!(twice.iter().all(|p| p.replay));
     store.close().await;
 }
