@@ -321,7 +321,7 @@ enum Read {
     Outstanding(String, Vec<u64>, Reply<Vec<(i64, Arc<Event>)>>),
     Oldest(Reply<Vec<(String, i64)>>),
     Prune(i64, Reply<u64>),
-    Read(Vec<u64>, Reply<Vec<Option<Event>>>),
+    Events(Vec<u64>, Reply<Vec<Option<Event>>>),
 }
 
 struct Thread<D: Disk> {
@@ -436,7 +436,7 @@ impl<D: Disk> Thread<D> {
                     Read::Prune(before_ms, reply) => {
                         let _ = reply.send(self.prune(before_ms));
                     }
-                    Read::Read(seqs, reply) => {
+                    Read::Events(seqs, reply) => {
                         let read = seqs.iter().map(|s| Ok(self.log.read(*s)?.map(|l| l.event.0))).collect();
                         let _ = reply.send(read);
                     }
@@ -482,7 +482,7 @@ impl<D: Disk> Thread<D> {
                 Op::Outstanding { sink, seqs, reply } => reads.push(Read::Outstanding(sink, seqs, reply)),
                 Op::Oldest { reply } => reads.push(Read::Oldest(reply)),
                 Op::Prune { before_ms, reply } => reads.push(Read::Prune(before_ms, reply)),
-                Op::Read { seqs, reply } => reads.push(Read::Read(seqs, reply)),
+                Op::Read { seqs, reply } => reads.push(Read::Events(seqs, reply)),
                 Op::Shutdown { reply } => {
                     self.closing = true;
                     waiters.push(Waiter::Unit(reply, Ok(())));

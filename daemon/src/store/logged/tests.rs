@@ -264,7 +264,8 @@ async fn dead_letters_are_listed_retried_through_the_log_and_purged() {
     store.record("s", b, 3, Outcome::Dead("HTTP 410".into()), attempt(Some(410))).await.unwrap();
     let mut op = Operator::open(dir.path()).unwrap();
     let dead = op.dead_letters(None).unwrap();
-    let got: Vec<(&str, &str, u32, Option<&str>, Option<u16>)> = dead
+    type Row<'a> = (&'a str, &'a str, u32, Option<&'a str>, Option<u16>);
+    let got: Vec<Row<'_>> = dead
         .iter()
         .map(|d| (d.event_id.as_str(), d.sink.as_str(), d.attempts, d.last_error.as_deref(), d.last_status))
         .collect();
