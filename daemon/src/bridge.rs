@@ -237,6 +237,7 @@ impl Bridge {
             tracing::info!(source = %source.id, kind = source.scheme.kind(), path = %source.path, "source ready");
         }
         let installations = crate::addon::Installations::load(&store).await?;
+        store.retire_sinks(&config.sinks.keys().cloned().collect::<Vec<_>>()).await?;
         let shared = Arc::new(Shared {
             settings: ArcSwap::from_pointee(settings),
             store: store.clone(),

@@ -33,6 +33,12 @@ use crate::limits::{GROUP_COMMIT_MAX, WRITER_QUEUE};
 /// The log's folder inside `data_dir`.
 pub const LOG_DIR: &str = "log";
 
+/// The error of a delivery dead-lettered because its sink left the config.
+const RETIRED: &str = "sink removed from the config";
+
+/// Deliveries of a removed sink dead-lettered per operation.
+const RETIRE_BATCH: usize = 512;
+
 /// Replays taken from SQLite into the log at a time.
 const REPLAYS_PER_TAKE: usize = 256;
 
@@ -351,6 +357,46 @@ impl Logged {
                 return Ok(());
             }
         }
+    }
+
+    /// Dead-letters every unfinished delivery of a sink not in `keep` (removed from the config: no dispatcher
+    /// will take them, and in a log they would pin every segment from the first of them on), with the error
+    /// `sink removed from the config`; an operator can retry them once the sink is back. Returns the count
+    /// per sink.
+    pub(super) async fn retire_sinks(&self, keep: &[String]) -> Result<Vec<(String, u64)>, StoreError> {
+        let mut names: Vec<String> =
+            self.spool.oldest().await.map_err(spool_error)?.into_iter().map(|(s, _)| s).collect();
+        if let Ok(cold) = self.cold.lock() {
+            names.extend(cold.deferred.iter().map(|(s, _)| s.clone()));
+        }
+        names.sort();
+        names.dedup();
+        let mut retired = Vec::new();
+        for sink in names.into_iter().filter(|s| !keep.contains(s)) {
+            let mut n = 0u64;
+            loop {
+                let rows = self.pending(&sink, 0, RETIRE_BATCH).await?;
+                if rows.is_empty() {
+                    break;
+                }
+                n += rows.len() as u64;
+                let now = crate::event::now_ms();
+                let records = rows
+                    .iter()
+                    .map(|r| Record {
+                        delivery_id: r.id,
+                        attempts: r.attempts,
+                        outcome: Outcome::Dead(RETIRED.into()),
+                        attempt: super::Attempt { started_at_ms: now, duration_ms: 0, status: None },
+                        event: None,
+                    })
+                    .collect();
+                self.record_all(&sink, records).await?;
+            }
+            tracing::warn!(%sink, deliveries = n, "sink removed from the config: its unfinished deliveries are dead letters now (hookbridge dlq retry, once it is back)");
+            retired.push((sink, n));
+        }
+        Ok(retired)
     }
 
     /// Readiness: a durable write to the log and one to SQLite.

@@ -554,6 +554,17 @@ impl Store {
         }
     }
 
+    /// At start, with the sinks of the config: what was routed to a sink no longer there. The log engine
+    /// dead-letters its unfinished deliveries (they would pin the log; `dlq retry` once the sink is back); the
+    /// SQLite engine leaves them pending (they pin only their own rows, and are delivered if it comes back).
+    /// Returns (sink, deliveries dead-lettered).
+    pub async fn retire_sinks(&self, keep: &[String]) -> Result<Vec<(String, u64)>, StoreError> {
+        match &self.backend {
+            Backend::Sqlite(_) => Ok(Vec::new()),
+            Backend::Log(l) => l.retire_sinks(keep).await,
+        }
+    }
+
     /// Dead letters and oldest pending delivery per sink.
     pub async fn sink_stats(&self) -> Result<Vec<SinkStats>, StoreError> {
         match &self.backend {

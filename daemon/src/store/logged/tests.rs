@@ -306,3 +306,32 @@ async fn dead_letters_are_listed_retried_through_the_log_and_purged() {
     assert!(twice.iter().all(|p| p.replay));
     store.close().await;
 }
+
+/// A sink removed from the config: at start its unfinished deliveries (in the log, outstanding or not yet
+/// handed, and deferred) become dead letters, so that they pin nothing; the kept sinks are untouched, and the
+/// log can then be pruned.
+#[tokio::test]
+async fn a_removed_sinks_deliveries_become_dead_letters_and_stop_pinning_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let a = new(&store, "a", "{}", &["kept", "gone"]).await;
+    new(&store, "b", "{}", &["gone"]).await;
+    new(&store, "c", "{}", &["gone"]).await;
+    // a is deferred for "gone", b outstanding, c never handed.
+    assert_eq!(ids(&store.pending("gone", 0, 2).await.unwrap()), ["a", "b"]);
+    store.record("gone", a, 1, retry(), attempt(Some(503))).await.unwrap();
+    assert_eq!(ids(&store.pending("kept", 0, 10).await.unwrap()), ["a"]);
+    store.record("kept", a, 1, Outcome::Delivered, attempt(None)).await.unwrap();
+    store.close().await;
+
+    let store = open(dir.path());
+    assert_eq!(store.retire_sinks(&["kept".into()]).await.unwrap(), [("gone".to_owned(), 3)]);
+    assert_eq!(store.gauges().snapshot(), (0, 0, 0));
+    let dead = dead_letters(dir.path());
+    assert_eq!(dead.len(), 3, "{dead:?}");
+    assert!(dead.iter().all(|(sink, _, error, _)| sink == "gone" && error == "sink removed from the config"));
+    assert_eq!(dead.iter().find(|d| d.1 == a).unwrap().3, 1, "a deferred delivery keeps its attempts");
+    assert!(store.retire_sinks(&["kept".into()]).await.unwrap().is_empty(), "nothing left to retire");
+    assert_eq!(store.prune(now_ms() + 1, 100).await.unwrap(), 3, "nothing pins the first segment now");
+    store.close().await;
+}
