@@ -183,6 +183,16 @@ to = ["out", "file"]
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_and_dead_letters_survive_sigkill() {
+    retries_and_dead_letters_survive("sqlite").await;
+}
+
+/// The same on the log engine (retries and dead letters in its cold tables).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_and_dead_letters_survive_sigkill_on_the_log() {
+    retries_and_dead_letters_survive("log").await;
+}
+
+async fn retries_and_dead_letters_survive(engine: &str) {
     let failing = Receiver::start().await;
     failing.answer(503);
     let refusing = Receiver::start().await;
@@ -199,6 +209,7 @@ listen = "127.0.0.1:{port}"
 internal_listen = "127.0.0.1:0"
 [storage]
 data_dir = "data"
+engine = "{engine}"
 [sources.clockify]
 kind = "clockify"
 secrets = ["{SECRET}"]

@@ -399,6 +399,12 @@ impl Logged {
         Ok(retired)
     }
 
+    /// Everything about one event (the segments read as `Operator` reads them).
+    pub(super) async fn event(&self, id: &str) -> Result<Option<super::EventDetail>, StoreError> {
+        let (dir, id) = (self.dir.clone(), id.to_owned());
+        self.sqlite.read(move |c| operator::show(c, &dir, &id)).await
+    }
+
     /// Readiness: a durable write to the log and one to SQLite.
     pub(super) async fn ping(&self) -> Result<(), StoreError> {
         self.spool.ping().await.map_err(spool_error)?;
@@ -416,5 +422,6 @@ impl Logged {
     }
 }
 
+pub(super) mod operator;
 #[cfg(test)]
 mod tests;

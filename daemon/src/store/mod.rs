@@ -356,8 +356,8 @@ pub enum Engine {
     /// Everything in SQLite (`spool.db`).
     #[default]
     Sqlite,
-    /// Healthy events in the append-only segment log (`log/`), the cold path in SQLite (experimental: the
-    /// operator commands `events` and `dlq` do not read it yet).
+    /// Healthy events in the append-only segment log (`log/`), the cold path in SQLite (experimental: a SQLite
+    /// spool with deliveries to finish is not migrated yet).
     Log,
 }
 
@@ -549,7 +549,8 @@ impl Store {
     ) -> Result<Vec<PendingDelivery>, StoreError> {
         match &self.backend {
             Backend::Sqlite(s) => s.pending_replays(sink, after, up_to, limit).await,
-            // Replays and dead-letter retries are not there yet on the log engine (`Operator` refuses it).
+            // The log engine's replays are new events in the log, above every cursor: the feed or the walk
+            // hands them.
             Backend::Log(_) => Ok(Vec::new()),
         }
     }
@@ -577,7 +578,7 @@ impl Store {
     pub async fn event(&self, id: &str) -> Result<Option<EventDetail>, StoreError> {
         match &self.backend {
             Backend::Sqlite(s) => s.event(id).await,
-            Backend::Log(_) => Err(StoreError::Unsupported("showing an event")),
+            Backend::Log(l) => l.event(id).await,
         }
     }
 
@@ -596,8 +597,9 @@ impl Store {
 #[derive(Debug)]
 pub struct Operator {
     conn: Connection,
-    /// The spool is the log engine's: dead letters live in its cold tables, events in the log.
-    log: bool,
+    /// The spool is the log engine's, with its log here: dead letters live in its cold tables, events in
+    /// the log.
+    log: Option<PathBuf>,
 }
 
 impl Operator {
@@ -613,37 +615,43 @@ impl Operator {
         let conn =
             Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
         schema::configure(&conn)?;
-        let log = schema::meta(&conn, "engine")?.as_deref() == Some("log");
+        let log = (schema::meta(&conn, "engine")?.as_deref() == Some("log")).then(|| data_dir.join(LOG_DIR));
         Ok(Operator { conn, log })
-    }
-
-    fn not_on_log(&self, what: &'static str) -> Result<(), StoreError> {
-        if self.log { Err(StoreError::Unsupported(what)) } else { Ok(()) }
     }
 
     /// Events matching `filter`, newest first.
     pub fn events(&self, filter: &EventFilter) -> Result<Vec<EventSummary>, StoreError> {
-        self.not_on_log("listing events (`events list`)")?;
+        if let Some(dir) = &self.log {
+            return logged::operator::list(&self.conn, dir, filter);
+        }
         Ok(ops::list_events(&self.conn, filter)?)
     }
 
     /// One event, with deliveries and attempts.
     pub fn event(&self, id: &str) -> Result<Option<EventDetail>, StoreError> {
-        self.not_on_log("showing an event (`events show`)")?;
+        if let Some(dir) = &self.log {
+            return logged::operator::show(&self.conn, dir, id);
+        }
         Ok(ops::show_event(&self.conn, id)?)
     }
 
     /// The events a replay would touch: one by id, or those received in `[since_ms, until_ms)`.
     pub fn replay_targets(&self, id: Option<&str>, since_ms: i64, until_ms: i64) -> Result<Vec<i64>, StoreError> {
-        self.not_on_log("replaying events (`events replay`)")?;
+        if let Some(dir) = &self.log {
+            return logged::operator::replay_targets(dir, id, since_ms, until_ms);
+        }
         Ok(ops::replay_targets(&self.conn, id, since_ms, until_ms)?)
     }
 
     /// Queues new deliveries (marked replay) for these events, to `sink` or to the sinks they were routed to,
     /// in one transaction. Returns how many deliveries were queued.
     pub fn replay(&mut self, seqs: &[i64], sink: Option<&str>) -> Result<usize, StoreError> {
-        self.not_on_log("replaying events (`events replay`)")?;
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        if let Some(dir) = &self.log {
+            let n = logged::operator::replay(&tx, dir, seqs, sink)?;
+            tx.commit()?;
+            return Ok(n);
+        }
         let mut n = 0;
         for seq in seqs {
             n += ops::replay(&tx, *seq, sink)?;
@@ -654,7 +662,7 @@ impl Operator {
 
     /// Dead letters, oldest first (on the log engine, `delivery_id` is the dead letter's own id).
     pub fn dead_letters(&self, sink: Option<&str>) -> Result<Vec<DeadLetter>, StoreError> {
-        if self.log {
+        if self.log.is_some() {
             return Ok(cold::dead_letters(&self.conn, sink)?);
         }
         Ok(ops::dead_letters(&self.conn, sink)?)
@@ -665,7 +673,7 @@ impl Operator {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut n = 0;
         for id in ids {
-            n += usize::from(if self.log { cold::retry_dead(&tx, *id)? } else { ops::retry_dead(&tx, *id)? });
+            n += usize::from(if self.log.is_some() { cold::retry_dead(&tx, *id)? } else { ops::retry_dead(&tx, *id)? });
         }
         tx.commit()?;
         Ok(n)
@@ -676,7 +684,7 @@ impl Operator {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut n = 0;
         for id in ids {
-            n += usize::from(if self.log { cold::purge_dead(&tx, *id)? } else { ops::purge_dead(&tx, *id)? });
+            n += usize::from(if self.log.is_some() { cold::purge_dead(&tx, *id)? } else { ops::purge_dead(&tx, *id)? });
         }
         tx.commit()?;
         Ok(n)

@@ -177,6 +177,17 @@ pub struct Dumped {
     pub seq: u64,
     /// An EVENT's event (`None` for other kinds, or a payload that does not parse).
     pub event: Option<LoggedEvent>,
+    /// A STATE's or SINK_CHECKPOINT's sink progress.
+    pub progress: Option<Progress>,
+}
+
+/// Sink progress as a frame holds it.
+#[derive(Debug)]
+pub enum Progress {
+    /// Every sink's (a STATE frame: what was before is replaced).
+    State(std::collections::BTreeMap<String, super::sinks::SinkState>),
+    /// One sink's (a SINK_CHECKPOINT frame).
+    Checkpoint(String, super::sinks::SinkState),
 }
 
 impl Dumped {
@@ -222,7 +233,14 @@ pub fn dump<D: Disk, E>(
         for found in segment::scan(&data, &header).frames {
             let Ok((frame, _)) = frame::decode(&data[found.offset..], header.place()) else { continue };
             let event = (frame.kind == Kind::Event).then(|| frame::get_event(&frame)).flatten();
-            let dumped = Dumped { segno, offset: found.offset, kind: frame.kind, seq: frame.seq, event };
+            let progress = match frame.kind {
+                Kind::State => super::sinks::get_state(frame.payload).map(Progress::State),
+                Kind::SinkCheckpoint => {
+                    super::sinks::get_checkpoint(frame.payload).map(|(name, s)| Progress::Checkpoint(name, s))
+                }
+                _ => None,
+            };
+            let dumped = Dumped { segno, offset: found.offset, kind: frame.kind, seq: frame.seq, event, progress };
             if let Err(e) = out(dumped) {
                 return Ok(Err(e));
             }

@@ -203,9 +203,12 @@ async fn each_engine_refuses_the_others_spool() {
     let e = Store::open(dir.path()).unwrap_err();
     assert!(e.to_string().contains("storage.engine = \"log\""), "{e}");
     let op = Operator::open(dir.path()).unwrap();
-    let e = op.events(&EventFilter { limit: 10, ..Default::default() }).unwrap_err();
-    assert!(matches!(e, StoreError::Unsupported(_)), "{e}");
-    assert!(e.to_string().contains("storage.engine = \"log\""), "{e}");
+    let listed = op.events(&EventFilter { limit: 10, ..Default::default() }).unwrap();
+    assert_eq!(
+        listed.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
+        ["b"],
+        "the SQLite engine's events stay there"
+    );
     let store = open(dir.path());
     assert_eq!(ids(&store.pending("s", 0, 10).await.unwrap()), ["b"]);
     store.close().await;
@@ -333,5 +336,73 @@ async fn a_removed_sinks_deliveries_become_dead_letters_and_stop_pinning_the_log
     assert_eq!(dead.iter().find(|d| d.1 == a).unwrap().3, 1, "a deferred delivery keeps its attempts");
     assert!(store.retire_sinks(&["kept".into()]).await.unwrap().is_empty(), "nothing left to retire");
     assert_eq!(store.prune(now_ms() + 1, 100).await.unwrap(), 3, "nothing pins the first segment now");
+    store.close().await;
+}
+
+/// `events list`, `show` and `replay` on the log engine: statuses from the sinks' progress and the cold
+/// tables, filters, newest first; an event's deliveries (its replays' too), attempts and body; a replay by id
+/// or by time range is appended by the daemon as a new event for the routed sinks, and shows as a delivery
+/// of the same event.
+#[tokio::test]
+async fn events_are_listed_shown_and_replayed_from_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    let a = new(&store, "a", "{\"n\":1}", &["s1", "s2"]).await;
+    let b = new(&store, "b", "{}", &["s1"]).await;
+    let c = new(&store, "c", "{}", &["s1"]).await;
+    let mut u = event("u", "{}");
+    u.source = "clockodo".into();
+    store.insert(u, vec![], Dedup::Off).await.unwrap();
+    store.pending("s1", 0, 10).await.unwrap();
+    store.pending("s2", 0, 10).await.unwrap();
+    store.record("s1", a, 1, retry(), attempt(Some(503))).await.unwrap();
+    store.record("s1", a, 2, Outcome::Delivered, attempt(Some(200))).await.unwrap();
+    store.record("s2", a, 1, Outcome::Delivered, attempt(Some(200))).await.unwrap();
+    store.record("s1", b, 1, Outcome::Dead("HTTP 400".into()), attempt(Some(400))).await.unwrap();
+    // c stays pending (handed, not finished).
+
+    let mut op = Operator::open(dir.path()).unwrap();
+    let all = op.events(&EventFilter { limit: 10, ..Default::default() }).unwrap();
+    let got: Vec<(&str, &str)> = all.iter().map(|e| (e.id.as_str(), e.status.as_str())).collect();
+    assert_eq!(got, [("u", "unrouted"), ("c", "pending"), ("b", "dead"), ("a", "delivered")], "newest first");
+    let only = |f: EventFilter| op.events(&f).unwrap().into_iter().map(|e| e.id).collect::<Vec<_>>();
+    assert_eq!(only(EventFilter { status: Some("pending".into()), limit: 10, ..Default::default() }), ["c"]);
+    assert_eq!(only(EventFilter { source: Some("clockodo".into()), limit: 10, ..Default::default() }), ["u"]);
+    assert_eq!(only(EventFilter { limit: 2, ..Default::default() }), ["u", "c"]);
+    assert!(only(EventFilter { since_ms: Some(now_ms() + 60_000), limit: 10, ..Default::default() }).is_empty());
+
+    let shown = op.event("a").unwrap().unwrap();
+    assert_eq!((shown.summary.status.as_str(), shown.body.as_str()), ("delivered", "{\"n\":1}"));
+    let d: Vec<(&str, &str, u32)> =
+        shown.deliveries.iter().map(|d| (d.sink.as_str(), d.status.as_str(), d.attempts)).collect();
+    assert_eq!(d, [("s1", "delivered", 1), ("s2", "delivered", 1)]);
+    let outcomes: Vec<(&str, &str)> = shown.attempts.iter().map(|a| (a.sink.as_str(), a.outcome.as_str())).collect();
+    assert_eq!(outcomes, [("s1", "retry"), ("s1", "delivered")], "failed attempts and the success after them");
+    let shown_b = op.event("b").unwrap().unwrap();
+    assert_eq!((shown_b.deliveries[0].status.as_str(), shown_b.deliveries[0].last_status), ("dead", Some(400)));
+    assert!(op.event("nope").unwrap().is_none());
+    assert_eq!(store.event("a").await.unwrap().unwrap().summary.id, "a", "the daemon's handle reads it too");
+
+    // Replays: one event by id to one sink, and a time range to the routed sinks.
+    let one = op.replay_targets(Some("a"), 0, 0).unwrap();
+    assert_eq!(one, [a]);
+    assert_eq!(op.replay(&one, Some("s2")).unwrap(), 1);
+    let range = op.replay_targets(None, 0, now_ms() + 1).unwrap();
+    assert_eq!(range, [a, b, c, c + 1], "every event received in the range, the unrouted one too");
+    assert_eq!(op.replay(&range[1..2], None).unwrap(), 1, "b to its one sink");
+    store.resync().await.unwrap();
+    let s2 = store.pending("s2", a, 10).await.unwrap();
+    assert_eq!((ids(&s2), s2[0].replay), (vec!["a"], true));
+    let s1 = store.pending("s1", c, 10).await.unwrap();
+    assert_eq!(ids(&s1), ["b"]);
+    store.record("s2", s2[0].id, 1, Outcome::Delivered, attempt(None)).await.unwrap();
+    let shown = op.event("a").unwrap().unwrap();
+    let d: Vec<(&str, &str, bool)> =
+        shown.deliveries.iter().map(|d| (d.sink.as_str(), d.status.as_str(), d.replay)).collect();
+    assert_eq!(d, [("s1", "delivered", false), ("s2", "delivered", false), ("s2", "delivered", true)]);
+    assert_eq!(op.event("b").unwrap().unwrap().summary.status, "pending", "its replay is pending");
+    let listed = op.events(&EventFilter { limit: 10, ..Default::default() }).unwrap();
+    assert_eq!(listed.len(), 4, "a replay is a delivery of its event, not an event of its own");
+    let _ = b;
     store.close().await;
 }
