@@ -60,9 +60,6 @@ pub enum StoreError {
     /// A blocking task failed.
     #[error("spool task failed: {0}")]
     Join(String),
-    /// Not (yet) done by the log engine.
-    #[error("{0} is not available with storage.engine = \"log\" yet")]
-    Unsupported(&'static str),
 }
 
 /// Live spool counters, kept by the writer after each commit and recounted periodically.
