@@ -77,7 +77,7 @@ fn main() {
         let (prealloc, sync) = parse_mode(mode);
         let dir = root.join(mode.replace('/', "-"));
         let _ = std::fs::remove_dir_all(&dir);
-        let options = Options { segment_size: 64 << 20, prealloc, sync };
+        let options = Options { segment_size: 64 << 20, prealloc, sync, first_seq: 0 };
         let (log, _) = Log::open(OsDisk, &dir, *b"spool-bench-uuid", options).expect("open");
         let (spool, thread) = Spool::spawn(log, 4096, 1024).expect("spool thread");
         let stop = Arc::new(AtomicBool::new(false));

@@ -133,8 +133,8 @@ pub struct StorageConfig {
     #[serde(default = "limits::default_dedup_window")]
     pub dedup_window: HumanDuration,
     /// Where healthy events are kept: `"sqlite"` (default: everything in `spool.db`) or `"log"`
-    /// (experimental: an append-only segment log in `log/`, with retries and dead letters in `spool.db`; no
-    /// migration of a SQLite spool with deliveries to finish yet). A spool is refused by the other engine.
+    /// (experimental: an append-only segment log in `log/`, with retries and dead letters in `spool.db`). A
+    /// SQLite-engine spool is taken over at the first start with `"log"`; there is no way back.
     #[serde(default)]
     pub engine: crate::store::Engine,
 }

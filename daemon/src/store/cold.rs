@@ -326,3 +326,56 @@ pub(super) fn purge_dead(tx: &Connection, id: i64) -> rusqlite::Result<bool> {
     )?;
     Ok(n == 1)
 }
+
+/// What [`migrate_from_sqlite`] moved: (deferred deliveries, replays, dead letters), and the log seq the new
+/// log starts at.
+pub(super) type Migrated = (u64, u64, u64, u64);
+
+/// Takes a SQLite-engine spool over for the log engine, in the caller's transaction (all of it or nothing):
+/// every pending delivery becomes a `deferred` row (attempts and due time kept; a pending replay a `replays`
+/// row, as the same (sink, event) may be pending twice), every dead letter a `dead_letters` row, each with a
+/// copy of its event and its attempts; those delivery rows are deleted (the rest, finished, go with
+/// retention). The log then starts above every seq the SQLite engine gave, so that a sink's deferred
+/// deliveries and its logged ones never share an id, and the deferred ones, older, go first.
+pub(super) fn migrate_from_sqlite(tx: &Connection) -> rusqlite::Result<Migrated> {
+    const MOVING: &str = "SELECT id FROM deliveries WHERE status IN ('pending', 'dead')";
+    tx.execute_batch(&format!(
+        "INSERT OR IGNORE INTO event_copies (seq, id, source, event_type, received_at, headers, body, dedup_key, ordering_key)
+           SELECT seq, id, source, event_type, received_at, headers, body, dedup_key, ordering_key FROM events
+           WHERE seq IN (SELECT event_seq FROM deliveries WHERE status IN ('pending', 'dead'));
+         INSERT INTO failed_attempts (sink, seq, attempt, started_at, duration_ms, outcome, status, error)
+           SELECT d.sink, d.event_seq, a.attempt, a.started_at, a.duration_ms, a.outcome, a.status, a.error
+           FROM attempts a JOIN deliveries d ON d.id = a.delivery_id WHERE a.delivery_id IN ({MOVING}) ORDER BY a.id;"
+    ))?;
+    let deferred = tx.execute(
+        "INSERT OR IGNORE INTO deferred (sink, seq, attempts, next_attempt_at, last_error, last_status, created_at, updated_at)
+           SELECT sink, event_seq, attempts, next_attempt_at, last_error, last_status, created_at, updated_at
+           FROM deliveries WHERE status = 'pending' AND replay = 0 ORDER BY id",
+        [],
+    )?;
+    let replays = tx.execute(
+        "INSERT INTO replays (seq, sink, origin, status, created_at, updated_at)
+           SELECT event_seq, sink, 'replay', 'pending', created_at, updated_at
+           FROM deliveries WHERE status = 'pending' AND replay = 1 ORDER BY id",
+        [],
+    )?;
+    let dead = tx.execute(
+        "INSERT INTO dead_letters (sink, seq, status, attempts, last_error, last_status, dead_at, updated_at)
+           SELECT sink, event_seq, 'dead', attempts, last_error, last_status, updated_at, updated_at
+           FROM deliveries WHERE status = 'dead' ORDER BY id",
+        [],
+    )?;
+    tx.execute_batch(&format!(
+        "DELETE FROM attempts WHERE delivery_id IN ({MOVING});
+         DELETE FROM deliveries WHERE status IN ('pending', 'dead');"
+    ))?;
+    // The highest seq given (AUTOINCREMENT never reuses one, even of a pruned event): the log's first
+    // public seq is the next.
+    let top: i64 = tx.query_row(
+        "SELECT max(coalesce((SELECT max(seq) FROM events), 0), coalesce((SELECT max(seq) FROM event_copies), 0),
+                    coalesce((SELECT seq FROM sqlite_sequence WHERE name = 'events'), 0))",
+        [],
+        |r| r.get(0),
+    )?;
+    Ok((deferred as u64, replays as u64, dead as u64, top.max(0) as u64))
+}

@@ -116,22 +116,26 @@ impl Logged {
     /// Opens the log engine's spool in `data_dir` over the SQLite spool `sqlite` (already open: it holds
     /// the data directory's lock), recovering the log.
     pub(super) fn open(data_dir: &Path, sqlite: Sqlite) -> Result<Logged, StoreError> {
-        let conn = rusqlite::Connection::open(sqlite.path())?;
+        let mut conn = rusqlite::Connection::open(sqlite.path())?;
         schema::configure(&conn)?;
-        match schema::meta(&conn, "engine")?.as_deref() {
-            Some("log") => {}
-            _ => {
-                let pending = schema::sqlite_pending(&conn)?;
-                if pending > 0 {
-                    return Err(StoreError::Schema(format!(
-                        "{} holds {pending} pending or dead-lettered deliveries of the sqlite engine: drain them \
-                         with storage.engine = \"sqlite\" before switching to \"log\" (migration is not there yet)",
-                        data_dir.display()
-                    )));
-                }
-                schema::set_meta(&conn, "engine", "log")?;
+        if schema::meta(&conn, "engine")?.as_deref() != Some("log") {
+            // A SQLite-engine spool: taken over in one transaction (a crash before its commit changed
+            // nothing; after it, the spool is the log engine's and its log starts empty at `log_first_seq`).
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let (deferred, replays, dead, first) = cold::migrate_from_sqlite(&tx)?;
+            schema::set_meta(&tx, "log_first_seq", &first.to_string())?;
+            schema::set_meta(&tx, "engine", "log")?;
+            tx.commit()?;
+            if deferred + replays + dead > 0 {
+                tracing::warn!(
+                    deferred,
+                    replays,
+                    dead,
+                    "spool taken over from the sqlite engine: its pending deliveries go first, then the log"
+                );
             }
         }
+        let first_seq = schema::meta(&conn, "log_first_seq")?.and_then(|v| v.parse().ok()).unwrap_or(0);
         let uuid = match schema::meta(&conn, "log_uuid")?.and_then(|u| uuid::Uuid::parse_str(&u).ok()) {
             Some(u) => *u.as_bytes(),
             None => {
@@ -141,7 +145,7 @@ impl Logged {
             }
         };
         let dir = data_dir.join(LOG_DIR);
-        let (log, recovery) = Log::open(OsDisk, &dir, uuid, Options::default())
+        let (log, recovery) = Log::open(OsDisk, &dir, uuid, Options { first_seq, ..Options::default() })
             .map_err(|e| StoreError::Schema(format!("cannot open the spool log: {e}")))?;
         if recovery.lost_events() > 0 {
             tracing::error!(

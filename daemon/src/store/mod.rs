@@ -353,8 +353,8 @@ pub enum Engine {
     /// Everything in SQLite (`spool.db`).
     #[default]
     Sqlite,
-    /// Healthy events in the append-only segment log (`log/`), the cold path in SQLite (experimental: a SQLite
-    /// spool with deliveries to finish is not migrated yet).
+    /// Healthy events in the append-only segment log (`log/`), the cold path in SQLite (experimental). Takes
+    /// a SQLite-engine spool over at open.
     Log,
 }
 
@@ -635,7 +635,7 @@ impl Operator {
     /// The events a replay would touch: one by id, or those received in `[since_ms, until_ms)`.
     pub fn replay_targets(&self, id: Option<&str>, since_ms: i64, until_ms: i64) -> Result<Vec<i64>, StoreError> {
         if let Some(dir) = &self.log {
-            return logged::operator::replay_targets(dir, id, since_ms, until_ms);
+            return logged::operator::replay_targets(&self.conn, dir, id, since_ms, until_ms);
         }
         Ok(ops::replay_targets(&self.conn, id, since_ms, until_ms)?)
     }

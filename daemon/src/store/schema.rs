@@ -222,8 +222,3 @@ pub(super) fn set_meta(conn: &Connection, key: &str, value: &str) -> Result<(), 
     conn.execute("INSERT INTO meta (k, v) VALUES (?1, ?2) ON CONFLICT (k) DO UPDATE SET v = excluded.v", [key, value])?;
     Ok(())
 }
-
-/// Deliveries pending in the SQLite engine's tables.
-pub(super) fn sqlite_pending(conn: &Connection) -> Result<i64, StoreError> {
-    Ok(conn.query_row("SELECT count(*) FROM deliveries WHERE status IN ('pending', 'dead')", [], |r| r.get(0))?)
-}

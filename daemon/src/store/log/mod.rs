@@ -46,6 +46,9 @@ pub struct Options {
     pub prealloc: Prealloc,
     /// How a commit makes its write durable.
     pub sync: SyncMode,
+    /// The seq of a new log's first event (a log that takes over a SQLite spool starts above its seqs, so
+    /// that the two never share an id); ignored once the log has a segment.
+    pub first_seq: u64,
 }
 
 impl Default for Options {
@@ -53,7 +56,7 @@ impl Default for Options {
         // Measured in BENCHMARKS.md: alone, a commit into zero-filled blocks syncs faster (data only); in the
         // daemon, zero-filling costs a tenth of its CPU (every segment written twice) and `fallocate` gives
         // more webhooks per second at the same p99.
-        Options { segment_size: SEGMENT_SIZE, prealloc: Prealloc::Fallocate, sync: SyncMode::Fdatasync }
+        Options { segment_size: SEGMENT_SIZE, prealloc: Prealloc::Fallocate, sync: SyncMode::Fdatasync, first_seq: 0 }
     }
 }
 
@@ -350,6 +353,9 @@ impl<D: Disk> Log<D> {
             next_seq = scan.next_seq;
             last_end = Some((segno, scan.end));
             segments.insert(segno, Seg { header, file, events });
+        }
+        if segments.is_empty() {
+            next_seq = next_seq.max(options.first_seq);
         }
         // A checkpoint is never ahead of the events it covers (they were durable when taken); a disk that
         // kept a later page of a torn write and not an earlier one could make it look so.

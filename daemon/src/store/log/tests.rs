@@ -485,7 +485,7 @@ fn the_real_disk_in_every_mode() {
         for sync in [SyncMode::Fdatasync, SyncMode::Dsync] {
             let tmp = tempfile::tempdir().unwrap();
             let dir = tmp.path().join("log");
-            let options = Options { segment_size: 64 << 10, prealloc, sync };
+            let options = Options { segment_size: 64 << 10, prealloc, sync, first_seq: 0 };
             let (mut log, _) = Log::open(OsDisk, &dir, UUID, options).unwrap();
             for n in 0..100 {
                 log.append(&event(n, 500), &[], 0, 0).unwrap();

@@ -35,7 +35,38 @@ struct View {
     progress: BTreeMap<String, SinkState>,
 }
 
-fn read_view(dir: &Path, body_of: Option<&str>) -> Result<View, StoreError> {
+/// The log's frames, then the event copies the log no longer (or never) held: the events of deliveries that
+/// moved to SQLite before their segment was pruned, or that a spool taken over from the SQLite engine had
+/// pending or dead. Such an event's sinks are those its cold rows name.
+fn read_view(conn: &Connection, dir: &Path, body_of: Option<&str>) -> Result<View, StoreError> {
+    let mut view = read_log(dir, body_of)?;
+    let held: std::collections::HashSet<i64> = view.frames.iter().map(|f| f.seq).collect();
+    let mut stmt = conn.prepare(
+        "SELECT e.seq, e.id, e.source, e.event_type, e.received_at, e.headers, e.body, e.dedup_key, e.ordering_key,
+                (SELECT group_concat(sink, char(10)) FROM (SELECT sink FROM deferred WHERE seq = e.seq
+                   UNION SELECT sink FROM dead_letters WHERE seq = e.seq))
+         FROM event_copies e ORDER BY e.seq",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        let sinks: Option<String> = r.get(9)?;
+        Ok((r.get::<_, i64>(0)?, super::super::ops::event_from_row(r, 0)?, sinks))
+    })?;
+    for row in rows {
+        let (seq, mut event, sinks) = row?;
+        if held.contains(&seq) {
+            continue;
+        }
+        if body_of != Some(event.id.as_str()) {
+            event.body = bytes::Bytes::new();
+        }
+        let sinks = sinks.map(|s| s.lines().map(str::to_owned).collect()).unwrap_or_default();
+        view.frames.push(Frame { seq, replay: false, sinks, event });
+    }
+    view.frames.sort_by_key(|f| f.seq);
+    Ok(view)
+}
+
+fn read_log(dir: &Path, body_of: Option<&str>) -> Result<View, StoreError> {
     let mut view = View { frames: Vec::new(), progress: BTreeMap::new() };
     if !dir.is_dir() {
         return Ok(view);
@@ -189,7 +220,7 @@ fn summary(e: &Event, deliveries: &[DeliveryInfo]) -> EventSummary {
 
 /// Events matching `f`, newest first.
 pub(in crate::store) fn list(conn: &Connection, dir: &Path, f: &EventFilter) -> Result<Vec<EventSummary>, StoreError> {
-    let view = read_view(dir, None)?;
+    let view = read_view(conn, dir, None)?;
     let cold = cold_deliveries(conn)?;
     let mut out = Vec::new();
     for (i, deliveries) in events(&view, &cold).into_iter().rev() {
@@ -213,7 +244,7 @@ pub(in crate::store) fn list(conn: &Connection, dir: &Path, f: &EventFilter) -> 
 /// One event with its deliveries (its replays' too) and its attempt log (failed attempts and the success
 /// after them: a first-attempt success is implied by `delivered`, `attempts: 1`).
 pub(in crate::store) fn show(conn: &Connection, dir: &Path, id: &str) -> Result<Option<EventDetail>, StoreError> {
-    let view = read_view(dir, Some(id))?;
+    let view = read_view(conn, dir, Some(id))?;
     let cold = cold_deliveries(conn)?;
     let Some((i, deliveries)) = events(&view, &cold).into_iter().find(|(i, _)| view.frames[*i].event.id == id) else {
         return Ok(None);
@@ -254,12 +285,13 @@ pub(in crate::store) fn show(conn: &Connection, dir: &Path, id: &str) -> Result<
 /// The events a replay would touch (their first frames' seqs): one by id, or those received in
 /// `[since_ms, until_ms)`.
 pub(in crate::store) fn replay_targets(
+    conn: &Connection,
     dir: &Path,
     id: Option<&str>,
     since_ms: i64,
     until_ms: i64,
 ) -> Result<Vec<i64>, StoreError> {
-    let view = read_view(dir, None)?;
+    let view = read_view(conn, dir, None)?;
     Ok(view
         .frames
         .iter()
@@ -280,7 +312,7 @@ pub(in crate::store) fn replay(
     seqs: &[i64],
     sink: Option<&str>,
 ) -> Result<usize, StoreError> {
-    let view = read_view(dir, None)?;
+    let view = read_view(tx, dir, None)?;
     let now = now_ms();
     let mut stmt = tx.prepare(
         "INSERT INTO replays (seq, sink, origin, status, created_at, updated_at) VALUES (?1, ?2, 'replay', 'pending', ?3, ?3)",
