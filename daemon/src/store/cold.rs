@@ -285,20 +285,7 @@ pub(super) fn dead_letters(conn: &Connection, sink: Option<&str>) -> rusqlite::R
          FROM dead_letters l JOIN event_copies e ON e.seq = l.seq
          WHERE l.status = 'dead' AND (?1 IS NULL OR l.sink = ?1) ORDER BY l.id",
     )?;
-    let rows = stmt.query_map([sink], |r| {
-        Ok(super::DeadLetter {
-            delivery_id: r.get(0)?,
-            event_id: r.get(1)?,
-            source: r.get(2)?,
-            event_type: r.get(3)?,
-            sink: r.get(4)?,
-            attempts: r.get(5)?,
-            last_error: r.get(6)?,
-            last_status: r.get(7)?,
-            received_at_ms: r.get(8)?,
-            dead_at_ms: r.get(9)?,
-        })
-    })?;
+    let rows = stmt.query_map([sink], super::ops::dead_letter_from_row)?;
     rows.collect()
 }
 

@@ -496,20 +496,7 @@ pub fn show_event(conn: &Connection, id: &str) -> rusqlite::Result<Option<EventD
         "SELECT a.delivery_id, d.sink, a.attempt, a.started_at, a.duration_ms, a.outcome, a.status, a.error
          FROM attempts a JOIN deliveries d ON d.id = a.delivery_id WHERE d.event_seq = ?1 ORDER BY a.id",
     )?;
-    let attempts = stmt
-        .query_map([seq], |r| {
-            Ok(AttemptInfo {
-                delivery_id: r.get(0)?,
-                sink: r.get(1)?,
-                attempt: r.get(2)?,
-                started_at_ms: r.get(3)?,
-                duration_ms: r.get(4)?,
-                outcome: r.get(5)?,
-                status: r.get(6)?,
-                error: r.get(7)?,
-            })
-        })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+    let attempts = stmt.query_map([seq], attempt_from_row)?.collect::<rusqlite::Result<Vec<_>>>()?;
     Ok(Some(EventDetail {
         summary: EventSummary {
             id: event.id.clone(),
@@ -568,21 +555,39 @@ pub fn dead_letters(conn: &Connection, sink: Option<&str>) -> rusqlite::Result<V
          FROM deliveries d JOIN events e ON e.seq = d.event_seq
          WHERE d.status = 'dead' AND (?1 IS NULL OR d.sink = ?1) ORDER BY d.id",
     )?;
-    let rows = stmt.query_map([sink], |r| {
-        Ok(DeadLetter {
-            delivery_id: r.get(0)?,
-            event_id: r.get(1)?,
-            source: r.get(2)?,
-            event_type: r.get(3)?,
-            sink: r.get(4)?,
-            attempts: r.get(5)?,
-            last_error: r.get(6)?,
-            last_status: r.get(7)?,
-            received_at_ms: r.get(8)?,
-            dead_at_ms: r.get(9)?,
-        })
-    })?;
+    let rows = stmt.query_map([sink], dead_letter_from_row)?;
     rows.collect()
+}
+
+/// A [`DeadLetter`] from a row of (id, event id, source, type, sink, attempts, last error, last status,
+/// received, dead at).
+pub(super) fn dead_letter_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeadLetter> {
+    Ok(DeadLetter {
+        delivery_id: r.get(0)?,
+        event_id: r.get(1)?,
+        source: r.get(2)?,
+        event_type: r.get(3)?,
+        sink: r.get(4)?,
+        attempts: r.get(5)?,
+        last_error: r.get(6)?,
+        last_status: r.get(7)?,
+        received_at_ms: r.get(8)?,
+        dead_at_ms: r.get(9)?,
+    })
+}
+
+/// An [`AttemptInfo`] from a row of (delivery id, sink, attempt, started, duration, outcome, status, error).
+pub(super) fn attempt_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<AttemptInfo> {
+    Ok(AttemptInfo {
+        delivery_id: r.get(0)?,
+        sink: r.get(1)?,
+        attempt: r.get(2)?,
+        started_at_ms: r.get(3)?,
+        duration_ms: r.get(4)?,
+        outcome: r.get(5)?,
+        status: r.get(6)?,
+        error: r.get(7)?,
+    })
 }
 
 /// Retries a dead letter: it becomes `retried` and a new pending delivery (marked `replay`) takes its place.

@@ -393,6 +393,12 @@ impl<D: Disk> Thread<D> {
                 }
             }
         }
+        self.recount_unrouted();
+        self.publish();
+    }
+
+    /// Counts what the log holds unrouted (at open, and after a prune).
+    fn recount_unrouted(&self) {
         let (mut unrouted, mut unrouted_bytes) = (0u64, 0u64);
         for h in self.log.held_events().filter(|h| !h.routed) {
             unrouted += 1;
@@ -400,7 +406,6 @@ impl<D: Disk> Thread<D> {
         }
         self.gauges.unrouted_events.store(unrouted, Ordering::Relaxed);
         self.gauges.unrouted_bytes.store(unrouted_bytes, Ordering::Relaxed);
-        self.publish();
     }
 
     /// Publishes the pending counts (kept as running totals: a commit costs nothing per event pending).
@@ -714,13 +719,7 @@ impl<D: Disk> Thread<D> {
     fn prune(&mut self, before_ms: i64) -> Result<u64, SpoolError> {
         let (segments, events) = self.log.prune(before_ms)?;
         if segments > 0 {
-            let (mut unrouted, mut unrouted_bytes) = (0u64, 0u64);
-            for h in self.log.held_events().filter(|h| !h.routed) {
-                unrouted += 1;
-                unrouted_bytes += u64::from(h.body_len);
-            }
-            self.gauges.unrouted_events.store(unrouted, Ordering::Relaxed);
-            self.gauges.unrouted_bytes.store(unrouted_bytes, Ordering::Relaxed);
+            self.recount_unrouted();
             tracing::debug!(segments, events, "pruned the spool log");
         }
         Ok(events)

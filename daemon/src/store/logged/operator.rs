@@ -14,7 +14,7 @@ use super::super::log::file::OsDisk;
 use super::super::log::inspect::{self, Progress};
 use super::super::log::sinks::SinkState;
 use super::super::log::spool::public_seq;
-use super::super::ops::{AttemptInfo, DeliveryInfo, EventDetail, EventFilter, EventSummary};
+use super::super::ops::{DeliveryInfo, EventDetail, EventFilter, EventSummary};
 use super::super::{StoreError, log::frame::LoggedEvent};
 use crate::event::{Event, now_ms};
 
@@ -256,18 +256,7 @@ pub(in crate::store) fn show(conn: &Connection, dir: &Path, id: &str) -> Result<
          WHERE seq = ?1 ORDER BY id",
     )?;
     for seq in &seqs {
-        let rows = stmt.query_map([seq], |r| {
-            Ok(AttemptInfo {
-                delivery_id: r.get(0)?,
-                sink: r.get(1)?,
-                attempt: r.get(2)?,
-                started_at_ms: r.get(3)?,
-                duration_ms: r.get(4)?,
-                outcome: r.get(5)?,
-                status: r.get(6)?,
-                error: r.get(7)?,
-            })
-        })?;
+        let rows = stmt.query_map([seq], super::super::ops::attempt_from_row)?;
         for a in rows {
             attempts.push(a?);
         }
