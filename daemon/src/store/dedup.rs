@@ -25,7 +25,6 @@
 use std::collections::{HashMap, VecDeque};
 
 use super::Dedup;
-use crate::event::now_ms;
 
 /// What is known of the answer to an event's webhook.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,9 +80,11 @@ pub(super) struct RecentKeys {
 }
 
 impl RecentKeys {
-    /// An empty map, complete from now on: older events are loaded when a lookup first reaches back to them.
+    /// An empty map that knows nothing yet: the first lookup loads every stored event from its window's start
+    /// on, however recent (one stored in the very millisecond this map was made, or with a receive time ahead
+    /// of a clock stepped back since, must be found too); later lookups load only what they reach back to.
     pub(super) fn new() -> Self {
-        RecentKeys { by_hash: HashMap::new(), order: VecDeque::new(), complete_from: now_ms(), staged: Vec::new() }
+        RecentKeys { by_hash: HashMap::new(), order: VecDeque::new(), complete_from: i64::MAX, staged: Vec::new() }
     }
 
     /// The events (seq) with `hash` that a copy received now is a duplicate of under `rule`, committed or
@@ -155,11 +156,24 @@ impl RecentKeys {
 
     /// Adds the stored events received in `[since_ms, complete_from)` (`known`, newest first).
     fn fill(&mut self, known: Vec<Known>, since_ms: i64) {
+        let first = self.complete_from == i64::MAX;
         // Newest first, each put in front of what is known: `order` stays in receive order.
         for k in known {
+            // The first fill reaches to the present: it may meet events already held (committed by this
+            // writer) or staged (a store's own transaction sees them), which keep their entry.
+            if first
+                && (self.by_hash.get(&k.hash).is_some_and(|v| v.iter().any(|e| e.seq == k.seq))
+                    || self.staged.iter().any(|(_, e)| e.seq == k.seq))
+            {
+                continue;
+            }
             let answer = if k.uncertain { Answer::Uncertain } else { Answer::Certain };
             self.by_hash.entry(k.hash).or_default().push(Entry { seq: k.seq, received_at: k.received_at_ms, answer });
             self.order.push_front((k.received_at_ms, k.hash, k.seq));
+        }
+        if first {
+            // What was held is not older than what was loaded: put `order` back in receive order.
+            self.order.make_contiguous().sort_unstable();
         }
         self.complete_from = since_ms;
     }
@@ -168,6 +182,7 @@ impl RecentKeys {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::now_ms;
 
     fn entry(received_at: i64, answer: Answer) -> Entry {
         Entry { seq: 1, received_at, answer }
@@ -178,7 +193,7 @@ mod tests {
     #[test]
     fn the_index_is_filled_from_the_spool_once_per_stretch_of_the_window() {
         let mut keys = RecentKeys::new();
-        let now = keys.complete_from;
+        let now = now_ms();
         let mut asked = Vec::new();
         let stored = [
             Known { seq: 3, hash: 7, received_at_ms: now - 1_000, uncertain: true },
@@ -198,7 +213,22 @@ mod tests {
         assert_eq!(keys.candidates(&mut load, 7, &content), Ok(vec![3]), "only the uncertain answer");
         let longer = Dedup::DeliveryId { since_ms: now - 10_000 };
         assert_eq!(keys.candidates(&mut load, 9, &longer), Ok(vec![1]));
-        assert_eq!(asked, [(now - 5_000, now), (now - 10_000, now - 5_000)]);
+        assert_eq!(asked, [(now - 5_000, i64::MAX), (now - 10_000, now - 5_000)], "the first load reaches the present");
+    }
+
+    /// An event stored in the very millisecond the index was made, or with a receive time ahead of a clock
+    /// stepped back since, is found; one this writer already holds is not taken twice.
+    #[test]
+    fn the_first_load_reaches_past_the_present_and_keeps_what_is_held() {
+        let mut keys = RecentKeys::new();
+        keys.stage(7, 5, now_ms());
+        keys.commit(0);
+        let ahead = Known { seq: 4, hash: 7, received_at_ms: now_ms() + 60_000, uncertain: false };
+        let held = Known { seq: 5, hash: 7, received_at_ms: now_ms(), uncertain: false };
+        let load = |_: i64, _: i64| Ok::<_, ()>(vec![ahead, held]);
+        let ids = Dedup::DeliveryId { since_ms: now_ms() - 1_000 };
+        assert_eq!(keys.candidates(load, 7, &ids), Ok(vec![4, 5]));
+        assert_eq!(keys.set_answer(7, 5, Answer::Uncertain), Some(Answer::Pending), "the held entry kept its answer");
     }
 
     #[test]

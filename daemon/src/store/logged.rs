@@ -161,7 +161,7 @@ impl Logged {
             "spool log recovered"
         );
         // Dead letters from the oldest seq any sink is not done with: those the log may not know were moved.
-        let floor = log.sinks().values().map(|s| s.floor()).min().unwrap_or(0).min(log.first_seq());
+        let floor = log.sinks().values().map(|s| s.floor()).min().unwrap_or(u64::MAX).min(log.first_seq());
         let mut state = Cold::default();
         for (sink, seq, bytes) in cold::all_deferred(&conn)? {
             state.defer(&sink, seq, bytes);
