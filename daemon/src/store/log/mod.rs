@@ -729,8 +729,9 @@ impl<D: Disk> Log<D> {
     /// still needed: one is needed while it is the active one, holds an event received at or after
     /// `before_ms` (retention), or holds an event some sink is not done with (every sink an event here was
     /// routed to counts, with or without a dispatcher: a sink that has none yet pins the log, as a pending
-    /// delivery does). Only a prefix goes, so recovery never takes a pruned segment for a hole. Returns the
-    /// (segments, events) deleted.
+    /// delivery does). Only a prefix goes, so recovery never takes a pruned segment for a hole. An active
+    /// segment with an event older than `before_ms` is rolled at the next commit. Returns the (segments,
+    /// events) deleted.
     pub fn prune(&mut self, before_ms: i64) -> Result<(u64, u64), LogError> {
         if self.failed {
             return Err(LogError::Failed);
@@ -776,6 +777,18 @@ impl<D: Disk> Log<D> {
             self.disk.sync_dir(&self.dir).map_err(|source| LogError::Io { path: self.dir.clone(), source })?;
             let first = self.first_seq();
             self.uncertain = self.uncertain.split_off(&first);
+        }
+        // The active segment holds an event retention let go: roll at the next commit, so that it can go
+        // once its newest event is past retention too. A segment that never fills (a quiet daemon) then
+        // keeps an event at most twice the retention.
+        if self.roll_at.is_none()
+            && self.buf.is_empty()
+            && self
+                .segments
+                .last_key_value()
+                .is_some_and(|(_, s)| s.events.first().is_some_and(|e| e.received_at_ms < before_ms))
+        {
+            self.roll_at = Some(0);
         }
         Ok((doomed.len() as u64, events))
     }
