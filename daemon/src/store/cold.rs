@@ -22,6 +22,8 @@ pub(super) enum ColdWrite {
         sink: String,
         /// The event (its seq is the delivery's id).
         event: Arc<Event>,
+        /// The delivery is a replay's (it stays one).
+        replay: bool,
         /// The attempt and its outcome.
         record: Record,
     },
@@ -73,9 +75,11 @@ fn attempt_row(tx: &Connection, sink: &str, r: &Record) -> rusqlite::Result<()> 
 
 fn dead_letter(tx: &Connection, sink: &str, r: &Record, error: &str) -> rusqlite::Result<()> {
     let now = now_ms();
+    // Once per delivery: a move recorded again (its answer lost to a failure after the commit) adds none.
     tx.prepare_cached(
         "INSERT INTO dead_letters (sink, seq, status, attempts, last_error, last_status, dead_at, updated_at)
-         VALUES (?1, ?2, 'dead', ?3, ?4, ?5, ?6, ?6)",
+         SELECT ?1, ?2, 'dead', ?3, ?4, ?5, ?6, ?6
+         WHERE NOT EXISTS (SELECT 1 FROM dead_letters WHERE sink = ?1 AND seq = ?2 AND status = 'dead')",
     )?
     .execute(params![sink, r.delivery_id, r.attempts, error, r.attempt.status, now])?;
     Ok(())
@@ -86,7 +90,7 @@ fn dead_letter(tx: &Connection, sink: &str, r: &Record, error: &str) -> rusqlite
 pub(super) fn apply(tx: &Connection, w: &ColdWrite) -> rusqlite::Result<bool> {
     let now = now_ms();
     match w {
-        ColdWrite::Move { sink, event, record } => {
+        ColdWrite::Move { sink, event, replay, record } => {
             let headers = serde_json::to_string(&event.headers).unwrap_or_else(|_| "[]".into());
             tx.prepare_cached(
                 "INSERT OR IGNORE INTO event_copies
@@ -108,8 +112,9 @@ pub(super) fn apply(tx: &Connection, w: &ColdWrite) -> rusqlite::Result<bool> {
                 Outcome::Retry { next_attempt_ms, error } => {
                     tx.prepare_cached(
                         "INSERT OR REPLACE INTO deferred
-                           (sink, seq, attempts, next_attempt_at, last_error, last_status, created_at, updated_at)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                           (sink, seq, attempts, next_attempt_at, last_error, last_status, replay, created_at,
+                            updated_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                     )?
                     .execute(params![
                         sink,
@@ -118,6 +123,7 @@ pub(super) fn apply(tx: &Connection, w: &ColdWrite) -> rusqlite::Result<bool> {
                         next_attempt_ms,
                         error,
                         record.attempt.status,
+                        replay,
                         event.received_at_ms,
                         now
                     ])?;
@@ -183,7 +189,7 @@ pub(super) fn deferred(
 ) -> rusqlite::Result<Vec<PendingDelivery>> {
     let mut stmt = conn.prepare_cached(
         "SELECT d.seq, d.attempts, e.seq, e.id, e.source, e.event_type, e.received_at, e.headers, e.body,
-                e.dedup_key, e.ordering_key, d.created_at, d.next_attempt_at
+                e.dedup_key, e.ordering_key, d.created_at, d.next_attempt_at, d.replay
          FROM deferred d JOIN event_copies e ON e.seq = d.seq
          WHERE d.sink = ?1 AND d.seq > ?2 ORDER BY d.seq LIMIT ?3",
     )?;
@@ -192,7 +198,7 @@ pub(super) fn deferred(
             id: r.get(0)?,
             seq: r.get(0)?,
             attempts: r.get(1)?,
-            replay: false,
+            replay: r.get(13)?,
             event: Arc::new(super::ops::event_from_row(r, 2)?),
             created_at_ms: r.get(11)?,
             next_attempt_ms: r.get(12)?,

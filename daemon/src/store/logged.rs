@@ -236,9 +236,10 @@ impl Logged {
             let ids: Vec<i64> = moving.iter().map(|r| r.delivery_id).collect();
             let events = self.spool.outstanding(sink, &ids).await.map_err(spool_error)?;
             for r in moving {
-                if let Some((_, event)) = events.iter().find(|(id, _)| *id == r.delivery_id) {
+                if let Some((_, event, replay)) = events.iter().find(|(id, ..)| *id == r.delivery_id) {
                     finished.push(r.delivery_id);
-                    writes.push(ColdWrite::Move { sink: sink.to_owned(), event: Arc::clone(event), record: r });
+                    let (sink, event, replay) = (sink.to_owned(), Arc::clone(event), *replay);
+                    writes.push(ColdWrite::Move { sink, event, replay, record: r });
                 }
             }
         }

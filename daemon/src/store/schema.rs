@@ -102,6 +102,7 @@ CREATE TABLE IF NOT EXISTS deferred (
     next_attempt_at INTEGER,
     last_error      TEXT,
     last_status     INTEGER,
+    replay          INTEGER NOT NULL DEFAULT 0,
     created_at      INTEGER NOT NULL,
     updated_at      INTEGER NOT NULL,
     PRIMARY KEY (sink, seq)

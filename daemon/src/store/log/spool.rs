@@ -66,6 +66,9 @@ impl From<LogError> for SpoolError {
     }
 }
 
+/// An outstanding delivery's id, its event, and whether it is a replay.
+pub type Outstanding = (i64, Arc<Event>, bool);
+
 /// Counters of the spool thread.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -114,7 +117,7 @@ enum Op {
     Outstanding {
         sink: String,
         seqs: Vec<u64>,
-        reply: Reply<Vec<(i64, Arc<Event>)>>,
+        reply: Reply<Vec<Outstanding>>,
     },
     /// Per sink, the receive time of the oldest event it is not done with.
     Oldest {
@@ -254,7 +257,7 @@ impl Spool {
 
     /// The events of those of `ids` that `sink` has outstanding (handed and not finished), to move to the
     /// cold path; a delivery already finished is left out.
-    pub async fn outstanding(&self, sink: &str, ids: &[i64]) -> Result<Vec<(i64, Arc<Event>)>, SpoolError> {
+    pub async fn outstanding(&self, sink: &str, ids: &[i64]) -> Result<Vec<Outstanding>, SpoolError> {
         let seqs = ids.iter().filter_map(|id| log_seq(*id)).collect();
         self.call(|reply| Op::Outstanding { sink: sink.to_owned(), seqs, reply }).await
     }
@@ -318,7 +321,7 @@ enum Waiter {
 /// A read served after the batch's commit (it must see the batch).
 enum Read {
     Pending(String, u64, usize, Reply<Vec<PendingDelivery>>),
-    Outstanding(String, Vec<u64>, Reply<Vec<(i64, Arc<Event>)>>),
+    Outstanding(String, Vec<u64>, Reply<Vec<Outstanding>>),
     Oldest(Reply<Vec<(String, i64)>>),
     Prune(i64, Reply<u64>),
     Events(Vec<u64>, Reply<Vec<Option<Event>>>),
@@ -685,12 +688,12 @@ impl<D: Disk> Thread<D> {
 
 impl<D: Disk> Thread<D> {
     /// The events of those of `seqs` that `sink` has outstanding.
-    fn outstanding(&self, sink: &str, seqs: &[u64]) -> Result<Vec<(i64, Arc<Event>)>, SpoolError> {
+    fn outstanding(&self, sink: &str, seqs: &[u64]) -> Result<Vec<Outstanding>, SpoolError> {
         let Some(state) = self.log.sinks().get(sink) else { return Ok(Vec::new()) };
         let mut out = Vec::new();
         for seq in seqs.iter().filter(|s| state.outstanding.contains(s)) {
             if let Some(logged) = self.log.read(*seq)? {
-                out.push((public_seq(*seq), Arc::new(logged.event.0)));
+                out.push((public_seq(*seq), Arc::new(logged.event.0), logged.replay));
             }
         }
         Ok(out)

@@ -97,8 +97,8 @@ fn read_log(dir: &Path, body_of: Option<&str>) -> Result<View, StoreError> {
 /// What SQLite holds of deliveries that left the log: (sink, seq) -> the delivery as shown.
 fn cold_deliveries(conn: &Connection) -> Result<HashMap<(String, i64), DeliveryInfo>, StoreError> {
     let mut out = HashMap::new();
-    let mut stmt =
-        conn.prepare("SELECT sink, seq, attempts, last_error, last_status, created_at, updated_at FROM deferred")?;
+    let mut stmt = conn
+        .prepare("SELECT sink, seq, attempts, last_error, last_status, created_at, updated_at, replay FROM deferred")?;
     let rows = stmt.query_map([], |r| {
         let (sink, seq): (String, i64) = (r.get(0)?, r.get(1)?);
         Ok((
@@ -110,7 +110,7 @@ fn cold_deliveries(conn: &Connection) -> Result<HashMap<(String, i64), DeliveryI
                 attempts: r.get(2)?,
                 last_error: r.get(3)?,
                 last_status: r.get(4)?,
-                replay: false,
+                replay: r.get(7)?,
                 created_at_ms: r.get(5)?,
                 updated_at_ms: r.get(6)?,
             },
@@ -156,7 +156,7 @@ fn deliveries(frame: &Frame, view: &View, cold: &HashMap<(String, i64), Delivery
         .iter()
         .map(|sink| {
             if let Some(d) = cold.get(&(sink.clone(), frame.seq)) {
-                return DeliveryInfo { replay: frame.replay, ..d.clone() };
+                return DeliveryInfo { replay: frame.replay || d.replay, ..d.clone() };
             }
             let log_seq = (frame.seq - 1) as u64;
             let done = view.progress.get(sink).is_some_and(|s| s.is_done(log_seq));

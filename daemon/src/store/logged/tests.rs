@@ -140,14 +140,18 @@ async fn a_crash_between_the_move_and_the_log_checkpoint_leaves_one_delivery() {
     let Backend::Log(l) = &store.backend else { unreachable!() };
     let rec = |id, outcome| Record { delivery_id: id, attempts: 1, outcome, attempt: attempt(None), event: None };
     let writes = vec![
-        ColdWrite::Move { sink: "s".into(), event: Arc::clone(&rows[0].event), record: rec(a, retry()) },
+        ColdWrite::Move { sink: "s".into(), event: Arc::clone(&rows[0].event), replay: false, record: rec(a, retry()) },
         ColdWrite::Move {
             sink: "s".into(),
             event: Arc::clone(&rows[1].event),
+            replay: false,
             record: rec(b, Outcome::Dead("x".into())),
         },
     ];
+    l.sqlite().cold(writes.clone()).await.unwrap();
+    // Recorded again (as a dispatcher does when an answer was lost): no second dead letter.
     l.sqlite().cold(writes).await.unwrap();
+    assert_eq!(dead_letters(dir.path()).len(), 1);
     store.close().await;
 
     let store = open(dir.path());
@@ -322,7 +326,11 @@ async fn dead_letters_are_listed_retried_through_the_log_and_purged() {
     assert_eq!(again[0].event.body, Bytes::from_static(b"{\"n\":1}"));
     store.resync().await.unwrap();
     assert_eq!(store.pending("s", b, 10).await.unwrap().len(), 1, "taken in once");
-    store.record("s", again[0].id, 1, Outcome::Delivered, attempt(None)).await.unwrap();
+    // A replay that fails stays a replay through the cold path.
+    store.record("s", again[0].id, 1, retry(), attempt(Some(503))).await.unwrap();
+    let deferred = store.pending("s", b, 10).await.unwrap();
+    assert_eq!((deferred[0].id, deferred[0].attempts, deferred[0].replay), (again[0].id, 1, true));
+    store.record("s", again[0].id, 2, Outcome::Delivered, attempt(None)).await.unwrap();
     assert_eq!(store.gauges().snapshot(), (0, 0, 0));
 
     // A retry appended, and the crash before its row says so: appended again at the next start.
