@@ -1,8 +1,13 @@
-//! The durable spool: events, their deliveries and the attempt log in an embedded SQLite database (WAL,
-//! `synchronous=FULL`). One writer thread owns the daemon's write connection and folds every operation waiting
-//! in its queue into one transaction: concurrent webhooks share one fsync (group commit). Readers use their
-//! own connections and never block the writer. Operator commands ([`Operator`]) use a connection of their own,
-//! in the daemon (admin API) or in another process (CLI); SQLite's locking keeps them consistent.
+//! The durable spool, behind one API ([`Store`]) whatever engine holds it (`storage.engine`):
+//! - the SQLite engine (`sqlite.rs`, `writer.rs`, `ops.rs`): events, their deliveries and the attempt log in
+//!   an embedded SQLite database (WAL), one writer thread folding every operation waiting into one
+//!   transaction (group commit), readers on connections of their own;
+//! - the log engine (`logged.rs`): healthy events in the append-only segment log (`log/`), what did not go
+//!   well (retries, dead letters, their attempts, replays) in the same SQLite database (`cold.rs`).
+//!
+//! Operator commands ([`Operator`]) use a connection of their own, in the daemon (admin API) or in another
+//! process (CLI); SQLite's locking keeps them consistent, and on the log engine they read the segments
+//! without writing.
 
 mod acker;
 mod cold;
