@@ -306,6 +306,20 @@ impl<D: Disk> Log<D> {
                 recovery.holes.push((prev, Hole { from: end, to: end, lost_events: header.base_seq - next_seq }));
             }
             let scan = segment::scan(&data, &header);
+            // Nothing valid lies past the scan's end (a torn tail, or preallocated space never used: a start
+            // opens a new segment, so every stop leaves one mostly empty): cut it off, so that its space is
+            // given back and later reads stop there. The segment is never written again; a crash during
+            // the cut (or a cut that fails) leaves either length, and both scan alike.
+            if scan.end < data.len() {
+                let cut = disk.open(&path, true).and_then(|mut f| {
+                    f.set_len(scan.end as u64)?;
+                    f.sync_data()
+                });
+                if let Err(e) = cut {
+                    // Only space and read time are lost: what was read stays what the segment holds.
+                    tracing::warn!(error = %e, file = %path.display(), "cannot cut a recovered segment to its valid frames");
+                }
+            }
             let mut events: Vec<Entry> = Vec::new();
             for f in &scan.frames {
                 let Ok((fr, _)) = frame::decode(&data[f.offset..], header.place()) else { continue };

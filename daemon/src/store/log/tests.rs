@@ -477,7 +477,7 @@ proptest! {
 }
 
 /// The real file system, in every preallocation and sync mode: rolls, reopen, every event read back; a
-/// preallocated segment has its full size from the start.
+/// preallocated segment has its full size from the start, and a recovered one is cut to its valid frames.
 #[test]
 fn the_real_disk_in_every_mode() {
     use super::file::{OsDisk, Prealloc, SyncMode};
@@ -501,11 +501,19 @@ fn the_real_disk_in_every_mode() {
                 let got = log.read(n).unwrap().unwrap().event.0;
                 assert!(same(&got, &event(n, 500)), "{prealloc:?} {sync:?}: {n}");
             }
-            let first = std::fs::read_dir(&dir).unwrap().next().unwrap().unwrap();
-            let len = first.metadata().unwrap().len();
+            let mut segs: Vec<_> = std::fs::read_dir(&dir)
+                .unwrap()
+                .map(|e| e.unwrap().path())
+                .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+                .collect();
+            segs.sort();
+            let len = |p: &std::path::Path| std::fs::metadata(p).unwrap().len();
+            let (active, before) = (&segs[segs.len() - 1], &segs[segs.len() - 2]);
             if prealloc != Prealloc::Grow {
-                assert!(len >= 64 << 10, "{prealloc:?}: {len}");
+                assert!(len(active) >= 64 << 10, "{prealloc:?}: the new segment has its full size: {}", len(active));
             }
+            // The segment the first run ended in was cut to its valid frames at the reopen.
+            assert!(len(before) < 64 << 10, "{prealloc:?}: {}", len(before));
         }
     }
 }
@@ -556,4 +564,35 @@ fn the_index_routing_and_answers_survive_a_reopen() {
     let (log, rec) = open(&disk, 8 << 10);
     assert!(rec.segments > 2, "{rec:?}");
     check(&log);
+}
+
+/// A recovered segment is cut to its valid frames at open; a cut whose sync fails, then a crash, loses
+/// nothing, and the next open cuts it again.
+#[test]
+fn a_recovered_segment_is_cut_to_its_valid_frames_and_a_failed_cut_loses_nothing() {
+    let disk = SimDisk::default();
+    let options = Options { prealloc: super::file::Prealloc::Fallocate, ..Options::with_segment_size(64 << 10) };
+    let (mut log, _) = Log::open(disk.clone(), &dir(), UUID, options).unwrap();
+    for n in 0..10 {
+        log.append(&event(n, 100), &[], 0, 0).unwrap();
+    }
+    log.commit().unwrap();
+    drop(log);
+    let first = dir().join(segment::file_name(0));
+    assert_eq!(disk.contents(&first).unwrap().len(), 64 << 10, "preallocated");
+    // The cut's sync fails, and the machine goes down before anything else is synced.
+    disk.fail_syncs(1);
+    let syncs = disk.syncs();
+    let reopened = Log::open(disk.clone(), &dir(), UUID, options);
+    assert!(reopened.is_ok(), "a failed cut does not fail the open: {reopened:?}");
+    assert!(disk.syncs() > syncs);
+    drop(reopened);
+    disk.crash_clean();
+    let (log, rec) = Log::open(disk.clone(), &dir(), UUID, options).unwrap();
+    assert_eq!((rec.events, rec.holes.len()), (10, 0));
+    for n in 0..10 {
+        assert!(same(&log.read(n).unwrap().unwrap().event.0, &event(n, 100)), "{n}");
+    }
+    let cut = disk.contents(&first).unwrap().len();
+    assert!(cut < 64 << 10, "cut to its frames: {cut}");
 }
