@@ -46,6 +46,16 @@ async fn post(bridge: &TestBridge, event: &str, body: &str) -> Value {
     serde_json::from_str(&text).unwrap()
 }
 
+/// Deliveries as `id/description`, in arrival order.
+fn arrival(got: &[Received]) -> Vec<String> {
+    got.iter()
+        .map(|r| {
+            let v: Value = serde_json::from_slice(&r.body).unwrap();
+            format!("{}/{}", v["id"].as_str().unwrap(), v["description"].as_str().unwrap())
+        })
+        .collect()
+}
+
 fn json(text: &str) -> Value {
     serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))
 }
@@ -228,14 +238,7 @@ async fn events_of_one_entity_arrive_in_order_while_others_go_on() {
     post(&bridge, "TIME_ENTRY_UPDATED", &entry("entry-slow", "second")).await;
     post(&bridge, "NEW_TIME_ENTRY", &entry("entry-other", "unrelated")).await;
     let got = receiver.wait_for(3, Duration::from_secs(20)).await;
-    let order: Vec<String> = got
-        .iter()
-        .map(|r| {
-            let v: Value = serde_json::from_slice(&r.body).unwrap();
-            format!("{}/{}", v["id"].as_str().unwrap(), v["description"].as_str().unwrap())
-        })
-        .collect();
-    assert_eq!(order, ["entry-other/unrelated", "entry-slow/first", "entry-slow/second"]);
+    assert_eq!(arrival(&got), ["entry-other/unrelated", "entry-slow/first", "entry-slow/second"]);
     // The second event for the entity waited: it was never sent before the first succeeded.
     let slow: Vec<(u16, String)> = receiver
         .hits()
@@ -394,14 +397,7 @@ async fn the_log_engine_retries_through_the_cold_path_in_order_and_dead_letters(
     post(&bridge, "NEW_TIME_ENTRY", &entry("entry-bad", "refused")).await;
     post(&bridge, "NEW_TIME_ENTRY", &entry("entry-other", "unrelated")).await;
     let got = receiver.wait_for(3, Duration::from_secs(20)).await;
-    let order: Vec<String> = got
-        .iter()
-        .map(|r| {
-            let v: Value = serde_json::from_slice(&r.body).unwrap();
-            format!("{}/{}", v["id"].as_str().unwrap(), v["description"].as_str().unwrap())
-        })
-        .collect();
-    assert_eq!(order, ["entry-other/unrelated", "entry-slow/first", "entry-slow/second"]);
+    assert_eq!(arrival(&got), ["entry-other/unrelated", "entry-slow/first", "entry-slow/second"]);
     let statuses: Vec<u16> = receiver
         .hits()
         .into_iter()

@@ -2,7 +2,7 @@ use super::*;
 use crate::event::now_ms;
 use bytes::Bytes;
 
-fn event(id: &str, body: &str) -> Event {
+pub(in crate::store) fn event(id: &str, body: &str) -> Event {
     Event {
         id: id.into(),
         source: "clockify".into(),
@@ -20,7 +20,7 @@ fn attempt() -> Attempt {
     Attempt { started_at_ms: now_ms(), duration_ms: 3, status: None }
 }
 
-async fn new(store: &Store, id: &str, body: &str, sinks: &[&str]) -> i64 {
+pub(in crate::store) async fn new(store: &Store, id: &str, body: &str, sinks: &[&str]) -> i64 {
     match store.insert(event(id, body), sinks.iter().map(|s| s.to_string()).collect(), Dedup::Off).await.unwrap() {
         Inserted::New { seq } => seq,
         other => panic!("{other:?}"),

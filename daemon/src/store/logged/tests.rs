@@ -3,22 +3,9 @@
 use bytes::Bytes;
 
 use super::super::cold::ColdWrite;
+use super::super::tests::{event, new};
 use super::super::*;
 use crate::event::now_ms;
-
-fn event(id: &str, body: &str) -> Event {
-    Event {
-        id: id.into(),
-        source: "clockify".into(),
-        event_type: "NEW_TIME_ENTRY".into(),
-        received_at_ms: now_ms(),
-        headers: vec![("content-type".into(), "application/json".into())],
-        body: Bytes::from(body.to_owned()),
-        dedup_key: format!("k-{id}"),
-        ordering_key: None,
-        body_is_json: false,
-    }
-}
 
 fn open(dir: &Path) -> Store {
     Store::open_engine(dir, Engine::Log).unwrap()
@@ -30,13 +17,6 @@ fn attempt(status: Option<u16>) -> Attempt {
 
 fn retry() -> Outcome {
     Outcome::Retry { next_attempt_ms: now_ms() + 60_000, error: "HTTP 503".into() }
-}
-
-async fn new(store: &Store, id: &str, body: &str, sinks: &[&str]) -> i64 {
-    match store.insert(event(id, body), sinks.iter().map(|s| s.to_string()).collect(), Dedup::Off).await.unwrap() {
-        Inserted::New { seq } => seq,
-        other => panic!("{other:?}"),
-    }
 }
 
 fn ids(rows: &[PendingDelivery]) -> Vec<&str> {
