@@ -34,7 +34,7 @@ use tokio::sync::Semaphore;
 use crate::classify::{DedupKey, classify, visible_headers};
 use crate::config::Source;
 use crate::event::{Event, now_ms};
-use crate::limits::RETRY_AFTER_SECS;
+use crate::limits::{REPEATED_ERROR_LOG, RETRY_AFTER_SECS};
 use crate::metrics::{Metrics, NO_SOURCE};
 use crate::route::{RouteInput, RouteTable};
 use crate::store::{Dedup, Inserted, Store};
@@ -741,7 +741,11 @@ async fn accept(
             (stored_response(status, &id), watch.map(|hash| (seq, hash, false)))
         }
         Err(e) => {
-            tracing::error!(source = %source.id, error = %e, "cannot commit event to the spool");
+            // Every webhook meets it while it lasts (a full disk): one line per interval, with the count.
+            static STORE_ERRORS: crate::limits::Throttle = crate::limits::Throttle::new(REPEATED_ERROR_LOG);
+            if let Some(held_back) = STORE_ERRORS.due(Instant::now()) {
+                tracing::error!(source = %source.id, error = %e, held_back, "cannot commit event to the spool");
+            }
             s.metrics.rejected(&source.id, "store_error");
             (unavailable("cannot store the event; retry later"), None)
         }

@@ -164,3 +164,62 @@ pub const SINK_STATS_INTERVAL: Duration = Duration::from_secs(2);
 /// Deliveries the spool writer can hand to one dispatcher ahead of it; past it the dispatcher reads the
 /// spool instead. Memory per sink is bounded by (this + 256 + max_in_flight) bodies.
 pub const FEED_CAPACITY: usize = 256;
+
+/// How often at most a condition that repeats with every request (a full disk, a stopped spool) is logged.
+pub const REPEATED_ERROR_LOG: Duration = Duration::from_secs(10);
+
+/// Lets one log line through per interval for a condition that repeats (every webhook refused on a full
+/// disk would otherwise be a line each, into a journal that may share that disk), and counts the others.
+#[derive(Debug)]
+pub struct Throttle {
+    every: Duration,
+    /// When the last line went out, and how many were held back since.
+    state: std::sync::Mutex<Option<(std::time::Instant, u64)>>,
+}
+
+impl Throttle {
+    /// One line per `every` at most.
+    pub const fn new(every: Duration) -> Self {
+        Throttle { every, state: std::sync::Mutex::new(None) }
+    }
+
+    /// Whether a line may go out at `now`: `Some(n)` with the `n` held back since the last one, `None` to
+    /// hold this one back.
+    pub fn due(&self, now: std::time::Instant) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match *state {
+            Some((last, ref mut held)) if now.duration_since(last) < self.every => {
+                *held += 1;
+                None
+            }
+            Some((_, held)) => {
+                *state = Some((now, 0));
+                Some(held)
+            }
+            None => {
+                *state = Some((now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod throttle_tests {
+    use super::*;
+    use std::time::Instant;
+
+    /// The first line goes out, the next ones within the interval are counted, and the first after it
+    /// says how many were held back.
+    #[test]
+    fn a_repeated_line_goes_out_once_per_interval_with_the_count_of_the_others() {
+        let t = Throttle::new(Duration::from_secs(10));
+        let start = Instant::now();
+        assert_eq!(t.due(start), Some(0));
+        assert_eq!(t.due(start + Duration::from_secs(1)), None);
+        assert_eq!(t.due(start + Duration::from_secs(9)), None);
+        assert_eq!(t.due(start + Duration::from_secs(10)), Some(2));
+        assert_eq!(t.due(start + Duration::from_secs(11)), None);
+        assert_eq!(t.due(start + Duration::from_secs(30)), Some(1));
+    }
+}

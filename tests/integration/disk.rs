@@ -156,7 +156,10 @@ to = ["out"]
 
 /// A sync of the spool that fails (here: its WAL deleted under the running daemon, so the syncer cannot
 /// reach it) is never acknowledged, and the daemon exits non-zero so that systemd restarts it; the restart
-/// serves again and delivers what was acknowledged before.
+/// serves again and delivers what was acknowledged before. On the SQLite engine, whose sync a test can make
+/// fail from outside; the log engine's failed `fdatasync` is tested on the simulated disk
+/// (`store::log::tests`, `store::log::spool::tests`), and reaches the daemon through the same
+/// `Store::failed`.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failed_sync_makes_the_daemon_exit_non_zero_and_a_restart_serves_again() {
     let dir = tempfile::tempdir().unwrap();
@@ -171,6 +174,7 @@ listen = "127.0.0.1:{port}"
 internal_listen = "127.0.0.1:0"
 [storage]
 data_dir = "data"
+engine = "sqlite"
 [sources.clockify]
 kind = "clockify"
 secrets = ["{SECRET}"]

@@ -132,8 +132,8 @@ pub struct StorageConfig {
     /// Default `73h` (Clockify retries up to 72 h after a failure). `"0s"` turns dedup off.
     #[serde(default = "limits::default_dedup_window")]
     pub dedup_window: HumanDuration,
-    /// Where healthy events are kept: `"sqlite"` (default: everything in `spool.db`) or `"log"`
-    /// (experimental: an append-only segment log in `log/`, with retries and dead letters in `spool.db`). A
+    /// Where healthy events are kept: `"log"` (default: an append-only segment log in `log/`, with retries
+    /// and dead letters in `spool.db`) or `"sqlite"` (everything in `spool.db`, the default before). A
     /// SQLite-engine spool is taken over at the first start with `"log"`; there is no way back.
     #[serde(default)]
     pub engine: crate::store::Engine,

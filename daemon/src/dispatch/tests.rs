@@ -187,11 +187,12 @@ async fn batches_keep_order_per_entity_and_retry_alone_on(engine: Engine) {
 /// A delivery that its sink has taken gives its slot to the next one while its outcome waits to be
 /// recorded, and no more than `max_in_flight` outcomes wait at once: with one slot and the spool's write
 /// lock held by another connection (so no outcome can be recorded), the sink gets exactly two deliveries;
-/// once the lock goes, everything is delivered and recorded.
+/// once the lock goes, everything is delivered and recorded. (The SQLite engine: on the log engine a
+/// delivered outcome does not touch SQLite.)
 #[tokio::test]
 async fn a_delivered_event_frees_its_slot_while_its_outcome_is_recorded() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+    let store = Store::open_engine(dir.path(), Engine::Sqlite).unwrap();
     for i in 0..5 {
         store.insert(event(format!("{i:04}"), None), vec!["r".into()], Dedup::Off).await.unwrap();
     }
@@ -222,8 +223,19 @@ async fn a_delivered_event_frees_its_slot_while_its_outcome_is_recorded() {
 /// whose cursor has moved past it, still delivers it (and only once).
 #[tokio::test]
 async fn a_replay_committed_behind_the_cursor_is_delivered_once() {
+    a_replay_is_delivered_once_on(Engine::Sqlite).await;
+}
+
+/// On the log engine an operator's replay is appended to the log at the daemon's next resync, as a new
+/// event behind the cursor's: delivered once too.
+#[tokio::test]
+async fn a_replay_is_delivered_once_on_the_log() {
+    a_replay_is_delivered_once_on(Engine::Log).await;
+}
+
+async fn a_replay_is_delivered_once_on(engine: Engine) {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+    let store = Store::open_engine(dir.path(), engine).unwrap();
     let feed = store.subscribe("r", 16);
     let sink = Arc::new(Recorder::default());
     let cancel = CancellationToken::new();
@@ -234,6 +246,7 @@ async fn a_replay_committed_behind_the_cursor_is_delivered_once() {
     let seqs = op.replay_targets(Some("a"), 0, 0).unwrap();
     assert_eq!(op.replay(&seqs, None).unwrap(), 1);
     store.insert(event("b".into(), None), vec!["r".into()], Dedup::Off).await.unwrap();
+    store.resync().await.unwrap(); // what the daemon does every second
     wait_for(&sink, 3).await;
     tokio::time::sleep(Duration::from_millis(2500)).await; // two more polls: nothing is taken twice
     let mut got = sink.0.lock().unwrap().clone();

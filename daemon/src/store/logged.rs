@@ -22,11 +22,12 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use super::cold::{self, ColdWrite};
+use super::dedup::Known;
 use super::log::file::OsDisk;
-use super::log::spool::{Spool, SpoolError};
+use super::log::spool::{Earlier, Spool, SpoolError};
 use super::log::{self, Log, Options};
 use super::sqlite::Sqlite;
-use super::{Dedup, Feed, Inserted, Outcome, PendingDelivery, Record, SinkStats, SpoolGauges, StoreError, schema};
+use super::{Dedup, Feed, Inserted, Outcome, PendingDelivery, Record, SinkStats, SpoolGauges, StoreError, ops, schema};
 use crate::event::Event;
 use crate::limits::{GROUP_COMMIT_MAX, WRITER_QUEUE};
 
@@ -105,6 +106,23 @@ impl std::fmt::Debug for Logged {
     }
 }
 
+/// The events of the SQLite engine's spool the log took over, as dedup reads them (read-only, on the spool
+/// thread; a store's seq `s` is log seq `s - 1`, below the log's first).
+struct SqliteEvents(rusqlite::Connection);
+
+impl Earlier for SqliteEvents {
+    fn received_between(&mut self, since_ms: i64, until_ms: i64) -> Result<Vec<Known>, String> {
+        let known = ops::recent_keys(&self.0, since_ms, until_ms).map_err(|e| e.to_string())?;
+        Ok(known.into_iter().map(|k| Known { seq: k.seq - 1, ..k }).collect())
+    }
+
+    fn find(&mut self, seq: u64, key: &str, source: &str) -> Result<Option<String>, String> {
+        let seq = log::spool::public_seq(seq);
+        let found = ops::find_duplicate(&self.0, &[seq], key, source).map_err(|e| e.to_string())?;
+        Ok(found.map(|(_, id)| id))
+    }
+}
+
 fn spool_error(e: SpoolError) -> StoreError {
     match e {
         SpoolError::Closed => StoreError::Closed,
@@ -168,7 +186,12 @@ impl Logged {
         }
         state.settle = cold::dead_since(&conn, log::spool::public_seq(floor))?.into_iter().collect();
         drop(conn);
-        let (spool, thread) = Spool::spawn(log, WRITER_QUEUE, GROUP_COMMIT_MAX)
+        // The SQLite engine's events stay in `events` until retention prunes them: dedup still finds them.
+        let earlier: Option<Box<dyn Earlier>> = match first_seq {
+            0 => None,
+            _ => Some(Box::new(SqliteEvents(super::sqlite::open_reader(sqlite.path())?))),
+        };
+        let (spool, thread) = Spool::spawn_after(log, earlier, WRITER_QUEUE, GROUP_COMMIT_MAX)
             .map_err(|source| StoreError::Dir { path: dir.clone(), source })?;
         Ok(Logged { spool, sqlite, cold: Arc::new(Mutex::new(state)), thread: Arc::new(Mutex::new(Some(thread))), dir })
     }

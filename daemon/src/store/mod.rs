@@ -355,18 +355,20 @@ enum Backend {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Engine {
-    /// Everything in SQLite (`spool.db`).
-    #[default]
+    /// Everything in SQLite (`spool.db`): the default before the log; still served, the
+    /// takeover's source and the benchmarks' baseline.
     Sqlite,
-    /// Healthy events in the append-only segment log (`log/`), the cold path in SQLite (experimental). Takes
-    /// a SQLite-engine spool over at open.
+    /// Healthy events in the append-only segment log (`log/`), the cold path in SQLite. Takes a
+    /// SQLite-engine spool over at open.
+    #[default]
     Log,
 }
 
 impl Store {
-    /// Opens (creating if needed) the SQLite-engine spool in `data_dir` and starts its writer thread.
+    /// Opens (creating if needed) the spool in `data_dir` on the default engine (the log), taking a
+    /// SQLite-engine spool over, and starts its threads.
     pub fn open(data_dir: &Path) -> Result<Store, StoreError> {
-        Store::open_engine(data_dir, Engine::Sqlite)
+        Store::open_engine(data_dir, Engine::default())
     }
 
     /// Opens (creating if needed) the spool in `data_dir` with `engine`, recovering it, and starts its

@@ -16,6 +16,11 @@ pub(in crate::store) fn event(id: &str, body: &str) -> Event {
     }
 }
 
+/// The SQLite engine's own tests run on it by name (the log engine's are in `logged/tests.rs`).
+fn sqlite(dir: &std::path::Path) -> Result<Store, StoreError> {
+    Store::open_engine(dir, Engine::Sqlite)
+}
+
 fn attempt() -> Attempt {
     Attempt { started_at_ms: now_ms(), duration_ms: 3, status: None }
 }
@@ -30,7 +35,7 @@ pub(in crate::store) async fn new(store: &Store, id: &str, body: &str, sinks: &[
 #[tokio::test]
 async fn events_survive_reopen_and_gauges_follow_deliveries() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+    let store = sqlite(dir.path()).unwrap();
     let a = new(&store, "a", "{\"n\":1}", &["s1", "s2"]).await;
     let b = new(&store, "b", "{\"n\":2}", &["s1"]).await;
     new(&store, "c", "{}", &[]).await;
@@ -38,7 +43,7 @@ async fn events_survive_reopen_and_gauges_follow_deliveries() {
     assert_eq!(store.gauges().snapshot(), (2, 14, 3));
     store.close().await;
 
-    let store = Store::open(dir.path()).unwrap();
+    let store = sqlite(dir.path()).unwrap();
     assert_eq!(store.gauges().snapshot(), (2, 14, 3));
     let pending = store.pending("s1", 0, 10).await.unwrap();
     assert_eq!(pending.iter().map(|p| p.event.id.as_str()).collect::<Vec<_>>(), ["a", "b"]);
@@ -97,7 +102,7 @@ async fn events_survive_reopen_and_gauges_follow_deliveries() {
 #[tokio::test]
 async fn duplicates_within_the_window_are_not_stored() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+    let store = sqlite(dir.path()).unwrap();
     let since = Dedup::DeliveryId { since_ms: now_ms() - 60_000 };
     let first = store.insert(event("x1", "{}"), vec!["s".into()], since).await.unwrap();
     assert!(matches!(first, Inserted::New { .. }));
@@ -120,7 +125,7 @@ async fn duplicates_within_the_window_are_not_stored() {
 #[tokio::test]
 async fn operators_replay_retry_and_purge_beside_a_running_writer() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+    let store = sqlite(dir.path()).unwrap();
     new(&store, "a", "{}", &["s"]).await;
     new(&store, "b", "{}", &["s"]).await;
     let rows = store.pending("s", 0, 10).await.unwrap();
@@ -156,8 +161,8 @@ async fn operators_replay_retry_and_purge_beside_a_running_writer() {
 #[tokio::test]
 async fn one_daemon_per_data_dir() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let second = Store::open(dir.path());
+    let store = sqlite(dir.path()).unwrap();
+    let second = sqlite(dir.path());
     assert!(matches!(&second, Err(StoreError::Schema(m)) if m.contains("in use")), "{second:?}");
     store.close().await;
 }
@@ -165,7 +170,7 @@ async fn one_daemon_per_data_dir() {
 #[tokio::test]
 async fn handshakes_are_kept_bounded_and_listed() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+    let store = sqlite(dir.path()).unwrap();
     for i in 0..(crate::limits::HANDSHAKES_KEPT + 5) {
         store.record_handshake("clockodo", &format!("secret-{i}"), i).await.unwrap();
     }
@@ -182,7 +187,7 @@ async fn handshakes_are_kept_bounded_and_listed() {
 #[tokio::test]
 async fn a_failing_operation_leaves_the_rest_of_its_batch_committed() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+    let store = sqlite(dir.path()).unwrap();
     new(&store, "taken", "{}", &["s"]).await;
     let inserts = (0..40).map(|i| {
         let id = if i == 20 { "taken".to_owned() } else { format!("e{i}") };
@@ -196,7 +201,7 @@ async fn a_failing_operation_leaves_the_rest_of_its_batch_committed() {
     assert_eq!(store.gauges().snapshot().0, 40);
     assert_eq!(store.pending("s", 0, 100).await.unwrap().len(), 40);
     store.close().await;
-    let store = Store::open(dir.path()).unwrap();
+    let store = sqlite(dir.path()).unwrap();
     assert_eq!(store.gauges().snapshot().0, 40);
     store.close().await;
 }
@@ -206,14 +211,14 @@ async fn a_failing_operation_leaves_the_rest_of_its_batch_committed() {
 #[tokio::test]
 async fn duplicates_are_found_across_a_restart_and_a_longer_window() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+    let store = sqlite(dir.path()).unwrap();
     let mut old = event("old", "{}");
     old.received_at_ms = now_ms() - 3_600_000;
     store.insert(old, vec!["s".into()], Dedup::DeliveryId { since_ms: now_ms() - 60_000 }).await.unwrap();
     new(&store, "recent", "{}", &["s"]).await;
     store.close().await;
 
-    let store = Store::open(dir.path()).unwrap();
+    let store = sqlite(dir.path()).unwrap();
     let copy = |id: &str, of: &str| {
         let mut e = event(id, "{}");
         e.dedup_key = format!("k-{of}");
@@ -242,14 +247,14 @@ async fn duplicates_are_found_across_a_restart_and_a_longer_window() {
 #[tokio::test]
 async fn a_version_3_spool_is_migrated() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+    let store = sqlite(dir.path()).unwrap();
     new(&store, "a", "{}", &["s"]).await;
     store.close().await;
     {
         let conn = rusqlite::Connection::open(dir.path().join(DB_FILE)).unwrap();
         conn.execute_batch("CREATE INDEX events_dedup_hash ON events (dedup_hash); PRAGMA user_version = 3;").unwrap();
     }
-    let store = Store::open(dir.path()).unwrap();
+    let store = sqlite(dir.path()).unwrap();
     let mut copy = event("b", "{}");
     copy.dedup_key = "k-a".into();
     let r = store.insert(copy, vec!["s".into()], Dedup::DeliveryId { since_ms: now_ms() - 60_000 }).await.unwrap();
@@ -269,7 +274,7 @@ async fn a_version_3_spool_is_migrated() {
 #[tokio::test]
 async fn a_failed_sync_is_never_acknowledged_and_stops_the_spool() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+    let store = sqlite(dir.path()).unwrap();
     new(&store, "a", "{}", &["s"]).await;
     std::fs::remove_file(dir.path().join(format!("{DB_FILE}-wal"))).unwrap();
     let r = store.insert(event("b", "{}"), vec!["s".into()], Dedup::Off).await;
@@ -290,7 +295,7 @@ async fn a_failed_sync_is_never_acknowledged_and_stops_the_spool() {
 #[tokio::test]
 async fn records_with_the_event_given_by_the_caller_match_the_spool() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+    let store = sqlite(dir.path()).unwrap();
     new(&store, "a", "{\"n\":1}", &["s1", "s2"]).await;
     new(&store, "b", "{\"n\":22}", &["s1"]).await;
     assert_eq!(store.gauges().snapshot(), (2, 15, 3));

@@ -212,6 +212,8 @@ struct Sim {
     /// The next `fdatasync`s to fail.
     fail_syncs: u32,
     syncs: u64,
+    /// No space left: a write or length change that would grow a file fails (ENOSPC).
+    full: bool,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -265,6 +267,12 @@ impl SimDisk {
     /// lost at the next crash (the kernel dropped the pages it could not write).
     pub fn fail_syncs(&self, n: u32) {
         self.lock().fail_syncs = n;
+    }
+
+    /// While `full`, writes and length changes that would grow a file fail with `StorageFull` (space a
+    /// file already has, preallocated, can still be written).
+    pub fn set_full(&self, full: bool) {
+        self.lock().full = full;
     }
 
     /// `fdatasync` calls so far.
@@ -357,7 +365,10 @@ impl LogFile for SimFile {
         if !self.write {
             return Err(io::Error::from(io::ErrorKind::PermissionDenied));
         }
-        self.disk.clone().with_inode(self, |i, _| {
+        self.disk.clone().with_inode(self, |i, s| {
+            if s.full && offset + buf.len() as u64 > i.current.len() as u64 {
+                return Err(io::Error::from(io::ErrorKind::StorageFull));
+            }
             let op = Pending::Write(offset, buf.to_vec());
             apply(&mut i.current, &op, None);
             i.pending.push(op);
@@ -390,7 +401,10 @@ impl LogFile for SimFile {
         self.disk.with_inode(self, |i, _| Ok(i.current.len() as u64))
     }
     fn set_len(&mut self, len: u64) -> io::Result<()> {
-        self.disk.clone().with_inode(self, |i, _| {
+        self.disk.clone().with_inode(self, |i, s| {
+            if s.full && len > i.current.len() as u64 {
+                return Err(io::Error::from(io::ErrorKind::StorageFull));
+            }
             let op = Pending::SetLen(len);
             apply(&mut i.current, &op, None);
             i.pending.push(op);

@@ -97,9 +97,43 @@ pub enum LogError {
     /// The event does not fit the format.
     #[error(transparent)]
     TooBig(#[from] TooBig),
+    /// No space left on the disk for a commit that wrote nothing durable: it is not answered, and the
+    /// log takes the next one (space may return).
+    #[error("spool log {path}: no space left on the disk ({source}); retry when there is room")]
+    Full {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
     /// A commit failed earlier: nothing is written or answered any more.
     #[error("spool log failed earlier (a write or sync failed); restart to recover")]
     Failed,
+}
+
+/// The staging buffer's capacity kept from one commit to the next at most.
+const BUF_KEPT: usize = 1 << 20;
+
+/// Whether `e` says the disk (or the quota) has no room.
+fn no_room(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded)
+}
+
+/// Reserves a new segment's space; on a disk without room for all of it the segment grows as it is
+/// written instead (a small or nearly full disk still takes what fits). Returns whether it was reserved.
+fn preallocate<F: LogFile>(file: &mut F, len: u64, how: Prealloc, path: &Path) -> io::Result<bool> {
+    match file.preallocate(len, how) {
+        Ok(()) => Ok(how != Prealloc::Grow),
+        Err(e) if no_room(&e) => {
+            // Tried again at every commit while the disk stays full.
+            static NO_ROOM: crate::limits::Throttle = crate::limits::Throttle::new(crate::limits::REPEATED_ERROR_LOG);
+            if let Some(held_back) = NO_ROOM.due(std::time::Instant::now()) {
+                tracing::warn!(error = %e, file = %path.display(), held_back, "no room to preallocate a spool segment; it grows as it is written");
+            }
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// The spare segment's file name for segment `segno`: preallocated ahead by a helper thread, renamed to the
@@ -222,10 +256,13 @@ pub struct Log<D: Disk> {
     /// The next segment's file (for that segment number), being prepared (`None`: none asked for, or
     /// `Prealloc::Grow`).
     spare: Option<(u64, Spare<D::File>)>,
+    /// The active segment was not preallocated (no room): it grows, and no spare is prepared.
+    growing: bool,
     /// Sink ids in the order first seen (an event's `sinks` mask indexes this; 63 at most).
     sink_ids: Vec<String>,
-    /// Events whose webhook answer is uncertain (ANSWER frames; see `store::dedup`).
-    uncertain: BTreeSet<u64>,
+    /// What ANSWER frames said of events' webhook answers: uncertain (`true`) or certain again (see
+    /// `store::dedup`).
+    answered: BTreeMap<u64, bool>,
     /// Answers staged for the next commit: (seq, uncertain).
     answers: Vec<(u64, bool)>,
 }
@@ -268,7 +305,7 @@ impl<D: Disk> Log<D> {
         let mut next_seq = 0;
         let mut progress: BTreeMap<String, SinkState> = BTreeMap::new();
         let mut sink_ids: Vec<String> = Vec::new();
-        let mut uncertain: BTreeSet<u64> = BTreeSet::new();
+        let mut answered: BTreeMap<u64, bool> = BTreeMap::new();
         let mut last_end: Option<(u64, usize)> = None;
         let newest = numbers.last().copied();
         for segno in numbers {
@@ -349,13 +386,7 @@ impl<D: Disk> Log<D> {
                         }
                     }
                     Kind::Answer => {
-                        for (seq, is_uncertain) in frame::get_answers(fr.payload).unwrap_or_default() {
-                            if is_uncertain {
-                                uncertain.insert(seq);
-                            } else {
-                                uncertain.remove(&seq);
-                            }
-                        }
+                        answered.extend(frame::get_answers(fr.payload).unwrap_or_default());
                     }
                     Kind::Heartbeat | Kind::Seal => {}
                 }
@@ -395,13 +426,19 @@ impl<D: Disk> Log<D> {
             sinks: progress,
             dirty: BTreeSet::new(),
             spare: None,
+            growing: false,
             sink_ids,
-            uncertain,
+            answered,
             answers: Vec::new(),
         };
-        // Never write into a recovered segment: the log goes on in a new one.
+        // Never write into a recovered segment: the log goes on in a new one. On a full disk that waits
+        // for the first commit that finds room (until then every commit fails cleanly).
         log.roll_at = Some(0);
-        log.commit()?;
+        match log.commit() {
+            Ok(_) => {}
+            Err(e @ LogError::Full { .. }) => tracing::warn!(error = %e, "the spool log cannot start its segment yet"),
+            Err(e) => return Err(e),
+        }
         Ok((log, recovery))
     }
 
@@ -491,7 +528,13 @@ impl<D: Disk> Log<D> {
 
     /// Whether the answer to event `seq` was recorded as uncertain (and not made certain since).
     pub fn is_uncertain(&self, seq: u64) -> bool {
-        self.uncertain.contains(&seq)
+        self.answered.get(&seq) == Some(&true)
+    }
+
+    /// What the log recorded of event `seq`'s answer: `Some(true)` uncertain, `Some(false)` certain again,
+    /// `None` nothing (for an event from before the log, what the spool it took over recorded holds).
+    pub fn answer_recorded(&self, seq: u64) -> Option<bool> {
+        self.answered.get(&seq).copied()
     }
 
     /// The durable events received in `[since_ms, until_ms)`, newest first (for the dedup index).
@@ -582,25 +625,19 @@ impl<D: Disk> Log<D> {
         if self.failed {
             return Err(LogError::Failed);
         }
-        if !self.answers.is_empty() {
-            let answers = std::mem::take(&mut self.answers);
+        let answers = std::mem::take(&mut self.answers);
+        if !answers.is_empty() {
             let mut payload = Vec::with_capacity(4 + 9 * answers.len());
             frame::put_answers(&mut payload, &answers);
             let place = self.staging_place(frame::size(payload.len()) as u64);
             frame::encode(&mut self.buf, Kind::Answer, 0, self.next_seq, place, |b| b.extend_from_slice(&payload));
-            for (seq, uncertain) in answers {
-                if uncertain {
-                    self.uncertain.insert(seq);
-                } else {
-                    self.uncertain.remove(&seq);
-                }
-            }
         }
         // One checkpoint per sink whose progress changed, after the batch's events.
-        for name in std::mem::take(&mut self.dirty) {
-            let Some(state) = self.sinks.get(&name) else { continue };
+        let dirty = std::mem::take(&mut self.dirty);
+        for name in &dirty {
+            let Some(state) = self.sinks.get(name) else { continue };
             let mut payload = Vec::new();
-            sinks::put_checkpoint(&mut payload, &name, state);
+            sinks::put_checkpoint(&mut payload, name, state);
             let place = self.staging_place(frame::size(payload.len()) as u64);
             frame::encode(&mut self.buf, Kind::SinkCheckpoint, 0, self.next_seq, place, |b| {
                 b.extend_from_slice(&payload)
@@ -609,10 +646,23 @@ impl<D: Disk> Log<D> {
         if self.buf.is_empty() && self.roll_at.is_none() {
             return Ok(self.durable_seq);
         }
+        let rolling = self.roll_at.is_some();
         match self.write_staged() {
             Ok(()) => {
                 self.durable_seq = self.next_seq;
+                self.answered.extend(answers);
                 Ok(self.durable_seq)
+            }
+            Err(e @ LogError::Full { .. }) => {
+                // Nothing of the batch is durable: its events are forgotten (their seqs given again),
+                // its answers and checkpoints wait for the next commit, and so does a roll.
+                self.next_seq = self.durable_seq;
+                self.answers = answers;
+                self.dirty.extend(dirty);
+                if rolling || !self.writable {
+                    self.roll_at = Some(0);
+                }
+                Err(e)
             }
             Err(e) => {
                 self.failed = true;
@@ -622,27 +672,55 @@ impl<D: Disk> Log<D> {
     }
 
     fn write_staged(&mut self) -> Result<(), LogError> {
+        let mut buf = std::mem::take(&mut self.buf);
+        let mut staged = std::mem::take(&mut self.staged);
+        let written = self.write_batch(&buf, &staged);
+        // Both keep their capacity for the next batch (no reallocation while it is staged), up to a bound
+        // (a batch with a large body does not keep its memory).
+        buf.clear();
+        staged.clear();
+        if buf.capacity() > BUF_KEPT {
+            buf = Vec::new();
+        }
+        self.buf = buf;
+        self.staged = staged;
+        written
+    }
+
+    fn write_batch(&mut self, buf: &[u8], staged: &[Entry]) -> Result<(), LogError> {
         let io_err = |path: PathBuf| move |source| LogError::Io { path, source };
-        let buf = std::mem::take(&mut self.buf);
-        let staged = std::mem::take(&mut self.staged);
         let split = self.roll_at.take();
         let first_new =
             split.map_or(staged.len(), |i| staged.iter().position(|e| e.offset >= i as u64).unwrap_or(staged.len()));
         // The seq the log has reached at the roll: the first event of the new segment's.
         let base_seq = staged.get(first_new).map_or(self.next_seq, |e| e.seq);
+        // Whether part of this batch goes into the old segment (then a failure at the roll is fatal).
+        let batch_in_old = self.writable && split != Some(0);
         if self.writable
             && let Some(mut last) = self.segments.last_entry()
         {
             let segno = *last.key();
             let seg = last.get_mut();
-            let mut part = buf[..split.unwrap_or(buf.len())].to_vec();
-            if split.is_some() {
-                frame::encode(&mut part, Kind::Seal, 0, base_seq, seg.header.place(), |_| {});
-            }
+            // The batch as staged; at a roll, its first part with the old segment's seal after it.
+            let part: std::borrow::Cow<'_, [u8]> = match split {
+                None => buf.into(),
+                Some(at) => {
+                    let mut part = buf[..at].to_vec();
+                    frame::encode(&mut part, Kind::Seal, 0, base_seq, seg.header.place(), |_| {});
+                    part.into()
+                }
+            };
             let path = self.dir.join(segment::file_name(segno));
+            // No room for the write: nothing reached the disk's durable state (what a short write left past
+            // the tail is overwritten by the next commit, or cut as a torn tail at recovery).
+            let write_err = |path: PathBuf| {
+                move |source: io::Error| {
+                    if no_room(&source) { LogError::Full { path, source } } else { LogError::Io { path, source } }
+                }
+            };
             match self.options.sync {
                 SyncMode::Fdatasync => {
-                    seg.file.write_at(&part, self.tail).map_err(io_err(path.clone()))?;
+                    seg.file.write_at(&part, self.tail).map_err(write_err(path.clone()))?;
                     seg.file.sync_data().map_err(io_err(path.clone()))?;
                 }
                 SyncMode::Dsync => seg.file.write_durable_at(&part, self.tail).map_err(io_err(path.clone()))?,
@@ -667,15 +745,33 @@ impl<D: Disk> Log<D> {
         frame::encode(&mut data, Kind::State, 0, base_seq, header.place(), |b| sinks::put_state(b, progress));
         let start = data.len();
         data.extend_from_slice(&buf[split..]);
-        let mut file = match self.take_spare(segno, &path)? {
-            Some(file) => file,
+        // Before any of this batch was written (the old segment was sealed by an earlier commit), no room
+        // for the new segment fails the commit cleanly: the file is taken back, and the roll waits.
+        let clean = !batch_in_old;
+        let (made, reserved) = match self.take_spare(segno, &path)? {
+            Some(file) => (Ok(file), true),
             None => {
-                let mut file = self.disk.create_new(&path).map_err(io_err(path.clone()))?;
-                file.preallocate(self.segment_size, self.options.prealloc).map_err(io_err(path.clone()))?;
-                file
+                let mut reserved = false;
+                let made = self.disk.create_new(&path).and_then(|mut file| {
+                    reserved = preallocate(&mut file, self.segment_size, self.options.prealloc, &path)?;
+                    Ok(file)
+                });
+                (made, reserved)
             }
         };
-        file.write_durable_at(&data, 0).map_err(io_err(path))?;
+        let written = made.and_then(|mut file| file.write_durable_at(&data, 0).map(|()| file));
+        let file = match written {
+            Ok(file) => file,
+            Err(source) if clean && no_room(&source) => {
+                if let Err(e) = self.disk.remove(&path)
+                    && e.kind() != io::ErrorKind::NotFound
+                {
+                    tracing::warn!(error = %e, file = %path.display(), "cannot remove a segment that found no room");
+                }
+                return Err(LogError::Full { path, source });
+            }
+            Err(source) => return Err(LogError::Io { path, source }),
+        };
         // The new name (created, or renamed from the spare) is durable before anything in it is answered.
         self.disk.sync_dir(&self.dir).map_err(io_err(self.dir.clone()))?;
         let events = staged[first_new..]
@@ -685,6 +781,9 @@ impl<D: Disk> Log<D> {
         self.segments.insert(segno, Seg { header, file, events });
         self.tail = data.len() as u64;
         self.writable = true;
+        // A segment that found no room to be reserved: no spare either (it would not fit, and trying
+        // would take the room this one grows into for as long as the attempt lasts).
+        self.growing = !reserved;
         self.prepare_spare();
         Ok(())
     }
@@ -692,7 +791,7 @@ impl<D: Disk> Log<D> {
     /// Starts preparing the next segment's file on a helper thread, so that the roll that needs it does
     /// not preallocate (a zero-filled 64 MiB segment is tens of milliseconds of writing and syncing).
     fn prepare_spare(&mut self) {
-        if self.options.prealloc == Prealloc::Grow || self.spare.is_some() {
+        if self.options.prealloc == Prealloc::Grow || self.spare.is_some() || self.growing {
             return;
         }
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
@@ -706,7 +805,11 @@ impl<D: Disk> Log<D> {
                     _ => {}
                 }
                 let mut file = disk.create_new(&path)?;
-                file.preallocate(size, how)?;
+                if let Err(e) = file.preallocate(size, how) {
+                    // Whatever part of it was reserved goes back.
+                    let _ = disk.remove(&path);
+                    return Err(e);
+                }
                 Ok(file)
             })();
             let _ = tx.send(made);
@@ -790,7 +893,7 @@ impl<D: Disk> Log<D> {
         if !doomed.is_empty() {
             self.disk.sync_dir(&self.dir).map_err(|source| LogError::Io { path: self.dir.clone(), source })?;
             let first = self.first_seq();
-            self.uncertain = self.uncertain.split_off(&first);
+            self.answered = self.answered.split_off(&first);
         }
         // The active segment holds an event retention let go: roll at the next commit, so that it can go
         // once its newest event is past retention too. A segment that never fills (a quiet daemon) then

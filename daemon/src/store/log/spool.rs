@@ -52,15 +52,31 @@ pub enum SpoolError {
     /// The event does not fit the log's format.
     #[error("{0}")]
     TooBig(String),
+    /// No room on the disk for this commit; the spool goes on (the next commit may find room).
+    #[error("{0}")]
+    Full(String),
     /// The spool thread has stopped.
     #[error("spool log is not running")]
     Closed,
+    /// The events from before the log (see [`Earlier`]) could not be read for dedup.
+    #[error("cannot read the spool's events from before the log: {0}")]
+    Earlier(String),
+}
+
+/// The events a spool held before the log took it over (the SQLite engine's), which dedup must still find
+/// for the rest of their window. Seqs are log seqs (all below the log's first one).
+pub(in crate::store) trait Earlier: Send + 'static {
+    /// Those received in `[since_ms, until_ms)`, newest first.
+    fn received_between(&mut self, since_ms: i64, until_ms: i64) -> Result<Vec<Known>, String>;
+    /// The id of event `seq` if it has this dedup key and source.
+    fn find(&mut self, seq: u64, key: &str, source: &str) -> Result<Option<String>, String>;
 }
 
 impl From<LogError> for SpoolError {
     fn from(e: LogError) -> Self {
         match e {
             LogError::TooBig(t) => SpoolError::TooBig(t.to_string()),
+            e @ LogError::Full { .. } => SpoolError::Full(e.to_string()),
             other => SpoolError::Failed(other.to_string()),
         }
     }
@@ -174,6 +190,16 @@ impl Spool {
     /// Starts the spool thread over `log`: at most `queue` operations wait, at most `max_batch` go into one
     /// commit. The thread gives the log back when it ends.
     pub fn spawn<D: Disk>(log: Log<D>, queue: usize, max_batch: usize) -> std::io::Result<(Spool, JoinHandle<Log<D>>)> {
+        Spool::spawn_after(log, None, queue, max_batch)
+    }
+
+    /// [`Spool::spawn`] for a log that took over a spool: dedup also looks among `earlier`'s events.
+    pub(in crate::store) fn spawn_after<D: Disk>(
+        log: Log<D>,
+        earlier: Option<Box<dyn Earlier>>,
+        queue: usize,
+        max_batch: usize,
+    ) -> std::io::Result<(Spool, JoinHandle<Log<D>>)> {
         let (tx, rx) = mpsc::channel(queue.max(1));
         let spool = Spool {
             tx,
@@ -183,7 +209,7 @@ impl Spool {
             gauges: Arc::default(),
             failure: Arc::new(watch::Sender::new(None)),
         };
-        let thread = Thread::new(log, &spool);
+        let thread = Thread::new(log, earlier, &spool);
         let answers = Answers::new();
         let handle = std::thread::Builder::new()
             .name("hookbridge-log".into())
@@ -329,6 +355,8 @@ enum Read {
 
 struct Thread<D: Disk> {
     log: Log<D>,
+    /// The events from before the log, for dedup.
+    earlier: Option<Box<dyn Earlier>>,
     recent: RecentKeys,
     /// The dedup window as the last insert gave it (`None`: no insert yet, nothing to forget).
     window_ms: Option<i64>,
@@ -346,9 +374,10 @@ struct Thread<D: Disk> {
 }
 
 impl<D: Disk> Thread<D> {
-    fn new(log: Log<D>, spool: &Spool) -> Self {
+    fn new(log: Log<D>, earlier: Option<Box<dyn Earlier>>, spool: &Spool) -> Self {
         let mut t = Thread {
             log,
+            earlier,
             recent: RecentKeys::new(),
             window_ms: None,
             remaining: BTreeMap::new(),
@@ -522,13 +551,23 @@ impl<D: Disk> Thread<D> {
                     self.publish();
                 }
             }
+            Err(e @ LogError::Full { .. }) => {
+                self.recent.discard();
+                static FULL: crate::limits::Throttle = crate::limits::Throttle::new(crate::limits::REPEATED_ERROR_LOG);
+                if let Some(held_back) = FULL.due(std::time::Instant::now()) {
+                    tracing::error!(error = %e, held_back, "spool log commit refused: no room on the disk");
+                }
+            }
             Err(e) => {
                 self.recent.discard();
                 tracing::error!(error = %e, "spool log commit failed; nothing more is accepted until a restart");
                 self.failure.send_replace(Some(e.to_string()));
             }
         }
-        let failed = committed.as_ref().err().map(|e| SpoolError::Failed(e.to_string()));
+        let failed = committed.as_ref().err().map(|e| match e {
+            LogError::Full { .. } => SpoolError::Full(e.to_string()),
+            _ => SpoolError::Failed(e.to_string()),
+        });
         for w in waiters {
             answers.push(match (w, &failed) {
                 (Waiter::Inserted(reply, r), None) => Settle::Inserted(reply, r),
@@ -554,9 +593,9 @@ impl<D: Disk> Thread<D> {
         staged: &mut Vec<Staged>,
     ) -> Result<Inserted, SpoolError> {
         let hash = dedup_hash(&event.dedup_key);
-        let log = &self.log;
-        let load = |since, until| -> Result<Vec<Known>, LogError> {
-            Ok(log
+        let (log, earlier) = (&self.log, &mut self.earlier);
+        let load = |since, until| -> Result<Vec<Known>, SpoolError> {
+            let mut known: Vec<Known> = log
                 .received_between(since, until)
                 .into_iter()
                 .map(|h| Known {
@@ -565,7 +604,18 @@ impl<D: Disk> Thread<D> {
                     received_at_ms: h.received_at_ms,
                     uncertain: log.is_uncertain(h.seq),
                 })
-                .collect())
+                .collect();
+            // Older than everything in the log: still newest first. An answer to one of them reported since
+            // the takeover is in the log's ANSWER frames, until the first prune.
+            if let Some(earlier) = earlier {
+                let before = earlier.received_between(since, until).map_err(SpoolError::Earlier)?;
+                known.extend(
+                    before
+                        .into_iter()
+                        .map(|k| Known { uncertain: log.answer_recorded(k.seq as u64).unwrap_or(k.uncertain), ..k }),
+                );
+            }
+            Ok(known)
         };
         for candidate in self.recent.candidates(load, hash, dedup)? {
             let seq = candidate as u64;
@@ -575,8 +625,14 @@ impl<D: Disk> Thread<D> {
                     .iter()
                     .find(|s| s.seq == seq)
                     .map(|s| (s.event.dedup_key.clone(), s.event.source.clone(), s.event.id.clone()))
+            } else if let Some(l) = self.log.read(seq)? {
+                Some((l.event.0.dedup_key, l.event.0.source, l.event.0.id))
+            } else if let Some(earlier) = &mut self.earlier {
+                // Not in the log: from before it.
+                let found = earlier.find(seq, &event.dedup_key, &event.source).map_err(SpoolError::Earlier)?;
+                found.map(|id| (event.dedup_key.clone(), event.source.clone(), id))
             } else {
-                self.log.read(seq)?.map(|l| (l.event.0.dedup_key, l.event.0.source, l.event.0.id))
+                None
             };
             if let Some((key, source, id)) = original
                 && key == event.dedup_key

@@ -209,6 +209,62 @@ fn a_failed_sync_is_never_acknowledged_and_fails_the_log() {
     assert_eq!(log.next_seq(), 1);
 }
 
+/// A disk without room: a log opens on it (its segment waits), a commit that finds no room is refused
+/// without failing the log (its seqs are given again, its answers kept for the next commit), a growing
+/// segment takes what fits, and once there is room again everything goes on; a crash then keeps exactly
+/// what was acknowledged; a roll that finds no room waits for the next commit too. (Growing segments: a
+/// preallocated one has its room already, and so has the spare the next roll takes.)
+#[test]
+fn no_room_on_the_disk_refuses_commits_without_failing_the_log() {
+    let disk = SimDisk::default();
+    disk.create_dir_all(&dir()).unwrap();
+    disk.set_full(true);
+    let opts = Options { segment_size: 4096, prealloc: super::file::Prealloc::Grow, ..Options::default() };
+    let (mut log, _) = Log::open(disk.clone(), &dir(), UUID, opts).unwrap();
+    log.append(&event(0, 10), &[], 0, 0).unwrap();
+    assert!(matches!(log.commit(), Err(LogError::Full { .. })), "no segment fits yet");
+    assert_eq!((log.next_seq(), log.durable_seq()), (0, 0), "its seq is given again");
+    disk.set_full(false);
+    // Room for the segment's start (not preallocated: it grows), then none.
+    log.append(&event(0, 10), &[], 0, 0).unwrap();
+    assert_eq!(log.commit().unwrap(), 1);
+    disk.set_full(true);
+    log.append(&event(1, 10), &[], 0, 0).unwrap();
+    log.answer(0, true);
+    assert!(matches!(log.commit(), Err(LogError::Full { .. })));
+    assert_eq!(log.durable_seq(), 1);
+    assert!(!log.is_uncertain(0), "the answer waits for a commit that succeeds");
+    disk.set_full(false);
+    log.append(&event(1, 20), &[], 0, 0).unwrap();
+    assert_eq!(log.commit().unwrap(), 2);
+    assert!(log.is_uncertain(0));
+    // Fill the 4 KiB segment up to the event that rolls; that commit finds no room.
+    let mut n = 2;
+    loop {
+        log.append(&event(n, 200), &[], 0, 0).unwrap();
+        if log.roll_at.is_some() {
+            break;
+        }
+        assert_eq!(log.commit().unwrap(), n + 1);
+        n += 1;
+    }
+    disk.set_full(true);
+    assert!(matches!(log.commit(), Err(LogError::Full { .. })));
+    assert!(!log.failed);
+    assert_eq!(log.segments.len(), 1);
+    disk.set_full(false);
+    log.append(&event(n, 200), &[], 0, 0).unwrap();
+    assert_eq!(log.commit().unwrap(), n + 1);
+    assert_eq!(log.segments.len(), 2, "rolled");
+    drop(log);
+    disk.crash(|n| (n, 0), |n| n);
+    let (log, rec) = Log::open(disk.clone(), &dir(), UUID, opts).unwrap();
+    assert_eq!(rec.events, n + 1);
+    assert!(same(&read(&log, 1).unwrap(), &event(1, 20)), "the refused event left nothing behind");
+    assert!(same(&read(&log, n).unwrap(), &event(n, 200)));
+    assert!(log.is_uncertain(0));
+}
+
 /// A bit flipped in a synced event with events after it: detected and counted, the others still read.
 #[test]
 fn corruption_in_the_middle_is_counted_and_the_rest_is_kept() {

@@ -261,6 +261,17 @@ pub(in crate::store) fn show(conn: &Connection, dir: &Path, id: &str) -> Result<
             attempts.push(a?);
         }
     }
+    // A delivery finished in the log after attempts in the cold path shows them, as the SQLite engine's
+    // row would (its count, the last error and status).
+    let mut deliveries = deliveries;
+    for d in deliveries.iter_mut().filter(|d| d.status == "delivered") {
+        for a in attempts.iter().filter(|a| a.sink == d.sink && a.delivery_id == d.id) {
+            d.attempts = d.attempts.max(a.attempt);
+            d.last_error = a.error.clone().or(d.last_error.take());
+            d.last_status = a.status.or(d.last_status);
+            d.updated_at_ms = d.updated_at_ms.max(a.started_at_ms + a.duration_ms);
+        }
+    }
     let e = &view.frames[i].event;
     Ok(Some(EventDetail {
         summary: summary(e, &deliveries),

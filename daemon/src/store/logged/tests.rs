@@ -172,7 +172,7 @@ async fn duplicates_are_found_in_the_log_across_a_restart() {
 #[tokio::test]
 async fn a_sqlite_spool_is_taken_over_with_its_pending_deliveries_first() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+    let store = Store::open_engine(dir.path(), Engine::Sqlite).unwrap();
     let a = new(&store, "a", "{\"n\":1}", &["s1"]).await;
     new(&store, "b", "{}", &["s1", "s2"]).await;
     new(&store, "c", "{}", &["s2"]).await;
@@ -224,11 +224,65 @@ async fn a_sqlite_spool_is_taken_over_with_its_pending_deliveries_first() {
     assert_eq!(store.gauges().snapshot(), (0, 0, 0));
     store.close().await;
 
-    let e = Store::open(dir.path()).unwrap_err();
+    let e = Store::open_engine(dir.path(), Engine::Sqlite).unwrap_err();
     assert!(e.to_string().contains("storage.engine = \"log\""), "{e}");
     let store = open(dir.path());
     assert!(store.pending("s1", 0, 10).await.unwrap().is_empty(), "nothing is taken over twice");
     assert_eq!(Operator::open(dir.path()).unwrap().dead_letters(None).unwrap().len(), 1);
+    store.close().await;
+}
+
+/// Dedup remembers what the SQLite engine stored: after the takeover (and after a restart on the log), a
+/// provider's retry of an event received before it is a duplicate of the original; a content copy is one
+/// only if the original's answer was uncertain (as recorded by the SQLite engine), and a duplicate's answer
+/// reported on the log makes the original certain from then on.
+#[tokio::test]
+async fn dedup_finds_the_sqlite_engines_events_after_a_takeover() {
+    let dir = tempfile::tempdir().unwrap();
+    let id_window = || Dedup::DeliveryId { since_ms: now_ms() - 60_000 };
+    let content = || Dedup::Content { since_ms: now_ms() - 60_000, retry_since_ms: i64::MAX };
+    let store = Store::open_engine(dir.path(), Engine::Sqlite).unwrap();
+    store.insert(event("a", "{}"), vec!["s".into()], id_window()).await.unwrap();
+    let Inserted::New { seq: b } = store.insert(event("b", "{}"), vec!["s".into()], content()).await.unwrap() else {
+        panic!("b is new")
+    };
+    store.insert(event("c", "{}"), vec!["s".into()], content()).await.unwrap();
+    store.answered(b, dedup_hash("k-b"), false);
+    new(&store, "z", "{}", &[]).await; // takes the answer in
+    store.close().await;
+
+    let copy = |id: &str, of: &str| {
+        let mut e = event(id, "{}");
+        e.dedup_key = format!("k-{of}");
+        e
+    };
+    for (round, source) in [("after the takeover", "clockodo"), ("after a restart on the log", "generic")] {
+        let store = open(dir.path());
+        let r = store.insert(copy("a2", "a"), vec!["s".into()], id_window()).await.unwrap();
+        assert!(matches!(r, Inserted::Duplicate { ref original, .. } if original == "a"), "{round}: {r:?}");
+        let r = store.insert(copy("b2", "b"), vec!["s".into()], content()).await.unwrap();
+        assert!(
+            matches!(r, Inserted::Duplicate { ref original, seq } if original == "b" && seq == b),
+            "{round}: {r:?}"
+        );
+        let mut other = copy(&format!("a-{source}"), "a");
+        other.source = source.into();
+        let r = store.insert(other, vec![], id_window()).await.unwrap();
+        assert!(matches!(r, Inserted::New { .. }), "{round}: another source's key: {r:?}");
+        store.close().await;
+    }
+    // c's answer was seen: a copy is a distinct event. b's duplicate answered in time makes b certain.
+    let store = open(dir.path());
+    let r = store.insert(copy("c2", "c"), vec!["s".into()], content()).await.unwrap();
+    assert!(matches!(r, Inserted::New { .. }), "{r:?}");
+    store.answered(b, dedup_hash("k-b"), true);
+    new(&store, "y", "{}", &[]).await;
+    let r = store.insert(copy("b3", "b"), vec!["s".into()], content()).await.unwrap();
+    assert!(matches!(r, Inserted::New { .. }), "b is certain now: {r:?}");
+    store.close().await;
+    let store = open(dir.path());
+    let r = store.insert(copy("b4", "b"), vec!["s".into()], content()).await.unwrap();
+    assert!(matches!(r, Inserted::New { .. }), "b stays certain across a restart: {r:?}");
     store.close().await;
 }
 
@@ -398,7 +452,8 @@ async fn events_are_listed_shown_and_replayed_from_the_log() {
     assert_eq!((shown.summary.status.as_str(), shown.body.as_str()), ("delivered", "{\"n\":1}"));
     let d: Vec<(&str, &str, u32)> =
         shown.deliveries.iter().map(|d| (d.sink.as_str(), d.status.as_str(), d.attempts)).collect();
-    assert_eq!(d, [("s1", "delivered", 1), ("s2", "delivered", 1)]);
+    assert_eq!(d, [("s1", "delivered", 2), ("s2", "delivered", 1)], "s1 counts its retry, as on SQLite");
+    assert_eq!(shown.deliveries[0].last_status, Some(200));
     let outcomes: Vec<(&str, &str)> = shown.attempts.iter().map(|a| (a.sink.as_str(), a.outcome.as_str())).collect();
     assert_eq!(outcomes, [("s1", "retry"), ("s1", "delivered")], "failed attempts and the success after them");
     let shown_b = op.event("b").unwrap().unwrap();
@@ -436,7 +491,7 @@ async fn events_are_listed_shown_and_replayed_from_the_log() {
 #[tokio::test]
 async fn a_takeover_interrupted_before_the_log_existed_finishes_at_the_next_start() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
+    let store = Store::open_engine(dir.path(), Engine::Sqlite).unwrap();
     let a = new(&store, "a", "{}", &["s"]).await;
     store.close().await;
     let store = open(dir.path());
