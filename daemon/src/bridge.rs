@@ -230,7 +230,7 @@ impl Bridge {
     pub async fn start(config: Config) -> Result<Bridge, BridgeError> {
         let settings = settings(&config)?;
         let metrics = Metrics::new()?;
-        let store = Store::open_engine(&config.storage.data_dir, config.storage.engine)?;
+        let store = Store::open_configured(&config.storage, config.postgres.as_ref()).await?;
         let mut host = None;
         let plugins = load_plugins(&mut host, &config).await?;
         for source in config.sources.values() {

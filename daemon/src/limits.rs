@@ -81,6 +81,18 @@ pub(crate) fn default_standard_tolerance() -> HumanDuration {
 pub(crate) fn default_max_age() -> HumanDuration {
     HumanDuration(Duration::from_secs(72 * 3600))
 }
+pub(crate) fn default_pg_pool_size() -> usize {
+    8
+}
+pub(crate) fn default_pg_statement_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(5))
+}
+pub(crate) fn default_pg_connect_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(5))
+}
+pub(crate) fn default_pg_lease() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
+}
 pub(crate) fn default_dedup_window() -> HumanDuration {
     HumanDuration(Duration::from_secs(73 * 3600))
 }

@@ -280,6 +280,15 @@ fn load(config: &std::path::Path) -> anyhow::Result<hookbridge::Config> {
     hookbridge::Config::load(config).map_err(|e| anyhow::anyhow!("invalid config:\n{e}"))
 }
 
+/// The config, for a command that reads the embedded spool's files (refused on the cluster backend).
+fn load_embedded(config: &std::path::Path) -> anyhow::Result<hookbridge::Config> {
+    let config = load(config)?;
+    if config.storage.backend == hookbridge::config::types::StorageBackend::Postgres {
+        anyhow::bail!("{}", hookbridge::operator::CLUSTER_NOT_YET);
+    }
+    Ok(config)
+}
+
 #[allow(clippy::print_stdout)]
 async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
@@ -375,7 +384,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Spool { command } => spool(command),
         Command::Dlq { command } => dlq(command),
         Command::Installations { config } => {
-            let config = load(&config)?;
+            let config = load_embedded(&config)?;
             let list = hookbridge::store::list_installations(&config.storage.data_dir)?;
             if list.is_empty() {
                 println!("no add-on installation");
@@ -393,7 +402,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Handshakes { config } => {
-            let config = load(&config)?;
+            let config = load_embedded(&config)?;
             let list = hookbridge::store::list_handshakes(&config.storage.data_dir)?;
             if list.is_empty() {
                 println!("no Clockodo handshake received yet");
@@ -411,7 +420,7 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
 fn spool(command: SpoolCommand) -> anyhow::Result<ExitCode> {
     use hookbridge::store::log::{file::OsDisk, inspect};
     let dir = |config: &std::path::Path| -> anyhow::Result<PathBuf> {
-        let dir = load(config)?.storage.data_dir.join(hookbridge::store::LOG_DIR);
+        let dir = load_embedded(config)?.storage.data_dir.join(hookbridge::store::LOG_DIR);
         if !dir.is_dir() {
             anyhow::bail!("no spool log at {} (is storage.engine \"log\"?)", dir.display());
         }

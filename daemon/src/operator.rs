@@ -24,6 +24,9 @@ pub enum OperatorError {
     /// No such event or dead letter.
     #[error("{0}")]
     NotFound(String),
+    /// Not served on this backend (yet).
+    #[error("{0}")]
+    Unsupported(&'static str),
 }
 
 /// A point in time given as RFC 3339 (`2026-11-22T10:00:00Z`) or as an age (`2h`: two hours ago).
@@ -44,8 +47,16 @@ pub fn format_time(ms: i64) -> String {
 }
 
 fn open(config: &Config) -> Result<Operator, OperatorError> {
+    if config.storage.backend == crate::config::types::StorageBackend::Postgres {
+        return Err(OperatorError::Unsupported(CLUSTER_NOT_YET));
+    }
     Ok(Operator::open(&config.storage.data_dir)?)
 }
+
+/// What operator commands answer on the cluster backend, until they are served from its database.
+pub const CLUSTER_NOT_YET: &str = "this command reads the embedded spool: on storage.backend = \"postgres\" the \
+     operator commands do not serve the cluster yet (its events, deliveries, attempts, installations and handshakes \
+     are tables of the database's hookbridge schema)";
 
 fn check_sink(config: &Config, sink: Option<&str>) -> Result<(), OperatorError> {
     match sink {

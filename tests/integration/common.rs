@@ -146,6 +146,11 @@ impl Receiver {
         self.failures.lock().unwrap().push(Failure { needle: needle.into(), status, retry_after, times });
     }
 
+    /// Stops failing the requests whose body contains `needle`.
+    pub fn heal(&self, needle: &str) {
+        self.failures.lock().unwrap().iter_mut().filter(|f| f.needle == needle).for_each(|f| f.times = 0);
+    }
+
     /// Every request, in arrival order, with the status it got.
     pub fn hits(&self) -> Vec<Hit> {
         self.hits.lock().unwrap().clone()

@@ -15,6 +15,11 @@ fn every_shipped_config_passes_check() {
     // The systemd example reads its secret as a credential.
     let credentials = tempfile::tempdir().unwrap();
     std::fs::write(credentials.path().join("clockify-webhook-secret"), "example-credential\n").unwrap();
+    std::fs::write(
+        credentials.path().join("hookbridge-database-url"),
+        "postgres://hookbridge:example@db.internal.example:5432/hookbridge\n",
+    )
+    .unwrap();
     let mut checked = 0;
     for entry in std::fs::read_dir(repo().join("config")).unwrap() {
         let path = entry.unwrap().path();
@@ -76,5 +81,5 @@ fn broken_configs_match_their_golden_reports() {
         }
         checked += 1;
     }
-    assert_eq!(checked, 7);
+    assert_eq!(checked, 8);
 }

@@ -8,6 +8,7 @@ mod common;
 mod addon;
 mod autotag;
 mod brokers;
+mod cluster;
 
 mod config_check;
 mod crash;

@@ -96,6 +96,8 @@ pub struct Config {
     pub server: ServerConfig,
     /// `[storage]`, with `data_dir` made absolute.
     pub storage: StorageConfig,
+    /// `[storage.postgres]` resolved, when `storage.backend = "postgres"`.
+    pub postgres: Option<crate::store::PostgresSpec>,
     /// `[admin]`, if the admin API is on.
     pub admin: Option<AdminSpec>,
     /// `[server]`'s secrets and TLS files, resolved.
@@ -106,6 +108,79 @@ pub struct Config {
     pub sinks: BTreeMap<String, SinkSpec>,
     /// `[[routes]]`, as written (compiled again by the bridge; validation compiled them once already).
     pub routes: Vec<RouteConfig>,
+}
+
+/// `[storage.postgres]` checked and resolved (for `backend = "postgres"`), errors into `errs`.
+fn postgres_spec(
+    storage: &StorageConfig,
+    root: &DeTable<'_>,
+    errs: &mut ConfigErrors,
+    base: &Path,
+    env: &dyn Env,
+) -> Option<crate::store::PostgresSpec> {
+    let Some(pg) = &storage.postgres else {
+        if storage.backend == StorageBackend::Postgres {
+            errs.locate(
+                "storage.backend",
+                root,
+                "backend = \"postgres\" needs a [storage.postgres] section with its url",
+            );
+        }
+        return None;
+    };
+    if storage.backend != StorageBackend::Postgres {
+        errs.locate("storage.postgres", root, "is used only with storage.backend = \"postgres\"");
+        return None;
+    }
+    let mut ok = true;
+    let url = match pg.url.resolve(base, env) {
+        Ok(url) => Some(url),
+        Err(m) => {
+            errs.locate("storage.postgres.url", root, &m);
+            None
+        }
+    };
+    if let Some(url) = &url
+        && let Err(e) = crate::store::PostgresSpec::parse_url(url.expose())
+    {
+        errs.locate("storage.postgres.url", root, &e);
+        ok = false;
+    }
+    for (key, bad) in [
+        ("storage.postgres.pool_size", pg.pool_size == 0 || pg.pool_size > 1000),
+        ("storage.postgres.statement_timeout", pg.statement_timeout.0.is_zero()),
+        ("storage.postgres.connect_timeout", pg.connect_timeout.0.is_zero()),
+    ] {
+        if bad {
+            errs.locate(
+                key,
+                root,
+                if key.ends_with("pool_size") { "must be between 1 and 1000" } else { "must be more than 0" },
+            );
+            ok = false;
+        }
+    }
+    if pg.lease.0 < std::time::Duration::from_secs(1) {
+        errs.locate("storage.postgres.lease", root, "must be at least 1s (it is renewed every third of it)");
+        ok = false;
+    }
+    let node_id = match &pg.node_id {
+        Some(id) => id.clone(),
+        None => crate::store::PostgresSpec::default_node_id(),
+    };
+    if node_id.is_empty() || node_id.len() > 128 || node_id.chars().any(|c| c.is_control()) {
+        errs.locate("storage.postgres.node_id", root, "must be 1 to 128 printable characters");
+        ok = false;
+    }
+    let url = url?;
+    ok.then_some(crate::store::PostgresSpec {
+        url,
+        pool_size: pg.pool_size,
+        statement_timeout: pg.statement_timeout.0,
+        connect_timeout: pg.connect_timeout.0,
+        lease: pg.lease.0,
+        node_id,
+    })
 }
 
 /// Paths that webhooks may not use because the daemon serves something else there.
@@ -217,7 +292,11 @@ impl Config {
                 errs.locate(key, &root, "must be more than 0");
             }
         }
-        if storage.engine == crate::store::Engine::Log && server.max_body_size.0 > 64 << 20 {
+        let postgres = postgres_spec(&storage, &root, &mut errs, base, env);
+        if storage.backend == StorageBackend::Embedded
+            && storage.engine == crate::store::Engine::Log
+            && server.max_body_size.0 > 64 << 20
+        {
             // A log frame holds 80 MiB: the body, its headers (at most 1 MiB) and its fields.
             errs.locate("server.max_body_size", &root, "must be at most 64MiB with storage.engine = \"log\"");
         }
@@ -407,6 +486,7 @@ impl Config {
                 origin: origin.map(Path::to_path_buf),
                 server,
                 storage,
+                postgres,
                 admin,
                 listeners,
                 sources,

@@ -137,6 +137,47 @@ pub struct StorageConfig {
     /// SQLite-engine spool is taken over at the first start with `"log"`; there is no way back.
     #[serde(default)]
     pub engine: crate::store::Engine,
+    /// Where the spool lives: `"embedded"` (default: the files in `data_dir`, one daemon) or `"postgres"`
+    /// (a PostgreSQL database shared by every node of a cluster, `[storage.postgres]`).
+    #[serde(default)]
+    pub backend: StorageBackend,
+    /// `[storage.postgres]`, for `backend = "postgres"`.
+    pub postgres: Option<PostgresConfig>,
+}
+
+/// `storage.backend`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageBackend {
+    /// The embedded spool in `data_dir` (`storage.engine` says which engine).
+    #[default]
+    Embedded,
+    /// A PostgreSQL database: several daemons share it (cluster mode).
+    Postgres,
+}
+
+/// `[storage.postgres]`: the cluster's database.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// Connection URL, `postgres://user:password@host:5432/db` or key-value (`host=... dbname=...`) (a
+    /// secret: it holds a password).
+    pub url: SecretSpec,
+    /// Connections kept open to the database at most. Default 8.
+    #[serde(default = "limits::default_pg_pool_size")]
+    pub pool_size: usize,
+    /// Longest a statement may run before the server cancels it (the webhook then gets 503). Default `5s`.
+    #[serde(default = "limits::default_pg_statement_timeout")]
+    pub statement_timeout: HumanDuration,
+    /// Time allowed to connect (and to wait for a free connection). Default `5s`.
+    #[serde(default = "limits::default_pg_connect_timeout")]
+    pub connect_timeout: HumanDuration,
+    /// How long a node's claim on a delivery lasts without renewal: when a node dies, another takes its
+    /// deliveries over after this. Default `30s`.
+    #[serde(default = "limits::default_pg_lease")]
+    pub lease: HumanDuration,
+    /// This node's name in the cluster (unique per node; its claims carry it). Default: the host name.
+    pub node_id: Option<String>,
 }
 
 impl Default for StorageConfig {
@@ -150,6 +191,8 @@ impl Default for StorageConfig {
             retention: limits::default_retention(),
             dedup_window: limits::default_dedup_window(),
             engine: crate::store::Engine::default(),
+            backend: StorageBackend::default(),
+            postgres: None,
         }
     }
 }

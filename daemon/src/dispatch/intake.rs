@@ -137,6 +137,8 @@ impl Dispatcher {
                     src.scanning = true;
                     self.find_replays(src).await;
                 }
+                // The spool has deliveries the feed does not carry (the cluster backend's claims).
+                _ = src.feed.wake.notified() => src.scanning = true,
                 item = src.feed.rx.recv() => match item {
                     // Items at or below the cursor were already read from the spool.
                     Some(row) if row.id > src.cursor => src.backlog.push_back(row),

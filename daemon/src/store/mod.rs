@@ -15,6 +15,7 @@ mod dedup;
 pub mod log;
 mod logged;
 mod ops;
+mod postgres;
 mod schema;
 mod sqlite;
 mod writer;
@@ -29,6 +30,7 @@ use tokio::sync::mpsc;
 
 pub use logged::LOG_DIR;
 pub use ops::{AttemptInfo, DeadLetter, DeliveryInfo, EventDetail, EventFilter, EventSummary};
+pub use postgres::PostgresSpec;
 
 use crate::event::Event;
 
@@ -65,6 +67,9 @@ pub enum StoreError {
     /// A blocking task failed.
     #[error("spool task failed: {0}")]
     Join(String),
+    /// PostgreSQL (the cluster backend) said no, or could not be reached.
+    #[error("cluster database error: {0}")]
+    Postgres(String),
 }
 
 /// Live spool counters, kept by the writer after each commit and recounted periodically.
@@ -329,6 +334,9 @@ pub struct Feed {
     /// Set by the writer when it could not push one because the feed was full: the dispatcher must read
     /// the spool from its cursor before it trusts the feed again.
     pub lagged: Arc<AtomicBool>,
+    /// Notified when the spool has deliveries to read that the feed does not carry (the cluster backend:
+    /// its deliveries are claimed by reads, and other nodes' webhooks arrive by notification).
+    pub wake: Arc<tokio::sync::Notify>,
 }
 
 struct FeedSender {
@@ -349,6 +357,7 @@ pub struct Store {
 enum Backend {
     Sqlite(sqlite::Sqlite),
     Log(logged::Logged),
+    Postgres(postgres::Postgres),
 }
 
 /// Where the spool keeps healthy events (`storage.engine`).
@@ -392,11 +401,43 @@ impl Store {
         Ok(Store { backend })
     }
 
-    /// The database file.
-    pub fn path(&self) -> &Path {
+    /// Opens the spool `storage` configures: the embedded one in `data_dir` with its engine, or the
+    /// cluster's database (`postgres`, for `backend = "postgres"`).
+    pub async fn open_configured(
+        storage: &crate::config::types::StorageConfig,
+        postgres: Option<&PostgresSpec>,
+    ) -> Result<Store, StoreError> {
+        match (storage.backend, postgres) {
+            (crate::config::types::StorageBackend::Postgres, Some(spec)) => Store::connect(spec).await,
+            (crate::config::types::StorageBackend::Postgres, None) => {
+                Err(StoreError::Schema("storage.backend = \"postgres\" needs [storage.postgres]".into()))
+            }
+            (crate::config::types::StorageBackend::Embedded, _) => {
+                Store::open_engine(&storage.data_dir, storage.engine)
+            }
+        }
+    }
+
+    /// Connects to the cluster's PostgreSQL database (migrating its schema) and joins the cluster as
+    /// `spec.node_id`.
+    pub async fn connect(spec: &PostgresSpec) -> Result<Store, StoreError> {
+        Ok(Store { backend: Backend::Postgres(postgres::Postgres::open(spec).await?) })
+    }
+
+    /// The database file of the embedded spool (`None` on the cluster backend).
+    pub fn path(&self) -> Option<&Path> {
         match &self.backend {
-            Backend::Sqlite(s) => s.path(),
-            Backend::Log(l) => l.sqlite().path(),
+            Backend::Sqlite(s) => Some(s.path()),
+            Backend::Log(l) => Some(l.sqlite().path()),
+            Backend::Postgres(_) => None,
+        }
+    }
+
+    /// This node's id in the cluster (`None` on the embedded spool).
+    pub fn node_id(&self) -> Option<&str> {
+        match &self.backend {
+            Backend::Postgres(p) => Some(p.node()),
+            _ => None,
         }
     }
 
@@ -406,6 +447,7 @@ impl Store {
         match &self.backend {
             Backend::Sqlite(s) => s.subscribe(sink, capacity),
             Backend::Log(l) => l.subscribe(sink, capacity),
+            Backend::Postgres(p) => p.subscribe(sink, capacity),
         }
     }
 
@@ -414,6 +456,7 @@ impl Store {
         match &self.backend {
             Backend::Sqlite(s) => s.is_closed(),
             Backend::Log(l) => l.is_closed(),
+            Backend::Postgres(p) => p.is_closed(),
         }
     }
 
@@ -423,6 +466,7 @@ impl Store {
         match &self.backend {
             Backend::Sqlite(s) => g.set_from(s.gauges()),
             Backend::Log(l) => l.gauges(&g),
+            Backend::Postgres(p) => p.gauges(&g),
         }
         g
     }
@@ -433,6 +477,7 @@ impl Store {
         match &self.backend {
             Backend::Sqlite(s) => s.insert(event, sinks, dedup).await,
             Backend::Log(l) => l.insert(event, sinks, dedup).await,
+            Backend::Postgres(p) => p.insert(event, sinks, dedup).await,
         }
     }
 
@@ -446,6 +491,7 @@ impl Store {
         match &self.backend {
             Backend::Sqlite(s) => s.answered(seq, hash, certain),
             Backend::Log(l) => l.answered(seq, hash, certain),
+            Backend::Postgres(p) => p.answered(seq, hash, certain),
         }
     }
 
@@ -455,6 +501,8 @@ impl Store {
         match &self.backend {
             Backend::Sqlite(s) => s.failed().await,
             Backend::Log(l) => l.failed().await,
+            // PostgreSQL refuses a commit per transaction: nothing stops the backend for good.
+            Backend::Postgres(_) => std::future::pending().await,
         }
     }
 
@@ -476,6 +524,7 @@ impl Store {
         match &self.backend {
             Backend::Sqlite(s) => s.record_all(records).await,
             Backend::Log(l) => l.record_all(sink, records).await,
+            Backend::Postgres(p) => p.record_all(sink, records).await,
         }
     }
 
@@ -484,6 +533,7 @@ impl Store {
         match &self.backend {
             Backend::Sqlite(s) => s.record_handshake(source, secret, received_at_ms).await,
             Backend::Log(l) => l.sqlite().record_handshake(source, secret, received_at_ms).await,
+            Backend::Postgres(p) => p.record_handshake(source, secret, received_at_ms).await,
         }
     }
 
@@ -498,6 +548,7 @@ impl Store {
         match &self.backend {
             Backend::Sqlite(s) => s.save_installation(source, workspace, addon_id, record).await,
             Backend::Log(l) => l.sqlite().save_installation(source, workspace, addon_id, record).await,
+            Backend::Postgres(p) => p.save_installation(source, workspace, addon_id, record).await,
         }
     }
 
@@ -506,6 +557,7 @@ impl Store {
         match &self.backend {
             Backend::Sqlite(s) => s.installations().await,
             Backend::Log(l) => l.sqlite().installations().await,
+            Backend::Postgres(p) => p.installations().await,
         }
     }
 
@@ -514,6 +566,7 @@ impl Store {
         match &self.backend {
             Backend::Sqlite(s) => s.ping().await,
             Backend::Log(l) => l.ping().await,
+            Backend::Postgres(p) => p.ping().await,
         }
     }
 
@@ -523,6 +576,7 @@ impl Store {
         match &self.backend {
             Backend::Sqlite(s) => s.prune(before_ms, limit).await,
             Backend::Log(l) => l.prune(before_ms, limit).await,
+            Backend::Postgres(p) => p.prune(before_ms, limit).await,
         }
     }
 
@@ -531,6 +585,7 @@ impl Store {
         match &self.backend {
             Backend::Sqlite(s) => s.resync().await,
             Backend::Log(l) => l.resync().await,
+            Backend::Postgres(p) => p.resync().await,
         }
     }
 
@@ -539,6 +594,7 @@ impl Store {
         match &self.backend {
             Backend::Sqlite(s) => s.pending(sink, after, limit).await,
             Backend::Log(l) => l.pending(sink, after, limit).await,
+            Backend::Postgres(p) => p.pending(sink, after, limit).await,
         }
     }
 
@@ -554,18 +610,20 @@ impl Store {
         match &self.backend {
             Backend::Sqlite(s) => s.pending_replays(sink, after, up_to, limit).await,
             // The log engine's replays are new events in the log, above every cursor: the feed or the walk
-            // hands them.
-            Backend::Log(_) => Ok(Vec::new()),
+            // hands them; the cluster's are claimed like every delivery.
+            Backend::Log(_) | Backend::Postgres(_) => Ok(Vec::new()),
         }
     }
 
     /// At start, with the sinks of the config: what was routed to a sink no longer there. The log engine
     /// dead-letters its unfinished deliveries (they would pin the log; `dlq retry` once the sink is back); the
-    /// SQLite engine leaves them pending (they pin only their own rows, and are delivered if it comes back).
+    /// SQLite engine and the cluster backend leave them pending (they pin only their own rows, and are delivered if it comes back).
     /// Returns (sink, deliveries dead-lettered).
     pub async fn retire_sinks(&self, keep: &[String]) -> Result<Vec<(String, u64)>, StoreError> {
         match &self.backend {
-            Backend::Sqlite(_) => Ok(Vec::new()),
+            // The cluster's nodes may run different configs for a while (a rolling change): none retires
+            // another's sinks.
+            Backend::Sqlite(_) | Backend::Postgres(_) => Ok(Vec::new()),
             Backend::Log(l) => l.retire_sinks(keep).await,
         }
     }
@@ -575,6 +633,7 @@ impl Store {
         match &self.backend {
             Backend::Sqlite(s) => s.sink_stats().await,
             Backend::Log(l) => l.sink_stats().await,
+            Backend::Postgres(p) => p.sink_stats().await,
         }
     }
 
@@ -583,6 +642,7 @@ impl Store {
         match &self.backend {
             Backend::Sqlite(s) => s.event(id).await,
             Backend::Log(l) => l.event(id).await,
+            Backend::Postgres(p) => p.event(id).await,
         }
     }
 
@@ -591,6 +651,7 @@ impl Store {
         match &self.backend {
             Backend::Sqlite(s) => s.close().await,
             Backend::Log(l) => l.close().await,
+            Backend::Postgres(p) => p.close().await,
         }
     }
 }

@@ -107,7 +107,7 @@ impl Sqlite {
         if let Ok(mut feeds) = self.feeds.lock() {
             feeds.insert(sink.to_owned(), FeedSender { tx, lagged: Arc::clone(&lagged) });
         }
-        Feed { rx, lagged }
+        Feed { rx, lagged, wake: Arc::default() }
     }
 
     /// True once the writer has stopped.

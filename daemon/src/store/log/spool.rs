@@ -261,7 +261,7 @@ impl Spool {
         if let Ok(mut feeds) = self.feeds.lock() {
             feeds.insert(sink.to_owned(), FeedSender { tx, lagged: Arc::clone(&lagged) });
         }
-        Feed { rx, lagged }
+        Feed { rx, lagged, wake: Arc::default() }
     }
 
     /// Reports the answer to the webhook of event `seq` (as [`super::super::Store::answered`]).

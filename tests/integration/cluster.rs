@@ -1,0 +1,335 @@
+//! Cluster mode on PostgreSQL (`storage.backend = "postgres"`), with real daemons sharing one real database
+//! (`HOOKBRIDGE_TEST_POSTGRES`, which `scripts/test` provides; each test makes a database of its own): a
+//! provider's retry that lands on the other node is a duplicate, and when a node is killed with SIGKILL
+//! under load, the other takes its claimed deliveries over: every `2xx` is delivered, in order per entity.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::common::*;
+
+const SECRET: &str = "cluster-test-secret";
+
+/// A database of its own on the test server, dropped by [`TestDatabase::drop_db`].
+pub struct TestDatabase {
+    pub name: String,
+    /// The server's connection string (its maintenance database).
+    pub server: String,
+}
+
+impl TestDatabase {
+    pub async fn new(tag: &str) -> TestDatabase {
+        let server = std::env::var("HOOKBRIDGE_TEST_POSTGRES")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        let name = format!("hb_test_{tag}_{}", uuid::Uuid::now_v7().simple());
+        admin(&server).await.batch_execute(&format!("CREATE DATABASE {name}")).await.unwrap();
+        TestDatabase { name, server }
+    }
+
+    /// The database's connection string, in key-value form.
+    pub fn url(&self) -> String {
+        let cfg: tokio_postgres::Config = self.server.parse().unwrap();
+        let host = match &cfg.get_hosts()[0] {
+            tokio_postgres::config::Host::Tcp(h) => h.clone(),
+            tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+        };
+        let mut s =
+            format!("host={host} port={} dbname={}", cfg.get_ports().first().copied().unwrap_or(5432), self.name);
+        if let Some(u) = cfg.get_user() {
+            s.push_str(&format!(" user={u}"));
+        }
+        if let Some(p) = cfg.get_password() {
+            s.push_str(&format!(" password={}", String::from_utf8_lossy(p)));
+        }
+        s
+    }
+
+    /// One value from the test database.
+    pub async fn query_i64(&self, sql: &str) -> i64 {
+        admin(&self.url()).await.query_one(sql, &[]).await.unwrap().get(0)
+    }
+
+    pub async fn drop_db(self) {
+        let _ = admin(&self.server)
+            .await
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name))
+            .await;
+    }
+}
+
+async fn admin(url: &str) -> tokio_postgres::Client {
+    let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("no PostgreSQL at HOOKBRIDGE_TEST_POSTGRES ({e}): scripts/test starts one"));
+    tokio::spawn(conn);
+    c
+}
+
+/// A node's config: its own port and folder, the shared database, a short lease.
+fn node_config(port: u16, node: &str, db: &TestDatabase, receiver: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "127.0.0.1:{port}"
+internal_listen = "127.0.0.1:0"
+min_body_rate = 0
+[storage]
+data_dir = "data-{node}"
+backend = "postgres"
+[storage.postgres]
+url = "{url}"
+node_id = "{node}"
+lease = "2s"
+[sources.clockify]
+kind = "clockify"
+secrets = ["{SECRET}"]
+retry_window = "1h"
+[sinks.out]
+kind = "http"
+url = "{receiver}"
+max_in_flight = 16
+retry = {{ initial_backoff = "100ms", max_backoff = "500ms" }}
+[[routes]]
+name = "all"
+to = ["out"]
+"#,
+        url = db.url()
+    )
+}
+
+struct Node {
+    base: String,
+    child: std::process::Child,
+}
+
+async fn start_node(dir: &std::path::Path, node: &str, db: &TestDatabase, receiver: &str, run: u32) -> Node {
+    let port = free_port();
+    let config = dir.join(format!("{node}.toml"));
+    std::fs::write(&config, node_config(port, node, db, receiver)).unwrap();
+    let child = spawn_daemon(&config, &dir.join(format!("{node}-{run}.log")));
+    let base = format!("http://127.0.0.1:{port}");
+    wait_healthy(&format!("{base}/healthz")).await;
+    Node { base, child }
+}
+
+async fn clockify(base: &str, body: &str) -> Result<(u16, String), reqwest::Error> {
+    let r = client()
+        .post(format!("{base}/hooks/clockify"))
+        .header("clockify-signature", SECRET)
+        .header("clockify-webhook-event-type", "NEW_TIME_ENTRY")
+        .header("content-type", "application/json")
+        .body(body.to_owned())
+        .send()
+        .await?;
+    let status = r.status().as_u16();
+    let v: serde_json::Value = serde_json::from_str(&r.text().await?).unwrap_or_default();
+    Ok((status, v["status"].as_str().unwrap_or_default().to_owned()))
+}
+
+/// The fixture with its own time entry id (the ordering key) and description.
+fn entry(template: &str, entity: &str, description: &str) -> String {
+    template.replacen("\"68453d0cf0c88d522704ab76\"", &format!("\"{entity}\""), 1).replacen(
+        "\"description\": \"Test\"",
+        &format!("\"description\": \"{description}\""),
+        1,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_nodes_share_dedup_and_a_killed_nodes_deliveries_are_taken_over() {
+    let db = TestDatabase::new("cluster").await;
+    let receiver = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let a = start_node(dir.path(), "a", &db, &receiver.url(), 1).await;
+    let b = start_node(dir.path(), "b", &db, &receiver.url(), 1).await;
+    let template = String::from_utf8(read_fixture("clockify/NEW_TIME_ENTRY.json")).unwrap();
+
+    // A provider's retry on the other node.
+    let first = entry(&template, "entry-dedup", "once");
+    assert_eq!(clockify(&a.base, &first).await.unwrap(), (200, "accepted".into()));
+    assert_eq!(clockify(&b.base, &first).await.unwrap(), (200, "duplicate".into()));
+
+    // Load on both nodes, each worker updating its own time entry in order; a is killed part-way and its
+    // requests go to b from then on (as a load balancer's would).
+    let acked: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let mut tasks = Vec::new();
+    for worker in 0..8 {
+        let (acked, template) = (acked.clone(), template.clone());
+        let bases = [a.base.clone(), b.base.clone()];
+        tasks.push(tokio::spawn(async move {
+            let mut a_alive = true;
+            for i in 0..60 {
+                let id = format!("w{worker}-{i:03}");
+                let body = entry(&template, &format!("entry-{worker}"), &id);
+                loop {
+                    let base = if a_alive && (worker + i) % 2 == 0 { &bases[0] } else { &bases[1] };
+                    match clockify(base, &body).await {
+                        Ok((200, _)) => {
+                            acked.lock().unwrap().insert(id.clone());
+                            break;
+                        }
+                        Ok((status, _)) => panic!("{id}: {status}"),
+                        Err(_) if base == &bases[0] => a_alive = false,
+                        Err(e) => panic!("{id} on b: {e}"),
+                    }
+                }
+            }
+        }));
+    }
+    // And one delivery a is sure to hold when it dies: its receiver fails it until a is gone.
+    receiver.fail("entry-held", 503, usize::MAX, None);
+    assert_eq!(clockify(&a.base, &entry(&template, "entry-held", "held")).await.unwrap().1, "accepted");
+    let held = "SELECT count(*) FROM hookbridge.deliveries WHERE lease_owner = 'a' AND attempts >= 2";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while db.query_i64(held).await == 0 {
+        assert!(Instant::now() < deadline, "a never retried the held delivery");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    poll_until(Duration::from_secs(60), || (acked.lock().unwrap().len() >= 150).then_some(())).await.expect("load");
+    let mut a = a;
+    a.child.kill().unwrap(); // SIGKILL
+    a.child.wait().unwrap();
+    let killed_at = Instant::now();
+    receiver.heal("entry-held");
+    let taken_over = poll_until(Duration::from_secs(20), || {
+        receiver.received().iter().any(|r| String::from_utf8_lossy(&r.body).contains("entry-held")).then(Instant::now)
+    })
+    .await
+    .expect("the dead node's held delivery was never delivered");
+    let after = taken_over - killed_at;
+    assert!(after < Duration::from_secs(2) + Duration::from_secs(3), "taken over after {after:?}, the lease is 2s");
+    assert!(
+        db.query_i64(
+            "SELECT max(attempts)::bigint FROM hookbridge.deliveries d JOIN hookbridge.events e ON e.seq = d.event_seq
+                      WHERE convert_from(e.body, 'UTF8') LIKE '%entry-held%'"
+        )
+        .await
+            >= 3,
+        "the attempts the dead node made are kept"
+    );
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert_eq!(acked.len(), 8 * 60);
+
+    let description = |r: &Received| -> String {
+        serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()["description"].as_str().unwrap().to_owned()
+    };
+    let delivered = poll_until(Duration::from_secs(60), || {
+        let got: HashSet<String> = receiver.received().iter().map(description).collect();
+        acked.is_subset(&got).then_some(())
+    })
+    .await;
+    let got: HashSet<String> = receiver.received().iter().map(description).collect();
+    assert!(delivered.is_some(), "{} acknowledged events not delivered", acked.difference(&got).count());
+    assert!(
+        killed_at.elapsed() < Duration::from_secs(30),
+        "the dead node's deliveries were taken over late: {:?}",
+        killed_at.elapsed()
+    );
+    assert_eq!(db.query_i64("SELECT count(*) FROM hookbridge.deliveries WHERE status = 'pending'").await, 0);
+    // In order per entity: each worker's updates arrive (first time) in the order they were acknowledged.
+    let mut seen: HashMap<String, Vec<String>> = HashMap::new();
+    let mut firsts = HashSet::new();
+    for d in receiver.received().iter().map(description).filter(|d| d.starts_with('w')) {
+        if firsts.insert(d.clone()) {
+            seen.entry(d.split('-').next().unwrap().to_owned()).or_default().push(d);
+        }
+    }
+    for (worker, order) in &seen {
+        let mut sorted = order.clone();
+        sorted.sort();
+        assert_eq!(order, &sorted, "{worker}'s updates out of order");
+    }
+    assert_eq!(
+        receiver.received().iter().filter(|r| description(r) == "once").count(),
+        1,
+        "the retry on the other node was not delivered again"
+    );
+
+    // The killed node comes back under its id (once its heartbeat has lapsed) and serves again.
+    let mut a = start_node(dir.path(), "a", &db, &receiver.url(), 2).await;
+    let again = entry(&template, "entry-back", "back");
+    assert_eq!(clockify(&a.base, &again).await.unwrap(), (200, "accepted".into()));
+    poll_until(Duration::from_secs(20), || receiver.received().iter().any(|r| description(r) == "back").then_some(()))
+        .await
+        .expect("the restarted node delivers");
+    let mut b = b;
+    for node in [&mut a.child, &mut b.child] {
+        sigterm(node);
+        let exit = wait_exit(node, Duration::from_secs(30), "no exit after SIGTERM").await;
+        assert!(exit.success(), "{exit:?}");
+    }
+    assert_eq!(db.query_i64("SELECT count(*) FROM hookbridge.deliveries WHERE lease_owner IS NOT NULL").await, 0);
+    let log = std::fs::read_to_string(dir.path().join("b-1.log")).unwrap();
+    assert!(!log.contains(SECRET), "a secret reached the log");
+    receiver.stop().await;
+    db.drop_db().await;
+}
+
+/// PostgreSQL away (the database refuses connections and the node's are cut, as in a restart): webhooks get
+/// `503` and `/readyz` fails while it is away; the node recovers by itself, and every `2xx` is delivered.
+#[tokio::test(flavor = "multi_thread")]
+async fn webhooks_get_503_while_the_database_is_away_and_the_node_recovers() {
+    let db = TestDatabase::new("outage").await;
+    let receiver = Receiver::start().await;
+    let toml = node_config(0, "solo", &db, &receiver.url())
+        .replace("listen = \"127.0.0.1:0\"\ninternal_listen", "internal_listen")
+        .replace("lease = \"2s\"", "lease = \"2s\"\nconnect_timeout = \"1s\"")
+        .replace("data_dir = \"data-solo\"", "data_dir = \"{dir}/data\"");
+    let bridge = TestBridge::start(&toml).await;
+    let template = String::from_utf8(read_fixture("clockify/NEW_TIME_ENTRY.json")).unwrap();
+    let base = bridge.url("");
+    assert_eq!(clockify(&base, &entry(&template, "e1", "before")).await.unwrap(), (200, "accepted".into()));
+
+    let server = admin(&db.server).await;
+    let away = |allow: bool| {
+        let name = db.name.clone();
+        let server = &server;
+        async move {
+            server.batch_execute(&format!("ALTER DATABASE {name} ALLOW_CONNECTIONS {allow}")).await.unwrap();
+            if !allow {
+                server
+                    .execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", &[&name])
+                    .await
+                    .unwrap();
+            }
+        }
+    };
+    away(false).await;
+    let started = Instant::now();
+    let (status, _) = clockify(&base, &entry(&template, "e2", "while away")).await.unwrap();
+    assert_eq!(status, 503, "never a 2xx for what cannot be stored");
+    assert!(started.elapsed() < Duration::from_secs(10), "bounded by connect_timeout: {:?}", started.elapsed());
+    let ready = client().get(bridge.url("/readyz")).send().await.unwrap().status().as_u16();
+    assert_eq!(ready, 503);
+
+    away(true).await;
+    let back = Instant::now() + Duration::from_secs(30);
+    let mut accepted = false;
+    while Instant::now() < back {
+        if clockify(&base, &entry(&template, "e3", "after")).await.unwrap().0 == 200 {
+            accepted = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(accepted, "the node did not recover by itself");
+    let got = receiver.wait_for(2, Duration::from_secs(20)).await;
+    let descriptions: Vec<String> = got
+        .iter()
+        .map(|r| {
+            serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()["description"].as_str().unwrap().to_owned()
+        })
+        .collect();
+    assert!(
+        descriptions.contains(&"before".to_owned()) && descriptions.contains(&"after".to_owned()),
+        "{descriptions:?}"
+    );
+    assert!(!descriptions.contains(&"while away".to_owned()), "a refused webhook is not delivered");
+    bridge.stop().await;
+    receiver.stop().await;
+    db.drop_db().await;
+}
