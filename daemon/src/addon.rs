@@ -150,6 +150,40 @@ impl Installations {
         Ok(Installations { map: std::sync::Arc::new(RwLock::new(map)) })
     }
 
+    /// Keeps the installations as the store has them when others change them (cluster mode: a lifecycle
+    /// call taken by another node), until `cancel`.
+    pub fn follow(&self, store: &Store, cancel: tokio_util::sync::CancellationToken) {
+        let Some(mut changes) = store.installation_changes() else { return };
+        let (store, map) = (store.clone(), std::sync::Arc::clone(&self.map));
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    changed = changes.changed() => if changed.is_err() { return },
+                }
+                // A failed read is tried again a second later (the database may be away).
+                loop {
+                    match Installations::load(&store).await {
+                        Ok(fresh) => {
+                            let fresh = fresh.map.read().map(|m| m.clone()).unwrap_or_default();
+                            if let Ok(mut m) = map.write() {
+                                *m = fresh;
+                            }
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot read the add-on installations again; retrying");
+                            tokio::select! {
+                                _ = cancel.cancelled() => return,
+                                _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                            }
+                        }
+                    }
+                }
+            }
+        });
+    }
+
     /// The active (not inactive, not deleted) installation of `source`'s add-on in `workspace`.
     pub fn active(&self, source: &str, workspace: &str) -> Option<Installation> {
         let map = self.map.read().ok()?;

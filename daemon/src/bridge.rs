@@ -256,6 +256,7 @@ impl Bridge {
             shared.live.persist_to(h.kv().clone());
         }
         let cancel = CancellationToken::new();
+        shared.installations.follow(&store, cancel.child_token());
         let inner = Arc::new(Inner {
             shared,
             store: store.clone(),

@@ -333,3 +333,107 @@ async fn webhooks_get_503_while_the_database_is_away_and_the_node_recovers() {
     receiver.stop().await;
     db.drop_db().await;
 }
+
+/// An add-on installed through one node is accepted by the other; `DELETED` through one revokes everywhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_addon_installed_through_one_node_is_accepted_by_the_others() {
+    use crate::addon::{claims, keypair, rs256};
+    use serde_json::json;
+    let db = TestDatabase::new("addon").await;
+    let keys = tempfile::tempdir().unwrap();
+    let (private, public) = keypair(keys.path(), "clockify");
+    let receiver = Receiver::start().await;
+    let toml = |node: &str| {
+        format!(
+            r#"
+[storage]
+data_dir = "{{dir}}/data"
+backend = "postgres"
+[storage.postgres]
+url = "{url}"
+node_id = "{node}"
+lease = "2s"
+[sources.addon]
+kind = "clockify-addon"
+addon_key = "hookbridge-test"
+name = "hookbridge test"
+base_url = "https://bridge.example/hooks/addon"
+scopes = ["TIME_ENTRY_READ"]
+public_key_file = "{public}"
+[sinks.out]
+kind = "http"
+url = "{receiver}"
+[[routes]]
+name = "entries"
+sources = ["addon"]
+events = ["NEW_TIME_ENTRY"]
+to = ["out"]
+"#,
+            url = db.url(),
+            public = public.display(),
+            receiver = receiver.url()
+        )
+    };
+    let a = TestBridge::start(&toml("a")).await;
+    let b = TestBridge::start(&toml("b")).await;
+    let webhook_token = rs256(&private, &claims("hookbridge-test", "addon", json!({"webhook": "NEW_TIME_ENTRY"})));
+    let lifecycle = |bridge: &TestBridge, body: serde_json::Value| {
+        let token = rs256(&private, &claims("hookbridge-test", "addon", json!({})));
+        let url = bridge.url(&format!("/hooks/addon/lifecycle/{}", body["kind"].as_str().unwrap()));
+        async move {
+            post_to(
+                &url,
+                &[("x-addon-lifecycle-token", token.as_str()), ("content-type", "application/json")],
+                body.to_string(),
+            )
+            .await
+            .0
+        }
+    };
+    let body = String::from_utf8(read_fixture("clockify/NEW_TIME_ENTRY.json"))
+        .unwrap()
+        .replace("684446430300f917a02c198b", "ws1");
+    let webhook = |bridge: &TestBridge| {
+        let url = bridge.url("/hooks/addon/webhook/NEW_TIME_ENTRY");
+        let (token, body) = (webhook_token.clone(), body.clone());
+        async move {
+            let headers = [
+                ("clockify-webhook-event-type", "NEW_TIME_ENTRY"),
+                ("content-type", "application/json"),
+                ("clockify-signature", token.as_str()),
+            ];
+            post_to(&url, &headers, body).await.0
+        }
+    };
+    assert_eq!(webhook(&b).await, 401, "not installed yet");
+    let installed = json!({
+        "kind": "installed", "addonId": "inst1", "authToken": "installation-token", "workspaceId": "ws1",
+        "asUser": "u1", "apiUrl": "https://api.clockify.me/api", "addonUserId": "au1",
+        "webhooks": [{"path": "https://bridge.example/hooks/addon/webhook/NEW_TIME_ENTRY", "webhookType": "ADDON", "authToken": webhook_token}],
+    });
+    assert_eq!(lifecycle(&a, installed).await, 200);
+    let until = |want: u16| {
+        let webhook = &webhook;
+        let b = &b;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let got = webhook(b).await;
+                if got == want {
+                    return;
+                }
+                assert!(Instant::now() < deadline, "node b still answers {got}, not {want}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    until(200).await;
+    receiver.wait_for(1, Duration::from_secs(20)).await;
+    assert_eq!(lifecycle(&a, json!({"kind": "deleted", "addonId": "inst1", "workspaceId": "ws1"})).await, 200);
+    until(401).await;
+    assert_eq!(webhook(&a).await, 401);
+    a.stop().await;
+    b.stop().await;
+    receiver.stop().await;
+    db.drop_db().await;
+}

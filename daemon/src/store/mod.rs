@@ -433,6 +433,15 @@ impl Store {
         }
     }
 
+    /// Changes whenever an add-on installation may have changed outside this process (the cluster
+    /// backend: another node took a lifecycle call); `None` where nothing else writes them.
+    pub fn installation_changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        match &self.backend {
+            Backend::Postgres(p) => Some(p.installation_changes()),
+            _ => None,
+        }
+    }
+
     /// This node's id in the cluster (`None` on the embedded spool).
     pub fn node_id(&self) -> Option<&str> {
         match &self.backend {

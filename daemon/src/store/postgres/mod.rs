@@ -39,6 +39,8 @@ const CLAIM_MAX: usize = 64;
 const GAUGES_EVERY: Duration = Duration::from_secs(1);
 /// The channel nodes tell each other about new deliveries on (payload: the sinks, comma-separated).
 const CHANNEL: &str = "hookbridge_deliveries";
+/// The channel an add-on installation's change is told on.
+const INSTALLATIONS: &str = "hookbridge_installations";
 
 static RENEW_FAILED: Throttle = Throttle::new(REPEATED_ERROR_LOG);
 static LISTEN_FAILED: Throttle = Throttle::new(REPEATED_ERROR_LOG);
@@ -108,6 +110,8 @@ struct Inner {
     closed: AtomicBool,
     stop: CancellationToken,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Bumped when another node (or this one) changed an add-on installation, or notifications were missed.
+    installs: tokio::sync::watch::Sender<u64>,
 }
 
 /// One sink's dispatcher as this node knows it.
@@ -282,6 +286,7 @@ impl Postgres {
             closed: AtomicBool::new(false),
             stop: CancellationToken::new(),
             tasks: Mutex::new(Vec::new()),
+            installs: tokio::sync::watch::Sender::new(0),
         });
         let pg = Postgres { inner };
         pg.count_gauges().await?;
@@ -293,6 +298,11 @@ impl Postgres {
         *lock(&pg.inner.tasks) = tasks;
         tracing::info!(node = %spec.node_id, "cluster spool ready on PostgreSQL");
         Ok(pg)
+    }
+
+    /// Changes as installations change anywhere in the cluster.
+    pub(super) fn installation_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.installs.subscribe()
     }
 
     /// This node's id.
@@ -599,13 +609,18 @@ impl Postgres {
         addon_id: &str,
         record: String,
     ) -> Result<(), StoreError> {
+        // The other nodes reload their installations when told (in the same statement, so at its commit).
         self.client()
             .await?
-            .execute(
-                "INSERT INTO hookbridge.installations (source, workspace_id, addon_id, record, updated_at)
-                 VALUES ($1, $2, $3, $4, $5)
-                 ON CONFLICT (source, workspace_id, addon_id) DO UPDATE
-                     SET record = EXCLUDED.record, updated_at = EXCLUDED.updated_at",
+            .query(
+                "WITH u AS (
+                     INSERT INTO hookbridge.installations (source, workspace_id, addon_id, record, updated_at)
+                     VALUES ($1, $2, $3, $4, $5)
+                     ON CONFLICT (source, workspace_id, addon_id) DO UPDATE
+                         SET record = EXCLUDED.record, updated_at = EXCLUDED.updated_at
+                     RETURNING 1
+                 )
+                 SELECT pg_notify('hookbridge_installations', $1) FROM u",
                 &[&source, &workspace, &addon_id, &record, &now_ms()],
             )
             .await
@@ -932,13 +947,13 @@ async fn listen(inner: Arc<Inner>, cfg: tokio_postgres::Config) {
     loop {
         match cfg.connect(NoTls).await {
             Ok((client, mut conn)) => {
-                let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+                let (tx, mut rx) = mpsc::unbounded_channel::<(String, String)>();
                 let driver = tokio::spawn(async move {
                     let mut messages = futures_util::stream::poll_fn(move |cx| conn.poll_message(cx));
                     while let Some(m) = messages.next().await {
                         match m {
                             Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
-                                if tx.send(n.payload().to_owned()).is_err() {
+                                if tx.send((n.channel().to_owned(), n.payload().to_owned())).is_err() {
                                     return;
                                 }
                             }
@@ -950,10 +965,12 @@ async fn listen(inner: Arc<Inner>, cfg: tokio_postgres::Config) {
                         }
                     }
                 });
-                match client.batch_execute(&format!("LISTEN {CHANNEL}")).await {
+                match client.batch_execute(&format!("LISTEN {CHANNEL}; LISTEN {INSTALLATIONS}")).await {
                     Ok(()) => {
+                        // What was told while nobody listened is read again.
                         let all: Vec<String> = lock(&inner.sinks).keys().cloned().collect();
                         wake(&inner, all.iter().map(String::as_str));
+                        inner.installs.send_modify(|n| *n += 1);
                         loop {
                             tokio::select! {
                                 _ = inner.stop.cancelled() => {
@@ -961,7 +978,10 @@ async fn listen(inner: Arc<Inner>, cfg: tokio_postgres::Config) {
                                     return;
                                 }
                                 msg = rx.recv() => match msg {
-                                    Some(payload) => wake(&inner, payload.split(',')),
+                                    Some((channel, _)) if channel == INSTALLATIONS => {
+                                        inner.installs.send_modify(|n| *n += 1);
+                                    }
+                                    Some((_, payload)) => wake(&inner, payload.split(',')),
                                     None => break,
                                 },
                             }
