@@ -90,9 +90,6 @@ async fn run<T: serde::Serialize + Send + 'static>(
             (StatusCode::BAD_REQUEST, axum::Json(json!({"error": m}))).into_response()
         }
         Ok(Err(OperatorError::NotFound(m))) => (StatusCode::NOT_FOUND, axum::Json(json!({"error": m}))).into_response(),
-        Ok(Err(OperatorError::Unsupported(m))) => {
-            (StatusCode::NOT_IMPLEMENTED, axum::Json(json!({"error": m}))).into_response()
-        }
         Ok(Err(OperatorError::Store(e))) => {
             tracing::error!(error = %e, "admin API: spool error");
             (StatusCode::SERVICE_UNAVAILABLE, axum::Json(json!({"error": "spool unavailable"}))).into_response()

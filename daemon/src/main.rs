@@ -284,7 +284,7 @@ fn load(config: &std::path::Path) -> anyhow::Result<hookbridge::Config> {
 fn load_embedded(config: &std::path::Path) -> anyhow::Result<hookbridge::Config> {
     let config = load(config)?;
     if config.storage.backend == hookbridge::config::types::StorageBackend::Postgres {
-        anyhow::bail!("{}", hookbridge::operator::CLUSTER_NOT_YET);
+        anyhow::bail!("`spool` reads the embedded spool's log; storage.backend = \"postgres\" has none");
     }
     Ok(config)
 }
@@ -384,8 +384,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Spool { command } => spool(command),
         Command::Dlq { command } => dlq(command),
         Command::Installations { config } => {
-            let config = load_embedded(&config)?;
-            let list = hookbridge::store::list_installations(&config.storage.data_dir)?;
+            let config = load(&config)?;
+            let list = hookbridge::operator::installations(&config)?;
             if list.is_empty() {
                 println!("no add-on installation");
             }
@@ -402,8 +402,8 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Handshakes { config } => {
-            let config = load_embedded(&config)?;
-            let list = hookbridge::store::list_handshakes(&config.storage.data_dir)?;
+            let config = load(&config)?;
+            let list = hookbridge::operator::handshakes(&config)?;
             if list.is_empty() {
                 println!("no Clockodo handshake received yet");
             }

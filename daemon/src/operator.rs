@@ -24,9 +24,6 @@ pub enum OperatorError {
     /// No such event or dead letter.
     #[error("{0}")]
     NotFound(String),
-    /// Not served on this backend (yet).
-    #[error("{0}")]
-    Unsupported(&'static str),
 }
 
 /// A point in time given as RFC 3339 (`2026-11-22T10:00:00Z`) or as an age (`2h`: two hours ago).
@@ -47,16 +44,19 @@ pub fn format_time(ms: i64) -> String {
 }
 
 fn open(config: &Config) -> Result<Operator, OperatorError> {
-    if config.storage.backend == crate::config::types::StorageBackend::Postgres {
-        return Err(OperatorError::Unsupported(CLUSTER_NOT_YET));
-    }
-    Ok(Operator::open(&config.storage.data_dir)?)
+    Ok(Operator::open_configured(&config.storage, config.postgres.as_ref())?)
 }
 
-/// What operator commands answer on the cluster backend, until they are served from its database.
-pub const CLUSTER_NOT_YET: &str = "this command reads the embedded spool: on storage.backend = \"postgres\" the \
-     operator commands do not serve the cluster yet (its events, deliveries, attempts, installations and handshakes \
-     are tables of the database's hookbridge schema)";
+/// The add-on installations of the spool `config` names (JSON records holding credentials: show only what
+/// is safe).
+pub fn installations(config: &Config) -> Result<Vec<(String, String, String, String)>, OperatorError> {
+    Ok(open(config)?.installations()?)
+}
+
+/// The Clockodo handshakes of the spool `config` names, newest first.
+pub fn handshakes(config: &Config) -> Result<Vec<crate::store::Handshake>, OperatorError> {
+    Ok(open(config)?.handshakes()?)
+}
 
 fn check_sink(config: &Config, sink: Option<&str>) -> Result<(), OperatorError> {
     match sink {

@@ -142,8 +142,17 @@ async fn two_nodes_share_dedup_and_a_killed_nodes_deliveries_are_taken_over() {
     let receiver = Receiver::start().await;
     let dir = tempfile::tempdir().unwrap();
     let a = start_node(dir.path(), "a", &db, &receiver.url(), 1).await;
-    let b = start_node(dir.path(), "b", &db, &receiver.url(), 1).await;
     let template = String::from_utf8(read_fixture("clockify/NEW_TIME_ENTRY.json")).unwrap();
+    // One delivery a is sure to hold when it dies (claimed before b starts, retried until a is gone).
+    receiver.fail("entry-held", 503, usize::MAX, None);
+    assert_eq!(clockify(&a.base, &entry(&template, "entry-held", "held")).await.unwrap().1, "accepted");
+    let held = "SELECT count(*) FROM hookbridge.deliveries WHERE lease_owner = 'a' AND attempts >= 2";
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while db.query_i64(held).await == 0 {
+        assert!(Instant::now() < deadline, "a never retried the held delivery");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let b = start_node(dir.path(), "b", &db, &receiver.url(), 1).await;
 
     // A provider's retry on the other node.
     let first = entry(&template, "entry-dedup", "once");
@@ -176,15 +185,6 @@ async fn two_nodes_share_dedup_and_a_killed_nodes_deliveries_are_taken_over() {
                 }
             }
         }));
-    }
-    // And one delivery a is sure to hold when it dies: its receiver fails it until a is gone.
-    receiver.fail("entry-held", 503, usize::MAX, None);
-    assert_eq!(clockify(&a.base, &entry(&template, "entry-held", "held")).await.unwrap().1, "accepted");
-    let held = "SELECT count(*) FROM hookbridge.deliveries WHERE lease_owner = 'a' AND attempts >= 2";
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while db.query_i64(held).await == 0 {
-        assert!(Instant::now() < deadline, "a never retried the held delivery");
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     poll_until(Duration::from_secs(60), || (acked.lock().unwrap().len() >= 150).then_some(())).await.expect("load");
     let mut a = a;
@@ -248,6 +248,22 @@ async fn two_nodes_share_dedup_and_a_killed_nodes_deliveries_are_taken_over() {
         1,
         "the retry on the other node was not delivered again"
     );
+
+    // The operator commands see the whole cluster, from either node's config.
+    let cli = |node: &str, args: &[&str]| -> serde_json::Value {
+        let out = std::process::Command::new(binary())
+            .args(args)
+            .arg("--json")
+            .arg("--config")
+            .arg(dir.path().join(format!("{node}.toml")))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let listed = cli("b", &["events", "list", "--status", "delivered", "--limit", "10000"]);
+    assert_eq!(listed.as_array().unwrap().len(), acked.len() + 2, "every event, whichever node took it");
+    assert!(cli("a", &["events", "list", "--status", "pending"]).as_array().unwrap().is_empty());
 
     // The killed node comes back under its id (once its heartbeat has lapsed) and serves again.
     let mut a = start_node(dir.path(), "a", &db, &receiver.url(), 2).await;

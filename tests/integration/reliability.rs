@@ -375,12 +375,16 @@ to = ["out"]
     let early: Vec<Duration> =
         receiver.hits().iter().skip(1).map(|h| h.at - first).filter(|t| *t < Duration::from_millis(4900)).collect();
     assert!(early.is_empty(), "attempted before its due time (5 s after the first): {early:?}");
+    let last_start = std::time::Instant::now();
     let bridge = TestBridge::start(&config).await;
     receiver.wait_for(1, Duration::from_secs(20)).await;
     let hits = receiver.hits();
     assert_eq!(hits.len(), 2, "one failed attempt, then the one at its due time");
     assert!(hits[1].at - hits[0].at >= Duration::from_millis(4900), "retried after {:?}", hits[1].at - hits[0].at);
-    bridge.wait_metric(r#"hookbridge_deliveries_total{outcome="delivered",sink="out"}"#, 1.0).await;
+    // This run counts the delivery unless one of the restarts above made it (a loaded machine).
+    if hits[1].at >= last_start {
+        bridge.wait_metric(r#"hookbridge_deliveries_total{outcome="delivered",sink="out"}"#, 1.0).await;
+    }
     bridge.stop().await;
     receiver.stop().await;
 }

@@ -667,17 +667,25 @@ impl Store {
 
 /// Operator access to a spool (the CLI's `events` and `dlq` commands, and the admin API): inspection and
 /// repair on a connection of its own. Safe while a daemon runs on the same spool: the daemon's dispatchers
-/// pick up new pending deliveries at their next poll.
+/// pick up new pending deliveries at their next poll (on the cluster backend, at once: they are told).
 #[derive(Debug)]
 pub struct Operator {
-    conn: Connection,
-    /// The spool is the log engine's, with its log here: dead letters live in its cold tables, events in
-    /// the log.
-    log: Option<PathBuf>,
+    kind: OperatorKind,
+}
+
+#[derive(Debug)]
+enum OperatorKind {
+    Embedded {
+        conn: Connection,
+        /// The spool is the log engine's, with its log here: dead letters live in its cold tables, events in
+        /// the log.
+        log: Option<PathBuf>,
+    },
+    Postgres(postgres::operator::PgOperator),
 }
 
 impl Operator {
-    /// Opens the spool in `data_dir` (which must exist: a daemon created it).
+    /// Opens the embedded spool in `data_dir` (which must exist: a daemon created it).
     pub fn open(data_dir: &Path) -> Result<Operator, StoreError> {
         let path = data_dir.join(DB_FILE);
         if !path.exists() {
@@ -690,38 +698,66 @@ impl Operator {
             Connection::open_with_flags(&path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
         schema::configure(&conn)?;
         let log = (schema::meta(&conn, "engine")?.as_deref() == Some("log")).then(|| data_dir.join(LOG_DIR));
-        Ok(Operator { conn, log })
+        Ok(Operator { kind: OperatorKind::Embedded { conn, log } })
+    }
+
+    /// Connects to the cluster's database (which a daemon of this version prepared).
+    pub fn connect(spec: &PostgresSpec) -> Result<Operator, StoreError> {
+        Ok(Operator { kind: OperatorKind::Postgres(postgres::operator::PgOperator::connect(spec)?) })
+    }
+
+    /// Opens the spool `storage` configures (see [`Store::open_configured`]).
+    pub fn open_configured(
+        storage: &crate::config::types::StorageConfig,
+        postgres: Option<&PostgresSpec>,
+    ) -> Result<Operator, StoreError> {
+        match (storage.backend, postgres) {
+            (crate::config::types::StorageBackend::Postgres, Some(spec)) => Operator::connect(spec),
+            (crate::config::types::StorageBackend::Postgres, None) => {
+                Err(StoreError::Schema("storage.backend = \"postgres\" needs [storage.postgres]".into()))
+            }
+            (crate::config::types::StorageBackend::Embedded, _) => Operator::open(&storage.data_dir),
+        }
     }
 
     /// Events matching `filter`, newest first.
     pub fn events(&self, filter: &EventFilter) -> Result<Vec<EventSummary>, StoreError> {
-        if let Some(dir) = &self.log {
-            return logged::operator::list(&self.conn, dir, filter);
+        match &self.kind {
+            OperatorKind::Embedded { conn, log: Some(dir) } => logged::operator::list(conn, dir, filter),
+            OperatorKind::Embedded { conn, log: None } => Ok(ops::list_events(conn, filter)?),
+            OperatorKind::Postgres(pg) => pg.events(filter),
         }
-        Ok(ops::list_events(&self.conn, filter)?)
     }
 
     /// One event, with deliveries and attempts.
     pub fn event(&self, id: &str) -> Result<Option<EventDetail>, StoreError> {
-        if let Some(dir) = &self.log {
-            return logged::operator::show(&self.conn, dir, id);
+        match &self.kind {
+            OperatorKind::Embedded { conn, log: Some(dir) } => logged::operator::show(conn, dir, id),
+            OperatorKind::Embedded { conn, log: None } => Ok(ops::show_event(conn, id)?),
+            OperatorKind::Postgres(pg) => pg.event(id),
         }
-        Ok(ops::show_event(&self.conn, id)?)
     }
 
     /// The events a replay would touch: one by id, or those received in `[since_ms, until_ms)`.
     pub fn replay_targets(&self, id: Option<&str>, since_ms: i64, until_ms: i64) -> Result<Vec<i64>, StoreError> {
-        if let Some(dir) = &self.log {
-            return logged::operator::replay_targets(&self.conn, dir, id, since_ms, until_ms);
+        match &self.kind {
+            OperatorKind::Embedded { conn, log: Some(dir) } => {
+                logged::operator::replay_targets(conn, dir, id, since_ms, until_ms)
+            }
+            OperatorKind::Embedded { conn, log: None } => Ok(ops::replay_targets(conn, id, since_ms, until_ms)?),
+            OperatorKind::Postgres(pg) => pg.replay_targets(id, since_ms, until_ms),
         }
-        Ok(ops::replay_targets(&self.conn, id, since_ms, until_ms)?)
     }
 
     /// Queues new deliveries (marked replay) for these events, to `sink` or to the sinks they were routed to,
     /// in one transaction. Returns how many deliveries were queued.
     pub fn replay(&mut self, seqs: &[i64], sink: Option<&str>) -> Result<usize, StoreError> {
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        if let Some(dir) = &self.log {
+        let (conn, log) = match &mut self.kind {
+            OperatorKind::Embedded { conn, log } => (conn, log),
+            OperatorKind::Postgres(pg) => return pg.replay(seqs, sink),
+        };
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        if let Some(dir) = log {
             let n = logged::operator::replay(&tx, dir, seqs, sink)?;
             tx.commit()?;
             return Ok(n);
@@ -736,18 +772,23 @@ impl Operator {
 
     /// Dead letters, oldest first (on the log engine, `delivery_id` is the dead letter's own id).
     pub fn dead_letters(&self, sink: Option<&str>) -> Result<Vec<DeadLetter>, StoreError> {
-        if self.log.is_some() {
-            return Ok(cold::dead_letters(&self.conn, sink)?);
+        match &self.kind {
+            OperatorKind::Embedded { conn, log: Some(_) } => Ok(cold::dead_letters(conn, sink)?),
+            OperatorKind::Embedded { conn, log: None } => Ok(ops::dead_letters(conn, sink)?),
+            OperatorKind::Postgres(pg) => pg.dead_letters(sink),
         }
-        Ok(ops::dead_letters(&self.conn, sink)?)
     }
 
     /// Retries dead letters by delivery id. Returns how many were dead letters (and are now pending again).
     pub fn retry_dead(&mut self, ids: &[i64]) -> Result<usize, StoreError> {
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let (conn, log) = match &mut self.kind {
+            OperatorKind::Embedded { conn, log } => (conn, log.is_some()),
+            OperatorKind::Postgres(pg) => return pg.retry_dead(ids),
+        };
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut n = 0;
         for id in ids {
-            n += usize::from(if self.log.is_some() { cold::retry_dead(&tx, *id)? } else { ops::retry_dead(&tx, *id)? });
+            n += usize::from(if log { cold::retry_dead(&tx, *id)? } else { ops::retry_dead(&tx, *id)? });
         }
         tx.commit()?;
         Ok(n)
@@ -755,13 +796,34 @@ impl Operator {
 
     /// Gives up dead letters by delivery id. Returns how many were dead letters.
     pub fn purge_dead(&mut self, ids: &[i64]) -> Result<usize, StoreError> {
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let (conn, log) = match &mut self.kind {
+            OperatorKind::Embedded { conn, log } => (conn, log.is_some()),
+            OperatorKind::Postgres(pg) => return pg.purge_dead(ids),
+        };
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let mut n = 0;
         for id in ids {
-            n += usize::from(if self.log.is_some() { cold::purge_dead(&tx, *id)? } else { ops::purge_dead(&tx, *id)? });
+            n += usize::from(if log { cold::purge_dead(&tx, *id)? } else { ops::purge_dead(&tx, *id)? });
         }
         tx.commit()?;
         Ok(n)
+    }
+
+    /// Add-on installation records: (source, workspace, add-on id, JSON record holding credentials: show
+    /// only what is safe).
+    pub fn installations(&self) -> Result<Vec<(String, String, String, String)>, StoreError> {
+        match &self.kind {
+            OperatorKind::Embedded { conn, .. } => Ok(ops::installations(conn)?),
+            OperatorKind::Postgres(pg) => pg.installations(),
+        }
+    }
+
+    /// Clockodo handshakes, newest first.
+    pub fn handshakes(&self) -> Result<Vec<Handshake>, StoreError> {
+        match &self.kind {
+            OperatorKind::Embedded { conn, .. } => Ok(ops::list_handshakes(conn)?),
+            OperatorKind::Postgres(pg) => pg.handshakes(),
+        }
     }
 }
 

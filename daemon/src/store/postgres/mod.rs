@@ -14,6 +14,7 @@
 //!   cursor needs that), mapped here to the database's delivery ids.
 //! - Gauges are the cluster's, counted every second; `max_pending_*` bound the cluster's spool.
 
+pub(super) mod operator;
 mod schema;
 
 use std::collections::HashMap;
@@ -84,9 +85,37 @@ fn strip(text: &str, secret: &str) -> String {
     if secret.is_empty() { text.to_owned() } else { text.replace(secret, "<url>") }
 }
 
+/// The connection settings `spec` makes: its URL with the statement timeouts, the connect timeout, TCP
+/// keepalives and an application name carrying the node (and `role`, for a connection of another kind).
+pub(super) fn connection_config(spec: &PostgresSpec, role: &str) -> Result<tokio_postgres::Config, StoreError> {
+    let mut cfg = PostgresSpec::parse_url(spec.url.expose()).map_err(StoreError::Schema)?;
+    let options = format!(
+        "{} -c statement_timeout={} -c idle_in_transaction_session_timeout={}",
+        cfg.get_options().unwrap_or_default(),
+        spec.statement_timeout.as_millis(),
+        spec.statement_timeout.as_millis().saturating_mul(2),
+    );
+    cfg.options(options.trim())
+        .connect_timeout(spec.connect_timeout)
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(30))
+        .application_name(format!("hookbridge {}{role}", spec.node_id));
+    Ok(cfg)
+}
+
 /// A PostgreSQL error as a store error (the server's message; never the connection string).
-pub(super) fn pg_error(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Postgres(e.to_string())
+pub(super) fn pg_error(e: impl std::error::Error) -> StoreError {
+    // tokio-postgres says only "db error" at the top; the server's message is its source.
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.ends_with(&more) {
+            text = format!("{text}: {more}");
+        }
+        source = s.source();
+    }
+    StoreError::Postgres(text)
 }
 
 /// The handle. Cheap to clone.
@@ -228,7 +257,7 @@ SELECT (SELECT count(*) FROM hookbridge.events WHERE open_deliveries > 0),
        (SELECT count(*) FROM hookbridge.events WHERE NOT routed),
        (SELECT coalesce(sum(body_len), 0)::bigint FROM hookbridge.events WHERE NOT routed)";
 
-const STATUS_SQL: &str = "CASE
+pub(super) const STATUS_SQL: &str = "CASE
     WHEN NOT e.routed THEN 'unrouted'
     WHEN EXISTS (SELECT 1 FROM hookbridge.deliveries d WHERE d.event_seq = e.seq AND d.status = 'pending') THEN 'pending'
     WHEN EXISTS (SELECT 1 FROM hookbridge.deliveries d WHERE d.event_seq = e.seq AND d.status = 'dead') THEN 'dead'
@@ -240,18 +269,7 @@ impl Postgres {
     /// to lapse, refusing a second live daemon with the same node id), releases the claims an earlier run
     /// of this node held, and starts the lease, gauge and notification tasks.
     pub(super) async fn open(spec: &PostgresSpec) -> Result<Postgres, StoreError> {
-        let mut cfg = PostgresSpec::parse_url(spec.url.expose()).map_err(StoreError::Schema)?;
-        let options = format!(
-            "{} -c statement_timeout={} -c idle_in_transaction_session_timeout={}",
-            cfg.get_options().unwrap_or_default(),
-            spec.statement_timeout.as_millis(),
-            spec.statement_timeout.as_millis().saturating_mul(2),
-        );
-        cfg.options(options.trim())
-            .connect_timeout(spec.connect_timeout)
-            .keepalives(true)
-            .keepalives_idle(Duration::from_secs(30))
-            .application_name(format!("hookbridge {}", spec.node_id));
+        let cfg = connection_config(spec, "")?;
         let manager =
             Manager::from_config(cfg.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
@@ -726,74 +744,7 @@ impl Postgres {
 
     pub(super) async fn event(&self, id: &str) -> Result<Option<EventDetail>, StoreError> {
         let client = self.client().await?;
-        let found = client
-            .query_opt(
-                &format!(
-                    "SELECT e.seq, e.id, e.source, e.event_type, e.received_at, e.headers, e.body, {STATUS_SQL}
-                     FROM hookbridge.events e WHERE e.id = $1"
-                ),
-                &[&id],
-            )
-            .await
-            .map_err(pg_error)?;
-        let Some(e) = found else { return Ok(None) };
-        let seq: i64 = e.get(0);
-        let headers: String = e.get(5);
-        let deliveries = client
-            .query(
-                "SELECT id, sink, status, attempts, last_error, last_status, replay, created_at, updated_at
-                 FROM hookbridge.deliveries WHERE event_seq = $1 ORDER BY id",
-                &[&seq],
-            )
-            .await
-            .map_err(pg_error)?
-            .iter()
-            .map(|r| DeliveryInfo {
-                id: r.get(0),
-                sink: r.get(1),
-                status: r.get(2),
-                attempts: u32::try_from(r.get::<_, i32>(3)).unwrap_or(0),
-                last_error: r.get(4),
-                last_status: r.get::<_, Option<i32>>(5).and_then(|s| u16::try_from(s).ok()),
-                replay: r.get(6),
-                created_at_ms: r.get(7),
-                updated_at_ms: r.get(8),
-            })
-            .collect();
-        let attempts = client
-            .query(
-                "SELECT a.delivery_id, d.sink, a.attempt, a.started_at, a.duration_ms, a.outcome, a.status, a.error
-                 FROM hookbridge.attempts a JOIN hookbridge.deliveries d ON d.id = a.delivery_id
-                 WHERE d.event_seq = $1 ORDER BY a.id",
-                &[&seq],
-            )
-            .await
-            .map_err(pg_error)?
-            .iter()
-            .map(|r| AttemptInfo {
-                delivery_id: r.get(0),
-                sink: r.get(1),
-                attempt: u32::try_from(r.get::<_, i32>(2)).unwrap_or(0),
-                started_at_ms: r.get(3),
-                duration_ms: r.get(4),
-                outcome: r.get(5),
-                status: r.get::<_, Option<i32>>(6).and_then(|s| u16::try_from(s).ok()),
-                error: r.get(7),
-            })
-            .collect();
-        Ok(Some(EventDetail {
-            summary: EventSummary {
-                id: e.get(1),
-                source: e.get(2),
-                event_type: e.get(3),
-                received_at_ms: e.get(4),
-                status: e.get(7),
-            },
-            headers: serde_json::from_str(&headers).unwrap_or_default(),
-            body: String::from_utf8_lossy(&e.get::<_, Vec<u8>>(6)).into_owned(),
-            deliveries,
-            attempts,
-        }))
+        event_detail(&client, id).await
     }
 
     /// Stops the tasks, gives this node's claims back (another node, or this one restarted, takes them at
@@ -826,6 +777,78 @@ impl Postgres {
         }
         self.inner.pool.close();
     }
+}
+
+/// Everything about one event.
+pub(super) async fn event_detail(client: &tokio_postgres::Client, id: &str) -> Result<Option<EventDetail>, StoreError> {
+    let found = client
+        .query_opt(
+            &format!(
+                "SELECT e.seq, e.id, e.source, e.event_type, e.received_at, e.headers, e.body, {STATUS_SQL}
+                 FROM hookbridge.events e WHERE e.id = $1"
+            ),
+            &[&id],
+        )
+        .await
+        .map_err(pg_error)?;
+    let Some(e) = found else { return Ok(None) };
+    let seq: i64 = e.get(0);
+    let headers: String = e.get(5);
+    let deliveries = client
+        .query(
+            "SELECT id, sink, status, attempts, last_error, last_status, replay, created_at, updated_at
+             FROM hookbridge.deliveries WHERE event_seq = $1 ORDER BY id",
+            &[&seq],
+        )
+        .await
+        .map_err(pg_error)?
+        .iter()
+        .map(|r| DeliveryInfo {
+            id: r.get(0),
+            sink: r.get(1),
+            status: r.get(2),
+            attempts: u32::try_from(r.get::<_, i32>(3)).unwrap_or(0),
+            last_error: r.get(4),
+            last_status: r.get::<_, Option<i32>>(5).and_then(|s| u16::try_from(s).ok()),
+            replay: r.get(6),
+            created_at_ms: r.get(7),
+            updated_at_ms: r.get(8),
+        })
+        .collect();
+    let attempts = client
+        .query(
+            "SELECT a.delivery_id, d.sink, a.attempt, a.started_at, a.duration_ms, a.outcome, a.status, a.error
+             FROM hookbridge.attempts a JOIN hookbridge.deliveries d ON d.id = a.delivery_id
+             WHERE d.event_seq = $1 ORDER BY a.id",
+            &[&seq],
+        )
+        .await
+        .map_err(pg_error)?
+        .iter()
+        .map(|r| AttemptInfo {
+            delivery_id: r.get(0),
+            sink: r.get(1),
+            attempt: u32::try_from(r.get::<_, i32>(2)).unwrap_or(0),
+            started_at_ms: r.get(3),
+            duration_ms: r.get(4),
+            outcome: r.get(5),
+            status: r.get::<_, Option<i32>>(6).and_then(|s| u16::try_from(s).ok()),
+            error: r.get(7),
+        })
+        .collect();
+    Ok(Some(EventDetail {
+        summary: EventSummary {
+            id: e.get(1),
+            source: e.get(2),
+            event_type: e.get(3),
+            received_at_ms: e.get(4),
+            status: e.get(7),
+        },
+        headers: serde_json::from_str(&headers).unwrap_or_default(),
+        body: String::from_utf8_lossy(&e.get::<_, Vec<u8>>(6)).into_owned(),
+        deliveries,
+        attempts,
+    }))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -359,3 +359,55 @@ async fn an_unreachable_database_is_a_clear_error_in_bounded_time() {
     let bad = PostgresSpec::parse_url("postgres://u:s3cret-pw@h:notaport/db").unwrap_err();
     assert!(!bad.contains("s3cret-pw"), "{bad}");
 }
+
+#[tokio::test]
+async fn operator_commands_see_the_cluster_and_their_replays_are_claimed() {
+    use crate::store::{EventFilter, Operator};
+    let db = TestDb::new("operator").await;
+    let spec = db.spec("a", Duration::from_secs(30));
+    let a = Store::connect(&spec).await.unwrap();
+    let b = Store::connect(&db.spec("b", Duration::from_secs(30))).await.unwrap();
+    let _fa = a.subscribe("s", 16);
+    insert(&a, keyed("e1", Some("K")), &["s"]).await;
+    insert(&b, keyed("e2", None), &["s"]).await;
+    b.record_handshake("clockodo", "hs", 5).await.unwrap();
+    let mut op = Operator::connect(&spec).unwrap();
+    let listed = op.events(&EventFilter { limit: 10, ..Default::default() }).unwrap();
+    assert_eq!(listed.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["e2", "e1"], "both nodes' events");
+    assert!(listed.iter().all(|e| e.status == "pending"));
+    assert_eq!(op.handshakes().unwrap()[0].secret, "hs");
+
+    let got = a.pending("s", 0, 10).await.unwrap();
+    a.record_all("s", vec![done(got[0].id, Outcome::Dead("410 gone".into())), done(got[1].id, Outcome::Delivered)])
+        .await
+        .unwrap();
+    let dead = op.dead_letters(Some("s")).unwrap();
+    assert_eq!(dead.iter().map(|d| d.event_id.as_str()).collect::<Vec<_>>(), ["e1"]);
+    assert_eq!(dead[0].last_error.as_deref(), Some("410 gone"));
+    assert_eq!(op.retry_dead(&[dead[0].delivery_id, 999_999]).unwrap(), 1, "only dead letters are retried");
+    let seqs = op.replay_targets(Some("e2"), 0, 0).unwrap();
+    assert_eq!(op.replay(&seqs, None).unwrap(), 1, "to the sinks it was routed to");
+    // The retry and the replay are pending deliveries like any other, claimed by a node, marked replay.
+    let again = a.pending("s", 0, 10).await.unwrap();
+    assert_eq!(ids(&again), ["e1", "e2"]);
+    assert!(again.iter().all(|r| r.replay));
+    a.record_all("s", vec![done(again[0].id, Outcome::Dead("410 gone".into()))]).await.unwrap();
+    let dead = op.dead_letters(None).unwrap();
+    assert_eq!(op.purge_dead(&[dead[0].delivery_id]).unwrap(), 1);
+    assert!(op.dead_letters(None).unwrap().is_empty());
+    let shown = op.event("e1").unwrap().unwrap();
+    assert_eq!(
+        shown.deliveries.iter().map(|d| d.status.as_str()).collect::<Vec<_>>(),
+        ["retried", "purged"],
+        "the history stays"
+    );
+    drop(op);
+    a.close().await;
+    b.close().await;
+    // A database no daemon prepared is refused with the reason.
+    let empty = TestDb::new("empty").await;
+    let e = Operator::connect(&empty.spec("x", Duration::from_secs(30))).unwrap_err();
+    assert!(e.to_string().contains("has a daemon run with this config"), "{e}");
+    empty.drop_db().await;
+    db.drop_db().await;
+}
