@@ -182,6 +182,32 @@ async fn load_plugins(
     Ok(loaded)
 }
 
+/// On a cluster, live channels are the cluster's: what a plugin publishes here goes to the other nodes, what
+/// they publish comes here (and the last payloads the cluster has are shown from the start).
+async fn share_live(store: &Store, live: &crate::live::Live, cancel: CancellationToken) -> Result<(), BridgeError> {
+    let Some((last, mut others)) = store.live_from_others().await? else { return Ok(()) };
+    for (channel, payload) in last {
+        live.publish_here(&channel, &payload);
+    }
+    let to = store.clone();
+    live.forward_to(crate::live::Forward(Arc::new(move |channel, payload| to.share_live(channel, payload))));
+    let live = live.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                got = others.recv() => match got {
+                    Some((channel, payload)) => {
+                        live.publish_here(&channel, &payload);
+                    }
+                    None => return,
+                },
+            }
+        }
+    });
+    Ok(())
+}
+
 impl Inner {
     fn build_context<'a>(
         &'a self,
@@ -257,6 +283,7 @@ impl Bridge {
         }
         let cancel = CancellationToken::new();
         shared.installations.follow(&store, cancel.child_token());
+        share_live(&store, &shared.live, cancel.child_token()).await?;
         let inner = Arc::new(Inner {
             shared,
             store: store.clone(),

@@ -29,6 +29,21 @@ pub struct Live {
     closed: Arc<std::sync::atomic::AtomicBool>,
     /// Where last payloads go to be kept across restarts, once [`Live::persist_to`] was called.
     saver: Arc<Mutex<Option<Saver>>>,
+    /// Where this daemon's payloads also go (a cluster's other nodes), once [`Live::forward_to`] was called.
+    forward: Arc<Mutex<Option<Forward>>>,
+}
+
+/// What hands a payload on: (channel, payload).
+pub type ForwardFn = dyn Fn(&str, Arc<str>) + Send + Sync;
+
+/// Hands a payload published here to the other nodes of a cluster.
+#[derive(Clone)]
+pub struct Forward(pub Arc<ForwardFn>);
+
+impl std::fmt::Debug for Forward {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Forward")
+    }
 }
 
 /// Sends (channel, payload) to the thread that keeps last payloads.
@@ -63,6 +78,7 @@ impl Default for Live {
             changes: Arc::new(tokio::sync::watch::channel(0).0),
             closed: Arc::default(),
             saver: Arc::default(),
+            forward: Arc::default(),
         }
     }
 }
@@ -114,12 +130,30 @@ impl Live {
         }
     }
 
-    /// Sends `payload` to the channel's clients and keeps it as the channel's last payload.
+    /// From now on, every payload published here is also given to `forward` (a cluster's other nodes).
+    pub fn forward_to(&self, forward: Forward) {
+        if let Ok(mut f) = self.forward.lock() {
+            *f = Some(forward);
+        }
+    }
+
+    /// Sends `payload` to the channel's clients and keeps it as the channel's last payload; on a cluster,
+    /// the other nodes' clients get it too.
     pub fn publish(&self, channel: &str, payload: &str) {
-        let Ok(mut channels) = self.channels.lock() else { return };
+        let Some(payload) = self.publish_here(channel, payload) else { return };
+        let forward = self.forward.lock().ok().and_then(|f| f.clone());
+        if let Some(Forward(f)) = forward {
+            f(channel, payload);
+        }
+    }
+
+    /// [`Live::publish`] for this daemon's clients alone (a payload another node published). Returns the
+    /// payload as kept, `None` when it was dropped.
+    pub fn publish_here(&self, channel: &str, payload: &str) -> Option<Arc<str>> {
+        let Ok(mut channels) = self.channels.lock() else { return None };
         if !channels.contains_key(channel) && channels.len() >= MAX_CHANNELS {
             tracing::warn!(channel, "too many live channels; payload dropped");
-            return;
+            return None;
         }
         let created = !channels.contains_key(channel);
         let c = channels.entry(channel.to_owned()).or_insert_with(Channel::new);
@@ -132,11 +166,12 @@ impl Live {
             let _ = tx.send((channel.to_owned(), Arc::clone(&payload)));
         }
         // No client listening is fine.
-        let _ = c.tx.send(payload);
+        let _ = c.tx.send(Arc::clone(&payload));
         drop(channels);
         if created {
             self.changed();
         }
+        Some(payload)
     }
 
     /// Ends every client's stream: a graceful shutdown waits for open connections, and an SSE stream never

@@ -453,3 +453,62 @@ to = ["out"]
     receiver.stop().await;
     db.drop_db().await;
 }
+
+/// Live channels are the cluster's: the dashboard on node b shows what the plugin published on whichever
+/// node took the delivery (claims are exclusive, so the plugin ran on one node), and a node started later
+/// shows the last payload at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_dashboard_on_every_node_shows_what_a_plugin_published_on_one() {
+    let db = TestDatabase::new("live").await;
+    let toml = |node: &str| {
+        format!(
+            r#"
+[storage]
+data_dir = "{{dir}}/data"
+backend = "postgres"
+[storage.postgres]
+url = "{url}"
+node_id = "{node}"
+lease = "2s"
+[sources.clockify]
+kind = "clockify"
+secrets = ["{SECRET}"]
+[plugins.dashboard]
+path = "{wasm}"
+[[routes]]
+name = "dashboard"
+events = ["NEW_TIMER_STARTED"]
+to = ["dashboard"]
+"#,
+            url = db.url(),
+            wasm = crate::plugins::wasm("dashboard").display()
+        )
+    };
+    let a = TestBridge::start(&toml("a")).await;
+    let b = TestBridge::start(&toml("b")).await;
+    let started = crate::dashboard::started();
+    let (status, text) =
+        a.post("/hooks/clockify", &clockify_headers(SECRET, "NEW_TIMER_STARTED"), started.to_string()).await;
+    assert_eq!(status, 200, "{text}");
+    let running = |snapshot: Option<serde_json::Value>| {
+        snapshot
+            .and_then(|s| s["running"].as_array().map(|r| r.iter().map(|t| t["entryId"].clone()).collect::<Vec<_>>()))
+    };
+    for node in [&a, &b] {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if running(live(&node.internal_url(""), "dashboard").await) == Some(vec![started["id"].clone()]) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "node at {} never showed the running timer", node.internal);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // A node that joins later shows the cluster's last payload from the start.
+    let c = TestBridge::start(&toml("c")).await;
+    assert_eq!(running(live(&c.internal_url(""), "dashboard").await), Some(vec![started["id"].clone()]));
+    for node in [a, b, c] {
+        node.stop().await;
+    }
+    db.drop_db().await;
+}

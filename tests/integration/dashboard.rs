@@ -51,7 +51,7 @@ fn today(minutes: u64) -> (String, String) {
 }
 
 /// The NEW_TIMER_STARTED fixture, started today.
-fn started() -> Value {
+pub fn started() -> Value {
     let mut v: Value = serde_json::from_slice(&read_fixture(STARTED)).unwrap();
     v["timeInterval"] = json!({"start": today(0).0, "end": null, "duration": null});
     v

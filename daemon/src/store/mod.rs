@@ -346,6 +346,10 @@ struct FeedSender {
 
 type Feeds = Arc<Mutex<HashMap<String, FeedSender>>>;
 
+/// What [`Store::live_from_others`] gives: the last payload of each channel (channel, payload), and a
+/// receiver of the other nodes' next ones.
+pub type LiveFromOthers = (Vec<(String, String)>, mpsc::Receiver<(String, String)>);
+
 /// Handle to the daemon's spool. Cheap to clone. Which backend holds the events is `store/`'s business
 /// alone: everything outside works through this API.
 #[derive(Clone, Debug)]
@@ -439,6 +443,23 @@ impl Store {
         match &self.backend {
             Backend::Postgres(p) => Some(p.installation_changes()),
             _ => None,
+        }
+    }
+
+    /// Shares a live channel's payload this node published with the other nodes of a cluster (best effort;
+    /// nothing to do on the embedded spool).
+    pub fn share_live(&self, channel: &str, payload: Arc<str>) {
+        if let Backend::Postgres(p) = &self.backend {
+            p.share_live(channel, payload);
+        }
+    }
+
+    /// On a cluster: the live channels' last payloads as the cluster has them, and a receiver of what other
+    /// nodes publish from now on. `None` on the embedded spool.
+    pub async fn live_from_others(&self) -> Result<Option<LiveFromOthers>, StoreError> {
+        match &self.backend {
+            Backend::Postgres(p) => Ok(Some(p.live_from_others().await?)),
+            _ => Ok(None),
         }
     }
 

@@ -42,6 +42,10 @@ const GAUGES_EVERY: Duration = Duration::from_secs(1);
 const CHANNEL: &str = "hookbridge_deliveries";
 /// The channel an add-on installation's change is told on.
 const INSTALLATIONS: &str = "hookbridge_installations";
+/// The channel a live channel's new payload is told on (payload: the publishing node, a space, the channel).
+const LIVE: &str = "hookbridge_live";
+/// Live payloads waiting to be shared (a burst past it is dropped: live channels are best effort).
+const LIVE_QUEUE: usize = 256;
 
 static RENEW_FAILED: Throttle = Throttle::new(REPEATED_ERROR_LOG);
 static LISTEN_FAILED: Throttle = Throttle::new(REPEATED_ERROR_LOG);
@@ -141,6 +145,10 @@ struct Inner {
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Bumped when another node (or this one) changed an add-on installation, or notifications were missed.
     installs: tokio::sync::watch::Sender<u64>,
+    /// This node's live payloads, to the task that shares them.
+    live_out: mpsc::Sender<(String, Arc<str>)>,
+    /// Other nodes' live payloads, to whoever asked for them ([`Postgres::live_from_others`]).
+    live_in: Mutex<Option<mpsc::Sender<(String, String)>>>,
 }
 
 /// One sink's dispatcher as this node knows it.
@@ -295,6 +303,7 @@ impl Postgres {
             tracing::info!(node = %spec.node_id, deliveries = released, "released the claims of this node's last run");
         }
         drop(client);
+        let (live_out, live_rx) = mpsc::channel(LIVE_QUEUE);
         let inner = Arc::new(Inner {
             pool,
             node: spec.node_id.clone(),
@@ -305,6 +314,8 @@ impl Postgres {
             stop: CancellationToken::new(),
             tasks: Mutex::new(Vec::new()),
             installs: tokio::sync::watch::Sender::new(0),
+            live_out,
+            live_in: Mutex::new(None),
         });
         let pg = Postgres { inner };
         pg.count_gauges().await?;
@@ -312,10 +323,31 @@ impl Postgres {
             tokio::spawn(renew(Arc::clone(&pg.inner), spec.lease / 3)),
             tokio::spawn(count(pg.clone())),
             tokio::spawn(listen(Arc::clone(&pg.inner), cfg)),
+            tokio::spawn(share_live(Arc::clone(&pg.inner), live_rx)),
         ];
         *lock(&pg.inner.tasks) = tasks;
         tracing::info!(node = %spec.node_id, "cluster spool ready on PostgreSQL");
         Ok(pg)
+    }
+
+    /// Shares a live payload this node published with the other nodes (best effort: dropped when the
+    /// queue is full or the database away).
+    pub(super) fn share_live(&self, channel: &str, payload: Arc<str>) {
+        let _ = self.inner.live_out.try_send((channel.to_owned(), payload));
+    }
+
+    /// The live channels' last payloads as the cluster has them, and a receiver of the other nodes' next ones
+    /// (replacing an earlier receiver).
+    pub(super) async fn live_from_others(&self) -> Result<super::LiveFromOthers, StoreError> {
+        let (tx, rx) = mpsc::channel(LIVE_QUEUE);
+        *lock(&self.inner.live_in) = Some(tx);
+        let rows = self
+            .client()
+            .await?
+            .query("SELECT channel, payload FROM hookbridge.live ORDER BY updated_at", &[])
+            .await
+            .map_err(pg_error)?;
+        Ok((rows.iter().map(|r| (r.get(0), r.get(1))).collect(), rx))
     }
 
     /// Changes as installations change anywhere in the cluster.
@@ -948,6 +980,60 @@ async fn renew(inner: Arc<Inner>, every: Duration) {
     }
 }
 
+/// Writes this node's live payloads to the `live` table (the newest per channel, when they come faster than
+/// the database takes them) and tells the other nodes, until stopped.
+async fn share_live(inner: Arc<Inner>, mut rx: mpsc::Receiver<(String, Arc<str>)>) {
+    loop {
+        let first = tokio::select! {
+            _ = inner.stop.cancelled() => return,
+            got = rx.recv() => match got { Some(p) => p, None => return },
+        };
+        let mut latest = HashMap::from([first]);
+        while let Ok((c, p)) = rx.try_recv() {
+            latest.insert(c, p);
+        }
+        let done = async {
+            let client = inner.pool.get().await.map_err(pg_error)?;
+            for (channel, payload) in &latest {
+                client
+                    .query(
+                        "WITH u AS (
+                             INSERT INTO hookbridge.live (channel, payload, origin, updated_at)
+                             VALUES ($1, $2, $3, hookbridge.now_ms())
+                             ON CONFLICT (channel) DO UPDATE
+                                 SET payload = EXCLUDED.payload, origin = EXCLUDED.origin, updated_at = EXCLUDED.updated_at
+                             RETURNING 1
+                         )
+                         SELECT pg_notify('hookbridge_live', $3 || ' ' || $1) FROM u",
+                        &[channel, &&**payload, &inner.node],
+                    )
+                    .await
+                    .map_err(pg_error)?;
+            }
+            Ok::<_, StoreError>(())
+        };
+        if let Err(e) = done.await {
+            tracing::debug!(error = %e, "cannot share a live payload with the other nodes");
+        }
+    }
+}
+
+/// Reads another node's new payload of `channel` and hands it to this node's live channels.
+async fn fetch_live(inner: Arc<Inner>, channel: String) {
+    let Some(tx) = lock(&inner.live_in).clone() else { return };
+    let got = async {
+        let client = inner.pool.get().await.map_err(pg_error)?;
+        client.query_opt("SELECT payload FROM hookbridge.live WHERE channel = $1", &[&channel]).await.map_err(pg_error)
+    };
+    match got.await {
+        Ok(Some(row)) => {
+            let _ = tx.try_send((channel, row.get(0)));
+        }
+        Ok(None) => {}
+        Err(e) => tracing::debug!(channel, error = %e, "cannot read another node's live payload"),
+    }
+}
+
 /// Counts the gauges every [`GAUGES_EVERY`] until stopped.
 async fn count(pg: Postgres) {
     let mut tick = tokio::time::interval(GAUGES_EVERY);
@@ -988,7 +1074,7 @@ async fn listen(inner: Arc<Inner>, cfg: tokio_postgres::Config) {
                         }
                     }
                 });
-                match client.batch_execute(&format!("LISTEN {CHANNEL}; LISTEN {INSTALLATIONS}")).await {
+                match client.batch_execute(&format!("LISTEN {CHANNEL}; LISTEN {INSTALLATIONS}; LISTEN {LIVE}")).await {
                     Ok(()) => {
                         // What was told while nobody listened is read again.
                         let all: Vec<String> = lock(&inner.sinks).keys().cloned().collect();
@@ -1003,6 +1089,13 @@ async fn listen(inner: Arc<Inner>, cfg: tokio_postgres::Config) {
                                 msg = rx.recv() => match msg {
                                     Some((channel, _)) if channel == INSTALLATIONS => {
                                         inner.installs.send_modify(|n| *n += 1);
+                                    }
+                                    Some((channel, payload)) if channel == LIVE => {
+                                        if let Some((origin, live)) = payload.split_once(' ')
+                                            && origin != inner.node
+                                        {
+                                            tokio::spawn(fetch_live(Arc::clone(&inner), live.to_owned()));
+                                        }
                                     }
                                     Some((_, payload)) => wake(&inner, payload.split(',')),
                                     None => break,

@@ -12,7 +12,9 @@
 //!   ms of the server's clock) of the node working on it;
 //! - `attempts`: the attempt log;
 //! - `handshakes`, `installations`: as in the embedded spool;
-//! - `nodes`: the nodes alive (their heartbeat), so that two daemons cannot run under one node id.
+//! - `nodes`: the nodes alive (their heartbeat), so that two daemons cannot run under one node id;
+//! - `live` (version 2): each live channel's last payload, so that every node's clients see what a plugin
+//!   published on any node.
 
 use deadpool_postgres::Client;
 
@@ -23,7 +25,7 @@ use crate::store::StoreError;
 const MIGRATION_LOCK: i64 = 0x686f_6f6b_6272_6964;
 
 /// The migrations, in order: version and SQL. Never edit one that has shipped: add the next.
-const MIGRATIONS: &[(i32, &str)] = &[(1, V1)];
+const MIGRATIONS: &[(i32, &str)] = &[(1, V1), (2, V2)];
 
 const V1: &str = "
 CREATE FUNCTION hookbridge.now_ms() RETURNS bigint LANGUAGE sql VOLATILE
@@ -109,6 +111,16 @@ CREATE TABLE hookbridge.nodes (
     id           text PRIMARY KEY,
     started_at   bigint NOT NULL,
     heartbeat_at bigint NOT NULL
+);
+";
+
+/// Live channels shared by the nodes: each channel's last payload and the node that published it.
+const V2: &str = "
+CREATE TABLE hookbridge.live (
+    channel    text PRIMARY KEY,
+    payload    text NOT NULL,
+    origin     text NOT NULL,
+    updated_at bigint NOT NULL
 );
 ";
 
