@@ -1,10 +1,12 @@
 //! The PostgreSQL backend (`storage.backend = "postgres"`, cluster mode): every node of a cluster accepts
 //! webhooks into one database, and deliveries are claimed, not owned.
 //!
-//! - **Insert** is one statement (`insert.sql` below): the dedup decision (an upsert on the unique
+//! - **Insert** is one statement (`INSERT` below): the dedup decision (an upsert on the unique
 //!   `(source, dedup_key)` that succeeds only when the earlier event is outside the window, or, for content
-//!   keys, certain and outside the retry window), the event, its deliveries and a `NOTIFY` to the other
-//!   nodes. It commits before the webhook is answered, with the server's `synchronous_commit`.
+//!   keys, certain and outside the retry window), the event and its deliveries. It commits before the
+//!   webhook is answered, with the server's `synchronous_commit`. The node that took the webhook is woken
+//!   to claim its deliveries; the others find them at their next poll (no `NOTIFY` per webhook: PostgreSQL
+//!   serialises the commits of notifying transactions).
 //! - **Claims**: a dispatcher's read of pending deliveries ([`Postgres::pending`]) claims them for this node
 //!   with a lease (`FOR UPDATE SKIP LOCKED`): only the head of each ordering key (its lowest pending
 //!   delivery for the sink) can be claimed, so one entity is worked on by one node at a time and in order
@@ -208,16 +210,26 @@ x AS (
     INSERT INTO hookbridge.deliveries (event_seq, sink, ordering_key, status, created_at, updated_at)
     SELECT e.seq, u.sink, $9, 'pending', $4, $4 FROM e, unnest($10::text[]) AS u(sink)
     RETURNING id
-),
-n AS (SELECT pg_notify('hookbridge_deliveries', array_to_string($10::text[], ',')) FROM e
-      WHERE cardinality($10::text[]) > 0)
-SELECT (SELECT seq FROM e), (SELECT count(*) FROM x), (SELECT count(*) FROM n)";
+)
+SELECT (SELECT seq FROM e), (SELECT count(*) FROM x)";
 
+// The candidates come from two small partial indexes (never claimed; claimed with a lapsed lease), not from
+// every pending delivery: those this node and the others are working on would be read at every claim.
 const CLAIM: &str = "
-WITH c AS (
+WITH free AS (
+    SELECT id FROM (
+        (SELECT id FROM hookbridge.deliveries
+         WHERE sink = $1 AND status = 'pending' AND lease_owner IS NULL ORDER BY id LIMIT $4)
+        UNION ALL
+        (SELECT id FROM hookbridge.deliveries
+         WHERE sink = $1 AND status = 'pending' AND lease_owner IS NOT NULL AND lease_until < hookbridge.now_ms()
+         ORDER BY lease_until LIMIT $4)
+    ) f
+),
+c AS (
     SELECT d.id FROM hookbridge.deliveries d
-    WHERE d.sink = $1 AND d.status = 'pending'
-      AND (d.lease_until IS NULL OR d.lease_until < hookbridge.now_ms())
+    WHERE d.id IN (SELECT id FROM free) AND d.status = 'pending'
+      AND (d.lease_owner IS NULL OR d.lease_until < hookbridge.now_ms())
       AND (d.ordering_key IS NULL OR NOT EXISTS (
           SELECT 1 FROM hookbridge.deliveries p
           WHERE p.sink = d.sink AND p.ordering_key = d.ordering_key AND p.status = 'pending' AND p.id < d.id))
@@ -679,17 +691,8 @@ impl Postgres {
     }
 
     pub(super) async fn installations(&self) -> Result<Vec<(String, String, String, String)>, StoreError> {
-        let rows = self
-            .client()
-            .await?
-            .query(
-                "SELECT source, workspace_id, addon_id, record FROM hookbridge.installations
-                 ORDER BY source, workspace_id, addon_id",
-                &[],
-            )
-            .await
-            .map_err(pg_error)?;
-        Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect())
+        let client = self.client().await?;
+        installations(&client).await
     }
 
     /// A small durable write: this node's heartbeat.
@@ -809,6 +812,21 @@ impl Postgres {
         }
         self.inner.pool.close();
     }
+}
+
+/// Every add-on installation record: (source, workspace, add-on id, record).
+pub(super) async fn installations(
+    client: &tokio_postgres::Client,
+) -> Result<Vec<(String, String, String, String)>, StoreError> {
+    let rows = client
+        .query(
+            "SELECT source, workspace_id, addon_id, record FROM hookbridge.installations
+             ORDER BY source, workspace_id, addon_id",
+            &[],
+        )
+        .await
+        .map_err(pg_error)?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect())
 }
 
 /// Everything about one event.

@@ -271,18 +271,7 @@ impl PgOperator {
     }
 
     pub(in crate::store) fn installations(&self) -> Result<Vec<(String, String, String, String)>, StoreError> {
-        self.run(async {
-            let rows = self
-                .client
-                .query(
-                    "SELECT source, workspace_id, addon_id, record FROM hookbridge.installations
-                     ORDER BY source, workspace_id, addon_id",
-                    &[],
-                )
-                .await
-                .map_err(pg_error)?;
-            Ok(rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect())
-        })
+        self.run(super::installations(&self.client))
     }
 
     pub(in crate::store) fn handshakes(&self) -> Result<Vec<Handshake>, StoreError> {

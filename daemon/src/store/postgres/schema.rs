@@ -28,8 +28,8 @@ const MIGRATION_LOCK: i64 = 0x686f_6f6b_6272_6964;
 const MIGRATIONS: &[(i32, &str)] = &[(1, V1), (2, V2)];
 
 const V1: &str = "
-CREATE FUNCTION hookbridge.now_ms() RETURNS bigint LANGUAGE sql VOLATILE
-    AS $$ SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint $$;
+CREATE FUNCTION hookbridge.now_ms() RETURNS bigint LANGUAGE sql STABLE
+    AS $$ SELECT (extract(epoch FROM statement_timestamp()) * 1000)::bigint $$;
 CREATE SEQUENCE hookbridge.event_seq;
 CREATE TABLE hookbridge.events (
     seq             bigint PRIMARY KEY,
@@ -80,7 +80,8 @@ CREATE INDEX deliveries_event ON hookbridge.deliveries (event_seq);
 CREATE INDEX deliveries_pending ON hookbridge.deliveries (sink, id) WHERE status = 'pending';
 CREATE INDEX deliveries_key ON hookbridge.deliveries (sink, ordering_key, id)
     WHERE status = 'pending' AND ordering_key IS NOT NULL;
-CREATE INDEX deliveries_owner ON hookbridge.deliveries (lease_owner) WHERE lease_owner IS NOT NULL;
+CREATE INDEX deliveries_unclaimed ON hookbridge.deliveries (sink, id) WHERE status = 'pending' AND lease_owner IS NULL;
+CREATE INDEX deliveries_leased ON hookbridge.deliveries (sink, lease_until) WHERE status = 'pending' AND lease_owner IS NOT NULL;
 CREATE INDEX deliveries_dead ON hookbridge.deliveries (sink, id) WHERE status = 'dead';
 CREATE TABLE hookbridge.attempts (
     id          bigserial PRIMARY KEY,
