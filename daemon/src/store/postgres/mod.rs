@@ -201,8 +201,8 @@ d AS (
 k AS (SELECT seq FROM d UNION ALL SELECT seq FROM s WHERE $14 = 0),
 e AS (
     INSERT INTO hookbridge.events (seq, id, source, event_type, received_at, headers, body, body_len, dedup_key,
-                                   ordering_key, routed, open_deliveries, node)
-    SELECT k.seq, $1, $2, $3, $4, $5, $6, $7, $8, $9, cardinality($10::text[]) > 0, cardinality($10::text[]), $13
+                                   ordering_key, routed, node)
+    SELECT k.seq, $1, $2, $3, $4, $5, $6, $7, $8, $9, cardinality($10::text[]) > 0, $13
     FROM k
     RETURNING seq
 ),
@@ -262,18 +262,15 @@ d AS (
 a AS (
     INSERT INTO hookbridge.attempts (delivery_id, attempt, started_at, duration_ms, outcome, status, error)
     SELECT u.id, u.attempts, u.started_at, u.duration_ms, u.outcome, u.st, u.error FROM u JOIN d ON d.id = u.id
-),
-f AS (
-    UPDATE hookbridge.events e SET open_deliveries = e.open_deliveries - c.n
-    FROM (SELECT event_seq, count(*) AS n FROM d WHERE status <> 'pending' GROUP BY event_seq) c
-    WHERE e.seq = c.event_seq
+    WHERE NOT (u.attempts = 1 AND u.status = 'delivered')
 )
 SELECT count(*) FROM d";
 
 const GAUGES: &str = "
-SELECT (SELECT count(*) FROM hookbridge.events WHERE open_deliveries > 0),
-       (SELECT coalesce(sum(body_len), 0)::bigint FROM hookbridge.events WHERE open_deliveries > 0),
-       (SELECT count(*) FROM hookbridge.deliveries WHERE status = 'pending'),
+WITH p AS (SELECT event_seq, count(*) AS n FROM hookbridge.deliveries WHERE status = 'pending' GROUP BY event_seq)
+SELECT (SELECT count(*) FROM p),
+       (SELECT coalesce(sum(e.body_len), 0)::bigint FROM p JOIN hookbridge.events e ON e.seq = p.event_seq),
+       (SELECT coalesce(sum(n), 0)::bigint FROM p),
        (SELECT count(*) FROM hookbridge.events WHERE NOT routed),
        (SELECT coalesce(sum(body_len), 0)::bigint FROM hookbridge.events WHERE NOT routed)";
 
@@ -707,8 +704,9 @@ impl Postgres {
             .query_one(
                 "WITH p AS (
                      SELECT e.seq FROM hookbridge.events e
-                     WHERE e.received_at < $1 AND e.open_deliveries = 0
-                       AND NOT EXISTS (SELECT 1 FROM hookbridge.deliveries d WHERE d.event_seq = e.seq AND d.status = 'dead')
+                     WHERE e.received_at < $1
+                       AND NOT EXISTS (SELECT 1 FROM hookbridge.deliveries d
+                                       WHERE d.event_seq = e.seq AND d.status IN ('pending', 'dead'))
                      ORDER BY e.seq LIMIT $2
                      FOR UPDATE SKIP LOCKED
                  ), x AS (DELETE FROM hookbridge.events e USING p WHERE e.seq = p.seq RETURNING 1)
@@ -756,8 +754,7 @@ impl Postgres {
             .map_err(pg_error)?;
         let oldest = client
             .query(
-                "SELECT DISTINCT ON (sink) sink, created_at FROM hookbridge.deliveries
-                 WHERE status = 'pending' ORDER BY sink, id",
+                "SELECT sink, min(created_at) FROM hookbridge.deliveries WHERE status = 'pending' GROUP BY sink",
                 &[],
             )
             .await

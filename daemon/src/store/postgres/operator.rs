@@ -174,8 +174,8 @@ impl PgOperator {
                          RETURNING event_seq, sink
                      ),
                      u AS (
-                         UPDATE hookbridge.events e SET open_deliveries = e.open_deliveries + c.n, routed = true
-                         FROM (SELECT event_seq, count(*) AS n FROM i GROUP BY event_seq) c WHERE e.seq = c.event_seq
+                         UPDATE hookbridge.events e SET routed = true
+                         FROM (SELECT DISTINCT event_seq FROM i) c WHERE e.seq = c.event_seq AND NOT e.routed
                      ),
                      n AS (SELECT pg_notify('hookbridge_deliveries', string_agg(DISTINCT sink, ',')) FROM i
                            HAVING count(*) > 0)
@@ -237,10 +237,6 @@ impl PgOperator {
                                                             updated_at)
                          SELECT event_seq, sink, ordering_key, 'pending', true, $2, $2 FROM r ORDER BY event_seq
                          RETURNING event_seq, sink
-                     ),
-                     u AS (
-                         UPDATE hookbridge.events e SET open_deliveries = e.open_deliveries + c.n
-                         FROM (SELECT event_seq, count(*) AS n FROM i GROUP BY event_seq) c WHERE e.seq = c.event_seq
                      ),
                      n AS (SELECT pg_notify('hookbridge_deliveries', string_agg(DISTINCT sink, ',')) FROM i
                            HAVING count(*) > 0)

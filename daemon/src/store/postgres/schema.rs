@@ -3,14 +3,14 @@
 //! a crash in the middle leaves the previous version whole (PostgreSQL's DDL is transactional).
 //!
 //! Tables:
-//! - `events`: every stored event (seq from `event_seq`), `open_deliveries` counting its unfinished
-//!   deliveries (the gauges and pruning read it), `routed` false for an event that matched no route;
+//! - `events`: every stored event (seq from `event_seq`), `routed` false for an event that matched no
+//!   route; written once (an update would rewrite the body: what is unfinished is told by `deliveries`);
 //! - `dedup`: one row per (source, dedup key), the newest event stored under it; the insert decides
 //!   duplicate or not with one `INSERT ... ON CONFLICT DO UPDATE ... WHERE` on this unique key, so two nodes
 //!   receiving the same webhook cannot both store it;
 //! - `deliveries`: one per event and sink (and per replay), with the claim (`lease_owner`, `lease_until` in
 //!   ms of the server's clock) of the node working on it;
-//! - `attempts`: the attempt log;
+//! - `attempts`: the attempt log (a first attempt that delivered is implied, as on the log engine);
 //! - `handshakes`, `installations`: as in the embedded spool;
 //! - `nodes`: the nodes alive (their heartbeat), so that two daemons cannot run under one node id;
 //! - `live` (version 2): each live channel's last payload, so that every node's clients see what a plugin
@@ -43,11 +43,9 @@ CREATE TABLE hookbridge.events (
     dedup_key       text NOT NULL,
     ordering_key    text,
     routed          boolean NOT NULL,
-    open_deliveries integer NOT NULL,
     node            text NOT NULL
 );
 CREATE INDEX events_received_at ON hookbridge.events (received_at);
-CREATE INDEX events_open ON hookbridge.events (seq) WHERE open_deliveries > 0;
 CREATE INDEX events_unrouted ON hookbridge.events (seq) WHERE NOT routed;
 CREATE TABLE hookbridge.dedup (
     source      text NOT NULL,
@@ -77,7 +75,7 @@ CREATE TABLE hookbridge.deliveries (
     lease_until     bigint
 );
 CREATE INDEX deliveries_event ON hookbridge.deliveries (event_seq);
-CREATE INDEX deliveries_pending ON hookbridge.deliveries (sink, id) WHERE status = 'pending';
+CREATE INDEX deliveries_pending ON hookbridge.deliveries (event_seq) WHERE status = 'pending';
 CREATE INDEX deliveries_key ON hookbridge.deliveries (sink, ordering_key, id)
     WHERE status = 'pending' AND ordering_key IS NOT NULL;
 CREATE INDEX deliveries_unclaimed ON hookbridge.deliveries (sink, id) WHERE status = 'pending' AND lease_owner IS NULL;
