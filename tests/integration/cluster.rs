@@ -104,6 +104,24 @@ struct Node {
     child: std::process::Child,
 }
 
+/// A failing test must not leave its daemons polling the server (they would disturb every later test).
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The load balancer's process, stopped however the test ends.
+struct Lb(std::process::Child);
+
+impl Drop for Lb {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 async fn start_node(dir: &std::path::Path, node: &str, port: u16, db: &TestDatabase, receiver: &str, run: u32) -> Node {
     let config = dir.join(format!("{node}.toml"));
     std::fs::write(&config, node_config(port, node, db, receiver)).unwrap();
@@ -115,7 +133,7 @@ async fn start_node(dir: &std::path::Path, node: &str, port: u16, db: &TestDatab
 
 /// HAProxy (Debian's package; `scripts/test` installs it) in front of `ports`, on `listen`, health-checking
 /// each node's `/readyz` every 200 ms.
-fn haproxy(dir: &std::path::Path, listen: u16, ports: &[u16]) -> std::process::Child {
+fn haproxy(dir: &std::path::Path, listen: u16, ports: &[u16]) -> Lb {
     let servers: String =
         ports.iter().enumerate().map(|(i, p)| format!("    server n{i} 127.0.0.1:{p} check\n")).collect();
     let cfg = dir.join("haproxy.cfg");
@@ -130,13 +148,14 @@ fn haproxy(dir: &std::path::Path, listen: u16, ports: &[u16]) -> std::process::C
     )
     .unwrap();
     let bin = std::env::var("HOOKBRIDGE_HAPROXY").unwrap_or_else(|_| "haproxy".into());
-    std::process::Command::new(&bin)
+    let child = std::process::Command::new(&bin)
         .args(["-db", "-f"])
         .arg(&cfg)
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(dir.join("haproxy.log")).unwrap())
         .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {bin} ({e}): scripts/test installs Debian's haproxy"))
+        .unwrap_or_else(|e| panic!("cannot run {bin} ({e}): scripts/test installs Debian's haproxy"));
+    Lb(child)
 }
 
 async fn clockify(base: &str, body: &str) -> Result<(u16, String), reqwest::Error> {
@@ -183,7 +202,7 @@ async fn three_nodes_behind_haproxy_lose_nothing_when_one_is_killed_under_load()
     let mut a = start_node(dir.path(), "a", ports[0], &db, &receiver.url(), 1).await;
     let mut c = start_node(dir.path(), "c", ports[2], &db, &receiver.url(), 1).await;
     let lb_port = free_port();
-    let mut lb = haproxy(dir.path(), lb_port, &ports);
+    let lb = haproxy(dir.path(), lb_port, &ports);
     let lb_base = format!("http://127.0.0.1:{lb_port}");
     wait_healthy(&format!("{lb_base}/readyz")).await;
 
@@ -289,8 +308,7 @@ async fn three_nodes_behind_haproxy_lose_nothing_when_one_is_killed_under_load()
     assert_eq!(listed.as_array().unwrap().len(), acked.len() + 2, "every event, whichever node took it");
     assert!(cli("a", &["events", "list", "--status", "pending"]).as_array().unwrap().is_empty());
 
-    let _ = lb.kill();
-    let _ = lb.wait();
+    drop(lb);
     for node in [&mut a.child, &mut b.child, &mut c.child] {
         sigterm(node);
         let exit = wait_exit(node, Duration::from_secs(30), "no exit after SIGTERM").await;
