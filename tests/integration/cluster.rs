@@ -75,14 +75,7 @@ fn node_config(port: u16, node: &str, db: &TestDatabase, receiver: &str) -> Stri
 listen = "127.0.0.1:{port}"
 internal_listen = "127.0.0.1:0"
 min_body_rate = 0
-[storage]
-data_dir = "data-{node}"
-backend = "postgres"
-[storage.postgres]
-url = "{url}"
-node_id = "{node}"
-lease = "2s"
-[sources.clockify]
+{storage}[sources.clockify]
 kind = "clockify"
 secrets = ["{SECRET}"]
 retry_window = "1h"
@@ -95,6 +88,15 @@ retry = {{ initial_backoff = "100ms", max_backoff = "500ms" }}
 name = "all"
 to = ["out"]
 "#,
+        storage = storage(db, node, &format!("data-{node}"))
+    )
+}
+
+/// The `[storage]` of a node of the cluster on `db`: its folder, its id, a short lease.
+fn storage(db: &TestDatabase, node: &str, data_dir: &str) -> String {
+    format!(
+        "[storage]\ndata_dir = \"{data_dir}\"\nbackend = \"postgres\"\n[storage.postgres]\nurl = \"{url}\"\n\
+         node_id = \"{node}\"\nlease = \"2s\"\n",
         url = db.url()
     )
 }
@@ -398,14 +400,7 @@ async fn an_addon_installed_through_one_node_is_accepted_by_the_others() {
     let toml = |node: &str| {
         format!(
             r#"
-[storage]
-data_dir = "{{dir}}/data"
-backend = "postgres"
-[storage.postgres]
-url = "{url}"
-node_id = "{node}"
-lease = "2s"
-[sources.addon]
+{storage}[sources.addon]
 kind = "clockify-addon"
 addon_key = "hookbridge-test"
 name = "hookbridge test"
@@ -421,7 +416,7 @@ sources = ["addon"]
 events = ["NEW_TIME_ENTRY"]
 to = ["out"]
 "#,
-            url = db.url(),
+            storage = storage(&db, node, "{dir}/data"),
             public = public.display(),
             receiver = receiver.url()
         )
@@ -499,14 +494,7 @@ async fn the_dashboard_on_every_node_shows_what_a_plugin_published_on_one() {
     let toml = |node: &str| {
         format!(
             r#"
-[storage]
-data_dir = "{{dir}}/data"
-backend = "postgres"
-[storage.postgres]
-url = "{url}"
-node_id = "{node}"
-lease = "2s"
-[sources.clockify]
+{storage}[sources.clockify]
 kind = "clockify"
 secrets = ["{SECRET}"]
 [plugins.dashboard]
@@ -516,7 +504,7 @@ name = "dashboard"
 events = ["NEW_TIMER_STARTED"]
 to = ["dashboard"]
 "#,
-            url = db.url(),
+            storage = storage(&db, node, "{dir}/data"),
             wasm = crate::plugins::wasm("dashboard").display()
         )
     };

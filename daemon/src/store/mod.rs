@@ -411,14 +411,9 @@ impl Store {
         storage: &crate::config::types::StorageConfig,
         postgres: Option<&PostgresSpec>,
     ) -> Result<Store, StoreError> {
-        match (storage.backend, postgres) {
-            (crate::config::types::StorageBackend::Postgres, Some(spec)) => Store::connect(spec).await,
-            (crate::config::types::StorageBackend::Postgres, None) => {
-                Err(StoreError::Schema("storage.backend = \"postgres\" needs [storage.postgres]".into()))
-            }
-            (crate::config::types::StorageBackend::Embedded, _) => {
-                Store::open_engine(&storage.data_dir, storage.engine)
-            }
+        match cluster_spec(storage, postgres)? {
+            Some(spec) => Store::connect(spec).await,
+            None => Store::open_engine(&storage.data_dir, storage.engine),
         }
     }
 
@@ -732,12 +727,9 @@ impl Operator {
         storage: &crate::config::types::StorageConfig,
         postgres: Option<&PostgresSpec>,
     ) -> Result<Operator, StoreError> {
-        match (storage.backend, postgres) {
-            (crate::config::types::StorageBackend::Postgres, Some(spec)) => Operator::connect(spec),
-            (crate::config::types::StorageBackend::Postgres, None) => {
-                Err(StoreError::Schema("storage.backend = \"postgres\" needs [storage.postgres]".into()))
-            }
-            (crate::config::types::StorageBackend::Embedded, _) => Operator::open(&storage.data_dir),
+        match cluster_spec(storage, postgres)? {
+            Some(spec) => Operator::connect(spec),
+            None => Operator::open(&storage.data_dir),
         }
     }
 
@@ -848,17 +840,19 @@ impl Operator {
     }
 }
 
-/// Add-on installation records stored in the spool at `data_dir` (source, workspace, add-on id, JSON record
-/// holding credentials: show only what is safe), read-only.
-pub fn list_installations(data_dir: &Path) -> Result<Vec<(String, String, String, String)>, StoreError> {
-    let conn = sqlite::open_reader(&data_dir.join(DB_FILE))?;
-    Ok(ops::installations(&conn)?)
-}
-
-/// Handshakes stored in the spool at `data_dir`, newest first, read-only (safe while a daemon runs).
-pub fn list_handshakes(data_dir: &Path) -> Result<Vec<Handshake>, StoreError> {
-    let conn = sqlite::open_reader(&data_dir.join(DB_FILE))?;
-    Ok(ops::list_handshakes(&conn)?)
+/// The cluster's database when `storage` says `backend = "postgres"` (with its resolved section), `None` for
+/// the embedded spool.
+fn cluster_spec<'a>(
+    storage: &crate::config::types::StorageConfig,
+    postgres: Option<&'a PostgresSpec>,
+) -> Result<Option<&'a PostgresSpec>, StoreError> {
+    match (storage.backend, postgres) {
+        (crate::config::types::StorageBackend::Postgres, Some(spec)) => Ok(Some(spec)),
+        (crate::config::types::StorageBackend::Postgres, None) => {
+            Err(StoreError::Schema("storage.backend = \"postgres\" needs [storage.postgres]".into()))
+        }
+        (crate::config::types::StorageBackend::Embedded, _) => Ok(None),
+    }
 }
 
 #[cfg(unix)]

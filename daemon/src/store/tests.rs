@@ -175,7 +175,7 @@ async fn handshakes_are_kept_bounded_and_listed() {
         store.record_handshake("clockodo", &format!("secret-{i}"), i).await.unwrap();
     }
     store.ping().await.unwrap();
-    let list = list_handshakes(dir.path()).unwrap();
+    let list = Operator::open(dir.path()).unwrap().handshakes().unwrap();
     assert_eq!(list.len() as i64, crate::limits::HANDSHAKES_KEPT);
     assert_eq!(list[0].secret, format!("secret-{}", crate::limits::HANDSHAKES_KEPT + 4));
     store.close().await;
