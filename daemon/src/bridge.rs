@@ -146,10 +146,12 @@ fn spool_limits(config: &Config) -> crate::store::SpoolLimits {
     }
 }
 
-/// Loads every plugin of `config` (on a blocking thread: compiling is CPU work), creating the host if needed.
+/// Loads every plugin of `config` (on a blocking thread: compiling is CPU work), creating the host if needed
+/// (with the cluster's key-value store when the spool is a cluster's).
 async fn load_plugins(
     host: &mut Option<crate::plugin::Host>,
     config: &Config,
+    store: &Store,
 ) -> Result<HashMap<String, crate::plugin::Plugin>, BridgeError> {
     let specs: Vec<(String, crate::config::PluginSpec)> = config
         .sinks
@@ -164,10 +166,17 @@ async fn load_plugins(
     }
     let existing = host.clone();
     let data_dir = config.storage.data_dir.clone();
+    let shared = store.plugin_kv().zip(config.postgres.as_ref().map(|p| p.statement_timeout));
     let (new_host, loaded) = tokio::task::spawn_blocking(move || {
         let host = match existing {
             Some(h) => h,
-            None => crate::plugin::Host::new(&data_dir)?,
+            None => {
+                let mut host = crate::plugin::Host::new(&data_dir)?;
+                if let Some((kv, timeout)) = shared {
+                    host.share_kv(kv, timeout);
+                }
+                host
+            }
         };
         let mut loaded = HashMap::new();
         for (id, spec) in specs {
@@ -258,7 +267,7 @@ impl Bridge {
         let metrics = Metrics::new()?;
         let store = Store::open_configured(&config.storage, config.postgres.as_ref()).await?;
         let mut host = None;
-        let plugins = load_plugins(&mut host, &config).await?;
+        let plugins = load_plugins(&mut host, &config, &store).await?;
         for source in config.sources.values() {
             tracing::info!(source = %source.id, kind = source.scheme.kind(), path = %source.path, "source ready");
         }
@@ -468,7 +477,7 @@ impl Reloader {
         // Plugins are loaded again on every reload (their .wasm may have changed), and restarted.
         let plugins = {
             let mut host = self.inner.plugins.lock().await;
-            let loaded = load_plugins(&mut host, &config).await?;
+            let loaded = load_plugins(&mut host, &config, &self.inner.store).await?;
             if let Some(h) = host.as_ref() {
                 self.inner.shared.live.persist_to(h.kv().clone());
             }

@@ -7,7 +7,8 @@
 //! [`clock`].
 //!
 //! This crate is the only dependency a plugin needs. Implement [`Plugin`] and register the type with
-//! [`export!`]; the contract itself (`wit/plugin.wit`, package `hookbridge:plugin@0.1.0`) ships with the crate.
+//! [`export!`]; the contract itself (`wit/plugin.wit`, package `hookbridge:plugin@0.1.1`,
+//! with the standard `wasi:keyvalue` interfaces it imports in `wit/deps`) ships with the crate.
 //!
 //! # Write your first plugin
 //!
@@ -177,13 +178,19 @@ pub mod __private {
 
     use crate::{Action, Error, Event, Plugin};
 
-    /// The bindings that `wit-bindgen` generates from `wit/plugin.wit`. The types are re-exported from
+    /// The bindings that `wit-bindgen` generates from `wit/`. The types are re-exported from
     /// friendlier places; the export plumbing is driven by [`crate::export!`].
     #[allow(unsafe_code, missing_docs, missing_debug_implementations, clippy::all)]
     pub mod bindings {
         wit_bindgen::generate!({
-            path: "wit/plugin.wit",
+            // The folder, so that `wit/deps` (the standard `wasi:keyvalue` interfaces) resolves.
+            path: "wit",
             world: "plugin",
+            with: {
+                "wasi:keyvalue/store@0.2.0-draft2": generate,
+                "wasi:keyvalue/atomics@0.2.0-draft2": generate,
+                "wasi:keyvalue/batch@0.2.0-draft2": generate,
+            },
             // `export!` expands in the plugin's crate, so the generated export macro must be reachable there.
             pub_export_macro: true,
             export_macro_name: "__export_plugin",

@@ -536,3 +536,44 @@ to = ["dashboard"]
     }
     db.drop_db().await;
 }
+
+/// The plugins' key-value store is the cluster's, and its atomics hold across nodes: two counters (one
+/// through `increment`, one through compare-and-swap), eight events at a time on each of three nodes, end
+/// exact in the shared table.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plugin_s_counter_incremented_from_three_nodes_ends_exact() {
+    let db = TestDatabase::new("kv").await;
+    let nodes = [
+        TestBridge::start(&crate::plugins::counters_config(&storage(&db, "a", "{dir}/data"))).await,
+        TestBridge::start(&crate::plugins::counters_config(&storage(&db, "b", "{dir}/data"))).await,
+        TestBridge::start(&crate::plugins::counters_config(&storage(&db, "c", "{dir}/data"))).await,
+    ];
+    let sent = crate::plugins::post_counted(&nodes.iter().collect::<Vec<_>>(), 150).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let open = "SELECT count(*) FROM hookbridge.deliveries WHERE status <> 'delivered'";
+    while db.query_i64(open).await > 0 {
+        assert!(Instant::now() < deadline, "the counters' deliveries never all finished");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Every node took a share (claims are spread by who took the webhook and who polls first).
+    for node in &nodes {
+        let m = node.metrics().await;
+        let took = metric(&m, r#"hookbridge_deliveries_total{outcome="delivered",sink="inc"}"#);
+        assert!(took > 0.0, "node {} counted nothing:\n{m}", node.internal);
+    }
+    let retried = db.query_i64("SELECT count(*) FROM hookbridge.attempts WHERE error IS NOT NULL").await;
+    assert_eq!(retried, 0, "invocations failed and were retried: their counts would count twice");
+    for plugin in ["inc", "cas"] {
+        let count = db
+            .query_i64(&format!(
+                "SELECT convert_from(value, 'UTF8')::bigint FROM hookbridge.plugin_kv \
+                 WHERE plugin = '{plugin}' AND key = 'count/COUNTED'"
+            ))
+            .await;
+        assert_eq!(count, sent as i64, "{plugin} lost or doubled counts");
+    }
+    for node in nodes {
+        node.stop().await;
+    }
+    db.drop_db().await;
+}

@@ -130,8 +130,6 @@ kind = "http"
 url = "{receiver}"
 [plugins.good]
 path = "{counter}"
-# The counter reads and then writes its count: one event at a time, or two at once count as one.
-max_in_flight = 1
 config = {{ channel = "good" }}
 [[routes]]
 name = "good"
@@ -236,13 +234,9 @@ kind = "clockify"
 secrets = ["{SECRET}"]
 [plugins.a]
 path = "{counter}"
-# The counter reads and then writes its count: one event at a time (these bodies have no entity id, so
-# nothing else orders them), or two at once count as one.
-max_in_flight = 1
 config = {{ channel = "a" }}
 [plugins.b]
 path = "{counter}"
-max_in_flight = 1
 config = {{ channel = "b" }}
 [[routes]]
 name = "to-a"
@@ -294,6 +288,117 @@ to = ["b"]
     bridge.stop().await;
 }
 
+/// The counter counts atomically (`wasi:keyvalue`): events handled eight at a time (no entity id, so nothing
+/// orders them) all count, through `increment` and through a compare-and-swap loop alike.
+#[tokio::test(flavor = "multi_thread")]
+async fn events_handled_at_once_all_count_through_increments_and_compare_and_swap() {
+    let bridge = TestBridge::start(&counters_config("[storage]\ndata_dir = \"{dir}/data\"\n")).await;
+    let sent = post_counted(&[&bridge], 120).await;
+    for sink in ["inc", "cas"] {
+        bridge
+            .wait_metric(&format!(r#"hookbridge_deliveries_total{{outcome="delivered",sink="{sink}"}}"#), 120.0)
+            .await;
+    }
+    assert_eq!(final_counts(&bridge, sent).await, sent);
+    bridge.stop().await;
+}
+
+/// Two counters, eight events at a time each: `inc` counts with `increment`, `cas` with compare-and-swap. A
+/// retried invocation counts again (delivery is at least once: the counter is not idempotent), so the time
+/// limit is generous: a loaded machine's slow round trips to the store must not turn into retries here,
+/// where races are the subject.
+pub fn counters_config(storage: &str) -> String {
+    format!(
+        r#"
+{storage}[sources.clockify]
+kind = "clockify"
+secrets = ["{SECRET}"]
+[plugins.inc]
+path = "{counter}"
+max_in_flight = 8
+time_limit = "10s"
+config = {{ channel = "inc" }}
+[plugins.cas]
+path = "{counter}"
+max_in_flight = 8
+time_limit = "10s"
+config = {{ channel = "cas", via = "update" }}
+[[routes]]
+name = "count"
+events = ["COUNTED"]
+to = ["inc", "cas"]
+"#,
+        counter = wasm("counter").display()
+    )
+}
+
+/// Posts `n` events of type `COUNTED` (distinct bodies, no entity id), 16 at a time, spread over `nodes`;
+/// every one must be accepted. Returns `n`.
+pub async fn post_counted(nodes: &[&TestBridge], n: usize) -> u64 {
+    let mut sent = 0;
+    for chunk in (0..n).collect::<Vec<_>>().chunks(16) {
+        let posts = chunk.iter().map(|i| {
+            let node = nodes[i % nodes.len()];
+            async move {
+                node.post("/hooks/clockify", &clockify_headers(SECRET, "COUNTED"), format!(r#"{{"n":{i}}}"#)).await
+            }
+        });
+        for (status, text) in futures_util::future::join_all(posts).await {
+            assert_eq!(status, 200, "{text}");
+            sent += 1;
+        }
+    }
+    sent
+}
+
+/// With the `n` counted events delivered, one more event: handled alone, its snapshot is the last one
+/// published, and exact. Returns the count both counters then show, less that extra event.
+async fn final_counts(bridge: &TestBridge, n: u64) -> u64 {
+    let (status, text) =
+        bridge.post("/hooks/clockify", &clockify_headers(SECRET, "COUNTED"), r#"{"n":"last"}"#.to_owned()).await;
+    assert_eq!(status, 200, "{text}");
+    for sink in ["inc", "cas"] {
+        let delivered = format!(r#"hookbridge_deliveries_total{{outcome="delivered",sink="{sink}"}}"#);
+        bridge.wait_metric(&delivered, n as f64 + 1.0).await;
+    }
+    let inc = live(&bridge.internal_url(""), "inc").await.unwrap()["COUNTED"].as_u64().unwrap();
+    let cas = live(&bridge.internal_url(""), "cas").await.unwrap()["COUNTED"].as_u64().unwrap();
+    assert_eq!(inc, cas, "increment and compare-and-swap disagree");
+    inc - 1
+}
+
+/// A plugin built against the interface's first release (0.1.0, its own copy of that WIT) loads in this
+/// daemon (0.1.1) and runs: its `kv` calls and its publish work as they did.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plugin_built_against_0_1_0_still_loads_and_runs() {
+    let config = format!(
+        r#"
+[storage]
+data_dir = "{{dir}}/data"
+[sources.clockify]
+kind = "clockify"
+secrets = ["{SECRET}"]
+[plugins.old]
+path = "{wasm}"
+max_in_flight = 1
+[[routes]]
+name = "old"
+to = ["old"]
+"#,
+        wasm = wasm("wit_v0_1").display()
+    );
+    let bridge = TestBridge::start(&config).await;
+    for n in 0..3 {
+        let (status, text) = bridge
+            .post("/hooks/clockify", &clockify_headers(SECRET, "NEW_TIME_ENTRY"), format!(r#"{{"n":{n}}}"#))
+            .await;
+        assert_eq!(status, 200, "{text}");
+    }
+    bridge.wait_metric(r#"hookbridge_deliveries_total{outcome="delivered",sink="old"}"#, 3.0).await;
+    assert_eq!(live(&bridge.internal_url(""), "wit-v0-1").await, Some(serde_json::json!({"count": 3})));
+    bridge.stop().await;
+}
+
 #[test]
 fn a_plugin_built_for_another_major_version_is_refused_at_load() {
     let dir = tempfile::tempdir().unwrap();
@@ -310,7 +415,7 @@ fn a_plugin_built_for_another_major_version_is_refused_at_load() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{stdout}");
     assert!(
-        stdout.contains("plugin old: it was built against hookbridge:plugin@1.0.0, but this hookbridge provides hookbridge:plugin@0.1.0"),
+        stdout.contains("plugin old: it was built against hookbridge:plugin@1.0.0, but this hookbridge provides hookbridge:plugin@0.1.1"),
         "{stdout}"
     );
     // The daemon refuses to start with it, with the same message.

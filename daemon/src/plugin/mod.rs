@@ -14,6 +14,7 @@
 //! time left); fuel optional.
 
 pub mod cli;
+mod keyvalue;
 pub mod kv;
 pub mod net;
 
@@ -33,6 +34,10 @@ mod bindings {
     wasmtime::component::bindgen!({
         path: "../plugin-api/wit",
         world: "plugin",
+        with: {
+            "wasi:keyvalue/store.bucket": super::keyvalue::Bucket,
+            "wasi:keyvalue/atomics.cas": super::keyvalue::Cas,
+        },
     });
 }
 
@@ -41,7 +46,7 @@ use bindings::hookbridge::plugin as wit;
 /// The WIT package the host implements.
 pub const WIT_PACKAGE: &str = "hookbridge:plugin";
 /// Its version.
-pub const WIT_VERSION: (u64, u64, u64) = (0, 1, 0);
+pub const WIT_VERSION: (u64, u64, u64) = (0, 1, 1);
 
 /// Epoch ticker period: the resolution of time limits.
 const TICK: Duration = Duration::from_millis(1);
@@ -128,6 +133,11 @@ impl Host {
             .map_err(|e| format!("cannot start the epoch ticker: {e}"))?;
         let kv = kv::Kv::open(data_dir)?;
         Ok(Host { engine, linker: Arc::new(linker), kv })
+    }
+
+    /// Keeps the plugins' keys in the cluster's store (before any plugin is loaded; on a runtime thread).
+    pub fn share_kv(&mut self, shared: crate::store::SharedKv, timeout: Duration) {
+        self.kv.share(shared, timeout);
     }
 
     /// The key-value store (for pruning expired keys).

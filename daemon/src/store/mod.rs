@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 
 pub use logged::LOG_DIR;
 pub use ops::{AttemptInfo, DeadLetter, DeliveryInfo, EventDetail, EventFilter, EventSummary};
-pub use postgres::PostgresSpec;
+pub use postgres::{PostgresSpec, SharedKv};
 
 use crate::event::Event;
 
@@ -455,6 +455,15 @@ impl Store {
         match &self.backend {
             Backend::Postgres(p) => Ok(Some(p.live_from_others().await?)),
             _ => Ok(None),
+        }
+    }
+
+    /// On a cluster: the plugins' key-value store, which the nodes share. `None` on the embedded spool (the
+    /// plugin host keeps its own, `plugins.db`).
+    pub fn plugin_kv(&self) -> Option<SharedKv> {
+        match &self.backend {
+            Backend::Postgres(p) => Some(p.plugin_kv()),
+            _ => None,
         }
     }
 

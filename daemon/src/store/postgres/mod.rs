@@ -16,6 +16,7 @@
 //!   cursor needs that), mapped here to the database's delivery ids.
 //! - Gauges are the cluster's, counted every second; `max_pending_*` bound the cluster's spool.
 
+mod kv;
 pub(super) mod operator;
 mod schema;
 
@@ -29,6 +30,8 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio::sync::{Notify, mpsc};
 use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
+
+pub use kv::SharedKv;
 
 use super::ops::{AttemptInfo, DeliveryInfo, EventDetail, EventSummary};
 use super::{Dedup, Feed, Inserted, Outcome, PendingDelivery, Record, SinkStats, SpoolGauges, StoreError};
@@ -357,6 +360,11 @@ impl Postgres {
             .await
             .map_err(pg_error)?;
         Ok((rows.iter().map(|r| (r.get(0), r.get(1))).collect(), rx))
+    }
+
+    /// The plugins' key-value store, shared by the cluster.
+    pub(super) fn plugin_kv(&self) -> SharedKv {
+        SharedKv::new(self.inner.pool.clone())
     }
 
     /// Changes as installations change anywhere in the cluster.

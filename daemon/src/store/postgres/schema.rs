@@ -14,7 +14,8 @@
 //! - `handshakes`, `installations`: as in the embedded spool;
 //! - `nodes`: the nodes alive (their heartbeat), so that two daemons cannot run under one node id;
 //! - `live` (version 2): each live channel's last payload, so that every node's clients see what a plugin
-//!   published on any node.
+//!   published on any node;
+//! - `plugin_kv` (version 3): the plugins' key-value store, shared by the nodes (`kv.rs`).
 
 use deadpool_postgres::Client;
 
@@ -25,7 +26,7 @@ use crate::store::StoreError;
 const MIGRATION_LOCK: i64 = 0x686f_6f6b_6272_6964;
 
 /// The migrations, in order: version and SQL. Never edit one that has shipped: add the next.
-const MIGRATIONS: &[(i32, &str)] = &[(1, V1), (2, V2)];
+const MIGRATIONS: &[(i32, &str)] = &[(1, V1), (2, V2), (3, V3)];
 
 const V1: &str = "
 CREATE FUNCTION hookbridge.now_ms() RETURNS bigint LANGUAGE sql STABLE
@@ -121,6 +122,18 @@ CREATE TABLE hookbridge.live (
     origin     text NOT NULL,
     updated_at bigint NOT NULL
 );
+";
+
+/// The plugins' key-value store: one namespace per plugin id; `expires_at_ms` on the server's clock.
+const V3: &str = "
+CREATE TABLE hookbridge.plugin_kv (
+    plugin        text NOT NULL,
+    key           text NOT NULL,
+    value         bytea NOT NULL,
+    expires_at_ms bigint,
+    PRIMARY KEY (plugin, key)
+);
+CREATE INDEX plugin_kv_expiring ON hookbridge.plugin_kv (expires_at_ms) WHERE expires_at_ms IS NOT NULL;
 ";
 
 /// The newest schema version this build knows.

@@ -347,6 +347,33 @@ async fn handshakes_and_installations_are_shared() {
     db.drop_db().await;
 }
 
+/// The plugins' keys are the cluster's: what one node's plugin host writes, another's reads, and increments
+/// and compare-and-swaps racing from two nodes lose nothing (the same checks as on the embedded store).
+#[tokio::test(flavor = "multi_thread")]
+async fn plugin_keys_are_shared_and_their_atomics_hold_across_nodes() {
+    let db = TestDb::new("kv").await;
+    let a = Store::connect(&db.spec("a", Duration::from_secs(30))).await.unwrap();
+    let b = Store::connect(&db.spec("b", Duration::from_secs(30))).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut on_a = crate::plugin::kv::Kv::open(&dir.path().join("a")).unwrap();
+    on_a.share(a.plugin_kv().unwrap(), Duration::from_secs(5));
+    let mut on_b = crate::plugin::kv::Kv::open(&dir.path().join("b")).unwrap();
+    on_b.share(b.plugin_kv().unwrap(), Duration::from_secs(5));
+    tokio::task::spawn_blocking(move || {
+        on_a.set("shared", "from-a", b"1", None).unwrap();
+        assert_eq!(on_b.get("shared", "from-a").unwrap().as_deref(), Some(&b"1"[..]));
+        crate::plugin::kv::tests::atomics_hold(&on_a, &on_b);
+        crate::plugin::kv::tests::keys_page(&on_b);
+        assert!(on_a.prune().unwrap() >= 1, "the expired keys the checks left");
+    })
+    .await
+    .unwrap();
+    assert!(a.plugin_kv().is_some() && Store::open(dir.path()).unwrap().plugin_kv().is_none());
+    a.close().await;
+    b.close().await;
+    db.drop_db().await;
+}
+
 #[tokio::test]
 async fn an_unreachable_database_is_a_clear_error_in_bounded_time() {
     let spec = PostgresSpec {
