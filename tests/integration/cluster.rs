@@ -83,6 +83,7 @@ retry_window = "1h"
 kind = "http"
 url = "{receiver}"
 max_in_flight = 16
+timeout = "60s"
 retry = {{ initial_backoff = "100ms", max_backoff = "500ms" }}
 [[routes]]
 name = "all"
@@ -190,10 +191,11 @@ async fn three_nodes_behind_haproxy_lose_nothing_when_one_is_killed_under_load()
     let dir = tempfile::tempdir().unwrap();
     let ports = [free_port(), free_port(), free_port()];
     let template = String::from_utf8(read_fixture("clockify/NEW_TIME_ENTRY.json")).unwrap();
-    // b first, alone: it claims one delivery that its receiver fails until b is gone, so b surely holds a
-    // claim when it is killed.
+    // b first, alone: it claims one delivery that its receiver fails twice and then holds unanswered until b
+    // is gone, so b surely holds a claim (an attempt in flight) when it is killed.
     let b = start_node(dir.path(), "b", ports[1], &db, &receiver.url(), 1).await;
-    receiver.fail("entry-held", 503, usize::MAX, None);
+    receiver.fail("entry-held", 503, 2, None);
+    receiver.stall("entry-held", Duration::from_secs(120));
     assert_eq!(clockify(&b.base, &entry(&template, "entry-held", "held")).await.unwrap().1, "accepted");
     let held = "SELECT count(*) FROM hookbridge.deliveries WHERE lease_owner = 'b' AND attempts >= 2";
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -575,5 +577,76 @@ async fn a_plugin_s_counter_incremented_from_three_nodes_ends_exact() {
     for node in nodes {
         node.stop().await;
     }
+    db.drop_db().await;
+}
+
+/// Fairness: entities whose deliveries keep failing hold a slot only while an attempt runs, not through their
+/// backoff (a retry goes back to the cluster until due), so with every node's slots fewer than the failing
+/// entities, other entities' deliveries still go through at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn failing_entities_do_not_hold_a_sink_s_slots_through_their_backoff() {
+    let db = TestDatabase::new("fair").await;
+    let receiver = Receiver::start().await;
+    let template = String::from_utf8(read_fixture("clockify/NEW_TIME_ENTRY.json")).unwrap();
+    let toml = |node: &str| {
+        format!(
+            r#"
+{storage}[sources.clockify]
+kind = "clockify"
+secrets = ["{SECRET}"]
+[sinks.out]
+kind = "http"
+url = "{url}"
+max_in_flight = 2
+retry = {{ initial_backoff = "3s", max_backoff = "3s" }}
+[[routes]]
+name = "all"
+to = ["out"]
+"#,
+            storage = storage(&db, node, "{dir}/data"),
+            url = receiver.url()
+        )
+    };
+    let nodes = [TestBridge::start(&toml("a")).await, TestBridge::start(&toml("b")).await];
+    // Six failing entities: three times the cluster's four slots' worth... of slots, were they held.
+    for i in 0..6 {
+        receiver.fail(&format!("stuck-{i}"), 503, usize::MAX, None);
+        let (status, text) = nodes[i % 2]
+            .post(
+                "/hooks/clockify",
+                &clockify_headers(SECRET, "NEW_TIME_ENTRY"),
+                entry(&template, &format!("stuck-{i}"), "stuck"),
+            )
+            .await;
+        assert_eq!(status, 200, "{text}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while db.query_i64("SELECT count(*) FROM hookbridge.deliveries WHERE attempts >= 1").await < 6 {
+        assert!(Instant::now() < deadline, "the failing entities were never all attempted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let sent = Instant::now();
+    for i in 0..10 {
+        let (status, text) = nodes[i % 2]
+            .post(
+                "/hooks/clockify",
+                &clockify_headers(SECRET, "NEW_TIME_ENTRY"),
+                entry(&template, &format!("ok-{i}"), "fine"),
+            )
+            .await;
+        assert_eq!(status, 200, "{text}");
+    }
+    receiver.wait_for(10, Duration::from_secs(20)).await;
+    assert!(
+        sent.elapsed() < Duration::from_secs(10),
+        "healthy entities waited {:?} behind failing ones",
+        sent.elapsed()
+    );
+    // The failing ones are still being retried, by either node, their order kept (one head each).
+    assert_eq!(db.query_i64("SELECT count(*) FROM hookbridge.deliveries WHERE status = 'pending'").await, 6);
+    for node in nodes {
+        node.stop().await;
+    }
+    receiver.stop().await;
     db.drop_db().await;
 }

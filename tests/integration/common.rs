@@ -51,6 +51,8 @@ struct Failure {
     status: u16,
     retry_after: Option<u64>,
     times: usize,
+    /// Answer only after this long (an attempt that stays in flight).
+    stall: Option<Duration>,
 }
 
 #[derive(Clone)]
@@ -91,6 +93,7 @@ impl Receiver {
                 post(|State(s): State<ReceiverState>, headers: HeaderMap, body: Bytes| async move {
                     let mut status = *s.status.lock().unwrap();
                     let mut retry_after = None;
+                    let mut stall = None;
                     {
                         let mut failures = s.failures.lock().unwrap();
                         let text = String::from_utf8_lossy(&body).into_owned();
@@ -98,7 +101,11 @@ impl Receiver {
                             f.times -= 1;
                             status = f.status;
                             retry_after = f.retry_after;
+                            stall = f.stall;
                         }
+                    }
+                    if let Some(stall) = stall {
+                        tokio::time::sleep(stall).await;
                     }
                     s.hits.lock().unwrap().push(Hit { at: Instant::now(), status, body: body.clone() });
                     if (200..300).contains(&status) {
@@ -143,7 +150,14 @@ impl Receiver {
 
     /// Answer `status` to the next `times` requests whose body contains `needle`.
     pub fn fail(&self, needle: &str, status: u16, times: usize, retry_after: Option<u64>) {
-        self.failures.lock().unwrap().push(Failure { needle: needle.into(), status, retry_after, times });
+        self.failures.lock().unwrap().push(Failure { needle: needle.into(), status, retry_after, times, stall: None });
+    }
+
+    /// Holds every later request whose body contains `needle` for `stall`, then answers `503` (until healed).
+    pub fn stall(&self, needle: &str, stall: Duration) {
+        let f =
+            Failure { needle: needle.into(), status: 503, retry_after: None, times: usize::MAX, stall: Some(stall) };
+        self.failures.lock().unwrap().push(f);
     }
 
     /// Stops failing the requests whose body contains `needle`.

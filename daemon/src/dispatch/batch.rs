@@ -1,5 +1,5 @@
 //! Slots and batches: a delivery task holds its slot while it waits for its peer (and, while retried, for
-//! its next attempt); one whose peer answered for good gives the slot on while its outcome is recorded,
+//! its next attempt, unless the spool takes retries back: the cluster's does, and hands them out when due); one whose peer answered for good gives the slot on while its outcome is recorded,
 //! under the second bound (`recording`). A sink that takes batches gets several deliveries (distinct
 //! ordering keys) in one call, their outcomes recorded in one operation; a delivery of a batch to be
 //! retried goes on alone.
@@ -159,6 +159,10 @@ impl Dispatcher {
             // Counted once recorded, so that the metrics never run ahead of the spool.
             self.count(&row, verdict.label, seconds);
             let Some(delay) = delay else { return };
+            if self.store.takes_retries_back() {
+                // The spool hands it out again when due; its slot goes to other deliveries meanwhile.
+                return;
+            }
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tokio::time::sleep(delay) => {}
@@ -215,6 +219,7 @@ impl Dispatcher {
             self.count(&row, label, seconds);
             match delay {
                 None => drop(guard),
+                Some(_) if self.store.takes_retries_back() => drop(guard),
                 Some(delay) => {
                     row.attempts = attempts;
                     retries.push(async move {

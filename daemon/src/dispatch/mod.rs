@@ -9,7 +9,8 @@
 //! exhausts the sink's policy (`max_age`, `max_attempts`); the last two make it a dead letter.
 //!
 //! Slots: `max_in_flight` bounds deliveries waiting for their peer (and, while retried, for their next
-//! attempt). A delivery whose peer has answered for good (delivered, or dead) gives its slot to the next one
+//! attempt; on a spool that takes retries back, the cluster's, a retry leaves instead and is claimed again
+//! when due, so failing deliveries hold slots only while their attempts run). A delivery whose peer has answered for good (delivered, or dead) gives its slot to the next one
 //! while its outcome is being recorded; recording has a bound of its own of the same size, so at most twice
 //! `max_in_flight` deliveries are held in memory. Its ordering key stays busy until the outcome is recorded.
 //!

@@ -467,6 +467,13 @@ impl Store {
         }
     }
 
+    /// Whether the backend takes a delivery back when its retry is recorded and hands it out again once the
+    /// retry is due (the cluster's: to any node). The dispatcher then ends the delivery's task there instead
+    /// of waiting out the backoff in it, holding a slot.
+    pub fn takes_retries_back(&self) -> bool {
+        matches!(self.backend, Backend::Postgres(_))
+    }
+
     /// This node's id in the cluster (`None` on the embedded spool).
     pub fn node_id(&self) -> Option<&str> {
         match &self.backend {

@@ -10,7 +10,10 @@
 //! - **Claims**: a dispatcher's read of pending deliveries ([`Postgres::pending`]) claims them for this node
 //!   with a lease (`FOR UPDATE SKIP LOCKED`): only the head of each ordering key (its lowest pending
 //!   delivery for the sink) can be claimed, so one entity is worked on by one node at a time and in order
-//!   across the cluster. The node renews its leases every third of the lease; when it dies they lapse and
+//!   across the cluster. Every recorded outcome ends the claim: a delivery to be retried goes back, stays
+//!   its key's head (the key's next deliveries keep waiting) and is claimable again, by any node, once its
+//!   next attempt is due. So a failing entity or workspace holds a slot only while an attempt runs, never
+//!   through its backoff, and cannot take a sink's slots from the others. The node renews its leases every third of the lease; when it dies they lapse and
 //!   any node's next poll takes the deliveries over. At start a node releases what it held before.
 //! - The dispatchers know claims by **local ids**, increasing per sink in claim order (the dispatcher's
 //!   cursor needs that), mapped here to the database's delivery ids.
@@ -222,7 +225,9 @@ const CLAIM: &str = "
 WITH free AS (
     SELECT id FROM (
         (SELECT id FROM hookbridge.deliveries
-         WHERE sink = $1 AND status = 'pending' AND lease_owner IS NULL ORDER BY id LIMIT $4)
+         WHERE sink = $1 AND status = 'pending' AND lease_owner IS NULL
+           AND (next_attempt_at IS NULL OR next_attempt_at <= hookbridge.now_ms())
+         ORDER BY id LIMIT $4)
         UNION ALL
         (SELECT id FROM hookbridge.deliveries
          WHERE sink = $1 AND status = 'pending' AND lease_owner IS NOT NULL AND lease_until < hookbridge.now_ms()
@@ -256,8 +261,7 @@ d AS (
     UPDATE hookbridge.deliveries d
     SET status = u.status, attempts = u.attempts, next_attempt_at = u.next_at,
         last_error = coalesce(u.error, d.last_error), last_status = coalesce(u.st, d.last_status), updated_at = $10,
-        lease_owner = CASE WHEN u.status = 'pending' THEN d.lease_owner END,
-        lease_until = CASE WHEN u.status = 'pending' THEN d.lease_until END
+        lease_owner = NULL, lease_until = NULL
     FROM u
     WHERE d.id = u.id AND d.status = 'pending' AND d.lease_owner = $11
     RETURNING d.id, d.event_seq, d.status
@@ -573,6 +577,7 @@ impl Postgres {
         let (mut status, mut attempts, mut next, mut error, mut st) = (vec![], vec![], vec![], vec![], vec![]);
         let (mut started, mut duration, mut label) = (vec![], vec![], vec![]);
         let mut finals = Vec::new();
+        let mut due = 0;
         {
             let sinks = lock(&self.inner.sinks);
             let claims = sinks.get(sink).map(|s| &s.claims);
@@ -592,8 +597,10 @@ impl Postgres {
                         ("pending", Some(*next_attempt_ms), Some(error.clone()), "retry")
                     }
                 };
-                if s != "pending" {
-                    finals.push(r.delivery_id);
+                // Every outcome ends this node's claim: a retry goes back to the cluster until it is due.
+                finals.push(r.delivery_id);
+                if let Outcome::Retry { next_attempt_ms, .. } = &r.outcome {
+                    due = due.max(*next_attempt_ms);
                 }
                 ids.push(id);
                 status.push(s);
@@ -646,6 +653,18 @@ impl Postgres {
             }
             // The next delivery of each finished one's ordering key may be claimable now.
             s.wake.notify_one();
+            // And the retries when they are due (unless another node, or the 1 s poll, takes them first).
+            if due > 0 {
+                let wake = Arc::clone(&s.wake);
+                let wait = Duration::from_millis(u64::try_from(due - now_ms()).unwrap_or(0));
+                let stop = self.inner.stop.clone();
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = stop.cancelled() => {}
+                        _ = tokio::time::sleep(wait) => wake.notify_one(),
+                    }
+                });
+            }
         }
         Ok(())
     }

@@ -217,16 +217,25 @@ async fn only_the_head_of_an_ordering_key_is_claimed_across_nodes() {
     assert_eq!(ids(&got_b), ["k1", "l1", "free"], "heads and unkeyed ones, in order; k2 waits for k1");
     assert!(got_b.windows(2).all(|w| w[0].id < w[1].id), "local ids grow in claim order");
     assert!(a.pending("s", 0, 100).await.unwrap().is_empty(), "everything claimable is claimed by b");
-    // b retries k1: the key stays held. Then k1 is delivered: k2 is the head, for whoever asks first.
-    b.record_all("s", vec![done(got_b[0].id, Outcome::Retry { next_attempt_ms: now_ms(), error: "503".into() })])
+    // b's attempt at k1 fails: the retry goes back to the cluster (b keeps no slot for it). Nobody can claim
+    // it before it is due, and k2 still waits behind it; once due, any node takes it, with its attempts.
+    let due = now_ms() + 1000;
+    b.record_all("s", vec![done(got_b[0].id, Outcome::Retry { next_attempt_ms: due, error: "503".into() })])
         .await
         .unwrap();
-    assert!(a.pending("s", 0, 100).await.unwrap().is_empty(), "a retried delivery still holds its key");
-    b.record_all("s", vec![Record { attempts: 2, ..done(got_b[0].id, Outcome::Delivered) }]).await.unwrap();
+    assert_eq!(db.admin_query("SELECT count(*) FROM hookbridge.deliveries WHERE lease_owner IS NOT NULL").await, 2);
+    assert!(a.pending("s", 0, 100).await.unwrap().is_empty(), "not before it is due, and k2 waits behind it");
+    assert!(b.pending("s", 0, 100).await.unwrap().is_empty());
+    tokio::time::sleep(Duration::from_millis(u64::try_from(due - now_ms()).unwrap_or(0) + 50)).await;
+    let retried = a.pending("s", 0, 100).await.unwrap();
+    assert_eq!((ids(&retried), retried[0].attempts), (vec!["k1"], 1), "the other node takes the due retry");
+    // An outcome from a node that no longer holds the delivery changes nothing.
+    b.record_all("s", vec![done(got_b[0].id, Outcome::Delivered)]).await.unwrap();
+    assert!(b.pending("s", 0, 100).await.unwrap().is_empty(), "k1 is a's now; k2 still waits");
+    a.record_all("s", vec![Record { attempts: 2, ..done(retried[0].id, Outcome::Delivered) }]).await.unwrap();
     let got_a = a.pending("s", 0, 100).await.unwrap();
     assert_eq!(ids(&got_a), ["k2"]);
     assert_eq!(got_a[0].attempts, 0);
-    // An outcome from a node that does not hold the delivery changes nothing.
     b.record_all("s", vec![done(got_b[1].id + 100, Outcome::Delivered)]).await.unwrap();
     a.record_all("s", vec![done(got_a[0].id, Outcome::Dead("400 bad request".into()))]).await.unwrap();
     let detail = a.event("k1").await.unwrap().unwrap();
