@@ -650,3 +650,154 @@ to = ["out"]
     receiver.stop().await;
     db.drop_db().await;
 }
+
+/// A PostgreSQL server of the test's own that takes TLS connections only (`hostssl` in `pg_hba.conf`), with
+/// a certificate for 127.0.0.1 from a throw-away CA (`ca.crt` in its folder); stopped on drop. Made with
+/// the server binaries of Debian's package (`scripts/test` installs it), run as the `postgres` user when the
+/// test runs as root (the server refuses root).
+struct TlsServer {
+    port: u16,
+    dir: tempfile::TempDir,
+    child: std::process::Child,
+}
+
+impl Drop for TlsServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl TlsServer {
+    fn start() -> TlsServer {
+        let bin = std::fs::read_dir("/usr/lib/postgresql")
+            .ok()
+            .and_then(|d| {
+                d.filter_map(Result::ok).map(|e| e.path().join("bin")).filter(|b| b.join("initdb").exists()).max()
+            })
+            .expect("no PostgreSQL server binaries in /usr/lib/postgresql: scripts/test installs Debian's postgresql");
+        let dir = tempfile::tempdir().unwrap();
+        crate::edge::make_cert(dir.path(), "server", "ca");
+        let root = rustix::process::geteuid().is_root();
+        let as_server = |program: &std::path::Path| {
+            let mut c = if root {
+                let mut c = std::process::Command::new("runuser");
+                c.args(["-u", "postgres", "--"]).arg(program);
+                c
+            } else {
+                std::process::Command::new(program)
+            };
+            c.current_dir(dir.path());
+            c
+        };
+        if root {
+            let ok = std::process::Command::new("chown").args(["-R", "postgres:"]).arg(dir.path()).status().unwrap();
+            assert!(ok.success(), "chown the server's folder");
+        }
+        let data = dir.path().join("data");
+        let out = as_server(&bin.join("initdb"))
+            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
+            .arg(&data)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
+        std::fs::write(data.join("pg_hba.conf"), "local all all trust\nhostssl all all 127.0.0.1/32 trust\n").unwrap();
+        std::fs::set_permissions(dir.path().join("server.key"), std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        let port = free_port();
+        let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
+        if root {
+            let _ = std::process::Command::new("chown").args(["-R", "postgres:"]).arg(dir.path()).status();
+        }
+        let child = as_server(&bin.join("postgres"))
+            .arg("-D")
+            .arg(&data)
+            .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "ssl=on"])
+            .arg("-c")
+            .arg(format!("unix_socket_directories={}", dir.path().display()))
+            .arg("-c")
+            .arg(format!("ssl_cert_file={}", dir.path().join("server.crt").display()))
+            .arg("-c")
+            .arg(format!("ssl_key_file={}", dir.path().join("server.key").display()))
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let server = TlsServer { port, dir, child };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "the TLS server never listened: see {}", server.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        server
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    /// `sql` through psql over TLS (psql does not check the certificate: it only reads).
+    fn psql(&self, sql: &str) -> String {
+        let out = std::process::Command::new("psql")
+            .arg(format!("host=127.0.0.1 port={} user=postgres dbname=postgres sslmode=require", self.port))
+            .args(["-tAc", sql])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "psql: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+}
+
+/// With `tls = "verify-full"` the nodes talk to PostgreSQL over TLS only, verifying the server against the
+/// configured CA; a server the CA did not sign, or a plain-TCP config against a TLS-only server, is refused
+/// at start with a message that says why.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cluster_database_over_verified_tls() {
+    let server = tokio::task::spawn_blocking(TlsServer::start).await.unwrap();
+    let ca = server.dir.path().join("ca.crt");
+    let config = |tls: &str| {
+        format!(
+            r#"
+[storage]
+data_dir = "{{dir}}/data"
+backend = "postgres"
+[storage.postgres]
+url = "host=127.0.0.1 port={port} user=postgres dbname=postgres"
+node_id = "tls"
+{tls}
+[sources.clockify]
+kind = "clockify"
+secrets = ["{SECRET}"]
+"#,
+            port = server.port
+        )
+    };
+    let verified = format!("tls = \"verify-full\"\nca_file = \"{}\"", ca.display());
+    let bridge = TestBridge::start(&config(&verified)).await;
+    let (status, text) = bridge
+        .post("/hooks/clockify", &clockify_headers(SECRET, "NEW_TIME_ENTRY"), r#"{"id":"over-tls"}"#.to_owned())
+        .await;
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(server.psql("SELECT count(*) FROM hookbridge.events"), "1", "stored over TLS");
+    let plain = "SELECT count(*) FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
+                 WHERE a.application_name LIKE 'hookbridge tls%' AND NOT s.ssl";
+    let tls = "SELECT count(*) FROM pg_stat_activity a JOIN pg_stat_ssl s USING (pid) \
+               WHERE a.application_name LIKE 'hookbridge tls%' AND s.ssl";
+    assert_eq!(server.psql(plain), "0", "every connection of the node is TLS");
+    assert_ne!(server.psql(tls), "0");
+    bridge.stop().await;
+
+    // The system's roots do not include the test CA; plain TCP is not in pg_hba.conf.
+    for (tls, expected) in [("tls = \"verify-full\"", "certificate"), ("", "no encryption")] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hookbridge.toml");
+        std::fs::write(&path, config(tls).replace("{dir}", &dir.path().display().to_string())).unwrap();
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new(binary()).args(["run", "--config"]).arg(&path).output().unwrap()
+        })
+        .await
+        .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(expected), "{tls}: {stderr}");
+    }
+}

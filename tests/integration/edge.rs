@@ -535,7 +535,7 @@ async fn latency_of_webhooks(d: &Daemon, offset: usize) -> Duration {
 
 /// A throw-away CA and a certificate for 127.0.0.1 signed by it, made with `openssl`, as
 /// `<name>.crt`/`<name>.key` in `dir`; returns the certificate's DER.
-fn make_cert(dir: &Path, name: &str, ca: &str) -> Vec<u8> {
+pub fn make_cert(dir: &Path, name: &str, ca: &str) -> Vec<u8> {
     let run = |args: &[&str]| {
         let out = std::process::Command::new("openssl").args(args).current_dir(dir).output().unwrap();
         assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));

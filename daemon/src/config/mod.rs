@@ -172,6 +172,23 @@ fn postgres_spec(
         errs.locate("storage.postgres.node_id", root, "must be 1 to 128 printable characters");
         ok = false;
     }
+    let tls = match (pg.tls, &pg.ca_file) {
+        (crate::config::types::PgTlsMode::Off, Some(_)) => {
+            errs.locate("storage.postgres.ca_file", root, "is used only with tls = \"verify-full\"");
+            ok = false;
+            crate::store::PgTls::Off
+        }
+        (crate::config::types::PgTlsMode::Off, None) => crate::store::PgTls::Off,
+        (crate::config::types::PgTlsMode::VerifyFull, ca) => {
+            let tls = crate::store::PgTls::VerifyFull { ca_file: ca.as_ref().map(|p| base.join(p)) };
+            if let Err(e) = tls.check() {
+                let key = if ca.is_some() { "storage.postgres.ca_file" } else { "storage.postgres.tls" };
+                errs.locate(key, root, &e);
+                ok = false;
+            }
+            tls
+        }
+    };
     let url = url?;
     ok.then_some(crate::store::PostgresSpec {
         url,
@@ -180,6 +197,7 @@ fn postgres_spec(
         connect_timeout: pg.connect_timeout.0,
         lease: pg.lease.0,
         node_id,
+        tls,
     })
 }
 

@@ -178,6 +178,25 @@ pub struct PostgresConfig {
     pub lease: HumanDuration,
     /// This node's name in the cluster (unique per node; its claims carry it). Default: the host name.
     pub node_id: Option<String>,
+    /// `"off"` (plain TCP, the default: a database on loopback or a private network) or `"verify-full"`
+    /// (TLS required, the server's certificate verified against `ca_file`, or the system's roots, and its
+    /// name checked against the host connected to).
+    #[serde(default)]
+    pub tls: PgTlsMode,
+    /// PEM file of the CA certificates the server's certificate must chain to (with `tls = "verify-full"`;
+    /// relative to the config file). Default: the system's roots.
+    pub ca_file: Option<std::path::PathBuf>,
+}
+
+/// `storage.postgres.tls`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PgTlsMode {
+    /// Plain TCP.
+    #[default]
+    Off,
+    /// TLS with the server's certificate and name verified.
+    VerifyFull,
 }
 
 impl Default for StorageConfig {

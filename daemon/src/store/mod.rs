@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 
 pub use logged::LOG_DIR;
 pub use ops::{AttemptInfo, DeadLetter, DeliveryInfo, EventDetail, EventFilter, EventSummary};
-pub use postgres::{PostgresSpec, SharedKv};
+pub use postgres::{PgTls, PostgresSpec, SharedKv};
 
 use crate::event::Event;
 

@@ -22,6 +22,7 @@
 mod kv;
 pub(super) mod operator;
 mod schema;
+mod tls;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -29,12 +30,12 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio::sync::{Notify, mpsc};
-use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
 pub use kv::SharedKv;
+pub use tls::PgTls;
 
 use super::ops::{AttemptInfo, DeliveryInfo, EventDetail, EventSummary};
 use super::{Dedup, Feed, Inserted, Outcome, PendingDelivery, Record, SinkStats, SpoolGauges, StoreError};
@@ -73,6 +74,8 @@ pub struct PostgresSpec {
     pub lease: Duration,
     /// This node's name.
     pub node_id: String,
+    /// TLS to the server.
+    pub tls: PgTls,
 }
 
 impl PostgresSpec {
@@ -107,6 +110,10 @@ pub(super) fn connection_config(spec: &PostgresSpec, role: &str) -> Result<tokio
         spec.statement_timeout.as_millis(),
         spec.statement_timeout.as_millis().saturating_mul(2),
     );
+    if matches!(spec.tls, PgTls::VerifyFull { .. }) {
+        // Never a plain connection when TLS is asked for (the URL's `sslmode=prefer` default would allow one).
+        cfg.ssl_mode(tokio_postgres::config::SslMode::Require);
+    }
     cfg.options(options.trim())
         .connect_timeout(spec.connect_timeout)
         .keepalives(true)
@@ -294,8 +301,8 @@ impl Postgres {
     /// of this node held, and starts the lease, gauge and notification tasks.
     pub(super) async fn open(spec: &PostgresSpec) -> Result<Postgres, StoreError> {
         let cfg = connection_config(spec, "")?;
-        let manager =
-            Manager::from_config(cfg.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let tls = tls::Connector::new(&spec.tls)?;
+        let manager = tls.manager(cfg.clone(), ManagerConfig { recycling_method: RecyclingMethod::Fast });
         let pool = Pool::builder(manager)
             .max_size(spec.pool_size)
             .runtime(Runtime::Tokio1)
@@ -338,7 +345,7 @@ impl Postgres {
         let tasks = vec![
             tokio::spawn(renew(Arc::clone(&pg.inner), spec.lease / 3)),
             tokio::spawn(count(pg.clone())),
-            tokio::spawn(listen(Arc::clone(&pg.inner), cfg)),
+            tokio::spawn(listen(Arc::clone(&pg.inner), cfg, tls)),
             tokio::spawn(share_live(Arc::clone(&pg.inner), live_rx)),
         ];
         *lock(&pg.inner.tasks) = tasks;
@@ -1093,10 +1100,20 @@ async fn count(pg: Postgres) {
 
 /// Listens for other nodes' new deliveries and wakes this node's dispatchers of their sinks; reconnects
 /// (waking every dispatcher, since notifications may have been missed) until stopped.
-async fn listen(inner: Arc<Inner>, cfg: tokio_postgres::Config) {
+async fn listen(inner: Arc<Inner>, cfg: tokio_postgres::Config, tls: tls::Connector) {
+    match tls {
+        tls::Connector::Off => listen_with(inner, cfg, tokio_postgres::NoTls).await,
+        tls::Connector::Verified(t) => listen_with(inner, cfg, t).await,
+    }
+}
+
+async fn listen_with<T>(inner: Arc<Inner>, cfg: tokio_postgres::Config, tls: T)
+where
+    T: tls::MakeTls,
+{
     use futures_util::StreamExt;
     loop {
-        match cfg.connect(NoTls).await {
+        match cfg.connect(tls.clone()).await {
             Ok((client, mut conn)) => {
                 let (tx, mut rx) = mpsc::unbounded_channel::<(String, String)>();
                 let driver = tokio::spawn(async move {

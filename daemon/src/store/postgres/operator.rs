@@ -6,8 +6,6 @@
 
 use std::future::Future;
 
-use tokio_postgres::NoTls;
-
 use super::{PostgresSpec, STATUS_SQL, connection_config, event_detail, pg_error, schema};
 use crate::event::now_ms;
 use crate::store::ops::{DeadLetter, EventDetail, EventFilter, EventSummary};
@@ -56,9 +54,15 @@ impl PgOperator {
                 return Err(e);
             }
         };
+        let tls = match super::tls::Connector::new(&spec.tls) {
+            Ok(tls) => tls,
+            Err(e) => {
+                rt.shutdown_background();
+                return Err(e);
+            }
+        };
         let connected = block(&rt, async {
-            let (client, conn) = cfg.connect(NoTls).await.map_err(pg_error)?;
-            tokio::spawn(conn);
+            let client = tls.connect(&cfg).await.map_err(pg_error)?;
             let prepared: bool = client
                 .query_one("SELECT to_regclass('hookbridge.migrations') IS NOT NULL", &[])
                 .await

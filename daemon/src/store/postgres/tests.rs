@@ -7,6 +7,7 @@ use std::time::Duration;
 use super::*;
 use crate::store::tests::event;
 use crate::store::{Attempt, Store};
+use tokio_postgres::NoTls;
 
 /// The server tests connect to (any database on it: each test makes its own).
 fn server_url() -> String {
@@ -58,6 +59,7 @@ impl TestDb {
             connect_timeout: Duration::from_secs(5),
             lease,
             node_id: node.into(),
+            tls: PgTls::Off,
         }
     }
 
@@ -392,6 +394,7 @@ async fn an_unreachable_database_is_a_clear_error_in_bounded_time() {
         connect_timeout: Duration::from_secs(1),
         lease: Duration::from_secs(3),
         node_id: "n".into(),
+        tls: PgTls::Off,
     };
     let started = std::time::Instant::now();
     let e = Store::connect(&spec).await.unwrap_err().to_string();
