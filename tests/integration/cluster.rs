@@ -651,25 +651,34 @@ to = ["out"]
     db.drop_db().await;
 }
 
-/// A PostgreSQL server of the test's own that takes TLS connections only (`hostssl` in `pg_hba.conf`), with
-/// a certificate for 127.0.0.1 from a throw-away CA (`ca.crt` in its folder); stopped on drop. Made with
-/// the server binaries of Debian's package (`scripts/test` installs it), run as the `postgres` user when the
-/// test runs as root (the server refuses root).
-struct TlsServer {
+/// A PostgreSQL server of the test's own (stopped on drop), so that a test may restart it or make it take TLS
+/// connections only (`hostssl` in `pg_hba.conf`, a certificate for 127.0.0.1 from a throw-away CA: `ca.crt`
+/// in its folder) without disturbing the tests that share the machine's server. Made with the server
+/// binaries of Debian's package (`scripts/test` installs it), run as the `postgres` user when the test runs
+/// as root (the server refuses root).
+struct OwnServer {
     port: u16,
+    tls: bool,
+    bin: std::path::PathBuf,
     dir: tempfile::TempDir,
-    child: std::process::Child,
+    running: bool,
 }
 
-impl Drop for TlsServer {
+impl Drop for OwnServer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if self.running {
+            self.running = false;
+            let _ = self
+                .as_server("pg_ctl")
+                .args(["stop", "-m", "immediate", "-D"])
+                .arg(self.dir.path().join("data"))
+                .output();
+        }
     }
 }
 
-impl TlsServer {
-    fn start() -> TlsServer {
+impl OwnServer {
+    fn start(tls: bool) -> OwnServer {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .ok()
             .and_then(|d| {
@@ -677,72 +686,124 @@ impl TlsServer {
             })
             .expect("no PostgreSQL server binaries in /usr/lib/postgresql: scripts/test installs Debian's postgresql");
         let dir = tempfile::tempdir().unwrap();
-        crate::edge::make_cert(dir.path(), "server", "ca");
-        let root = rustix::process::geteuid().is_root();
-        let as_server = |program: &std::path::Path| {
-            let mut c = if root {
-                let mut c = std::process::Command::new("runuser");
-                c.args(["-u", "postgres", "--"]).arg(program);
-                c
-            } else {
-                std::process::Command::new(program)
-            };
-            c.current_dir(dir.path());
-            c
-        };
-        if root {
-            let ok = std::process::Command::new("chown").args(["-R", "postgres:"]).arg(dir.path()).status().unwrap();
-            assert!(ok.success(), "chown the server's folder");
+        let mut server = OwnServer { port: free_port(), tls, bin, dir, running: false };
+        if tls {
+            crate::edge::make_cert(server.dir.path(), "server", "ca");
+            std::fs::set_permissions(
+                server.dir.path().join("server.key"),
+                std::os::unix::fs::PermissionsExt::from_mode(0o600),
+            )
+            .unwrap();
         }
-        let data = dir.path().join("data");
-        let out = as_server(&bin.join("initdb"))
+        server.own();
+        let out = server
+            .as_server("initdb")
             .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
-            .arg(&data)
+            .arg(server.dir.path().join("data"))
             .output()
             .unwrap();
         assert!(out.status.success(), "initdb: {}", String::from_utf8_lossy(&out.stderr));
-        std::fs::write(data.join("pg_hba.conf"), "local all all trust\nhostssl all all 127.0.0.1/32 trust\n").unwrap();
-        std::fs::set_permissions(dir.path().join("server.key"), std::os::unix::fs::PermissionsExt::from_mode(0o600))
-            .unwrap();
-        let port = free_port();
-        let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
-        if root {
-            let _ = std::process::Command::new("chown").args(["-R", "postgres:"]).arg(dir.path()).status();
-        }
-        let child = as_server(&bin.join("postgres"))
-            .arg("-D")
-            .arg(&data)
-            .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off", "-c", "ssl=on"])
-            .arg("-c")
-            .arg(format!("unix_socket_directories={}", dir.path().display()))
-            .arg("-c")
-            .arg(format!("ssl_cert_file={}", dir.path().join("server.crt").display()))
-            .arg("-c")
-            .arg(format!("ssl_key_file={}", dir.path().join("server.key").display()))
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let server = TlsServer { port, dir, child };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "the TLS server never listened: see {}", server.log());
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let host = if tls { "hostssl" } else { "host" };
+        std::fs::write(
+            server.dir.path().join("data/pg_hba.conf"),
+            format!("local all all trust\n{host} all all 127.0.0.1/32 trust\n"),
+        )
+        .unwrap();
+        server.own();
+        server.start_again();
         server
+    }
+
+    fn root() -> bool {
+        rustix::process::geteuid().is_root()
+    }
+
+    /// Gives the folder to the server's user.
+    fn own(&self) {
+        if Self::root() {
+            let ok =
+                std::process::Command::new("chown").args(["-R", "postgres:"]).arg(self.dir.path()).status().unwrap();
+            assert!(ok.success(), "chown the server's folder");
+        }
+    }
+
+    fn as_server(&self, program: &str) -> std::process::Command {
+        let program = self.bin.join(program);
+        let mut c = if Self::root() {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(program);
+            c
+        } else {
+            std::process::Command::new(program)
+        };
+        c.current_dir(self.dir.path());
+        c
+    }
+
+    /// Starts the server (again, after [`OwnServer::stop`]) on its port with `pg_ctl`, which waits until it
+    /// answers.
+    fn start_again(&mut self) {
+        let dir = self.dir.path();
+        let mut options = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -c fsync=off -c unix_socket_directories={}",
+            self.port,
+            dir.display()
+        );
+        if self.tls {
+            options.push_str(&format!(
+                " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                dir.join("server.crt").display(),
+                dir.join("server.key").display()
+            ));
+        }
+        let out = self
+            .as_server("pg_ctl")
+            .args(["start", "-w", "-t", "30", "-D"])
+            .arg(dir.join("data"))
+            .arg("-l")
+            .arg(dir.join("server.log"))
+            .args(["-o", &options])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "pg_ctl start: {}{}", String::from_utf8_lossy(&out.stderr), self.log());
+        self.running = true;
+    }
+
+    /// Stops the server as an operator's restart does (fast shutdown: sessions are cut), or at once.
+    fn stop_with(&mut self, mode: &str) {
+        if std::mem::take(&mut self.running) {
+            let out = self
+                .as_server("pg_ctl")
+                .args(["stop", "-w", "-m", mode, "-D"])
+                .arg(self.dir.path().join("data"))
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "pg_ctl stop: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+
+    fn stop(&mut self) {
+        self.stop_with("fast");
     }
 
     fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
     }
 
-    /// `sql` through psql over TLS (psql does not check the certificate: it only reads).
+    fn url(&self) -> String {
+        format!("host=127.0.0.1 port={} user=postgres dbname=postgres", self.port)
+    }
+
+    fn psql_command(&self, sql: &str) -> std::process::Command {
+        let mode = if self.tls { "require" } else { "disable" };
+        let mut c = std::process::Command::new("psql");
+        c.arg(format!("{} sslmode={mode}", self.url())).args(["-tAc", sql]);
+        c
+    }
+
+    /// `sql` through psql (over TLS on a TLS server; psql does not check the certificate: it only reads).
     fn psql(&self, sql: &str) -> String {
-        let out = std::process::Command::new("psql")
-            .arg(format!("host=127.0.0.1 port={} user=postgres dbname=postgres sslmode=require", self.port))
-            .args(["-tAc", sql])
-            .output()
-            .unwrap();
+        let out = self.psql_command(sql).output().unwrap();
         assert!(out.status.success(), "psql: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
@@ -753,7 +814,7 @@ impl TlsServer {
 /// at start with a message that says why.
 #[tokio::test(flavor = "multi_thread")]
 async fn the_cluster_database_over_verified_tls() {
-    let server = tokio::task::spawn_blocking(TlsServer::start).await.unwrap();
+    let server = tokio::task::spawn_blocking(|| OwnServer::start(true)).await.unwrap();
     let ca = server.dir.path().join("ca.crt");
     let config = |tls: &str| {
         format!(
@@ -800,4 +861,122 @@ secrets = ["{SECRET}"]
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && stderr.contains(expected), "{tls}: {stderr}");
     }
+}
+
+/// PostgreSQL restarted under load (a fast shutdown, as `systemctl restart` does, then started again): while
+/// it is down webhooks get `503` and `/readyz` fails; the node recovers by itself, and every webhook answered
+/// `2xx`, before, during or after, is delivered.
+#[tokio::test(flavor = "multi_thread")]
+async fn postgres_restarted_under_load_loses_nothing_acknowledged() {
+    let mut server = tokio::task::spawn_blocking(|| OwnServer::start(false)).await.unwrap();
+    let receiver = Receiver::start().await;
+    let toml = format!(
+        r#"
+[storage]
+data_dir = "{{dir}}/data"
+backend = "postgres"
+[storage.postgres]
+url = "{url}"
+node_id = "restart"
+lease = "2s"
+connect_timeout = "1s"
+[sources.clockify]
+kind = "clockify"
+secrets = ["{SECRET}"]
+[sinks.out]
+kind = "http"
+url = "{receiver}"
+max_in_flight = 16
+retry = {{ initial_backoff = "100ms", max_backoff = "500ms" }}
+[[routes]]
+name = "all"
+to = ["out"]
+"#,
+        url = server.url(),
+        receiver = receiver.url()
+    );
+    let bridge = TestBridge::start(&toml).await;
+    let template = String::from_utf8(read_fixture("clockify/NEW_TIME_ENTRY.json")).unwrap();
+    let base = bridge.url("");
+    // Four workers, each its own entity, send until stopped; a 2xx is remembered, a 503 counted.
+    let acked: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let refused = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut workers = Vec::new();
+    for worker in 0..4 {
+        let (acked, refused, stop, template, base) =
+            (acked.clone(), refused.clone(), stop.clone(), template.clone(), base.clone());
+        workers.push(tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.is_cancelled() {
+                let id = format!("r{worker}-{i:04}");
+                match clockify(&base, &entry(&template, &format!("entity-{worker}"), &id)).await {
+                    Ok((200, _)) => {
+                        acked.lock().unwrap().insert(id);
+                        i += 1;
+                    }
+                    Ok((503, _)) => {
+                        refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    other => panic!("{id}: {other:?}"),
+                }
+            }
+        }));
+    }
+    poll_until(Duration::from_secs(30), || (acked.lock().unwrap().len() >= 100).then_some(())).await.expect("load");
+    let mut server = tokio::task::spawn_blocking(move || {
+        server.stop();
+        server
+    })
+    .await
+    .unwrap();
+    poll_until(Duration::from_secs(20), || (refused.load(std::sync::atomic::Ordering::Relaxed) >= 3).then_some(()))
+        .await
+        .expect("webhooks were not refused while PostgreSQL was down");
+    let ready = client().get(bridge.url("/readyz")).send().await.unwrap().status().as_u16();
+    assert_eq!(ready, 503, "/readyz while PostgreSQL is down");
+    let during = acked.lock().unwrap().len();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let server = tokio::task::spawn_blocking(move || {
+        server.start_again();
+        server
+    })
+    .await
+    .unwrap();
+    poll_until(Duration::from_secs(30), || (acked.lock().unwrap().len() >= during + 100).then_some(()))
+        .await
+        .expect("the node did not recover by itself");
+    stop.cancel();
+    for w in workers {
+        w.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let delivered: HashSet<String> = receiver
+            .received()
+            .iter()
+            .map(|r| {
+                serde_json::from_slice::<serde_json::Value>(&r.body).unwrap()["description"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect();
+        let missing: Vec<&String> = acked.iter().filter(|id| !delivered.contains(*id)).collect();
+        if missing.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} acknowledged webhooks never delivered, e.g. {:?}",
+            missing.len(),
+            &missing[..missing.len().min(5)]
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    bridge.stop().await;
+    receiver.stop().await;
+    drop(server);
 }
