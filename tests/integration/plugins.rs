@@ -367,6 +367,96 @@ async fn final_counts(bridge: &TestBridge, n: u64) -> u64 {
     inc - 1
 }
 
+/// A plugin that posts through the standard `wasi:http/outgoing-handler` (the notifier) is held to the same
+/// rules as the `http` import: an allow-listed host gets the request, any other is refused (the delivery
+/// becomes a dead letter that says so), and `plugin test` runs it the same way.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_plugin_posts_through_wasi_http_only_to_allowed_hosts() {
+    let receiver = Receiver::start().await;
+    let config = format!(
+        r#"
+[storage]
+data_dir = "{{dir}}/data"
+[sources.clockify]
+kind = "clockify"
+secrets = ["{SECRET}"]
+[plugins.chat]
+path = "{wasm}"
+allowed_hosts = ["127.0.0.1:{port}"]
+config = {{ url = "{url}", prefix = "timesheet" }}
+[plugins.elsewhere]
+path = "{wasm}"
+allowed_hosts = ["api.clockify.me"]
+config = {{ url = "{url}" }}
+retry = {{ initial_backoff = "1s", max_backoff = "1s", max_attempts = 1 }}
+[plugins.slow]
+path = "{wasm}"
+allowed_hosts = ["127.0.0.1:{port}"]
+time_limit = "300ms"
+config = {{ url = "{url}" }}
+retry = {{ initial_backoff = "1s", max_backoff = "1s", max_attempts = 1 }}
+[[routes]]
+name = "chat"
+events = ["NEW_TIME_ENTRY"]
+to = ["chat"]
+[[routes]]
+name = "elsewhere"
+events = ["TIMER_STOPPED"]
+to = ["elsewhere"]
+[[routes]]
+name = "slow"
+events = ["NEW_TIMER_STARTED"]
+to = ["slow"]
+"#,
+        wasm = wasm("notifier").display(),
+        port = receiver.addr.port(),
+        url = receiver.url()
+    );
+    let bridge = TestBridge::start(&config).await;
+    let body = String::from_utf8(read_fixture("clockify/NEW_TIME_ENTRY.json")).unwrap();
+    assert_eq!(bridge.post("/hooks/clockify", &clockify_headers(SECRET, "NEW_TIME_ENTRY"), body.clone()).await.0, 200);
+    let got = receiver.wait_for(1, Duration::from_secs(20)).await;
+    let message: serde_json::Value = serde_json::from_slice(&got[0].body).unwrap();
+    let text = message["text"].as_str().unwrap();
+    assert!(text.starts_with("timesheet: NEW_TIME_ENTRY ") && text.ends_with(": Test"), "{text}");
+    assert_eq!(got[0].headers["content-type"], "application/json");
+    bridge.wait_metric(r#"hookbridge_deliveries_total{outcome="delivered",sink="chat"}"#, 1.0).await;
+
+    assert_eq!(bridge.post("/hooks/clockify", &clockify_headers(SECRET, "TIMER_STOPPED"), body.clone()).await.0, 200);
+    bridge.wait_metric(r#"hookbridge_dead_letters{sink="elsewhere"}"#, 1.0).await;
+    let dlq = bridge.cli(&["dlq", "list"]);
+    assert!(dlq.contains("refused the request: host not in allowed_hosts"), "{dlq}");
+    assert_eq!(receiver.received().len(), 1, "the refused request never left");
+    // A peer that does not answer: the request ends with the plugin's time limit, not the peer's whim.
+    receiver.stall("NEW_TIMER_STARTED", Duration::from_secs(60));
+    let started = Instant::now();
+    assert_eq!(
+        bridge.post("/hooks/clockify", &clockify_headers(SECRET, "NEW_TIMER_STARTED"), body.clone()).await.0,
+        200
+    );
+    bridge.wait_metric(r#"hookbridge_dead_letters{sink="slow"}"#, 1.0).await;
+    assert!(started.elapsed() < Duration::from_secs(5), "the stalled request took {:?}", started.elapsed());
+    bridge.stop().await;
+
+    // `plugin test`: the same plugin, allowed, then not.
+    let body_file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(body_file.path(), &body).unwrap();
+    for (allow, expected) in [(Some(format!("127.0.0.1:{}", receiver.addr.port())), "ok"), (None, "permanent")] {
+        let mut cmd = Command::new(binary());
+        cmd.args(["plugin", "test", "--json", "--plugin"]).arg(wasm("notifier"));
+        cmd.args(["--config", &format!(r#"{{"url":"{}"}}"#, receiver.url()), "--event", "NEW_TIME_ENTRY"]);
+        if let Some(host) = &allow {
+            cmd.args(["--allow-host", host]);
+        }
+        let out = cmd.arg(body_file.path()).output().unwrap();
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+        assert_eq!(report["outcome"], expected, "{report}");
+    }
+    assert_eq!(receiver.received().len(), 2, "plugin test posted once, when allowed");
+    receiver.stop().await;
+}
+
 /// A plugin built against the interface's first release (0.1.0, its own copy of that WIT) loads in this
 /// daemon (0.1.1) and runs: its `kv` calls and its publish work as they did.
 #[tokio::test(flavor = "multi_thread")]

@@ -9,7 +9,8 @@
 //! events, and a trap, a timeout or a memory exhaustion ends only that invocation.
 //!
 //! The sandbox: no WASI filesystem, sockets or environment unless the config grants them (`dirs`, `env`);
-//! stdout and stderr go nowhere; HTTP only through the `http` import ([`net`]); memory limited by a
+//! stdout and stderr go nowhere; HTTP only through the `http` import ([`net`]) or the standard
+//! `wasi:http/outgoing-handler` under the same rules (`wasihttp.rs`); memory limited by a
 //! per-store limiter; wall time by the epoch deadline (host calls count, and an HTTP call never outlives the
 //! time left); fuel optional.
 
@@ -17,6 +18,7 @@ pub mod cli;
 mod keyvalue;
 pub mod kv;
 pub mod net;
+mod wasihttp;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -112,6 +114,8 @@ impl Host {
         linker.allow_shadowing(false);
         bindings::Plugin::add_to_linker::<State, HasSelf<State>>(&mut linker, |s| s)
             .map_err(|e| format!("plugin interface: {e:#}"))?;
+        // The standard outbound HTTP interface, under the `http` import's rules (`wasihttp.rs`).
+        wasmtime_wasi_http::p2::add_only_http_to_linker_sync(&mut linker).map_err(|e| format!("wasi:http: {e:#}"))?;
         // The ticker ends with the engine. It counts the ticks due since it started, not its wake-ups: a
         // sleep overshoots, and a ticker that counted wake-ups would let deadlines drift past the limit.
         let weak = engine.weak();
@@ -396,6 +400,12 @@ impl Plugin {
             plugin: p.id.clone(),
             kv: p.kv.clone(),
             net: Arc::clone(&p.net),
+            http: wasmtime_wasi_http::WasiHttpCtx::new(),
+            http_hooks: wasihttp::Hooks {
+                net: Arc::clone(&p.net),
+                deadline: started + p.spec.time_limit,
+                plugin: p.id.clone(),
+            },
             rt,
             deadline: started + p.spec.time_limit,
             overslept: false,
@@ -518,6 +528,9 @@ struct State {
     plugin: String,
     kv: kv::Kv,
     net: Arc<net::Net>,
+    /// `wasi:http`'s state and the hooks that hold it to the `http` import's rules.
+    http: wasmtime_wasi_http::WasiHttpCtx,
+    http_hooks: wasihttp::Hooks,
     rt: Option<tokio::runtime::Handle>,
     deadline: Instant,
     /// A clock subscription was cut at the deadline: the invocation has reached its time limit, even if
@@ -532,6 +545,12 @@ struct State {
 impl WasiView for State {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl wasmtime_wasi_http::WasiHttpView for State {
+    fn http(&mut self) -> wasmtime_wasi_http::WasiHttpCtxView<'_> {
+        wasmtime_wasi_http::WasiHttpCtxView { ctx: &mut self.http, table: &mut self.table, hooks: &mut self.http_hooks }
     }
 }
 

@@ -101,6 +101,17 @@ impl Net {
         }
     }
 
+    /// Whether a request to `url` may be made now: allowed host, and a token of the rate limit (taken).
+    pub fn admit(&self, url: &str) -> Result<(), NetError> {
+        self.check(url)?;
+        if self.take_token() { Ok(()) } else { Err(NetError::RateLimited) }
+    }
+
+    /// The plugin's `http_timeout`.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     fn take_token(&self) -> bool {
         let Ok(mut b) = self.bucket.lock() else { return false };
         let now = Instant::now();

@@ -1,0 +1,77 @@
+//! `wasi:http/outgoing-handler` for plugins: the standard interface, under the same rules as hookbridge's
+//! own `http` import ([`super::net::Net`]): only allow-listed hosts (anything else is `HTTP-request-denied`),
+//! the plugin's rate limit, timeouts no longer than the plugin's `http_timeout` nor than the time left of the
+//! invocation (whatever the guest's request options ask), no redirects (`wasi:http` never follows one),
+//! and a response body of at most [`super::net::MAX_RESPONSE`] bytes. The request itself is made by
+//! wasmtime-wasi-http's client.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use http_body_util::BodyExt;
+use wasmtime_wasi_http::{Error, RequestOptions, WasiBody, WasiHttpHooks};
+
+use super::net::{MAX_RESPONSE, Net, NetError};
+
+/// One invocation's hooks.
+pub(super) struct Hooks {
+    pub net: Arc<Net>,
+    pub deadline: Instant,
+    pub plugin: String,
+}
+
+/// `wanted`, but no longer than `cap` (and a timeout where the guest set none).
+fn clamp(wanted: Option<Duration>, cap: Duration) -> Option<Duration> {
+    Some(wanted.map_or(cap, |w| w.min(cap)))
+}
+
+impl WasiHttpHooks for Hooks {
+    fn send_request(
+        &mut self,
+        request: axum::http::Request<WasiBody>,
+        options: Option<RequestOptions>,
+        fut: Box<dyn Future<Output = Result<(), Error>> + Send>,
+    ) -> Box<
+        dyn Future<
+                Output = Result<
+                    (axum::http::Response<WasiBody>, Box<dyn Future<Output = Result<(), Error>> + Send>),
+                    Error,
+                >,
+            > + Send,
+    > {
+        drop(fut);
+        let net = Arc::clone(&self.net);
+        let (deadline, plugin) = (self.deadline, self.plugin.clone());
+        Box::new(async move {
+            let url = request.uri().to_string();
+            if let Err(e) = net.admit(&url) {
+                tracing::warn!(plugin, url = %super::strip_query(&url), reason = ?e, "wasi:http request refused");
+                return Err(match e {
+                    NetError::RateLimited => Error::ConnectionLimitReached,
+                    _ => Error::HttpRequestDenied,
+                });
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Error::ConnectionTimeout);
+            }
+            let cap = net.timeout().min(left);
+            let options = options.unwrap_or_default();
+            let options = RequestOptions {
+                connect_timeout: clamp(options.connect_timeout, cap),
+                first_byte_timeout: clamp(options.first_byte_timeout, cap),
+                between_bytes_timeout: clamp(options.between_bytes_timeout, cap),
+            };
+            let (response, io) = wasmtime_wasi_http::default_send_request(request, Some(options)).await?;
+            let response = response.map(|body| {
+                http_body_util::Limited::new(body, MAX_RESPONSE)
+                    .map_err(|e| match e.downcast::<Error>() {
+                        Ok(e) => *e,
+                        Err(_) => Error::HttpResponseBodySize(None),
+                    })
+                    .boxed_unsync()
+            });
+            Ok((response, Box::new(io) as Box<dyn Future<Output = Result<(), Error>> + Send>))
+        })
+    }
+}
