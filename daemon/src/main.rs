@@ -147,6 +147,17 @@ enum PluginCommand {
         /// Keep the plugin's key-value store in this folder (default: a fresh temporary one).
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Answer the plugin's outbound requests (`http` and `wasi:http`) from the exchange files (`*.json`:
+        /// `{"request": {"method", "url", "headers"?, "body"?}, "response": {"status", "headers"?, "body"? |
+        /// "json"?}}`) in this folder, first match wins; no network at all.
+        #[arg(long, value_name = "DIR", conflicts_with = "record")]
+        mock_http: Option<PathBuf>,
+        /// Make the outbound requests and write each exchange to this folder, for `--mock-http` later.
+        #[arg(long, value_name = "DIR")]
+        record: Option<PathBuf>,
+        /// Seed the plugin's key-value store from this JSON object of keys and (string) values.
+        #[arg(long, value_name = "FILE")]
+        kv: Option<PathBuf>,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -357,6 +368,9 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                     memory_mib,
                     fuel,
                     data_dir,
+                    mock_http,
+                    record,
+                    kv,
                     json,
                     body,
                 },
@@ -371,6 +385,9 @@ async fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 memory_limit: memory_mib * 1024 * 1024,
                 fuel,
                 data_dir,
+                mock_http,
+                record,
+                kv,
                 json,
                 body,
             };

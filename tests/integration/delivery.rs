@@ -98,7 +98,8 @@ async fn a_full_spool_answers_503_with_retry_after_and_recovers_once_drained() {
     let (down, addr) = hung_receiver().await;
     let bridge = TestBridge::start(&toml(&format!("http://{addr}/in"), "max_pending_events = 2")).await;
     for n in 0..2 {
-        assert_eq!(bridge.post("/hooks/clockify", &clockify_headers(SECRET, "NEW_TIME_ENTRY"), body(n)).await.0, 200);
+        let (status, text) = bridge.post("/hooks/clockify", &clockify_headers(SECRET, "NEW_TIME_ENTRY"), body(n)).await;
+        assert_eq!(status, 200, "{text}");
     }
     let r = client()
         .post(bridge.url("/hooks/clockify"))

@@ -457,6 +457,90 @@ to = ["slow"]
     receiver.stop().await;
 }
 
+/// `plugin test --mock-http`: the auto-tag plugin runs with no network at all, its Clockify API calls answered
+/// from fixture files, and the report shows each request and the key-value change; `--kv` seeds the store (a
+/// cached tag id: the plugin then skips the lookup). `--record` writes a real exchange (here the notifier's,
+/// through `wasi:http`) that `--mock-http` then answers without the server.
+#[tokio::test(flavor = "multi_thread")]
+async fn plugin_test_answers_requests_from_mocks_records_them_and_seeds_the_store() {
+    let fixtures = fixture("mock-http");
+    let run = |plugin: &str, config: &str, extra: &[&str], body: &std::path::Path| {
+        let out = Command::new(binary())
+            .args(["plugin", "test", "--json", "--time-limit", "5s", "--plugin"])
+            .arg(wasm(plugin))
+            .args(["--config", config, "--event", "NEW_TIME_ENTRY"])
+            .args(extra)
+            .arg(body)
+            .output()
+            .unwrap();
+        serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)))
+    };
+    let auto_tag = r#"{"api_key":"k-123","rules":[{"tag":"meeting","keywords":["meeting"]}]}"#;
+    let mocks = fixtures.join("auto-tag");
+    let entry = fixtures.join("auto-tag-entry.json");
+    let mock = ["--allow-host", "api.clockify.me", "--mock-http", mocks.to_str().unwrap()];
+    let report = run("auto_tag", auto_tag, &mock, &entry);
+    assert_eq!(report["outcome"], "ok", "{report}");
+    let requests: Vec<(String, String, u64)> = report["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (r["method"].as_str().unwrap().into(), r["from"].as_str().unwrap().into(), r["status"].as_u64().unwrap())
+        })
+        .collect();
+    let expected = [("GET", "mock", 200), ("POST", "mock", 201), ("PUT", "mock", 200)];
+    assert_eq!(requests, expected.map(|(m, f, s)| (m.to_owned(), f.to_owned(), s)), "{report}");
+    assert_eq!(
+        report["kv_changes"],
+        serde_json::json!([{"key": "tag/ws-1/meeting", "before": null, "after": "tag-meeting"}])
+    );
+    // A request no fixture answers fails the run and says which.
+    let wrong_key = r#"{"api_key":"another","rules":[{"tag":"meeting","keywords":["meeting"]}]}"#;
+    let report = run("auto_tag", wrong_key, &mock, &entry);
+    assert_eq!(report["outcome"], "retryable", "{report}");
+    assert!(report["requests"][0]["error"].as_str().unwrap().contains("no mock exchange for GET"), "{report}");
+    // With the tag id cached in the seeded store, only the update is made.
+    let dir = tempfile::tempdir().unwrap();
+    let seed = dir.path().join("kv.json");
+    std::fs::write(&seed, r#"{"tag/ws-1/meeting": "tag-meeting"}"#).unwrap();
+    let seeded: Vec<&str> = mock.iter().copied().chain(["--kv", seed.to_str().unwrap()]).collect();
+    let report = run("auto_tag", auto_tag, &seeded, &entry);
+    assert_eq!(report["outcome"], "ok", "{report}");
+    assert_eq!(report["requests"].as_array().unwrap().len(), 1, "{report}");
+    assert_eq!(report["requests"][0]["method"], "PUT");
+    assert_eq!(report["kv_changes"], serde_json::json!([]));
+
+    // Record the notifier's real exchange, then replay it with the server gone.
+    let receiver = Receiver::start().await;
+    let port = receiver.addr.port().to_string();
+    let notifier = format!(r#"{{"url":"{}"}}"#, receiver.url());
+    let recorded = dir.path().join("recorded");
+    let record = ["--allow-host", &format!("127.0.0.1:{port}"), "--record", recorded.to_str().unwrap()];
+    let body = fixture("clockify/NEW_TIME_ENTRY.json");
+    let report = run("notifier", &notifier, &record, &body);
+    assert_eq!((report["outcome"].as_str(), report["requests"][0]["from"].as_str()), (Some("ok"), Some("recorded")));
+    assert_eq!(receiver.received().len(), 1);
+    receiver.stop().await;
+    let files: Vec<_> = std::fs::read_dir(&recorded).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    let exchange: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(recorded.join(&files[0])).unwrap()).unwrap();
+    assert_eq!(
+        (exchange["request"]["method"].as_str(), exchange["response"]["status"].as_u64()),
+        (Some("POST"), Some(200))
+    );
+    assert_eq!(exchange["request"]["url"].as_str(), notifier.split('"').nth(3), "{exchange}");
+    let replay = ["--allow-host", &format!("127.0.0.1:{port}"), "--mock-http", recorded.to_str().unwrap()];
+    let report = run("notifier", &notifier, &replay, &body);
+    assert_eq!(
+        (report["outcome"].as_str(), report["requests"][0]["from"].as_str()),
+        (Some("ok"), Some("mock")),
+        "{report}"
+    );
+}
+
 /// A plugin built against the interface's first release (0.1.0, its own copy of that WIT) loads in this
 /// daemon (0.1.1) and runs: its `kv` calls and its publish work as they did.
 #[tokio::test(flavor = "multi_thread")]

@@ -152,6 +152,11 @@ impl Host {
     /// Loads a plugin: compile (or reuse the cached compilation), check its interface version, link it,
     /// and run `init` once with its config. Every error names the plugin and says what to do.
     pub fn load(&self, id: &str, spec: &PluginSpec) -> Result<Plugin, String> {
+        let net = net::Net::new(spec.allowed_hosts.clone(), spec.http_timeout, spec.http_rate_limit)?;
+        self.load_with(id, spec, net)
+    }
+
+    fn load_with(&self, id: &str, spec: &PluginSpec, net: net::Net) -> Result<Plugin, String> {
         let started = Instant::now();
         let bytes =
             std::fs::read(&spec.path).map_err(|e| format!("plugin {id}: cannot read {}: {e}", spec.path.display()))?;
@@ -167,7 +172,6 @@ impl Host {
         let pre = self.linker.instantiate_pre(&component).map_err(|e| format!("plugin {id}: cannot link it: {e:#}"))?;
         let pre = bindings::PluginPre::new(pre)
             .map_err(|e| format!("plugin {id}: it does not export this interface's `init` and `handle`: {e:#}"))?;
-        let net = net::Net::new(spec.allowed_hosts.clone(), spec.http_timeout, spec.http_rate_limit)?;
         let plugin = Plugin {
             inner: Arc::new(Inner {
                 id: id.to_owned(),
@@ -211,15 +215,57 @@ pub fn check_all(config: &crate::Config) -> Vec<String> {
     errors
 }
 
+/// What [`run_once`] saw.
+#[derive(Debug)]
+pub struct TestRun {
+    /// The invocation.
+    pub invocation: Invocation,
+    /// The time loading took.
+    pub load: Duration,
+    /// The requests the plugin made (`init` at load included), in order.
+    pub requests: Vec<net::Sent>,
+    /// The plugin's keys that the run changed.
+    pub kv_changes: Vec<KvChange>,
+}
+
+/// A key a test run changed: the key, its value before and after (`None`: unset).
+pub type KvChange = (String, Option<Vec<u8>>, Option<Vec<u8>>);
+
 /// Runs a plugin once on one event, without a daemon: what `hookbridge plugin test` does. The key-value
-/// store lives in `data_dir` (a fresh temporary folder unless the caller keeps one). Returns the
-/// invocation and the time loading took.
-pub fn run_once(data_dir: &Path, spec: &PluginSpec, event: &Event) -> Result<(Invocation, Duration), String> {
+/// store lives in `data_dir` (a fresh temporary folder unless the caller keeps one), seeded with `kv`;
+/// outbound requests go where `exchanges` says.
+pub fn run_once(
+    data_dir: &Path,
+    spec: &PluginSpec,
+    event: &Event,
+    exchanges: net::Exchanges,
+    kv: &[(String, Vec<u8>)],
+) -> Result<TestRun, String> {
+    const ID: &str = "test";
     let host = Host::new(data_dir)?;
+    for (key, value) in kv {
+        host.kv.set(ID, key, value, None).map_err(|e| format!("--kv: {key}: {e}"))?;
+    }
+    let snapshot = |kv: &kv::Kv| -> Result<std::collections::BTreeMap<String, Vec<u8>>, String> {
+        let keys = kv.keys(ID, "", None, usize::MAX)?;
+        let values = kv.get_many(ID, &keys)?;
+        Ok(keys.into_iter().zip(values).filter_map(|(k, v)| v.map(|v| (k, v))).collect())
+    };
+    let before = snapshot(&host.kv)?;
     let started = Instant::now();
-    let plugin = host.load("test", spec)?;
+    let net = net::Net::new(spec.allowed_hosts.clone(), spec.http_timeout, spec.http_rate_limit)?.for_test(exchanges);
+    let plugin = host.load_with(ID, spec, net)?;
     let load = started.elapsed();
-    Ok((plugin.invoke(event, None), load))
+    let invocation = plugin.invoke(event, None);
+    let after = snapshot(&host.kv)?;
+    let mut kv_changes = Vec::new();
+    for key in before.keys().chain(after.keys()).collect::<std::collections::BTreeSet<_>>() {
+        let (was, now) = (before.get(key), after.get(key));
+        if was != now {
+            kv_changes.push((key.clone(), was.cloned(), now.cloned()));
+        }
+    }
+    Ok(TestRun { invocation, load, requests: plugin.inner.net.sent(), kv_changes })
 }
 
 /// Refuses a component built against another major version of the interface (for 0.x: another minor).

@@ -2,8 +2,12 @@
 //! beyond what is left of the invocation's time limit), a per-plugin rate limit, no redirects (a redirect
 //! could leave the allow-list) and a bounded response body.
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
 
 /// Largest response body handed to a plugin.
 pub const MAX_RESPONSE: usize = 4 * 1024 * 1024;
@@ -19,6 +23,18 @@ pub enum NetError {
     RateLimited,
     /// Connection or protocol failure.
     Failed(String),
+}
+
+impl NetError {
+    /// One line for a report.
+    pub fn describe(&self) -> String {
+        match self {
+            NetError::Denied(m) => format!("denied: {m}"),
+            NetError::Timeout => "timeout".to_owned(),
+            NetError::RateLimited => "rate-limited".to_owned(),
+            NetError::Failed(m) => m.clone(),
+        }
+    }
 }
 
 /// A request as the plugin gave it.
@@ -52,6 +68,117 @@ pub struct Net {
     allowed: Vec<String>,
     timeout: Duration,
     bucket: Mutex<Bucket>,
+    exchanges: Exchanges,
+    /// What was asked, for `plugin test`'s report (`None` in the daemon: nothing is kept).
+    log: Option<Mutex<Vec<Sent>>>,
+}
+
+/// Where requests go: the network, or (for `plugin test`) fixture files instead, or the network with each
+/// exchange written to a folder.
+#[derive(Debug, Clone, Default)]
+pub enum Exchanges {
+    /// The network.
+    #[default]
+    Live,
+    /// Answered from these exchanges (first match by method, URL and, when given, body); no network at all.
+    Mock(Vec<Exchange>),
+    /// The network, each exchange also written to this folder (`NNN-METHOD-host.json`; the request's
+    /// method and URL, and the response: any body matches when it is replayed).
+    Record(PathBuf),
+}
+
+/// One request and its answer, as a fixture file holds it (`--mock-http`, `--record`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Exchange {
+    /// What the plugin asks.
+    pub request: MockRequest,
+    /// What it gets.
+    pub response: MockResponse,
+}
+
+/// The request side of an [`Exchange`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MockRequest {
+    /// `GET`, `POST`, ... (any case).
+    pub method: String,
+    /// The whole URL, query included, as the plugin builds it.
+    pub url: String,
+    /// Headers the request must carry (lower-case names; others are not compared).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+    /// The body the request must carry (UTF-8); none: any body.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+}
+
+/// The response side of an [`Exchange`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MockResponse {
+    /// Status code.
+    pub status: u16,
+    /// Headers (lower-case names).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+    /// The body as text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+    /// The body as JSON (instead of `body`; `content-type: application/json` is added).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub json: Option<serde_json::Value>,
+}
+
+/// A request the plugin made, as `plugin test` reports it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Sent {
+    /// Method.
+    pub method: String,
+    /// URL.
+    pub url: String,
+    /// The answer's status; none: no answer (refused, no mock, failure).
+    pub status: Option<u16>,
+    /// `mock`, `recorded` or `network`.
+    pub from: &'static str,
+    /// Why there was no answer.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Exchanges {
+    /// Every `*.json` exchange file in `dir`, in file-name order.
+    pub fn load(dir: &std::path::Path) -> Result<Vec<Exchange>, String> {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| format!("cannot read {}: {e}", dir.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .collect();
+        files.sort();
+        files
+            .iter()
+            .map(|p| {
+                let text = std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+                serde_json::from_str(&text).map_err(|e| format!("{}: not an exchange: {e}", p.display()))
+            })
+            .collect()
+    }
+}
+
+impl MockResponse {
+    fn into_response(self) -> Response {
+        let mut headers: Vec<(String, String)> = self.headers.into_iter().collect();
+        let body = match (self.json, self.body) {
+            (Some(json), _) => {
+                if !headers.iter().any(|(k, _)| k == "content-type") {
+                    headers.push(("content-type".into(), "application/json".into()));
+                }
+                json.to_string().into_bytes()
+            }
+            (None, body) => body.unwrap_or_default().into_bytes(),
+        };
+        Response { status: self.status, headers, body }
+    }
 }
 
 #[derive(Debug)]
@@ -71,7 +198,100 @@ impl Net {
             .build()
             .map_err(|e| format!("cannot build the plugins' HTTP client: {e}"))?;
         let rate = f64::from(rate_per_sec.max(1));
-        Ok(Net { client, allowed, timeout, bucket: Mutex::new(Bucket { rate, tokens: rate, at: Instant::now() }) })
+        Ok(Net {
+            client,
+            allowed,
+            timeout,
+            bucket: Mutex::new(Bucket { rate, tokens: rate, at: Instant::now() }),
+            exchanges: Exchanges::Live,
+            log: None,
+        })
+    }
+
+    /// For `plugin test`: requests go where `exchanges` says, and every one is kept for the report.
+    pub fn for_test(mut self, exchanges: Exchanges) -> Net {
+        self.exchanges = exchanges;
+        self.log = Some(Mutex::new(Vec::new()));
+        self
+    }
+
+    /// Where requests go.
+    pub fn exchanges(&self) -> &Exchanges {
+        &self.exchanges
+    }
+
+    /// The requests made so far (only kept by [`Net::for_test`]).
+    pub fn sent(&self) -> Vec<Sent> {
+        self.log.as_ref().and_then(|l| l.lock().ok().map(|l| l.clone())).unwrap_or_default()
+    }
+
+    /// Keeps a request for the report (with `for_test`).
+    pub fn note(&self, method: &str, url: &str, result: Result<u16, String>) {
+        let Some(log) = &self.log else { return };
+        let from = match self.exchanges {
+            Exchanges::Live => "network",
+            Exchanges::Mock(_) => "mock",
+            Exchanges::Record(_) => "recorded",
+        };
+        let (status, error) = match result {
+            Ok(s) => (Some(s), None),
+            Err(e) => (None, Some(e)),
+        };
+        if let Ok(mut log) = log.lock() {
+            log.push(Sent { method: method.to_ascii_uppercase(), url: url.to_owned(), status, from, error });
+        }
+    }
+
+    /// The mock answer to a request, when mocking: `Some(Err)` when no exchange matches.
+    pub fn mock(
+        &self,
+        method: &str,
+        url: &str,
+        headers: &[(String, String)],
+        body: &[u8],
+    ) -> Option<Result<Response, NetError>> {
+        let Exchanges::Mock(all) = &self.exchanges else { return None };
+        let found = all.iter().find(|x| {
+            x.request.method.eq_ignore_ascii_case(method)
+                && x.request.url == url
+                && x.request.body.as_deref().is_none_or(|b| b.as_bytes() == body)
+                && x.request
+                    .headers
+                    .iter()
+                    .all(|(k, v)| headers.iter().any(|(hk, hv)| hk.eq_ignore_ascii_case(k) && hv == v))
+        });
+        Some(match found {
+            Some(x) => Ok(x.response.clone().into_response()),
+            None => Err(NetError::Failed(format!("no mock exchange for {} {url}", method.to_ascii_uppercase()))),
+        })
+    }
+
+    /// Writes an exchange to the record folder, when recording.
+    pub fn record(&self, method: &str, url: &str, response: &Response) {
+        let Exchanges::Record(dir) = &self.exchanges else { return };
+        let n = self.log.as_ref().and_then(|l| l.lock().ok().map(|l| l.len())).unwrap_or(0);
+        let host = reqwest::Url::parse(url).ok().and_then(|u| u.host_str().map(str::to_owned)).unwrap_or_default();
+        let exchange = Exchange {
+            request: MockRequest {
+                method: method.to_ascii_uppercase(),
+                url: url.to_owned(),
+                headers: BTreeMap::new(),
+                // Not recorded: bodies usually carry ids and times that differ from run to run, so a replay
+                // would never match. Add one by hand to match on it.
+                body: None,
+            },
+            response: MockResponse {
+                status: response.status,
+                headers: response.headers.iter().filter(|(k, _)| k == "content-type").cloned().collect(),
+                body: Some(String::from_utf8_lossy(&response.body).into_owned()),
+                json: None,
+            },
+        };
+        let path = dir.join(format!("{:03}-{}-{host}.json", n + 1, method.to_ascii_uppercase()));
+        let text = serde_json::to_string_pretty(&exchange).unwrap_or_default();
+        if let Err(e) = std::fs::create_dir_all(dir).and_then(|()| std::fs::write(&path, text)) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot record the exchange");
+        }
     }
 
     /// Checks `url` against the allow-list; returns the parsed URL.
@@ -129,7 +349,27 @@ impl Net {
     /// Sends `request`, waiting at most the plugin's timeout and never past `deadline`. Blocks the calling
     /// thread (plugins run on blocking threads), driving the request on the tokio runtime `rt`.
     pub fn send(&self, rt: &tokio::runtime::Handle, request: Request, deadline: Instant) -> Result<Response, NetError> {
+        let (method, url) = (request.method.clone(), request.url.clone());
+        let result = self.send_inner(rt, request, deadline);
+        if let Ok(r) = &result {
+            self.record(&method, &url, r);
+        }
+        self.note(&method, &url, result.as_ref().map(|r| r.status).map_err(NetError::describe));
+        result
+    }
+
+    fn send_inner(
+        &self,
+        rt: &tokio::runtime::Handle,
+        request: Request,
+        deadline: Instant,
+    ) -> Result<Response, NetError> {
         let url = self.check(&request.url)?;
+        if let Some(mocked) =
+            self.mock(&request.method, &request.url, &request.headers, request.body.as_deref().unwrap_or_default())
+        {
+            return mocked;
+        }
         let method = reqwest::Method::from_bytes(request.method.to_ascii_uppercase().as_bytes())
             .map_err(|_| NetError::Denied(format!("invalid method {:?}", request.method)))?;
         let left = deadline.saturating_duration_since(Instant::now());
@@ -218,5 +458,52 @@ mod tests {
         let net = Net::new(vec![], Duration::from_secs(1), 3).unwrap();
         assert!((0..3).all(|_| net.take_token()));
         assert!(!net.take_token());
+    }
+
+    #[test]
+    fn a_mock_answers_the_first_exchange_whose_conditions_all_hold() {
+        let exchange = |method: &str, body: Option<&str>, header: Option<(&str, &str)>, status: u16| Exchange {
+            request: MockRequest {
+                method: method.into(),
+                url: "https://api.clockify.me/x?a=1".into(),
+                headers: header.map(|(k, v)| (k.to_owned(), v.to_owned())).into_iter().collect(),
+                body: body.map(str::to_owned),
+            },
+            response: MockResponse {
+                status,
+                headers: BTreeMap::new(),
+                body: None,
+                json: Some(serde_json::json!({"s": status})),
+            },
+        };
+        let net = Net::new(vec!["api.clockify.me".into()], Duration::from_secs(1), 5).unwrap().for_test(
+            Exchanges::Mock(vec![
+                exchange("post", Some("{\"a\":1}"), None, 201),
+                exchange("GET", None, Some(("x-api-key", "k")), 200),
+                exchange("GET", None, None, 401),
+            ]),
+        );
+        let url = "https://api.clockify.me/x?a=1";
+        let key = [("X-Api-Key".to_owned(), "k".to_owned())];
+        let status = |m: &str, h: &[(String, String)], b: &[u8]| net.mock(m, url, h, b).map(|r| r.map(|r| r.status));
+        assert_eq!(status("POST", &[], b"{\"a\":1}"), Some(Ok(201)), "method in any case, body equal");
+        assert!(
+            matches!(status("POST", &[], b"{}"), Some(Err(NetError::Failed(m))) if m.contains("no mock exchange for POST"))
+        );
+        assert_eq!(status("GET", &key, b""), Some(Ok(200)), "header names in any case");
+        assert_eq!(status("GET", &[], b""), Some(Ok(401)), "the next one when a header is missing");
+        let answer = net.mock("GET", url, &key, b"").unwrap().unwrap();
+        assert_eq!(
+            (answer.body, answer.headers),
+            (b"{\"s\":200}".to_vec(), vec![("content-type".into(), "application/json".into())])
+        );
+        assert!(
+            net.mock("GET", "https://api.clockify.me/x", &key, b"").unwrap().is_err(),
+            "the query is part of the URL"
+        );
+        assert!(
+            Net::new(vec![], Duration::from_secs(1), 5).unwrap().mock("GET", url, &[], b"").is_none(),
+            "not mocking"
+        );
     }
 }
