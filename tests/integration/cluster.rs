@@ -540,17 +540,30 @@ to = ["dashboard"]
 }
 
 /// The plugins' key-value store is the cluster's, and its atomics hold across nodes: two counters (one
-/// through `increment`, one through compare-and-swap), eight events at a time on each of three nodes, end
-/// exact in the shared table.
+/// through `increment`, one through compare-and-swap), eight events at a time on each of three daemons
+/// (processes of their own), end exact in the shared table.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_plugin_s_counter_incremented_from_three_nodes_ends_exact() {
     let db = TestDatabase::new("kv").await;
-    let nodes = [
-        TestBridge::start(&crate::plugins::counters_config(&storage(&db, "a", "{dir}/data"))).await,
-        TestBridge::start(&crate::plugins::counters_config(&storage(&db, "b", "{dir}/data"))).await,
-        TestBridge::start(&crate::plugins::counters_config(&storage(&db, "c", "{dir}/data"))).await,
-    ];
-    let sent = crate::plugins::post_counted(&nodes.iter().collect::<Vec<_>>(), 150).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = Vec::new();
+    for name in ["a", "b", "c"] {
+        let (port, internal) = (free_port(), free_port());
+        let data = dir.path().join(name);
+        let storage = storage(&db, name, &data.display().to_string());
+        let config = format!(
+            "[server]\nlisten = \"127.0.0.1:{port}\"\ninternal_listen = \"127.0.0.1:{internal}\"\n{}",
+            crate::plugins::counters_config(&storage)
+        );
+        let path = dir.path().join(format!("{name}.toml"));
+        std::fs::write(&path, config).unwrap();
+        let child = spawn_daemon(&path, &dir.path().join(format!("{name}.log")));
+        let base = format!("http://127.0.0.1:{port}");
+        wait_healthy(&format!("{base}/healthz")).await;
+        nodes.push((Node { base, child }, format!("http://127.0.0.1:{internal}")));
+    }
+    let bases: Vec<String> = nodes.iter().map(|(n, _)| n.base.clone()).collect();
+    let sent = crate::plugins::post_counted(&bases, 150).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     let open = "SELECT count(*) FROM hookbridge.deliveries WHERE status <> 'delivered'";
     while db.query_i64(open).await > 0 {
@@ -558,10 +571,10 @@ async fn a_plugin_s_counter_incremented_from_three_nodes_ends_exact() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // Every node took a share (claims are spread by who took the webhook and who polls first).
-    for node in &nodes {
-        let m = node.metrics().await;
+    for (node, internal) in &nodes {
+        let m = client().get(format!("{internal}/metrics")).send().await.unwrap().text().await.unwrap();
         let took = metric(&m, r#"hookbridge_deliveries_total{outcome="delivered",sink="inc"}"#);
-        assert!(took > 0.0, "node {} counted nothing:\n{m}", node.internal);
+        assert!(took > 0.0, "node {} counted nothing:\n{m}", node.base);
     }
     let retried = db.query_i64("SELECT count(*) FROM hookbridge.attempts WHERE error IS NOT NULL").await;
     assert_eq!(retried, 0, "invocations failed and were retried: their counts would count twice");
@@ -574,9 +587,7 @@ async fn a_plugin_s_counter_incremented_from_three_nodes_ends_exact() {
             .await;
         assert_eq!(count, sent as i64, "{plugin} lost or doubled counts");
     }
-    for node in nodes {
-        node.stop().await;
-    }
+    drop(nodes);
     db.drop_db().await;
 }
 

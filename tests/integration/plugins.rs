@@ -293,7 +293,7 @@ to = ["b"]
 #[tokio::test(flavor = "multi_thread")]
 async fn events_handled_at_once_all_count_through_increments_and_compare_and_swap() {
     let bridge = TestBridge::start(&counters_config("[storage]\ndata_dir = \"{dir}/data\"\n")).await;
-    let sent = post_counted(&[&bridge], 120).await;
+    let sent = post_counted(&[bridge.url("")], 120).await;
     for sink in ["inc", "cas"] {
         bridge
             .wait_metric(&format!(r#"hookbridge_deliveries_total{{outcome="delivered",sink="{sink}"}}"#), 120.0)
@@ -332,16 +332,14 @@ to = ["inc", "cas"]
     )
 }
 
-/// Posts `n` events of type `COUNTED` (distinct bodies, no entity id), 16 at a time, spread over `nodes`;
-/// every one must be accepted. Returns `n`.
-pub async fn post_counted(nodes: &[&TestBridge], n: usize) -> u64 {
+/// Posts `n` events of type `COUNTED` (distinct bodies, no entity id), 16 at a time, spread over the nodes
+/// at `bases` (webhook listener URLs); every one must be accepted. Returns `n`.
+pub async fn post_counted(bases: &[String], n: usize) -> u64 {
     let mut sent = 0;
     for chunk in (0..n).collect::<Vec<_>>().chunks(16) {
         let posts = chunk.iter().map(|i| {
-            let node = nodes[i % nodes.len()];
-            async move {
-                node.post("/hooks/clockify", &clockify_headers(SECRET, "COUNTED"), format!(r#"{{"n":{i}}}"#)).await
-            }
+            let url = format!("{}/hooks/clockify", bases[i % bases.len()]);
+            async move { post_to(&url, &clockify_headers(SECRET, "COUNTED"), format!(r#"{{"n":{i}}}"#)).await }
         });
         for (status, text) in futures_util::future::join_all(posts).await {
             assert_eq!(status, 200, "{text}");
