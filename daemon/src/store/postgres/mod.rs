@@ -17,6 +17,9 @@
 //!   any node's next poll takes the deliveries over. At start a node releases what it held before.
 //! - The dispatchers know claims by **local ids**, increasing per sink in claim order (the dispatcher's
 //!   cursor needs that), mapped here to the database's delivery ids.
+//! - **Outcomes** are recorded by one task of their own: every outcome waiting when its last statement ended
+//!   goes into the next one (group commit), so a sink that delivers one event at a time does not cost a
+//!   round trip and a WAL flush per delivery. Each caller still learns which of its own rows changed.
 //! - Gauges are the cluster's, counted every second; `max_pending_*` bound the cluster's spool.
 
 mod kv;
@@ -164,6 +167,116 @@ struct Inner {
     live_out: mpsc::Sender<(String, Arc<str>)>,
     /// Other nodes' live payloads, to whoever asked for them ([`Postgres::live_from_others`]).
     live_in: Mutex<Option<mpsc::Sender<(String, String)>>>,
+    /// Outcomes to record, to the task that records every one waiting in one statement.
+    records: mpsc::UnboundedSender<Outcomes>,
+}
+
+/// One `record_all` call's rows (database ids), with where to answer: the ids the statement changed.
+struct Outcomes {
+    rows: Rows,
+    reply: tokio::sync::oneshot::Sender<Result<Vec<i64>, StoreError>>,
+}
+
+/// The RECORD statement's columns.
+#[derive(Default)]
+struct Rows {
+    ids: Vec<i64>,
+    status: Vec<&'static str>,
+    attempts: Vec<i32>,
+    next: Vec<Option<i64>>,
+    error: Vec<Option<String>>,
+    st: Vec<Option<i32>>,
+    started: Vec<i64>,
+    duration: Vec<i64>,
+    label: Vec<&'static str>,
+}
+
+impl Rows {
+    fn append(&mut self, mut other: Rows) {
+        self.ids.append(&mut other.ids);
+        self.status.append(&mut other.status);
+        self.attempts.append(&mut other.attempts);
+        self.next.append(&mut other.next);
+        self.error.append(&mut other.error);
+        self.st.append(&mut other.st);
+        self.started.append(&mut other.started);
+        self.duration.append(&mut other.duration);
+        self.label.append(&mut other.label);
+    }
+}
+
+/// Outcomes recorded in one statement at most.
+const RECORD_MAX: usize = 1024;
+
+/// Records outcomes: every call waiting when the last statement ended goes into the next one (group commit:
+/// one round trip and one WAL flush for all of them, where a sink that does not batch would make one each).
+/// Ends when the node closes (a statement running then finishes first; outcomes still queued are answered
+/// `Closed`).
+async fn record(inner: std::sync::Weak<Inner>, stop: CancellationToken, mut rx: mpsc::UnboundedReceiver<Outcomes>) {
+    loop {
+        let first = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            job = rx.recv() => match job {
+                Some(job) => job,
+                None => return,
+            },
+        };
+        let mut jobs = vec![first];
+        let mut n = jobs[0].rows.ids.len();
+        while n < RECORD_MAX {
+            let Ok(more) = rx.try_recv() else { break };
+            n += more.rows.ids.len();
+            jobs.push(more);
+        }
+        let Some(inner) = inner.upgrade() else { return };
+        let mut rows = Rows::default();
+        let mut replies = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            replies.push((job.rows.ids.clone(), job.reply));
+            rows.append(job.rows);
+        }
+        let result = record_rows(&inner, &rows).await;
+        drop(inner);
+        for (ids, reply) in replies {
+            let answer = match &result {
+                Ok(changed) => Ok(ids.into_iter().filter(|id| changed.contains(id)).collect()),
+                Err(StoreError::Closed) => Err(StoreError::Closed),
+                Err(StoreError::Postgres(m)) => Err(StoreError::Postgres(m.clone())),
+                Err(e) => Err(StoreError::Postgres(e.to_string())),
+            };
+            let _ = reply.send(answer);
+        }
+    }
+}
+
+async fn record_rows(inner: &Inner, r: &Rows) -> Result<std::collections::HashSet<i64>, StoreError> {
+    if inner.closed.load(Ordering::Acquire) {
+        return Err(StoreError::Closed);
+    }
+    let client = inner.pool.get().await.map_err(pg_error)?;
+    let stmt = client.prepare_cached(RECORD).await.map_err(pg_error)?;
+    let changed: Vec<i64> = client
+        .query_one(
+            &stmt,
+            &[
+                &r.ids,
+                &r.status,
+                &r.attempts,
+                &r.next,
+                &r.error,
+                &r.st,
+                &r.started,
+                &r.duration,
+                &r.label,
+                &now_ms(),
+                &inner.node,
+            ],
+        )
+        .await
+        .map_err(pg_error)?
+        .get(0);
+    Ok(changed.into_iter().collect())
 }
 
 /// One sink's dispatcher as this node knows it.
@@ -278,7 +391,7 @@ a AS (
     SELECT u.id, u.attempts, u.started_at, u.duration_ms, u.outcome, u.st, u.error FROM u JOIN d ON d.id = u.id
     WHERE NOT (u.attempts = 1 AND u.status = 'delivered')
 )
-SELECT count(*) FROM d";
+SELECT coalesce(array_agg(id), '{}') FROM d";
 
 const GAUGES: &str = "
 WITH p AS (SELECT event_seq, count(*) AS n FROM hookbridge.deliveries WHERE status = 'pending' GROUP BY event_seq)
@@ -327,6 +440,7 @@ impl Postgres {
         }
         drop(client);
         let (live_out, live_rx) = mpsc::channel(LIVE_QUEUE);
+        let (records_tx, records_rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
             pool,
             node: spec.node_id.clone(),
@@ -339,6 +453,7 @@ impl Postgres {
             installs: tokio::sync::watch::Sender::new(0),
             live_out,
             live_in: Mutex::new(None),
+            records: records_tx,
         });
         let pg = Postgres { inner };
         pg.count_gauges().await?;
@@ -347,6 +462,7 @@ impl Postgres {
             tokio::spawn(count(pg.clone())),
             tokio::spawn(listen(Arc::clone(&pg.inner), cfg, tls)),
             tokio::spawn(share_live(Arc::clone(&pg.inner), live_rx)),
+            tokio::spawn(record(Arc::downgrade(&pg.inner), pg.inner.stop.clone(), records_rx)),
         ];
         *lock(&pg.inner.tasks) = tasks;
         tracing::info!(node = %spec.node_id, "cluster spool ready on PostgreSQL");
@@ -580,9 +696,7 @@ impl Postgres {
     }
 
     pub(super) async fn record_all(&self, sink: &str, records: Vec<Record>) -> Result<(), StoreError> {
-        let mut ids = Vec::with_capacity(records.len());
-        let (mut status, mut attempts, mut next, mut error, mut st) = (vec![], vec![], vec![], vec![], vec![]);
-        let (mut started, mut duration, mut label) = (vec![], vec![], vec![]);
+        let mut rows = Rows::default();
         let mut finals = Vec::new();
         let mut due = 0;
         {
@@ -609,46 +723,31 @@ impl Postgres {
                 if let Outcome::Retry { next_attempt_ms, .. } = &r.outcome {
                     due = due.max(*next_attempt_ms);
                 }
-                ids.push(id);
-                status.push(s);
-                attempts.push(i32::try_from(r.attempts).unwrap_or(i32::MAX));
-                next.push(n);
-                error.push(err);
-                st.push(r.attempt.status.map(i32::from));
-                started.push(r.attempt.started_at_ms);
-                duration.push(r.attempt.duration_ms);
-                label.push(l);
+                rows.ids.push(id);
+                rows.status.push(s);
+                rows.attempts.push(i32::try_from(r.attempts).unwrap_or(i32::MAX));
+                rows.next.push(n);
+                rows.error.push(err);
+                rows.st.push(r.attempt.status.map(i32::from));
+                rows.started.push(r.attempt.started_at_ms);
+                rows.duration.push(r.attempt.duration_ms);
+                rows.label.push(l);
             }
         }
-        if ids.is_empty() {
+        if rows.ids.is_empty() {
             return Ok(());
         }
-        let client = self.client().await?;
-        let stmt = client.prepare_cached(RECORD).await.map_err(pg_error)?;
-        let changed: i64 = client
-            .query_one(
-                &stmt,
-                &[
-                    &ids,
-                    &status,
-                    &attempts,
-                    &next,
-                    &error,
-                    &st,
-                    &started,
-                    &duration,
-                    &label,
-                    &now_ms(),
-                    &self.inner.node,
-                ],
-            )
-            .await
-            .map_err(pg_error)?
-            .get(0);
-        if (changed as usize) < ids.len() {
+        if self.is_closed() {
+            return Err(StoreError::Closed);
+        }
+        let asked = rows.ids.len();
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.inner.records.send(Outcomes { rows, reply }).map_err(|_| StoreError::Closed)?;
+        let changed = answer.await.map_err(|_| StoreError::Closed)??.len();
+        if changed < asked {
             tracing::warn!(
                 sink,
-                lost = ids.len() - changed as usize,
+                lost = asked - changed,
                 "outcomes of deliveries another node took over (their leases had lapsed): it delivers them again"
             );
         }

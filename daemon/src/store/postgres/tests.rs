@@ -456,3 +456,31 @@ async fn operator_commands_see_the_cluster_and_their_replays_are_claimed() {
     empty.drop_db().await;
     db.drop_db().await;
 }
+
+/// Outcomes recorded at once go out together (one statement for those waiting) and each caller still learns
+/// of its own: all recorded, and an outcome for a delivery another node took over is dropped alone.
+#[tokio::test(flavor = "multi_thread")]
+async fn outcomes_recorded_at_once_share_a_statement_and_keep_their_own_answers() {
+    let db = TestDb::new("records").await;
+    let a = Store::connect(&db.spec("a", Duration::from_secs(30))).await.unwrap();
+    let _f = a.subscribe("s", 16);
+    for i in 0..41 {
+        insert(&a, keyed(&format!("r{i}"), None), &["s"]).await;
+    }
+    let mut rows = a.pending("s", 0, 64).await.unwrap();
+    assert_eq!(rows.len(), 41);
+    let held = rows.pop().unwrap();
+    let stranger = held.id + 1000;
+    let all = rows.iter().map(|r| a.record_all("s", vec![done(r.id, Outcome::Delivered)]));
+    let stray = a.record_all("s", vec![done(stranger, Outcome::Delivered)]);
+    let (results, stray) = tokio::join!(futures_util::future::join_all(all), stray);
+    assert!(results.iter().all(Result::is_ok) && stray.is_ok());
+    let delivered = "SELECT count(*) FROM hookbridge.deliveries WHERE status = 'delivered' AND lease_owner IS NULL";
+    assert_eq!(db.admin_query(delivered).await, 40);
+    a.close().await;
+    assert!(matches!(
+        a.record_all("s", vec![done(rows[0].id, Outcome::Delivered)]).await,
+        Err(StoreError::Closed) | Ok(())
+    ));
+    db.drop_db().await;
+}
