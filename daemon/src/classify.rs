@@ -11,8 +11,15 @@ use crate::limits::MAX_EVENT_TYPE_LEN;
 use crate::verify::{ClockodoEnvelope, HmacScheme, Locator, Scheme, StandardScheme, text_header};
 
 /// Headers stored with every event when present (besides the event-type and id headers of the scheme).
-const KEPT_HEADERS: [&str; 6] =
-    ["content-type", "user-agent", "clockify-webhook-event-type", "webhook-id", "x-request-id", "x-github-delivery"];
+const KEPT_HEADERS: [&str; 7] = [
+    "content-type",
+    "user-agent",
+    "clockify-webhook-event-type",
+    "webhook-id",
+    "svix-id",
+    "x-request-id",
+    "x-github-delivery",
+];
 
 /// Why a verified request cannot become an event (answered 400).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -156,11 +163,11 @@ pub fn classify(scheme: &Scheme, headers: &HeaderMap, raw: &[u8]) -> Result<Clas
                 entity = top_id()?;
             }
             let ty = locate(event, headers, parsed.as_ref());
-            // `webhook-id` is the message id: the same on every retry of one message (and signed).
-            let key = match header(headers, "webhook-id") {
+            // `webhook-id` (`svix-id`) is the message id: the same on every retry of one message (and signed).
+            let key = match crate::verify::standard::header(headers, "id") {
                 Some(id) => {
                     dedup = DedupKey::DeliveryId;
-                    id
+                    id.to_owned()
                 }
                 None => body_hash(),
             };

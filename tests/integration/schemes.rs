@@ -266,7 +266,8 @@ async fn clockodo_handshake_is_answered_stored_and_shown_by_the_cli() {
     receiver.stop().await;
 }
 
-/// Standard Webhooks: `v1,` signatures over `id.timestamp.body`, a tolerance window, rotation, dedup by id.
+/// Standard Webhooks: `v1,` signatures over `id.timestamp.body`, a tolerance window, rotation, dedup by id,
+/// under the `webhook-*` header names and Svix's `svix-*` ones.
 #[tokio::test]
 async fn standard_webhooks_verify_tolerate_rotate_and_dedup() {
     use base64::Engine;
@@ -322,20 +323,35 @@ to = ["out"]
     // The provider retries msg_1: answered 200, not delivered again.
     let (s, text) = send("msg_1", now, body, sig("msg_1", now, body, key)).await;
     assert_eq!((s, text.contains("duplicate")), (200, true), "{text}");
+    // A sender that delivers through Svix: the same scheme under `svix-*` names, and its retry a duplicate.
+    let svix = |id: &'static str, signature: String| {
+        let bridge = &bridge;
+        async move {
+            let ts = now.to_string();
+            let headers = [("svix-id", id), ("svix-timestamp", ts.as_str()), ("svix-signature", signature.as_str())];
+            bridge.post("/hooks/sw", &headers, body).await
+        }
+    };
+    let (s, text) = svix("msg_svix", sig("msg_svix", now, body, key)).await;
+    assert_eq!((s, text.contains("accepted")), (200, true), "{text}");
+    assert_eq!(svix("msg_svix_bad", sig("msg_svix_bad", now, body, b"not-the-key")).await.0, 401);
+    let (s, text) = svix("msg_svix", sig("msg_svix", now, body, key)).await;
+    assert_eq!((s, text.contains("duplicate")), (200, true), "{text}");
 
-    let got = receiver.wait_for(2, Duration::from_secs(20)).await;
+    let got = receiver.wait_for(3, Duration::from_secs(20)).await;
     assert_eq!(got[0].headers["ce-type"], "invoice.paid");
     assert!(got[0].headers.get("webhook-signature").is_none());
+    assert!(got.iter().all(|r| r.headers.get("svix-signature").is_none()), "signatures are not forwarded");
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(receiver.received().len(), 2);
+    assert_eq!(receiver.received().len(), 3);
     let m = bridge.metrics().await;
     assert_eq!(
         metric(&m, r#"hookbridge_rejections_total{reason="timestamp_out_of_tolerance",source="sw"}"#),
         1.0,
         "{m}"
     );
-    assert_eq!(metric(&m, r#"hookbridge_rejections_total{reason="bad_signature",source="sw"}"#), 1.0);
-    assert_eq!(metric(&m, r#"hookbridge_duplicates_total{source="sw"}"#), 1.0);
+    assert_eq!(metric(&m, r#"hookbridge_rejections_total{reason="bad_signature",source="sw"}"#), 2.0);
+    assert_eq!(metric(&m, r#"hookbridge_duplicates_total{source="sw"}"#), 2.0);
     bridge.stop().await;
     receiver.stop().await;
 }

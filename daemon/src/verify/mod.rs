@@ -6,7 +6,7 @@ mod addon;
 mod clockify;
 mod clockodo;
 mod hmac;
-mod standard;
+pub(crate) mod standard;
 
 use axum::http::HeaderMap;
 use sha2::{Digest, Sha256};

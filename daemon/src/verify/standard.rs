@@ -1,7 +1,9 @@
 //! `standard-webhooks`: the Standard Webhooks scheme. `webhook-signature` holds one or more space-separated
 //! `v1,<base64>` signatures (several during a key rotation) of `{webhook-id}.{webhook-timestamp}.{body}`,
 //! HMAC-SHA256 with the base64 key after `whsec_`; `webhook-timestamp` (Unix seconds) must be within the
-//! tolerance of now, so a captured request cannot be replayed later.
+//! tolerance of now, so a captured request cannot be replayed later. Senders that deliver through Svix use
+//! the same scheme under the names `svix-id`, `svix-timestamp` and `svix-signature`: accepted too (one family
+//! per request: the `webhook-*` headers when `webhook-signature` is present, else the `svix-*` ones).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -40,6 +42,16 @@ fn sign(key: &[u8], id: &str, timestamp: &str, body: &[u8]) -> Option<Vec<u8>> {
     Some(mac.finalize().into_bytes().to_vec())
 }
 
+/// The request's `id`, `timestamp` or `signature` header, in the family it signs with (see the module doc).
+pub fn header<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    let family = if headers.contains_key("webhook-signature") || !headers.contains_key("svix-signature") {
+        "webhook"
+    } else {
+        "svix"
+    };
+    text_header(headers, &format!("{family}-{name}"))
+}
+
 impl StandardScheme {
     /// The id, timestamp and signatures a request presents, the timestamp within the tolerance. This much
     /// is checked before the body is read.
@@ -48,9 +60,9 @@ impl StandardScheme {
         headers: &'h HeaderMap,
         at: SystemTime,
     ) -> Result<(&'h str, &'h str, Vec<Vec<u8>>), VerifyError> {
-        let id = text_header(headers, "webhook-id").ok_or(VerifyError::MissingSignature)?;
-        let timestamp = text_header(headers, "webhook-timestamp").ok_or(VerifyError::MissingSignature)?;
-        let signatures = text_header(headers, "webhook-signature").ok_or(VerifyError::MissingSignature)?;
+        let id = header(headers, "id").ok_or(VerifyError::MissingSignature)?;
+        let timestamp = header(headers, "timestamp").ok_or(VerifyError::MissingSignature)?;
+        let signatures = header(headers, "signature").ok_or(VerifyError::MissingSignature)?;
         let ts: u64 = timestamp.parse().map_err(|_| VerifyError::MalformedSignature)?;
         let now = at.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         if now.abs_diff(ts) > self.tolerance.as_secs() {
@@ -140,5 +152,29 @@ mod tests {
             h.insert(axum::http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
         }
         assert_eq!(scheme.verify(&h, body, at), Ok(0));
+    }
+
+    /// Svix's header names carry the same scheme; a request uses one family, not a mix.
+    #[test]
+    fn svix_header_names_are_the_same_scheme() {
+        let scheme = StandardScheme {
+            secrets: vec![SecretString::new("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")],
+            tolerance: Duration::from_secs(300),
+            event: Locator::Pointer("/type".into()),
+        };
+        let at = UNIX_EPOCH + Duration::from_secs(1614265330);
+        let body = br#"{"test": 2432232314}"#;
+        let mut h = HeaderMap::new();
+        h.insert("svix-id", "msg_p5jXN8AQM9LWM0D4loKWxJek".parse().unwrap());
+        h.insert("svix-timestamp", "1614265330".parse().unwrap());
+        h.insert("svix-signature", "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=".parse().unwrap());
+        assert_eq!(scheme.verify(&h, body, at), Ok(0));
+        assert_eq!(header(&h, "id"), Some("msg_p5jXN8AQM9LWM0D4loKWxJek"));
+        // A `webhook-signature` makes the request a `webhook-*` one: its other headers must be there too.
+        h.insert("webhook-signature", "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=".parse().unwrap());
+        assert_eq!(scheme.verify(&h, body, at), Err(VerifyError::MissingSignature));
+        h.remove("webhook-signature");
+        h.insert("svix-signature", "v1,AAAA".parse().unwrap());
+        assert_eq!(scheme.verify(&h, body, at), Err(VerifyError::BadSignature));
     }
 }
