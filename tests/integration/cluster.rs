@@ -582,7 +582,7 @@ async fn a_plugin_s_counter_incremented_from_three_nodes_ends_exact() {
         let count = db
             .query_i64(&format!(
                 "SELECT convert_from(value, 'UTF8')::bigint FROM hookbridge.plugin_kv \
-                 WHERE plugin = '{plugin}' AND key = 'count/COUNTED'"
+                 WHERE plugin = '{plugin}' AND key = 'count/BALANCE_UPDATED'"
             ))
             .await;
         assert_eq!(count, sent as i64, "{plugin} lost or doubled counts");

@@ -81,5 +81,5 @@ fn broken_configs_match_their_golden_reports() {
         }
         checked += 1;
     }
-    assert_eq!(checked, 8);
+    assert_eq!(checked, 10);
 }

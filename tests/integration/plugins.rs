@@ -115,6 +115,19 @@ to = ["billable"]
     daemon.wait().unwrap();
 }
 
+/// The Clockify event type that routes to the sandbox plugin `id` (routes of Clockify sources name Clockify's
+/// event types; which ones does not matter here).
+fn sandbox_event(id: &str) -> &'static str {
+    match id {
+        "loop" => "NEW_PROJECT",
+        "sleep" => "PROJECT_UPDATED",
+        "alloc" => "PROJECT_DELETED",
+        "file" => "NEW_CLIENT",
+        "http" => "CLIENT_UPDATED",
+        _ => "CLIENT_DELETED",
+    }
+}
+
 /// One plugin per misbehaviour, each routed by its own event type; `good` counts events.
 fn sandbox_config(receiver: &str) -> String {
     let sandbox = wasm("sandbox");
@@ -133,7 +146,7 @@ path = "{counter}"
 config = {{ channel = "good" }}
 [[routes]]
 name = "good"
-events = ["GOOD"]
+events = ["NEW_TAG"]
 to = ["good"]
 "#,
         counter = wasm("counter").display()
@@ -160,7 +173,7 @@ events = ["{upper}"]
 to = ["{id}"]
 "#,
             path = sandbox.display(),
-            upper = id.to_uppercase()
+            upper = sandbox_event(id)
         ));
     }
     toml
@@ -178,19 +191,19 @@ async fn the_sandbox_stops_each_misbehaviour_and_the_daemon_keeps_serving() {
     };
     let mut good = 0.0;
     for (event, plugin, kind) in [
-        ("LOOP", "loop", "timeout"),
-        ("SLEEP", "sleep", "timeout"),
-        ("ALLOC", "alloc", "memory"),
-        ("FILE", "file", "permanent"),
-        ("HTTP", "http", "permanent"),
-        ("PANIC", "panic", "trap"),
+        ("NEW_PROJECT", "loop", "timeout"),
+        ("PROJECT_UPDATED", "sleep", "timeout"),
+        ("PROJECT_DELETED", "alloc", "memory"),
+        ("NEW_CLIENT", "file", "permanent"),
+        ("CLIENT_UPDATED", "http", "permanent"),
+        ("CLIENT_DELETED", "panic", "trap"),
     ] {
         assert_eq!(send(event).await, 200);
         bridge
             .wait_metric(&format!(r#"hookbridge_plugin_failures_total{{kind="{kind}",plugin="{plugin}"}}"#), 1.0)
             .await;
         // The daemon keeps serving, and the next event to a good plugin succeeds.
-        assert_eq!(send("GOOD").await, 200);
+        assert_eq!(send("NEW_TAG").await, 200);
         good += 1.0;
         bridge.wait_metric(r#"hookbridge_deliveries_total{outcome="delivered",sink="good"}"#, good).await;
     }
@@ -218,7 +231,7 @@ async fn the_sandbox_stops_each_misbehaviour_and_the_daemon_keeps_serving() {
     let slept = metric(&m, r#"hookbridge_plugin_duration_seconds_bucket{plugin="sleep",le="0.25"}"#);
     assert_eq!(slept, 1.0, "the sleep plugin ran for more than 250 ms:\n{m}");
     assert!(live(&bridge.internal_url(""), "sandbox").await.is_none(), "a misbehaviour went through");
-    assert_eq!(live(&bridge.internal_url(""), "good").await.unwrap()["GOOD"], 6);
+    assert_eq!(live(&bridge.internal_url(""), "good").await.unwrap()["NEW_TAG"], 6);
     bridge.stop().await;
 }
 
@@ -240,18 +253,18 @@ path = "{counter}"
 config = {{ channel = "b" }}
 [[routes]]
 name = "to-a"
-events = ["A_EVENT"]
+events = ["NEW_TASK"]
 to = ["a"]
 [[routes]]
 name = "to-b"
-events = ["B_EVENT"]
+events = ["TASK_UPDATED"]
 to = ["b"]
 "#,
         data = dir.path().join("data").display(),
         counter = wasm("counter").display()
     );
     let bridge = TestBridge::start(&config).await;
-    for event in ["A_EVENT", "A_EVENT", "B_EVENT"] {
+    for event in ["NEW_TASK", "NEW_TASK", "TASK_UPDATED"] {
         assert_eq!(
             bridge
                 .post(
@@ -266,10 +279,10 @@ to = ["b"]
     }
     bridge.wait_metric(r#"hookbridge_deliveries_total{outcome="delivered",sink="a"}"#, 2.0).await;
     bridge.wait_metric(r#"hookbridge_deliveries_total{outcome="delivered",sink="b"}"#, 1.0).await;
-    assert_eq!(live(&bridge.internal_url(""), "a").await.unwrap(), serde_json::json!({"A_EVENT": 2}));
+    assert_eq!(live(&bridge.internal_url(""), "a").await.unwrap(), serde_json::json!({"NEW_TASK": 2}));
     assert_eq!(
         live(&bridge.internal_url(""), "b").await.unwrap(),
-        serde_json::json!({"B_EVENT": 1}),
+        serde_json::json!({"TASK_UPDATED": 1}),
         "b sees only its keys"
     );
     bridge.stop().await;
@@ -279,12 +292,12 @@ to = ["b"]
     let bridge = TestBridge::start(&config).await;
     assert_eq!(
         live(&bridge.internal_url(""), "a").await.unwrap(),
-        serde_json::json!({"A_EVENT": 2}),
+        serde_json::json!({"NEW_TASK": 2}),
         "kept across the restart"
     );
-    assert_eq!(bridge.post("/hooks/clockify", &clockify_headers(SECRET, "A_EVENT"), r#"{"n":"after"}"#).await.0, 200);
+    assert_eq!(bridge.post("/hooks/clockify", &clockify_headers(SECRET, "NEW_TASK"), r#"{"n":"after"}"#).await.0, 200);
     bridge.wait_metric(r#"hookbridge_deliveries_total{outcome="delivered",sink="a"}"#, 1.0).await;
-    assert_eq!(live(&bridge.internal_url(""), "a").await.unwrap(), serde_json::json!({"A_EVENT": 3}));
+    assert_eq!(live(&bridge.internal_url(""), "a").await.unwrap(), serde_json::json!({"NEW_TASK": 3}));
     bridge.stop().await;
 }
 
@@ -325,21 +338,21 @@ time_limit = "10s"
 config = {{ channel = "cas", via = "update" }}
 [[routes]]
 name = "count"
-events = ["COUNTED"]
+events = ["BALANCE_UPDATED"]
 to = ["inc", "cas"]
 "#,
         counter = wasm("counter").display()
     )
 }
 
-/// Posts `n` events of type `COUNTED` (distinct bodies, no entity id), 16 at a time, spread over the nodes
+/// Posts `n` events of type `BALANCE_UPDATED` (distinct bodies, no entity id), 16 at a time, spread over the nodes
 /// at `bases` (webhook listener URLs); every one must be accepted. Returns `n`.
 pub async fn post_counted(bases: &[String], n: usize) -> u64 {
     let mut sent = 0;
     for chunk in (0..n).collect::<Vec<_>>().chunks(16) {
         let posts = chunk.iter().map(|i| {
             let url = format!("{}/hooks/clockify", bases[i % bases.len()]);
-            async move { post_to(&url, &clockify_headers(SECRET, "COUNTED"), format!(r#"{{"n":{i}}}"#)).await }
+            async move { post_to(&url, &clockify_headers(SECRET, "BALANCE_UPDATED"), format!(r#"{{"n":{i}}}"#)).await }
         });
         for (status, text) in futures_util::future::join_all(posts).await {
             assert_eq!(status, 200, "{text}");
@@ -352,15 +365,16 @@ pub async fn post_counted(bases: &[String], n: usize) -> u64 {
 /// With the `n` counted events delivered, one more event: handled alone, its snapshot is the last one
 /// published, and exact. Returns the count both counters then show, less that extra event.
 async fn final_counts(bridge: &TestBridge, n: u64) -> u64 {
-    let (status, text) =
-        bridge.post("/hooks/clockify", &clockify_headers(SECRET, "COUNTED"), r#"{"n":"last"}"#.to_owned()).await;
+    let (status, text) = bridge
+        .post("/hooks/clockify", &clockify_headers(SECRET, "BALANCE_UPDATED"), r#"{"n":"last"}"#.to_owned())
+        .await;
     assert_eq!(status, 200, "{text}");
     for sink in ["inc", "cas"] {
         let delivered = format!(r#"hookbridge_deliveries_total{{outcome="delivered",sink="{sink}"}}"#);
         bridge.wait_metric(&delivered, n as f64 + 1.0).await;
     }
-    let inc = live(&bridge.internal_url(""), "inc").await.unwrap()["COUNTED"].as_u64().unwrap();
-    let cas = live(&bridge.internal_url(""), "cas").await.unwrap()["COUNTED"].as_u64().unwrap();
+    let inc = live(&bridge.internal_url(""), "inc").await.unwrap()["BALANCE_UPDATED"].as_u64().unwrap();
+    let cas = live(&bridge.internal_url(""), "cas").await.unwrap()["BALANCE_UPDATED"].as_u64().unwrap();
     assert_eq!(inc, cas, "increment and compare-and-swap disagree");
     inc - 1
 }

@@ -425,6 +425,14 @@ impl Config {
             }
         }
 
+        if sources.is_empty() && !errs.mentions("sources") {
+            errs.locate(
+                "sources",
+                &root,
+                "no source is defined: the daemon would accept no webhook (add a [sources.<id>] section)",
+            );
+        }
+
         // Sinks.
         let mut sinks = BTreeMap::new();
         for (id, _span, raw) in raw_sinks {
@@ -464,6 +472,35 @@ impl Config {
             for (j, s) in r.sources.iter().enumerate() {
                 if !sources.contains_key(s) && !errs.mentions(&format!("sources.{s}")) {
                     errs.locate(&format!("{at}.sources[{j}]"), &root, &format!("no source {s:?} is defined"));
+                }
+            }
+            // A route that only Clockify sources feed names Clockify's event types: a misspelt one would
+            // match nothing, silently.
+            let clockify_only = {
+                let feeding: Vec<&Source> = if r.sources.is_empty() {
+                    sources.values().collect()
+                } else {
+                    r.sources.iter().filter_map(|s| sources.get(s)).collect()
+                };
+                !feeding.is_empty()
+                    && feeding.iter().all(|s| matches!(s.scheme, Scheme::Clockify { .. } | Scheme::ClockifyAddon(_)))
+            };
+            for (j, e) in r.events.iter().enumerate() {
+                let glob = e.contains(['*', '?', '[']);
+                if clockify_only && !glob && !crate::addon::CLOCKIFY_EVENTS.contains(&e.as_str()) {
+                    let closest = crate::addon::CLOCKIFY_EVENTS
+                        .iter()
+                        .min_by_key(|known| strsim::levenshtein(known, e))
+                        .filter(|known| strsim::levenshtein(known, e) <= 3)
+                        .map(|known| format!("; did you mean {known:?}?"))
+                        .unwrap_or_default();
+                    errs.locate(
+                        &format!("{at}.events[{j}]"),
+                        &root,
+                        &format!(
+                            "{e:?} is not a Clockify event type (the sources of this route are Clockify's){closest}"
+                        ),
+                    );
                 }
             }
             for (j, t) in r.to.iter().enumerate() {
