@@ -486,7 +486,7 @@ kind = "file"
 path = "{{dir}}/out.jsonl"
 [[routes]]
 name = "all"
-events = ["TAG_CREATED"]
+events = ["NEW_TAG"]
 to = ["out"]
 "#,
         data.display()
@@ -523,7 +523,7 @@ async fn latency_of_webhooks(d: &Daemon, offset: usize) -> Duration {
         let started = Instant::now();
         let body = format!(r#"{{"id":"tag-{}"}}"#, n + offset);
         let mut req = client().post(d.url("/hooks/clockify")).body(body);
-        for (k, v) in clockify_headers(SECRET, "TAG_CREATED") {
+        for (k, v) in clockify_headers(SECRET, "NEW_TAG") {
             req = req.header(k, v);
         }
         assert_eq!(req.send().await.unwrap().status().as_u16(), 200);
