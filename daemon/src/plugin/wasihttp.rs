@@ -48,7 +48,7 @@ impl WasiHttpHooks for Hooks {
         Box::new(async move {
             let url = request.uri().to_string();
             if let Err(e) = net.admit(&url) {
-                tracing::warn!(plugin, url = %super::strip_query(&url), reason = ?e, "wasi:http request refused");
+                tracing::info!(plugin, url = %super::strip_query(&url), reason = ?e, "wasi:http request refused");
                 return Err(match e {
                     NetError::RateLimited => Error::ConnectionLimitReached,
                     _ => Error::HttpRequestDenied,
