@@ -54,17 +54,24 @@ struct Cold {
     bytes: u64,
     /// Dead letters the log may still hold as undone (their move committed, the log's checkpoint did not).
     settle: BTreeSet<(String, i64)>,
+    /// Deferred events whose move out of the log has not been checkpointed yet: the log still counts them,
+    /// so the gauges leave them out here (seq -> body bytes).
+    transit: BTreeMap<i64, u32>,
 }
 
 impl Cold {
-    fn defer(&mut self, sink: &str, seq: i64, bytes: u32) {
+    /// Defers `(sink, seq)`; whether the event was not deferred before (for another sink).
+    fn defer(&mut self, sink: &str, seq: i64, bytes: u32) -> bool {
+        let mut new = false;
         if self.deferred.insert((sink.to_owned(), seq)) {
             let e = self.events.entry(seq).or_insert_with(|| {
                 self.bytes += u64::from(bytes);
+                new = true;
                 (0, bytes)
             });
             e.0 += 1;
         }
+        new
     }
 
     fn undefer(&mut self, sink: &str, seq: i64) {
@@ -74,8 +81,17 @@ impl Cold {
             e.get_mut().0 -= 1;
             if e.get().0 == 0 {
                 self.bytes -= u64::from(e.remove().1);
+                self.transit.remove(&seq);
             }
         }
+    }
+
+    /// Events and body bytes to add to the log's counts: the deferred events, less those the log still
+    /// counts because their move has not been checkpointed (counted twice, a second webhook would find a
+    /// spool of `max_pending_events = 2` full with one event in it).
+    fn counted(&self) -> (u64, u64) {
+        let moving: u64 = self.transit.values().map(|b| u64::from(*b)).sum();
+        ((self.events.len() - self.transit.len()) as u64, self.bytes.saturating_sub(moving))
     }
 
     /// Whether `sink` has deferred deliveries with seq above `after`.
@@ -211,12 +227,14 @@ impl Logged {
 
     /// The log's pending counts plus the deferred deliveries'. An event with a delivery pending in the log
     /// and another deferred counts twice in events and bytes (an upper bound: the spool-full check errs on
-    /// the safe side).
+    /// the safe side); one moving to the cold path for its only delivery counts once, in the log until the
+    /// move is checkpointed, then in the cold path.
     pub(super) fn gauges(&self, into: &SpoolGauges) {
         into.set_from(self.spool.gauges());
         if let Ok(c) = self.cold.lock() {
-            into.pending_events.fetch_add(c.events.len() as u64, Ordering::Relaxed);
-            into.pending_bytes.fetch_add(c.bytes, Ordering::Relaxed);
+            let (events, bytes) = c.counted();
+            into.pending_events.fetch_add(events, Ordering::Relaxed);
+            into.pending_bytes.fetch_add(bytes, Ordering::Relaxed);
             into.pending_deliveries.fetch_add(c.deferred.len() as u64, Ordering::Relaxed);
         }
     }
@@ -266,13 +284,18 @@ impl Logged {
                 }
             }
         }
+        let mut transit = Vec::new();
         if !writes.is_empty() {
             self.sqlite.cold(writes.clone()).await?;
             let mut cold = self.cold.lock().map_err(|e| StoreError::Join(e.to_string()))?;
             for w in &writes {
                 match w {
                     ColdWrite::Move { event, record, .. } if matches!(record.outcome, Outcome::Retry { .. }) => {
-                        cold.defer(sink, record.delivery_id, event.body.len() as u32);
+                        let bytes = event.body.len() as u32;
+                        if cold.defer(sink, record.delivery_id, bytes) {
+                            cold.transit.insert(record.delivery_id, bytes);
+                            transit.push(record.delivery_id);
+                        }
                     }
                     ColdWrite::Update { record, .. } if !matches!(record.outcome, Outcome::Retry { .. }) => {
                         cold.undefer(sink, record.delivery_id);
@@ -283,6 +306,14 @@ impl Logged {
         }
         if !finished.is_empty() {
             self.spool.finished(sink, &finished).await.map_err(spool_error)?;
+        }
+        // The log no longer counts the moved events: the cold path's count is theirs alone now.
+        if !transit.is_empty()
+            && let Ok(mut cold) = self.cold.lock()
+        {
+            for seq in transit {
+                cold.transit.remove(&seq);
+            }
         }
         Ok(())
     }

@@ -626,3 +626,21 @@ proptest::proptest! {
         });
     }
 }
+
+/// A deferred event counts once: while its move out of the log is not checkpointed the log still counts it,
+/// and the cold path leaves it out; after, the cold path counts it. Undeferring clears both.
+#[test]
+fn a_deferred_event_in_transit_is_counted_once() {
+    let mut cold = super::Cold::default();
+    assert!(cold.defer("a", 7, 100), "new to the cold path");
+    cold.transit.insert(7, 100);
+    assert!(!cold.defer("b", 7, 100), "the same event for another sink is not new");
+    assert!(cold.defer("a", 8, 50));
+    assert_eq!(cold.counted(), (1, 50), "7 is still the log's to count");
+    cold.transit.remove(&7);
+    assert_eq!(cold.counted(), (2, 150));
+    cold.transit.insert(8, 50);
+    cold.undefer("a", 8);
+    assert!(cold.transit.is_empty(), "an event leaving the cold path leaves the transit too");
+    assert_eq!(cold.counted(), (1, 100));
+}
