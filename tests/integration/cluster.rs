@@ -70,12 +70,16 @@ async fn admin(url: &str) -> tokio_postgres::Client {
 /// A node's config: its own port and folder, the shared database, a short lease.
 fn node_config(port: u16, node: &str, db: &TestDatabase, receiver: &str) -> String {
     format!(
-        r#"
-[server]
-listen = "127.0.0.1:{port}"
-internal_listen = "127.0.0.1:0"
-min_body_rate = 0
-{storage}[sources.clockify]
+        "\n[server]\nlisten = \"127.0.0.1:{port}\"\ninternal_listen = \"127.0.0.1:0\"\nmin_body_rate = 0\n{}",
+        to_receiver(&storage(db, node, &format!("data-{node}")), receiver)
+    )
+}
+
+/// After `storage`: the Clockify source and an HTTP sink to `receiver` that every event is routed to, with
+/// fast retries.
+fn to_receiver(storage: &str, receiver: &str) -> String {
+    format!(
+        r#"{storage}[sources.clockify]
 kind = "clockify"
 secrets = ["{SECRET}"]
 retry_window = "1h"
@@ -88,17 +92,20 @@ retry = {{ initial_backoff = "100ms", max_backoff = "500ms" }}
 [[routes]]
 name = "all"
 to = ["out"]
-"#,
-        storage = storage(db, node, &format!("data-{node}"))
+"#
     )
 }
 
 /// The `[storage]` of a node of the cluster on `db`: its folder, its id, a short lease.
 fn storage(db: &TestDatabase, node: &str, data_dir: &str) -> String {
+    storage_at(&db.url(), node, data_dir)
+}
+
+/// The `[storage]` of a node of the cluster whose database is at `url`.
+fn storage_at(url: &str, node: &str, data_dir: &str) -> String {
     format!(
         "[storage]\ndata_dir = \"{data_dir}\"\nbackend = \"postgres\"\n[storage.postgres]\nurl = \"{url}\"\n\
-         node_id = \"{node}\"\nlease = \"2s\"\n",
-        url = db.url()
+         node_id = \"{node}\"\nlease = \"2s\"\n"
     )
 }
 
@@ -881,31 +888,8 @@ secrets = ["{SECRET}"]
 async fn postgres_restarted_under_load_loses_nothing_acknowledged() {
     let mut server = tokio::task::spawn_blocking(|| OwnServer::start(false)).await.unwrap();
     let receiver = Receiver::start().await;
-    let toml = format!(
-        r#"
-[storage]
-data_dir = "{{dir}}/data"
-backend = "postgres"
-[storage.postgres]
-url = "{url}"
-node_id = "restart"
-lease = "2s"
-connect_timeout = "1s"
-[sources.clockify]
-kind = "clockify"
-secrets = ["{SECRET}"]
-[sinks.out]
-kind = "http"
-url = "{receiver}"
-max_in_flight = 16
-retry = {{ initial_backoff = "100ms", max_backoff = "500ms" }}
-[[routes]]
-name = "all"
-to = ["out"]
-"#,
-        url = server.url(),
-        receiver = receiver.url()
-    );
+    let storage = storage_at(&server.url(), "restart", "{dir}/data") + "connect_timeout = \"1s\"\n";
+    let toml = to_receiver(&storage, &receiver.url());
     let bridge = TestBridge::start(&toml).await;
     let template = String::from_utf8(read_fixture("clockify/NEW_TIME_ENTRY.json")).unwrap();
     let base = bridge.url("");

@@ -34,14 +34,7 @@ impl WasiHttpHooks for Hooks {
         request: axum::http::Request<WasiBody>,
         options: Option<RequestOptions>,
         fut: Box<dyn Future<Output = Result<(), Error>> + Send>,
-    ) -> Box<
-        dyn Future<
-                Output = Result<
-                    (axum::http::Response<WasiBody>, Box<dyn Future<Output = Result<(), Error>> + Send>),
-                    Error,
-                >,
-            > + Send,
-    > {
+    ) -> Box<dyn Future<Output = Sent> + Send> {
         drop(fut);
         let net = Arc::clone(&self.net);
         let (deadline, plugin) = (self.deadline, self.plugin.clone());
